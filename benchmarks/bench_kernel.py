@@ -1,0 +1,320 @@
+"""Kernel benchmark (issue 5.1): `y = x @ W^T` with a block-sparse W, four ways side by side.
+
+    python -m benchmarks.bench_kernel [--out DIR] [--quick] [--shapes 768x768,...] [--m 128,...]
+        [--densities 1.0,0.5,...] [--block-sizes 16,32,64] [--dtypes fp16,bf16]
+        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N] [--seed 0]
+
+For every (shape N x K, M, block density, block size, dtype), on one random seeded block layout:
+
+- `dense`:     `F.linear(x, W)` on the full matrix (cuBLAS on GPU), the baseline;
+- `torch_bsr`: `F.linear(x, W.to_sparse_bsr((bs, bs)))` (torch's Triton BSR kernels on CUDA, MKL
+               on CPU); unsupported cases get time NaN and the error in `note`;
+- `resize`:    nn_pruning's "dense" optimisation: all-zero rows and columns of W (and x's matching
+               columns) cut out beforehand, only the smaller dense matmul is timed;
+- `ours`:      `block_sparse_linear(x, matrix, backend="triton")` on CUDA; on CPU the torch path of
+               `BlockSparseLinear` (its cached CPU plan; `note` records the plan's strategy).
+
+Every method's output is checked once against dense (`max_abs_diff`). Full run: BERT-base
+shapes, M 128..8192, densities 1.0..0.05, block sizes 16/32/64, fp16 and bf16 on the GPU.
+`--quick`: CPU, fp32, 128x128 and 256x128, M=64, densities 1.0/0.5/0.1, bs 32 (seconds).
+
+Writes `kernel_<device>.csv` (columns `KERNEL_COLUMNS`), `kernel_crossover_<device>.csv`
+(largest density at which each method beats dense, per shape/M/bs/dtype) and one PNG per M:
+speedup vs density, one panel per shape, one line per method (fp16 and bs 32 when measured).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from itertools import product
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+
+KERNEL_COLUMNS = ["shape", "n", "k", "m", "target_density", "density", "nnz_blocks", "block_size", "dtype",
+                  "method", "time_ms", "tflops", "speedup_vs_dense", "ideal_speedup", "max_abs_diff", "note"]
+CROSSOVER_COLUMNS = ["shape", "m", "block_size", "dtype", "crossover_density", "crossover_density_torch_bsr",
+                     "crossover_density_resize", "lowest_density", "speedup_at_lowest_density"]
+METHODS = ("dense", "torch_bsr", "resize", "ours")
+
+BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # N x K; 2304 = fused QKV
+FULL_M = (128, 512, 2048, 8192)
+FULL_DENSITIES = (1.0, 0.9, 0.75, 0.5, 0.36, 0.25, 0.1, 0.05)
+FULL_BLOCK_SIZES = (16, 32, 64)
+FULL_DTYPES = ("fp16", "bf16")
+
+QUICK_SHAPES = ((128, 128), (256, 128))
+QUICK_M = (64,)
+QUICK_DENSITIES = (1.0, 0.5, 0.1)
+QUICK_BLOCK_SIZES = (32,)
+QUICK_DTYPES = ("fp32",)
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    n: int
+    k: int
+    m: int
+    density: float  # target; the layout keeps round(density * blocks) blocks
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> str:
+        return f"{self.n}x{self.k}"
+
+
+@dataclass
+class Method:
+    """A prepared way to compute `x @ W^T`: `run` is what gets timed, `output` is the full `[M, N]` result."""
+
+    run: Callable[[], torch.Tensor] | None
+    output: Callable[[], torch.Tensor] | None = None
+    note: str = ""
+
+
+def _error_note(error: Exception, prefix: str = "unsupported") -> str:
+    return f"{prefix}: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+
+
+def prepare_dense(x: torch.Tensor, weight: torch.Tensor) -> Method:
+    return Method(run=lambda: F.linear(x, weight))
+
+
+def prepare_torch_bsr(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+    try:
+        with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            bsr = weight.to_sparse_bsr((block_size, block_size))
+        F.linear(x, bsr)  # fails here (not while timing) where torch has no kernel for the case
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
+        return Method(run=None, note=_error_note(error))
+    return Method(run=lambda: F.linear(x, bsr))
+
+
+def prepare_resize(x: torch.Tensor, weight: torch.Tensor) -> Method:
+    """Zero rows (output features) and zero columns (input features) cut out ahead of time."""
+    kept_rows = weight.ne(0).any(dim=1).nonzero().flatten()
+    kept_cols = weight.ne(0).any(dim=0).nonzero().flatten()
+    small_weight = weight[kept_rows][:, kept_cols].contiguous()
+    small_x = x[:, kept_cols].contiguous()
+
+    def full_output() -> torch.Tensor:
+        y = x.new_zeros(x.shape[0], weight.shape[0])
+        y[:, kept_rows] = F.linear(small_x, small_weight)
+        return y
+
+    note = f"kept {len(kept_rows)}x{len(kept_cols)} of {weight.shape[0]}x{weight.shape[1]}"
+    return Method(run=lambda: F.linear(small_x, small_weight), output=full_output, note=note)
+
+
+def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+    """Triton kernel on CUDA; on CPU the torch path of `BlockSparseLinear` with its plan built beforehand."""
+    from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
+
+    if x.device.type == "cuda":
+        matrix = BlockSparseMatrix.from_dense(weight, block_size)
+        return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"))
+    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="torch")
+    plan = module.cpu_plan()
+    strategy = getattr(plan, "strategy", None)
+    return Method(run=lambda: module(x), note=f"strategy={strategy}" if strategy is not None else "")
+
+
+def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+    if name == "dense":
+        return prepare_dense(x, weight)
+    if name == "torch_bsr":
+        return prepare_torch_bsr(x, weight, block_size)
+    if name == "resize":
+        return prepare_resize(x, weight)
+    if name == "ours":
+        return prepare_ours(x, weight, block_size)
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+
+def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int = 0, warmup: int = 3,
+             repeats: int = 20) -> list[dict]:
+    """One row per method; dense always runs first (it is the reference and the baseline)."""
+    weight = common.random_block_sparse_weight(case.n, case.k, case.block_size, case.density, seed=seed,
+                                               dtype=case.dtype, device=device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(case.m, case.k, generator=generator).to(device=device, dtype=case.dtype)
+    blocks = weight.reshape(case.n // case.block_size, case.block_size, case.k // case.block_size, case.block_size)
+    nnz_blocks = int(blocks.ne(0).any(dim=3).any(dim=1).sum())
+    density = nnz_blocks / ((case.n // case.block_size) * (case.k // case.block_size))
+    useful_flop = 2.0 * case.m * nnz_blocks * case.block_size ** 2
+
+    with torch.inference_mode():
+        reference = F.linear(x, weight)
+        rows, dense_ms = [], float("nan")
+        for name in ("dense", *[m for m in methods if m != "dense"]):
+            time_value, diff = float("nan"), float("nan")
+            try:  # a failing method (e.g. a Triton compile error) becomes NaN with the error in `note`
+                method = prepare_method(name, x, weight, case.block_size)
+                note = method.note
+                if method.run is not None:
+                    output = (method.output or method.run)()
+                    common.synchronize(device)
+                    diff = common.max_abs_diff(output, reference)
+                    time_value = common.time_ms(method.run, device, warmup=warmup, repeats=repeats)
+            except Exception as error:  # noqa: BLE001 - recorded, the other methods still run
+                note = _error_note(error, "failed")
+            if name == "dense":
+                dense_ms = time_value
+            rows.append({
+                "shape": case.shape, "n": case.n, "k": case.k, "m": case.m, "target_density": case.density,
+                "density": density, "nnz_blocks": nnz_blocks, "block_size": case.block_size,
+                "dtype": common.DTYPE_NAMES[case.dtype], "method": name, "time_ms": time_value,
+                "tflops": useful_flop / (time_value * 1e-3) / 1e12, "speedup_vs_dense": dense_ms / time_value,
+                "ideal_speedup": 1.0 / density, "max_abs_diff": diff, "note": note,
+            })
+    return [row for row in rows if row["method"] in methods]
+
+
+# ---------------------------------------------------------------------------------- summary
+def crossover_rows(rows: list[dict]) -> list[dict]:
+    """Per shape/M/bs/dtype: the largest (actual) density at which each method beats dense."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["shape"], int(row["m"]), int(row["block_size"]), row["dtype"]), []).append(row)
+    summary = []
+    for (shape, m, block_size, dtype), group in groups.items():
+        def crossover(method: str) -> float:
+            wins = [float(r["density"]) for r in group if r["method"] == method and float(r["speedup_vs_dense"]) > 1.0]
+            return max(wins) if wins else float("nan")
+
+        ours = [r for r in group if r["method"] == "ours"]
+        lowest = min(ours, key=lambda r: float(r["density"])) if ours else None
+        summary.append({
+            "shape": shape, "m": m, "block_size": block_size, "dtype": dtype,
+            "crossover_density": crossover("ours"), "crossover_density_torch_bsr": crossover("torch_bsr"),
+            "crossover_density_resize": crossover("resize"),
+            "lowest_density": float(lowest["density"]) if lowest else float("nan"),
+            "speedup_at_lowest_density": float(lowest["speedup_vs_dense"]) if lowest else float("nan"),
+        })
+    return summary
+
+
+def print_crossover(summary: list[dict]) -> None:
+    print("\ncrossover density (largest density where ours beats dense; nan: never)")
+    print(f"{'shape':>10} {'M':>6} {'bs':>3} {'dtype':>5} {'ours':>6} {'bsr':>6} {'resize':>6}  speedup@lowest")
+    for row in summary:
+        print(f"{row['shape']:>10} {row['m']:>6} {row['block_size']:>3} {row['dtype']:>5} "
+              f"{row['crossover_density']:>6.2f} {row['crossover_density_torch_bsr']:>6.2f} "
+              f"{row['crossover_density_resize']:>6.2f}  {row['speedup_at_lowest_density']:.2f}x "
+              f"at {row['lowest_density']:.2f}")
+
+
+IDEAL_LABEL = "ideal 1/density"
+
+
+def plot_speedup_vs_density(rows: list[dict], path_for_m: Callable[[int], object], title_prefix: str) -> list:
+    """One PNG per M: a panel per shape, a line per method; the plotted dtype/bs prefer fp16 and 32."""
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    sizes = list(dict.fromkeys(int(r["block_size"]) for r in rows))
+    dtype = "fp16" if "fp16" in dtypes else dtypes[0]
+    block_size = 32 if 32 in sizes else sizes[0]
+    selected = [r for r in rows if r["dtype"] == dtype and int(r["block_size"]) == block_size]
+    paths = []
+    for m in sorted({int(r["m"]) for r in selected}):
+        panels = {}
+        for shape in dict.fromkeys(r["shape"] for r in selected):
+            case_rows = sorted((r for r in selected if r["shape"] == shape and int(r["m"]) == m),
+                               key=lambda r: float(r["density"]))
+            lines = {}
+            for method in METHODS[1:]:
+                points = [(float(r["density"]), float(r["speedup_vs_dense"])) for r in case_rows
+                          if r["method"] == method]
+                if points:
+                    lines[method] = ([p[0] for p in points], [p[1] for p in points])
+            densities = sorted({float(r["density"]) for r in case_rows})
+            lines[IDEAL_LABEL] = (densities, [1.0 / d for d in densities])
+            panels[f"{shape} (N x K)"] = lines
+        paths.append(common.line_panels(
+            panels, path_for_m(m), f"{title_prefix}: speedup vs dense F.linear, M={m}, {dtype}, block {block_size}",
+            "block density", "speedup vs dense (x)", dashed=[IDEAL_LABEL], log_y=True))
+    return paths
+
+
+# ---------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    parser = common.base_parser("block-sparse kernel vs dense, torch BSR and resize")
+    parser.add_argument("--shapes", help="N x K list, e.g. 768x768,3072x768 (default: BERT-base shapes)")
+    parser.add_argument("--m", help="rows of x, e.g. 128,2048")
+    parser.add_argument("--densities", help="block densities, e.g. 1.0,0.5,0.1")
+    parser.add_argument("--block-sizes", help="e.g. 16,32,64")
+    parser.add_argument("--dtypes", help="e.g. fp16,bf16 (fp32 too)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--device", help="cuda (the default) or cpu (the torch path for ours); --quick: always cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes)] if args.shapes else \
+        list(QUICK_SHAPES if quick else BERT_BASE_SHAPES)
+    args.m = common.parse_list(args.m, int) if args.m else list(QUICK_M if quick else FULL_M)
+    args.densities = common.parse_list(args.densities, float) if args.densities else \
+        list(QUICK_DENSITIES if quick else FULL_DENSITIES)
+    args.block_sizes = common.parse_list(args.block_sizes, int) if args.block_sizes else \
+        list(QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES)
+    args.dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
+    args.methods = common.parse_list(args.methods)
+    for name in args.methods:
+        if name not in METHODS:
+            parser.error(f"unknown method {name!r}; choose from {METHODS}")
+    for name in args.dtypes:
+        if name not in common.DTYPES:
+            parser.error(f"unknown dtype {name!r}; choose from {tuple(common.DTYPES)}")
+    if "dense" not in args.methods:
+        args.methods.insert(0, "dense")
+    args.device = torch.device("cpu" if quick else (args.device or "cuda"))
+    args.repeats = args.repeats or (10 if quick else 20)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_kernel: no CUDA GPU here; run with --quick (CPU smoke run) or --device cpu", file=sys.stderr)
+        return 2
+    with common.torch_threads(args.threads):
+        return run(args)
+
+
+def run(args) -> int:
+    device = args.device
+    cases = [KernelCase(n, k, m, density, bs, common.DTYPES[dtype])
+             for dtype, bs, (n, k), m, density in product(args.dtypes, args.block_sizes, args.shapes, args.m,
+                                                          args.densities)]
+    print(f"bench_kernel on {common.device_name(device)}: {len(cases)} cases x {len(args.methods)} methods")
+    rows = []
+    for index, case in enumerate(cases, 1):
+        case_rows = run_case(case, device, args.methods, seed=args.seed, warmup=2 if args.quick else 3,
+                             repeats=args.repeats)
+        rows.extend(case_rows)
+        timings = "  ".join(f"{r['method']} {r['time_ms']:.4f}ms ({r['speedup_vs_dense']:.2f}x)" for r in case_rows)
+        print(f"[{index}/{len(cases)}] {case.shape} M={case.m} d={case_rows[0]['density']:.2f} "
+              f"bs={case.block_size} {case_rows[0]['dtype']}: {timings}", flush=True)
+
+    environment = common.environment_record(device)
+    csv_path = common.write_csv(common.results_path(args.out, "kernel", device, args.quick), rows, KERNEL_COLUMNS,
+                                environment)
+    summary = crossover_rows(rows)
+    print_crossover(summary)
+    summary_path = common.write_csv(common.results_path(args.out, "kernel_crossover", device, args.quick), summary,
+                                    CROSSOVER_COLUMNS, environment)
+    plots = plot_speedup_vs_density(
+        rows, lambda m: common.results_path(args.out, f"kernel_speedup_m{m}", device, args.quick, ".png"),
+        common.device_name(device))
+    print("\nwrote", csv_path, summary_path, *plots, sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""What every benchmark shares: environment record, timing, CSV files, plots, random block layouts.
+
+CSV format: the environment record comes first, one `# key: value` comment line per entry
+(device, GPU and CPU model, library versions, threads, date, command line), then an ordinary
+header row and data rows. `read_csv` splits the two back apart; tools that do not know the
+format can skip the comment lines (`pandas.read_csv(path, comment="#")`).
+
+Timing (`time_ms`, milliseconds): on CUDA `triton.testing.do_bench(fn, return_mode="median")`,
+which synchronises and flushes L2 between runs; on CPU the median of `time.perf_counter`
+intervals over `repeats` calls after `warmup` untimed calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def device_tag(device: torch.device) -> str:
+    """File-name-safe device name: 'nvidia-h100-80gb-hbm3', 'amd-epyc', ..."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return slug or device.type
+
+
+def _package_version(name: str) -> str:
+    try:
+        module = __import__(name)
+    except Exception:  # noqa: BLE001 - a missing optional package is just "not installed"
+        return "not installed"
+    return getattr(module, "__version__", "unknown")
+
+
+def environment_record(device: torch.device) -> dict[str, str]:
+    """Where and with what the numbers were measured; written at the top of every CSV."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    capability = ("sm{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else "none")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "gpu": gpu,
+        "gpu_arch": capability,
+        "cpu": cpu_model(),
+        "cpu_cores_available": str(available_cores()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "triton": _package_version("triton"),
+        "transformers": _package_version("transformers"),
+        "nn_blocksparse": _package_version("nn_blocksparse"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+# ---------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 20,
+            cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100) -> float:
+    """Median milliseconds of one call of `fn` (see the module docstring for the method)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def max_abs_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.float() - reference.float()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------- weights
+def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, seed: int = 0,
+                               dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    """Dense `[n, k]` weight keeping exactly `round(density * blocks)` (at least one) random blocks.
+
+    The layout is a prefix of one seeded permutation, so at equal seed a sparser layout's blocks
+    are a subset of a denser one's.
+    """
+    rows, cols = n // block_size, k // block_size
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(rows * cols, generator=generator)
+    count = min(rows * cols, max(1, round(density * rows * cols)))
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    keep[order[:count]] = True
+    mask = keep.view(rows, cols).repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    weight = torch.randn(n, k, generator=generator) / math.sqrt(k)
+    return (weight * mask).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------- CSV
+def _format(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def write_csv(path: Path, rows: Iterable[Mapping], columns: Sequence[str], environment: Mapping[str, str]) -> Path:
+    """Environment as `# key: value` lines, then header and rows (exactly `columns`, in order)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        for key, value in environment.items():
+            f.write(f"# {key}: {' '.join(str(value).split())}\n")
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            unknown = set(row) - set(columns)
+            if unknown:
+                raise KeyError(f"row has columns not in the header: {sorted(unknown)}")
+            writer.writerow([_format(row.get(column)) for column in columns])
+    return path
+
+
+def read_csv(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """(environment record, rows as dicts of strings) of a CSV written by `write_csv`."""
+    lines = Path(path).read_text().splitlines()
+    environment = {}
+    body_start = 0
+    for body_start, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        key, _, value = line[1:].strip().partition(":")
+        environment[key.strip()] = value.strip()
+    return environment, list(csv.DictReader(lines[body_start:]))
+
+
+def results_path(out_dir: Path, stem: str, device: torch.device, quick: bool, suffix: str = ".csv") -> Path:
+    """`<out>/<stem>_<device tag>[_quick]<suffix>`: results of different machines never collide."""
+    return Path(out_dir) / f"{stem}_{device_tag(device)}{'_quick' if quick else ''}{suffix}"
+
+
+# ---------------------------------------------------------------------------------- CLI
+def base_parser(description: str, default_threads: int | None = None) -> argparse.ArgumentParser:
+    """`--out`, `--quick` and `--threads` (default `default_threads`; None: leave torch's setting)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR,
+                        help=f"output folder for CSV and PNG files (default: {DEFAULT_RESULTS_DIR})")
+    parser.add_argument("--quick", action="store_true", help="a small CPU run that checks the script works")
+    parser.add_argument("--threads", type=int, default=default_threads,
+                        help=f"torch.set_num_threads for CPU work (default: {default_threads or 'torch default'})")
+    return parser
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """`torch.set_num_threads(threads)` inside the block (nothing if None), restored afterwards."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def parse_list(text: str, convert=str) -> list:
+    return [convert(item) for item in text.split(",") if item.strip()]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    n, k = text.lower().split("x")
+    return int(n), int(k)
+
+
+# ---------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def line_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: Path,
+                title: str, xlabel: str, ylabel: str, dashed: Iterable[str] = (), log_y: bool = False) -> Path:
+    """One panel per key of `panels`, one line per `{label: (xs, ys)}`; labels in `dashed` drawn dashed
+    gray (reference lines such as an ideal speedup). A thin black line marks y = 1."""
+    plt = _pyplot()
+    dashed = set(dashed)
+    count = max(len(panels), 1)
+    columns = min(count, 4)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False)
+    for ax, (panel_title, lines) in zip(axes.flat, panels.items()):
+        for label, (xs, ys) in lines.items():
+            style = dict(linestyle="--", color="gray") if label in dashed else dict(marker="o", markersize=3)
+            ax.plot(xs, ys, label=label, **style)
+        ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def grouped_bars(categories: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, title: str,
+                 ylabel: str, horizontal_lines: Mapping[str, float] | None = None) -> Path:
+    """Bars grouped by category (x axis), one color per series; optional labelled horizontal lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(categories) * max(len(series), 1) / 2), 4))
+    width = 0.8 / max(len(series), 1)
+    for index, (label, values) in enumerate(series.items()):
+        positions = [c + (index - (len(series) - 1) / 2) * width for c in range(len(categories))]
+        bars = ax.bar(positions, [0.0 if math.isnan(v) else v for v in values], width, label=label)
+        ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.2f}" for v in values], fontsize=6)
+    for label, value in (horizontal_lines or {}).items():
+        ax.axhline(value, linestyle="--", color="gray", linewidth=0.8)
+        ax.annotate(label, (len(categories) - 0.5, value), fontsize=7, ha="right", va="bottom")
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,239 @@
+"""Tune the kernel's launch configuration per problem (issue 6.1) and write `tuned_configs.json`. GPU only.
+
+    python -m benchmarks.tune_kernel [--out FILE] [--quick] [--dtypes fp16,bf16] [--block-sizes 16,32,64]
+        [--shapes 768x768,...] [--m 16,32,...] [--densities 0.05,0.1,...] [--resume] [--fresh]
+        [--warmup-ms 5] [--rep-ms 20] [--log CSV]
+
+For each (dtype, block size, BERT-base shape N x K, M bucket 16..8192, block density) it builds a
+random seeded layout with that density, then times every candidate `KernelConfig`
+(`BLOCK_M_CHOICES` x `SPLIT_K_CHOICES` x num_warps {4, 8} x num_stages {2, 3, 4}, group_m 8) with
+`triton.testing.do_bench` (median). Candidates that cannot help are skipped: BLOCK_M above the M
+bucket, SPLIT_K above the longest block-row. A candidate that fails to compile or launch (e.g. out
+of shared memory) or gives a wrong result is dropped. The fastest is stored under
+`table_key(dtype, bs, n, k, m, density)` for the device's arch (`sm{major}{minor}`), in the format
+`nn_blocksparse.kernels.configs` reads: `{"configs": {arch: {key: [block_m, group_m, split_k,
+num_warps, num_stages]}}, "device": ..., "versions": ...}`.
+
+The output file is merged, not overwritten: other architectures and keys stay; a re-measured key
+is replaced (`--fresh` drops this arch's old entries, `--resume` skips keys already there). It is
+rewritten after every shape, so an interrupted run loses little. A CSV log (`--log`) lists per key
+the best and the heuristic's config and time. After tuning, run `python -m nn_blocksparse.aot` to
+check that no chosen configuration spills registers.
+
+Full grid: fp16/bf16 x bs 16/32/64 x 4 shapes x 10 M buckets x 11 densities, a few hours on an
+H100. `--quick`: fp16, bs 32, 768x768 and 3072x768, M 128 and 2048, density 0.35 and 1.0 (a few
+minutes), written by default to `benchmarks/results/tuned_configs_<device>_quick.json`, not the
+package table. Without CUDA it exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from itertools import product
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+from .bench_kernel import BERT_BASE_SHAPES
+
+M_BUCKETS = tuple(2 ** p for p in range(4, 14))  # 16 .. 8192
+DENSITY_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # on the table's 0.05 steps
+NUM_WARPS_CHOICES = (4, 8)
+NUM_STAGES_CHOICES = (2, 3, 4)
+FULL_DTYPES = ("fp16", "bf16")
+FULL_BLOCK_SIZES = (16, 32, 64)
+
+QUICK_DTYPES = ("fp16",)
+QUICK_BLOCK_SIZES = (32,)
+QUICK_SHAPES = ((768, 768), (3072, 768))
+QUICK_M = (128, 2048)
+QUICK_DENSITIES = (0.35, 1.0)
+
+LOG_COLUMNS = ["key", "dtype", "block_size", "n", "k", "m", "density", "best_config", "best_ms", "heuristic_config",
+               "heuristic_ms", "speedup_vs_heuristic", "dense_ms", "configs_timed", "configs_failed"]
+# Relative to max |reference|: fp32 accumulation, so only the output rounding differs from cuBLAS.
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}
+
+
+def candidate_configs(m: int, longest_block_row: int):
+    from nn_blocksparse.kernels.configs import BLOCK_M_CHOICES, SPLIT_K_CHOICES, KernelConfig, m_bucket
+
+    for block_m, split_k, num_warps, num_stages in product(BLOCK_M_CHOICES, SPLIT_K_CHOICES, NUM_WARPS_CHOICES,
+                                                           NUM_STAGES_CHOICES):
+        if block_m > m_bucket(m) or split_k > max(1, longest_block_row):
+            continue
+        yield KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+
+
+def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms, seed=0) -> dict:
+    """Time every candidate on one problem; returns the log row (with `best` / `key` for the table)."""
+    from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
+    from nn_blocksparse.kernels.configs import DEFAULT_SM_COUNT, heuristic_config, table_key
+
+    weight = common.random_block_sparse_weight(n, k, block_size, density, seed=seed, dtype=dtype, device=device)
+    matrix = BlockSparseMatrix.from_dense(weight, block_size)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
+    reference = F.linear(x.float(), weight.float())
+    tolerance = TOLERANCE[dtype] * max(reference.abs().max().item(), 1.0)
+    counts = matrix.row_offsets[1:] - matrix.row_offsets[:-1]
+    longest_row = int(counts.max().item()) if counts.numel() else 0
+
+    def measure(config) -> float:
+        def run():
+            return block_sparse_linear(x, matrix, config=config, backend="triton")
+
+        try:
+            error = common.max_abs_diff(run(), reference)
+            common.synchronize(device)
+        except Exception as failure:  # noqa: BLE001 - compile errors, out of resources, launch failures
+            print(f"    {config.as_list()} failed: {type(failure).__name__}: {str(failure)[:120]}", file=sys.stderr)
+            return float("nan")
+        if not error <= tolerance:
+            print(f"    {config.as_list()} wrong result (max |diff| {error:.3g})", file=sys.stderr)
+            return float("nan")
+        return common.time_ms(run, device, warmup=1, repeats=3, cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms)
+
+    with torch.inference_mode():
+        times = {tuple(c.as_list()): (c, measure(c)) for c in candidate_configs(m, longest_row)}
+        sm_count = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                    else DEFAULT_SM_COUNT)
+        heuristic = heuristic_config(dtype, block_size, m, matrix.block_rows, matrix.nnz_blocks, sm_count)
+        if tuple(heuristic.as_list()) not in times:
+            times[tuple(heuristic.as_list())] = (heuristic, measure(heuristic))
+        dense_ms = common.time_ms(lambda: F.linear(x, weight), device, warmup=1, repeats=3,
+                                  cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms)
+    valid = [(ms, config) for config, ms in times.values() if ms == ms]
+    best_ms, best = min(valid, key=lambda item: item[0]) if valid else (float("nan"), None)
+    heuristic_ms = times[tuple(heuristic.as_list())][1]
+    return {
+        "key": table_key(dtype, block_size, n, k, m, matrix.density), "best": best,
+        "dtype": common.DTYPE_NAMES[dtype], "block_size": block_size, "n": n, "k": k, "m": m,
+        "density": matrix.density, "best_config": best.as_list() if best else "", "best_ms": best_ms,
+        "heuristic_config": heuristic.as_list(), "heuristic_ms": heuristic_ms,
+        "speedup_vs_heuristic": heuristic_ms / best_ms, "dense_ms": dense_ms,
+        "configs_timed": len(valid), "configs_failed": len(times) - len(valid),
+    }
+
+
+# ---------------------------------------------------------------------------------- table file
+def load_table(path: Path) -> dict:
+    if path.exists():
+        table = json.loads(path.read_text())
+        table.setdefault("configs", {})
+        return table
+    return {"configs": {}}
+
+
+def save_table(table: dict, path: Path) -> None:
+    """Atomic rewrite, keys sorted so diffs of the committed table stay readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table["configs"] = {arch: dict(sorted(entries.items())) for arch, entries in sorted(table["configs"].items())}
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    text = json.dumps(table, indent=1)
+    # one line per entry: "key": [block_m, group_m, split_k, num_warps, num_stages]
+    text = re.sub(r"\[\s+([-\d.,\s]*?)\s+\]",
+                  lambda match: "[" + ", ".join(v.strip() for v in match.group(1).split(",")) + "]", text)
+    temporary.write_text(text + "\n")
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="tune the block-sparse kernel's launch configurations on this GPU")
+    parser.add_argument("--out", type=Path, help="tuned table to write/merge (default: the package's "
+                        "tuned_configs.json; --quick: benchmarks/results/tuned_configs_<device>_quick.json)")
+    parser.add_argument("--quick", action="store_true", help="a few problems only (minutes)")
+    parser.add_argument("--dtypes", help="default fp16,bf16 (fp32 also possible)")
+    parser.add_argument("--block-sizes", help="default 16,32,64")
+    parser.add_argument("--shapes", help="N x K list (default: BERT-base shapes)")
+    parser.add_argument("--m", help=f"M values, bucketed to powers of two (default {M_BUCKETS[0]}..{M_BUCKETS[-1]})")
+    parser.add_argument("--densities", help=f"block densities (default {','.join(map(str, DENSITY_GRID))})")
+    parser.add_argument("--resume", action="store_true", help="skip keys already in the output table")
+    parser.add_argument("--fresh", action="store_true", help="drop this arch's existing entries first")
+    parser.add_argument("--warmup-ms", type=float, default=5.0, help="do_bench warmup per candidate")
+    parser.add_argument("--rep-ms", type=float, default=20.0, help="do_bench measuring time per candidate")
+    parser.add_argument("--log", type=Path, help="CSV log (default: benchmarks/results/tune_<device>[_quick].csv)")
+    parser.add_argument("--seed", type=int, default=0)
+    # Tests only: "cpu" runs the kernels in Triton's interpreter (needs TRITON_INTERPRET=1), timings meaningless.
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
+    for name in args.dtypes:
+        if name not in common.DTYPES:
+            parser.error(f"unknown dtype {name!r}; choose from {tuple(common.DTYPES)}")
+    args.block_sizes = common.parse_list(args.block_sizes, int) if args.block_sizes else \
+        list(QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES)
+    args.shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes)] if args.shapes else \
+        list(QUICK_SHAPES if quick else BERT_BASE_SHAPES)
+    args.m = common.parse_list(args.m, int) if args.m else list(QUICK_M if quick else M_BUCKETS)
+    args.densities = common.parse_list(args.densities, float) if args.densities else \
+        list(QUICK_DENSITIES if quick else DENSITY_GRID)
+    if args.resume and args.fresh:
+        parser.error("--resume and --fresh contradict each other")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("tune_kernel: needs a CUDA GPU (it times compiled Triton kernels); nothing to tune here",
+              file=sys.stderr)
+        return 2
+    from nn_blocksparse.kernels.block_sparse_linear import interpreter_enabled
+    from nn_blocksparse.kernels.configs import TUNED_TABLE_PATH, device_arch, table_key
+
+    if device.type != "cuda" and not interpreter_enabled():
+        print("tune_kernel: --device cpu needs TRITON_INTERPRET=1 (test mode)", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and interpreter_enabled():
+        print("tune_kernel: unset TRITON_INTERPRET to tune on the GPU", file=sys.stderr)
+        return 2
+    arch = device_arch(device)
+    default_out = common.results_path(common.DEFAULT_RESULTS_DIR, "tuned_configs", device, True, ".json")
+    out = Path(args.out) if args.out else (default_out if args.quick else TUNED_TABLE_PATH)
+    log_path = args.log or common.results_path(common.DEFAULT_RESULTS_DIR, "tune", device, args.quick)
+    table = load_table(out)
+    if args.fresh:
+        table["configs"].pop(arch, None)
+    entries = table["configs"].setdefault(arch, {})
+    environment = common.environment_record(device)
+    table["device"] = environment["device_name"]
+    table["versions"] = {name: environment[name] for name in ("torch", "triton", "cuda")}
+    table["date"] = environment["date"]
+
+    log_rows = []
+    print(f"tuning on {table['device']} ({arch}) into {out}", flush=True)
+    for dtype_name, block_size, (n, k) in product(args.dtypes, args.block_sizes, args.shapes):
+        dtype = common.DTYPES[dtype_name]
+        for m, density in product(args.m, args.densities):
+            key = table_key(dtype, block_size, n, k, m, density)
+            if args.resume and key in entries:
+                continue
+            row = tune_problem(dtype, block_size, n, k, m, density, device, args.warmup_ms, args.rep_ms, args.seed)
+            best = row.pop("best")
+            if best is not None:
+                entries[row["key"]] = best.as_list()
+            log_rows.append(row)
+            print(f"{row['key']}: best {row['best_config']} {row['best_ms']:.4f} ms, heuristic "
+                  f"{row['heuristic_config']} {row['heuristic_ms']:.4f} ms ({row['speedup_vs_heuristic']:.2f}x), "
+                  f"dense {row['dense_ms']:.4f} ms, {row['configs_timed']} timed / {row['configs_failed']} failed",
+                  flush=True)
+        save_table(table, out)
+        common.write_csv(log_path, log_rows, LOG_COLUMNS, environment)
+    save_table(table, out)
+    common.write_csv(log_path, log_rows, LOG_COLUMNS, environment)
+    print(f"\nwrote {out} ({len(entries)} entries for {arch}) and {log_path}")
+    print("next: python -m nn_blocksparse.aot  (checks that no tuned configuration spills)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

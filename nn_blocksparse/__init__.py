@@ -1,0 +1,26 @@
+"""nn_blocksparse: Triton block-sparse kernels for pruned transformers.
+
+Core (no transformers needed): `BlockSparseMatrix`, `block_sparse_linear`, `BlockSparseLinear`.
+BERT layer (imports transformers on first use): `patch_bert`, `load_pruned_bert`,
+`save_patched_bert`, `load_patched_bert`, `prune_like_nn_pruning`.
+"""
+
+from .block_sparse_matrix import BlockSparseMatrix
+from .functional import block_sparse_linear
+from .linear import BlockSparseLinear
+
+__version__ = "0.1.0"
+
+_BERT_EXPORTS = ("patch_bert", "save_patched_bert", "load_patched_bert", "heads_per_layer", "load_pruned_bert",
+                 "save_pruned_bert", "prune_like_nn_pruning")
+
+__all__ = ["BlockSparseMatrix", "BlockSparseLinear", "block_sparse_linear", *_BERT_EXPORTS]
+
+
+def __getattr__(name):
+    # transformers takes seconds to import: only the BERT helpers pay for it.
+    if name in _BERT_EXPORTS:
+        from . import bert
+
+        return getattr(bert, name)
+    raise AttributeError(f"module 'nn_blocksparse' has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""Ahead-of-time compile every kernel configuration the library can launch, without a GPU.
+
+`python -m nn_blocksparse.aot` compiles the block-sparse linear kernel (and its split-K
+reduction) for every dtype, block size, epilogue and launch configuration that
+`kernels.configs.launchable_configs` lists, for sm80 and sm90, with `triton.compile` and a
+`GPUTarget` (no driver needed), then asks the bundled `ptxas -v` for registers, spills and
+shared memory. Exit status 1 if any configuration spills or fails to compile.
+
+Must run without `TRITON_INTERPRET=1` (the interpreter replaces the kernels it compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .block_sparse_matrix import SUPPORTED_BLOCK_SIZES
+from .kernels.block_sparse_linear import (
+    REDUCE_TILE,
+    _block_sparse_linear_kernel,
+    _split_k_reduce_kernel,
+)
+from .kernels.configs import DTYPE_NAMES, KernelConfig, launchable_configs
+
+ARCHS = (80, 90)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EPILOGUES = ((False, None), (True, None), (True, "gelu"))  # (has_bias, activation)
+WIDEST_EPILOGUE = ((True, "gelu"),)  # the most live registers: a quicker check that still bounds spills
+
+
+@dataclass
+class CompileReport:
+    arch: int
+    kernel: str
+    dtype: str
+    block_size: int
+    has_bias: bool
+    activation: str | None
+    config: KernelConfig | None
+    registers: int = -1
+    spill_bytes: int = -1
+    shared_bytes: int = -1
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.spill_bytes == 0
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (recent wheels bundle a newer one for sm90+)."""
+    from triton.backends.nvidia import compiler as nvidia_compiler
+
+    try:
+        return nvidia_compiler.get_ptxas(arch).path
+    except TypeError:  # older Triton: one ptxas for every architecture
+        return nvidia_compiler.get_ptxas().path
+
+
+def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) of the single kernel in `ptx`, from `ptxas -v`."""
+    suffix = "a" if arch == 90 else ""  # Triton targets sm_90a on Hopper
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_file = Path(tmp) / "kernel.ptx"
+        ptx_file.write_text(ptx)
+        result = subprocess.run(
+            [ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", str(ptx_file), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    log = result.stderr + result.stdout
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    spill = (int(stores.group(1)) if stores else 0) + (int(loads.group(1)) if loads else 0)
+    return registers, spill
+
+
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for name in constexprs:
+        signature[name] = "constexpr"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _tt(dtype: torch.dtype) -> str:
+    return {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[DTYPE_NAMES[dtype]]
+
+
+def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """fp32 launches with "ieee" or "tf32" depending on torch's TF32 switch: both are launchable."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
+
+
+def compile_main_kernel(arch: int, dtype: torch.dtype, block_size: int, has_bias: bool, activation: str | None,
+                        config: KernelConfig, input_precision: str) -> CompileReport:
+    name = "block_sparse_linear" + ("(tf32)" if dtype == torch.float32 and input_precision == "tf32" else "")
+    report = CompileReport(arch, name, DTYPE_NAMES[dtype], block_size, has_bias, activation, config)
+    t = _tt(dtype)
+    out_type = t if config.split_k == 1 else "fp32"
+    signature = {
+        "x_ptr": f"*{t}", "values_ptr": f"*{t}", "row_offsets_ptr": "*i32", "col_indices_ptr": "*i32",
+        "row_order_ptr": "*i32", "bias_ptr": f"*{t}", "out_ptr": f"*{out_type}",
+        "M": "i32", "n_block_rows": "i32", "stride_xm": "i32", "stride_xk": "i32",
+        "stride_om": "i32", "stride_on": "i32", "stride_split": "i32",
+    }
+    constexprs = {
+        # The launcher always passes unit inner strides, and Triton specialises a 1 at run time.
+        "stride_xk": 1, "stride_on": 1,
+        "HAS_BIAS": has_bias, "ACTIVATION": 1 if activation == "gelu" else 0,
+        "INPUT_PRECISION": input_precision, "BLOCK_SIZE": block_size,
+        "BLOCK_M": config.block_m, "GROUP_M": config.group_m, "SPLIT_K": config.split_k, "UPCAST_OPERANDS": False,
+    }
+    return _finish(report, _block_sparse_linear_kernel, signature, constexprs, arch,
+                   config.num_warps, config.num_stages)
+
+
+def compile_reduce_kernel(arch: int, dtype: torch.dtype, has_bias: bool, activation: str | None,
+                          split_k: int) -> CompileReport:
+    report = CompileReport(arch, f"split_k_reduce(x{split_k})", DTYPE_NAMES[dtype], 0, has_bias, activation, None)
+    t = _tt(dtype)
+    signature = {"partial_ptr": "*fp32", "bias_ptr": f"*{t}", "out_ptr": f"*{t}", "M": "i32", "N": "i32",
+                 "stride_split": "i32", "stride_pm": "i32", "stride_om": "i32"}
+    constexprs = {"HAS_BIAS": has_bias, "ACTIVATION": 1 if activation == "gelu" else 0, "SPLIT_K": split_k,
+                  "BLOCK_M": REDUCE_TILE[0], "BLOCK_N": REDUCE_TILE[1]}
+    return _finish(report, _split_k_reduce_kernel, signature, constexprs, arch, 4, 1)
+
+
+def _finish(report: CompileReport, fn, signature, constexprs, arch, num_warps, num_stages) -> CompileReport:
+    try:
+        compiled = _compile(fn, signature, constexprs, arch, num_warps, num_stages)
+        report.shared_bytes = int(compiled.metadata.shared)
+        report.registers, report.spill_bytes = _resource_usage(compiled.asm["ptx"], arch)
+    except Exception as exc:  # a failed compile is a result to report, not a crash
+        report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return report
+
+
+def all_jobs(archs=ARCHS, dtypes=DTYPES, block_sizes=SUPPORTED_BLOCK_SIZES, epilogues=EPILOGUES):
+    """(function, args) for every kernel variant the library can launch."""
+    jobs = []
+    for arch, dtype in itertools.product(archs, dtypes):
+        split_ks = set()
+        for block_size in block_sizes:
+            for config in launchable_configs(dtype, block_size):
+                split_ks.add(config.split_k)
+                for (has_bias, activation), precision in itertools.product(epilogues, input_precisions(dtype)):
+                    jobs.append((compile_main_kernel,
+                                 (arch, dtype, block_size, has_bias, activation, config, precision)))
+        for split_k in sorted(split_ks - {1}):
+            for has_bias, activation in epilogues:
+                jobs.append((compile_reduce_kernel, (arch, dtype, has_bias, activation, split_k)))
+    return jobs
+
+
+def _run(job):
+    fn, args = job
+    return fn(*args)
+
+
+def run_jobs(jobs, workers: int) -> list[CompileReport]:
+    if workers <= 1:
+        return [_run(job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_run, jobs, chunksize=4))
+
+
+def format_report(report: CompileReport) -> str:
+    config = "-" if report.config is None else (
+        f"BM={report.config.block_m:<3} G={report.config.group_m} SK={report.config.split_k} "
+        f"W={report.config.num_warps} S={report.config.num_stages}")
+    epilogue = ("bias" if report.has_bias else "-") + ("+gelu" if report.activation else "")
+    status = "ok" if report.ok else ("SPILLS" if not report.error else f"FAILED {report.error}")
+    return (f"sm{report.arch}  {report.kernel:<24} {report.dtype:<5} bs={report.block_size:<3} "
+            f"{epilogue:<10} {config:<32} regs={report.registers:<4} spill={report.spill_bytes:<5} "
+            f"smem={report.shared_bytes:<6} {status}")
+
+
+def main(argv=None) -> int:
+    from .kernels.block_sparse_linear import interpreter_enabled
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--dtype", nargs="+", default=[DTYPE_NAMES[d] for d in DTYPES], choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--block-size", type=int, nargs="+", default=list(SUPPORTED_BLOCK_SIZES),
+                        choices=SUPPORTED_BLOCK_SIZES)
+    parser.add_argument("--epilogues", choices=["all", "widest"], default="all",
+                        help="'widest' compiles only bias+GELU, the epilogue with the most live registers")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if interpreter_enabled():
+        print("TRITON_INTERPRET=1 is set: unset it, the interpreter cannot compile for a GPU", file=sys.stderr)
+        return 2
+    by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    epilogues = EPILOGUES if args.epilogues == "all" else WIDEST_EPILOGUE
+    jobs = all_jobs(args.arch, [by_name[d] for d in args.dtype], args.block_size, epilogues)
+    reports = run_jobs(jobs, args.workers)
+    for report in reports:
+        print(format_report(report))
+    bad = [r for r in reports if not r.ok]
+    print(f"{len(reports)} kernel variants compiled, {len(bad)} failed or spilled")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

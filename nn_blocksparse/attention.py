@@ -1,0 +1,49 @@
+"""`FusedSelfAttention`: multi-head self-attention with one fused QKV projection and SDPA.
+
+Knows nothing of BERT: it is given a QKV projection (any module mapping `[..., hidden]` to
+`[..., 3 * num_heads * head_dim]`, laid out as all Q heads, then all K heads, then all V
+heads), a head count and a head size. The head count is per instance, so a pruned model can
+keep a different number of heads in every layer. The projection is one matmul (one kernel
+launch, x read once) instead of three; attention itself runs in
+`torch.nn.functional.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FusedSelfAttention(nn.Module):
+    def __init__(self, qkv: nn.Module, num_heads: int, head_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.qkv = qkv
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+
+    @property
+    def inner_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`[batch, seq, hidden]` -> context `[batch, seq, num_heads * head_dim]`.
+
+        `attention_mask` is anything SDPA takes and broadcasts to `[batch, heads, seq, seq]`:
+        boolean (True = attend) or additive float.
+        """
+        batch, seq = hidden_states.shape[:2]
+        if self.num_heads == 0:  # every head pruned: the attention block adds nothing
+            return hidden_states.new_zeros(batch, seq, 0)
+        qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, head_dim]
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(query.dtype)
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return context.transpose(1, 2).reshape(batch, seq, self.inner_size)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"

@@ -1,0 +1,17 @@
+"""BERT on the block-sparse kernels: patching, nn_pruning checkpoints, and a pruned-model generator.
+
+- `patching`: `patch_bert(model, mode)`, `save_patched_bert` / `load_patched_bert`;
+- `pruned_checkpoint`: `load_pruned_bert` for nn_pruning checkpoints that transformers 5 can no
+  longer load (fewer heads in some layers), and `save_pruned_bert` to write that format;
+- `pruning`: `prune_like_nn_pruning`, a seeded generator of nn_pruning-style pruned models.
+"""
+
+from .patching import MODES, heads_per_layer, load_patched_bert, patch_bert, save_patched_bert
+from .pruned_checkpoint import load_pruned_bert, save_pruned_bert
+from .pruning import PruningReport, load_minilm, minilm_path, prune_like_nn_pruning, random_bert_base
+
+__all__ = [
+    "MODES", "PruningReport", "heads_per_layer", "load_minilm", "load_patched_bert", "load_pruned_bert",
+    "minilm_path", "patch_bert", "prune_like_nn_pruning", "random_bert_base", "save_patched_bert",
+    "save_pruned_bert",
+]

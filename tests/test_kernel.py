@@ -1,0 +1,106 @@
+"""The Triton kernel against a dense float64 reference: on the GPU, or under the interpreter on CPU."""
+
+import pytest
+import torch
+
+from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight
+from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
+from nn_blocksparse.functional import block_sparse_linear
+from nn_blocksparse.kernels.configs import KernelConfig
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_case(device, n, k, block_size, density, m, dtype, seed=0, empty_block_rows=()):
+    weight = random_block_sparse_weight(n, k, block_size, density, seed, dtype, empty_block_rows).to(device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=generator).to(dtype).to(device)
+    bias = torch.randn(n, generator=generator).to(dtype).to(device)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_layouts_every_density_and_dtype(kernel_device, density, dtype):
+    x, weight, bias = make_case(kernel_device, 96, 128, 32, density, 37, dtype, seed=int(density * 100))
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    y = block_sparse_linear(x, matrix, bias, backend="triton")
+    assert y.dtype == dtype and y.device == x.device
+    assert_close_to_reference(y, dense_reference(x, weight, bias), dtype)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("m", [1, 7, 129])
+def test_block_sizes_and_odd_m(kernel_device, block_size, m):
+    x, weight, bias = make_case(kernel_device, 128, 192, block_size, 0.5, m, torch.float16, seed=m)
+    y = block_sparse_linear(x, BlockSparseMatrix.from_dense(weight, block_size), bias, backend="triton")
+    assert_close_to_reference(y, dense_reference(x, weight, bias), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+def test_fused_epilogue_and_split_k(kernel_device, dtype, activation, split_k):
+    # Empty block-rows included: their outputs are bias (+GELU) only, in both code paths.
+    x, weight, bias = make_case(kernel_device, 128, 256, 32, 0.6, 33, dtype, seed=7, empty_block_rows=(0, 2))
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    config = KernelConfig(block_m=16, split_k=split_k, num_warps=4, num_stages=2)
+    y = block_sparse_linear(x, matrix, bias, activation, backend="triton", config=config)
+    assert_close_to_reference(y, dense_reference(x, weight, bias, activation), dtype)
+    y_no_bias = block_sparse_linear(x, matrix, None, activation, backend="triton", config=config)
+    assert_close_to_reference(y_no_bias, dense_reference(x, weight, None, activation), dtype)
+
+
+def test_empty_block_rows_and_fully_empty_matrix(kernel_device):
+    x, weight, bias = make_case(kernel_device, 128, 128, 32, 1.0, 20, torch.float32, empty_block_rows=(1, 3))
+    y = block_sparse_linear(x, BlockSparseMatrix.from_dense(weight, 32), bias, backend="triton")
+    assert_close_to_reference(y, dense_reference(x, weight, bias), torch.float32)
+    assert torch.equal(y[:, 32:64], bias[32:64].expand(20, 32))
+
+    zero = torch.zeros_like(weight)
+    empty = BlockSparseMatrix.from_dense(zero, 32)
+    assert empty.nnz_blocks == 0
+    torch.testing.assert_close(block_sparse_linear(x, empty, bias, backend="triton"), bias.expand(20, 128))
+    assert torch.count_nonzero(block_sparse_linear(x, empty, None, backend="triton")) == 0
+
+
+def test_three_d_and_strided_input(kernel_device):
+    x, weight, bias = make_case(kernel_device, 64, 96, 32, 0.5, 2 * 5 * 2, torch.float16)
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    x3 = x.reshape(2, 10, 96)
+    y3 = block_sparse_linear(x3, matrix, bias, backend="triton")
+    assert y3.shape == (2, 10, 64)
+    assert_close_to_reference(y3, dense_reference(x3, weight, bias), torch.float16)
+
+    # Non-contiguous views: every other row, and a transposed buffer (stride along K != 1).
+    every_other = x3[:, ::2, :]
+    assert_close_to_reference(block_sparse_linear(every_other, matrix, bias, backend="triton"),
+                              dense_reference(every_other, weight, bias), torch.float16)
+    transposed = x.T.contiguous().T
+    assert transposed.stride(-1) != 1
+    assert_close_to_reference(block_sparse_linear(transposed, matrix, bias, backend="triton"),
+                              dense_reference(transposed, weight, bias), torch.float16)
+
+
+def test_zero_rows_of_input(kernel_device):
+    _, weight, bias = make_case(kernel_device, 64, 64, 32, 0.5, 1, torch.float32)
+    x = torch.empty(0, 64, device=kernel_device)
+    assert block_sparse_linear(x, BlockSparseMatrix.from_dense(weight, 32), bias, backend="triton").shape == (0, 64)
+
+
+def test_nan_and_inf_pass_through(kernel_device):
+    """Where a NaN/inf meets a stored block, the output is what dense gives; skipped blocks add exact 0."""
+    x, weight, bias = make_case(kernel_device, 64, 64, 32, 1.0, 4, torch.float32)
+    weight[:32, 32:] = 0  # block (0, 1) is zero and will not be stored
+    x[0, 40] = float("nan")
+    x[1, 50] = float("inf")
+    y = block_sparse_linear(x, BlockSparseMatrix.from_dense(weight, 32), bias, backend="triton").cpu()
+    dense = torch.nn.functional.linear(x.cpu(), weight.cpu(), bias.cpu())
+    # Output block-row 1 sees column 40/50 through a stored block: identical to dense.
+    assert torch.isnan(y[0, 32:]).all() and torch.isnan(dense[0, 32:]).all()
+    assert torch.equal(torch.isinf(y[1, 32:]) | torch.isnan(y[1, 32:]), torch.isinf(dense[1, 32:]) | torch.isnan(dense[1, 32:]))
+    # Output block-row 0 never reads columns 32..63: finite, equal to the product without them.
+    finite_x = x.cpu().clone()
+    finite_x[:, 32:] = 0
+    torch.testing.assert_close(y[:2, :32], (finite_x @ weight.cpu().T + bias.cpu())[:2, :32])
+    assert torch.isfinite(y[2:]).all()

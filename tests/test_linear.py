@@ -1,0 +1,140 @@
+"""BlockSparseLinear: drop-in for nn.Linear on both backends, safetensors round trip, bad input."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import RELATIVE_TOLERANCE, assert_close_to_reference, dense_reference, random_block_sparse_weight
+from nn_blocksparse import BlockSparseLinear
+
+
+def make_linear(n=96, k=128, density=0.4, block_size=32, dtype=torch.float32, seed=0, bias=True):
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(random_block_sparse_weight(n, k, block_size, density, seed))
+    return linear.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    linear = make_linear(dtype=dtype).to(device)
+    sparse = BlockSparseLinear.from_linear(linear, block_size=32, backend=backend)
+    assert (sparse.in_features, sparse.out_features) == (128, 96)
+    assert torch.equal(sparse.weight, linear.weight.detach())
+    assert torch.equal(sparse.bias, linear.bias)
+    x = torch.randn(2, 9, 128).to(dtype).to(device)
+    assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), dtype)
+
+
+def test_auto_backend_on_cpu_uses_the_torch_path_and_caches_its_plan():
+    linear = make_linear()
+    sparse = BlockSparseLinear.from_linear(linear)
+    x = torch.randn(5, 128)
+    y = sparse(x)
+    plan = sparse._cpu_plan
+    assert plan is not None
+    sparse(x)
+    assert sparse._cpu_plan is plan  # built once
+    assert_close_to_reference(y, dense_reference(x, linear.weight, linear.bias), torch.float32)
+    sparse.to(torch.float16)
+    assert sparse._cpu_plan is None  # a cast invalidates it
+    assert sparse(x.half()).dtype == torch.float16
+
+
+def test_gelu_is_fused(kernel_device):
+    linear = make_linear().to(kernel_device)
+    for backend in ("torch", "triton"):
+        sparse = BlockSparseLinear.from_linear(linear, activation="gelu", backend=backend)
+        x = torch.randn(7, 128, device=kernel_device)
+        if backend == "torch":
+            sparse, x, ref_linear = sparse.cpu(), x.cpu(), linear.cpu()
+        else:
+            ref_linear = linear
+        assert_close_to_reference(sparse(x), dense_reference(x, ref_linear.weight, ref_linear.bias, "gelu"),
+                                  torch.float32)
+
+
+def test_safetensors_round_trip_is_exact(tmp_path):
+    sparse = BlockSparseLinear.from_linear(make_linear(dtype=torch.float16), activation="gelu")
+    file = tmp_path / "layer.safetensors"
+    sparse.save(file)
+    loaded = BlockSparseLinear.load(file)
+    assert loaded.activation == "gelu" and loaded.block_size == 32
+    for name, tensor in sparse.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = torch.randn(3, 128).half()
+    assert torch.equal(loaded(x), sparse(x))
+    # Loading a state dict into a module with another block count adopts the stored blocks.
+    other = BlockSparseLinear(128, 96, block_size=32, dtype=torch.float16)
+    other.load_state_dict(sparse.state_dict())
+    assert torch.equal(other.weight, sparse.weight)
+    with pytest.raises(ValueError, match="not a BlockSparseLinear"):
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+        BlockSparseLinear.load(tmp_path / "other.safetensors")
+
+
+def test_no_bias_and_empty_weight():
+    linear = make_linear(bias=False, density=0.0)
+    sparse = BlockSparseLinear.from_linear(linear)
+    assert sparse.bias is None and sparse.density == 0.0
+    assert torch.equal(sparse(torch.randn(4, 128)), torch.zeros(4, 96))
+
+
+def test_bad_input_names_the_problem():
+    sparse = BlockSparseLinear.from_linear(make_linear())
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        sparse(torch.randn(4, 128, dtype=torch.float16))
+    with pytest.raises(TypeError, match="dtype"):
+        sparse(torch.ones(4, 128, dtype=torch.int32))
+    with pytest.raises(ValueError, match="in_features = 128"):
+        sparse(torch.randn(4, 100))
+    with pytest.raises(ValueError, match="device mismatch"):
+        sparse(torch.randn(4, 128, device="meta"))
+    with pytest.raises(ValueError, match="divide"):
+        BlockSparseLinear.from_linear(nn.Linear(100, 64), block_size=32)
+    with pytest.raises(ValueError, match="block_size"):
+        BlockSparseLinear.from_linear(nn.Linear(96, 96), block_size=24)
+    with pytest.raises(ValueError, match="activation"):
+        BlockSparseLinear.from_linear(nn.Linear(64, 64), activation="relu")
+    with pytest.raises(ValueError, match="backend"):
+        BlockSparseLinear.from_linear(nn.Linear(64, 64), backend="cuda")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        BlockSparseLinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_strided_input_works_and_nan_propagates():
+    linear = make_linear(density=1.0)
+    sparse = BlockSparseLinear.from_linear(linear)
+    x = torch.randn(128, 10).T  # stride along K is 10
+    assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
+    x = torch.randn(3, 128)
+    x[1, 5] = float("nan")
+    y = sparse(x)
+    dense = linear(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(dense))  # density 1: exactly the dense NaN pattern
+    assert torch.isfinite(y[[0, 2]]).all()
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
+    # In a fresh process without TRITON_INTERPRET, the kernel cannot run on CPU tensors.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; from nn_blocksparse import BlockSparseLinear;"
+        "m = BlockSparseLinear.from_dense(torch.randn(64, 64), backend='triton');"
+        "m(torch.randn(2, 64))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and "TRITON_INTERPRET=1" in result.stderr
+
+
+def test_tolerances_are_meaningful():
+    # The dtype tolerances must be tighter than the error of skipping one real block.
+    assert RELATIVE_TOLERANCE[torch.float32] < 1e-4 and RELATIVE_TOLERANCE[torch.bfloat16] < 1e-2

@@ -1,0 +1,129 @@
+"""patch_bert on the real MiniLM weights: every mode matches the unpatched pruned model.
+
+The reference is transformers' own (unpatched) BertModel running the pruned dense weights.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from nn_blocksparse import BlockSparseLinear  # noqa: E402
+from nn_blocksparse.bert import heads_per_layer, load_patched_bert, patch_bert, save_patched_bert  # noqa: E402
+from nn_blocksparse.bert.patching import BertSelfAttentionAdapter  # noqa: E402
+from nn_blocksparse.bert.pruning import load_minilm, minilm_path, prune_like_nn_pruning  # noqa: E402
+
+# fp32, different summation order (fused QKV, block-sparse) and SDPA vs transformers' attention.
+MAX_ABS_DIFF = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pruned_minilm():
+    model = load_minilm()
+    report = prune_like_nn_pruning(model, seed=0)
+    return model, report
+
+
+@pytest.fixture(scope="module")
+def padded_batch():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    batch = tokenizer(["The zero blocks left inside pruned matrices are wasted work.",
+                       "Short.", "A third sentence of medium length here."], padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # padding really is there
+    return batch
+
+
+def reference_output(model, batch):
+    with torch.inference_mode():
+        return model(**batch).last_hidden_state
+
+
+def max_diff_on_real_tokens(a, b, batch):
+    valid = batch["attention_mask"].bool()
+    return (a - b)[valid].abs().max().item()
+
+
+@pytest.mark.parametrize("mode", ["resize", "blocksparse", "hybrid"])
+def test_patched_outputs_match_unpatched_pruned_model(pruned_minilm, padded_batch, mode):
+    model, report = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    patched = patch_bert(copy.deepcopy(model), mode=mode)
+    output = reference_output(patched, padded_batch)
+    assert max_diff_on_real_tokens(output, reference, padded_batch) < MAX_ABS_DIFF
+    # Padded positions too: the mask is applied the same way.
+    assert (output - reference).abs().max().item() < MAX_ABS_DIFF
+
+    expected_heads = [12 - len(report.heads_removed[i]) for i in range(6)]
+    if mode == "blocksparse":
+        assert heads_per_layer(patched) == [12] * 6  # no resizing: all heads stay, zero blocks are skipped
+    else:
+        assert heads_per_layer(patched) == expected_heads
+        assert len(set(expected_heads)) > 1  # a different number of heads per layer really is exercised
+    sparse_layers = [m for m in patched.modules() if isinstance(m, BlockSparseLinear)]
+    if mode == "resize":
+        assert not sparse_layers
+    else:
+        assert sparse_layers and all(m.density < 1.0 for m in sparse_layers if mode == "hybrid")
+
+
+def test_hybrid_on_the_triton_kernel(pruned_minilm, padded_batch, kernel_device):
+    """The same check with every block-sparse matmul on the Triton kernel (interpreter on CPU)."""
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid", backend="triton").to(kernel_device)
+    batch = {k: v.to(kernel_device) for k, v in padded_batch.items()}
+    output = reference_output(patched, batch).cpu()
+    assert max_diff_on_real_tokens(output, reference, padded_batch) < MAX_ABS_DIFF
+
+
+def test_resize_fuses_nothing_and_keeps_transformers_attention(pruned_minilm):
+    patched = patch_bert(copy.deepcopy(pruned_minilm[0]), mode="resize")
+    layer = patched.encoder.layer[0]
+    assert not isinstance(layer.attention.self, BertSelfAttentionAdapter)
+    assert isinstance(layer.attention.self.query, torch.nn.Linear)
+    assert layer.intermediate.dense.out_features < 1536  # empty FFN neurons were cut
+
+
+def test_save_and_load_patched_model_without_pickle(pruned_minilm, padded_batch, tmp_path):
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid")
+    save_patched_bert(patched, tmp_path / "patched")
+    assert sorted(p.name for p in (tmp_path / "patched").iterdir()) == ["config.json", "model.safetensors", "patch.json"]
+    loaded = load_patched_bert(tmp_path / "patched")
+    assert heads_per_layer(loaded) == heads_per_layer(patched)
+    assert torch.equal(reference_output(loaded, padded_batch), reference_output(patched, padded_batch))
+
+
+def test_patching_a_question_answering_head_model(pruned_minilm, padded_batch):
+    torch.manual_seed(0)
+    qa = transformers.BertForQuestionAnswering(pruned_minilm[0].config).eval()
+    qa.bert.load_state_dict(pruned_minilm[0].state_dict(), strict=False)
+    with torch.inference_mode():
+        reference = qa(**padded_batch).start_logits
+        patched = patch_bert(copy.deepcopy(qa), mode="hybrid")
+        output = patched(**padded_batch).start_logits
+    valid = padded_batch["attention_mask"].bool()
+    assert (output - reference)[valid].abs().max().item() < MAX_ABS_DIFF
+
+
+def test_clear_errors():
+    with pytest.raises(TypeError, match="BertModel"):
+        patch_bert(torch.nn.Linear(4, 4))
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2))
+    with pytest.raises(TypeError, match="GPT2Model"):
+        patch_bert(gpt2)
+    decoder = transformers.BertModel(transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                                                             intermediate_size=128, is_decoder=True))
+    with pytest.raises(ValueError, match="unsupported BERT config"):
+        patch_bert(decoder)
+    small = transformers.BertModel(transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                                                           intermediate_size=128))
+    with pytest.raises(ValueError, match="mode"):
+        patch_bert(small, mode="sparse")
+    patch_bert(small, mode="blocksparse")
+    with pytest.raises(ValueError, match="already patched"):
+        patch_bert(small)
+    with pytest.raises(ValueError, match="patch.json"):
+        load_patched_bert(minilm_path())
