@@ -27,12 +27,8 @@ from transformers import (
     BertModel,
 )
 
-from nn_blocksparse.bert.pruned_checkpoint import (
-    TASK_TO_MODEL_CLASS,
-    heads_per_layer,
-    load_pruned_bert,
-    save_pruned_bert,
-)
+from nn_blocksparse.bert.patching import heads_per_layer
+from nn_blocksparse.bert.pruned_checkpoint import TASK_TO_MODEL_CLASS, load_pruned_bert, save_pruned_bert
 from nn_blocksparse.bert.pruning import load_minilm, minilm_path, prune_like_nn_pruning
 
 FP32_TOLERANCE = 1e-5

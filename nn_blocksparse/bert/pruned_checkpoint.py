@@ -18,7 +18,6 @@ rebuilds the model at the right per-layer sizes and loads the weights strictly:
 * :func:`save_pruned_bert` -- write a model in exactly that format, physically removing heads whose
   weights are all zero (what transformers 4's ``prune_heads`` produced) and, with ``shrink_ffn=True``,
   FFN neurons whose weights are all zero (nn_pruning's optional resize), so tests can make fixtures.
-* :func:`heads_per_layer` -- the number of attention heads physically present in each layer.
 
 transformers 5's ``BertSelfAttention.forward`` reshapes with ``-1`` heads and takes the head size
 from ``attention_head_size``, so smaller ``nn.Linear`` modules work in forward (eager and sdpa)
@@ -50,12 +49,13 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
+from .pruning import base_bert as _base_bert
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TASK_TO_MODEL_CLASS",
     "NoHeadsSelfAttention",
-    "heads_per_layer",
     "load_pruned_bert",
     "save_pruned_bert",
 ]
@@ -124,27 +124,6 @@ class NoHeadsSelfAttention(BertSelfAttention):
 # --------------------------------------------------------------------------------------------------
 # Small helpers shared with the save path
 # --------------------------------------------------------------------------------------------------
-
-
-def _base_bert(model: nn.Module) -> BertModel:
-    """The BertModel inside ``model`` (``model.bert`` for head models, else ``model`` itself)."""
-    base = getattr(model, "bert", model)
-    if not (hasattr(base, "encoder") and hasattr(base.encoder, "layer")):
-        raise ValueError(f"{type(model).__name__} is not a BERT model (no .bert / .encoder.layer found)")
-    return base
-
-
-def heads_per_layer(model: nn.Module) -> list[int]:
-    """Number of attention heads physically present in each encoder layer.
-
-    Derived from the query projection's output size (the source of truth for what forward computes),
-    divided by the head size; a dense model with zeroed heads therefore still reports all its heads.
-    """
-    counts = []
-    for layer in _base_bert(model).encoder.layer:
-        self_attention = layer.attention.self
-        counts.append(self_attention.query.out_features // self_attention.attention_head_size)
-    return counts
 
 
 def _normalize_pruned_heads(raw: Mapping | None, num_layers: int, num_heads: int) -> dict[int, set[int]]:

@@ -75,7 +75,8 @@ class PruningReport:
         return [self.num_heads_per_layer - len(self.heads_removed[layer]) for layer in sorted(self.heads_removed)]
 
 
-def _base_bert(model: nn.Module) -> nn.Module:
+def base_bert(model: nn.Module) -> nn.Module:
+    """The BertModel inside `model` (`model.bert` for head models, else `model` itself)."""
     base = getattr(model, "bert", model)
     if not (hasattr(base, "encoder") and hasattr(base.encoder, "layer")):
         raise ValueError(f"{type(model).__name__} is not a BERT model (no .bert / .encoder.layer found)")
@@ -97,7 +98,7 @@ def _layer_linears(layer_module: nn.Module) -> dict[str, nn.Linear]:
 def encoder_linear_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"layer.<i>.<kind>": bool tensor}``: where each encoder linear weight is nonzero."""
     masks = {}
-    for layer, layer_module in enumerate(_base_bert(model).encoder.layer):
+    for layer, layer_module in enumerate(base_bert(model).encoder.layer):
         for kind, linear in _layer_linears(layer_module).items():
             masks[f"layer.{layer}.{kind}"] = linear.weight.detach() != 0
     return masks
@@ -203,7 +204,7 @@ def prune_like_nn_pruning(
     Give one of them to fix it and solve the other; give both (and ``linear_density=None``, or a
     consistent value) to use them as they are.  Returns a :class:`PruningReport` measured afterwards.
     """
-    base = _base_bert(model)
+    base = base_bert(model)
     config = base.config
     num_layers, num_heads = config.num_hidden_layers, config.num_attention_heads
     hidden, ffn_size = config.hidden_size, config.intermediate_size
