@@ -140,6 +140,7 @@ def device_arch(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
+@lru_cache(maxsize=4096)  # called on every launch: keep table look-ups and device queries off the hot path
 def select_config(dtype: torch.dtype, block_size: int, n: int, k: int, m: int, nnz_blocks: int,
                   device: torch.device) -> KernelConfig:
     n_block_rows = n // block_size

@@ -1,0 +1,58 @@
+"""Launch configuration choice: tuned-table look-up (exact and nearest), heuristic, launchable set."""
+
+import pytest
+import torch
+
+from nn_blocksparse.kernels import configs
+from nn_blocksparse.kernels.configs import KernelConfig, heuristic_config, launchable_configs, table_key
+
+
+@pytest.fixture
+def tuned_table(monkeypatch):
+    table = {"sm90": {
+        table_key(torch.float16, 32, 768, 768, 2048, 0.5): [128, 8, 1, 8, 4],
+        table_key(torch.float16, 32, 768, 768, 128, 0.5): [32, 8, 2, 4, 3],
+    }}
+    monkeypatch.setattr(configs, "load_tuned_table", lambda: table)
+    return table
+
+
+def test_exact_and_nearest_tuned_entries(tuned_table):
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 2048, 0.5) == KernelConfig(128, 8, 1, 8, 4)
+    # M=1500 falls in the 2048 bucket; density 0.52 rounds to 0.50.
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 1500, 0.52) == KernelConfig(128, 8, 1, 8, 4)
+    # No exact key: nearest M bucket of the same shape wins (256 is nearer to 128 than to 2048).
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 256, 0.3) == KernelConfig(32, 8, 2, 4, 3)
+    # Another shape, dtype or architecture: nothing tuned.
+    assert configs.tuned_config("sm90", torch.float16, 32, 3072, 768, 2048, 0.5) is None
+    assert configs.tuned_config("sm90", torch.bfloat16, 32, 768, 768, 2048, 0.5) is None
+    assert configs.tuned_config("sm80", torch.float16, 32, 768, 768, 2048, 0.5) is None
+
+
+def test_heuristic_grows_tiles_with_m_and_splits_k_when_the_grid_is_small():
+    small = heuristic_config(torch.float16, 32, m=16, n_block_rows=24, nnz_blocks=24 * 12)
+    large = heuristic_config(torch.float16, 32, m=8192, n_block_rows=24, nnz_blocks=24 * 12)
+    assert small.block_m == 16 and large.block_m == 128
+    assert small.split_k > 1  # 24 tiles cannot fill 108 SMs
+    assert large.split_k == 1  # 64 x 24 tiles already do
+    # Never split below 2 blocks per program.
+    assert heuristic_config(torch.float16, 32, m=16, n_block_rows=24, nnz_blocks=24).split_k == 1
+    # fp32 with 64-wide blocks stops at 32 rows: larger tiles spill (see the aot report).
+    assert heuristic_config(torch.float32, 64, m=8192, n_block_rows=12, nnz_blocks=100).block_m == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_every_heuristic_choice_is_in_the_launchable_set(dtype, block_size):
+    launchable = set(launchable_configs(dtype, block_size))
+    for m in (1, 7, 16, 100, 128, 129, 512, 2048, 8192):
+        for n_block_rows, nnz in ((1, 0), (4, 4), (24, 24 * 6), (96, 96 * 20)):
+            for sm_count in (8, 108, 132):
+                assert heuristic_config(dtype, block_size, m, n_block_rows, nnz, sm_count) in launchable
+
+
+def test_invalid_configs_are_refused():
+    with pytest.raises(ValueError, match="block_m"):
+        KernelConfig(block_m=48)
+    with pytest.raises(ValueError, match="split_k"):
+        KernelConfig(split_k=3)
