@@ -2,27 +2,41 @@
 
 W (`[N, K]`) arrives in torch's BSR layout with square `bs x bs` blocks (`values`, `row_offsets`,
 `col_indices`, see `block_sparse_matrix.py`).  torch's own BSR matmul on CPU is 14-50x slower than
-the dense GEMM, so this module re-lays the weight out once (`build_cpu_plan`) into a form that a
-handful of large dense BLAS calls can consume, and `cpu_block_sparse_linear` runs it.
+the dense GEMM, so `build_cpu_plan` re-lays the weight out once into a form that a handful of
+large dense BLAS calls can consume, and `cpu_block_sparse_linear` runs it.
 
-Two strategies, chosen at plan-build time by a deterministic cost model (`plan.strategy`):
+Both sparse strategies work on *units*: one block-row of W, or several block-rows whose nonzero
+block-columns are identical (structured pruning: whole block-columns or heads empty).  A unit
+only needs the P block-columns of x it touches; they are gathered into a contiguous buffer and
+multiplied by the unit's P blocks, packed as one `[P*bs, G*bs]` matrix (G = block-rows of the
+unit).  Units of the same G are padded to a common P (buckets chosen by a small dynamic program)
+so that each bucket is ONE batched GEMM: the Python cost is a few calls per bucket, never per
+block.  Outputs land in slot order (bucket by bucket); one `index_select` over block-rows puts
+them back in feature order.
 
-- ``"gather_bmm"``: block-rows of W are grouped into *units* (one block-row, or several block-rows
-  whose nonzero block-columns are identical, e.g. a pruned layout where whole block-columns are
-  empty).  A unit needs only the P block-columns of x it touches: they are gathered into a
-  contiguous buffer and multiplied by the unit's P blocks stored as one `[P*bs, G*bs]` matrix.
-  Units with the same shape are padded to the same P (bucketing chosen by a small dynamic program)
-  and run as ONE `torch.baddbmm`, so the Python cost is a few calls per bucket, never per block.
-  Each bucket writes its result straight into a slot-ordered output (a strided `out=` view), and
-  one final `index_select` over block-columns puts the slots back into feature order.
+- ``"gather_bmm"``: works on x^T (one transposed copy per tile of rows), so that gathering a
+  block-column is copying one contiguous `[bs, rows]` row-block and the GEMM is `W_unit @ x^T`,
+  run by MKL's batched GEMM with one unit per thread; y^T is transposed back at the end.  Best for
+  narrow units (G*bs = 32: random layouts), where splitting each small GEMM over both cores and
+  MKL's narrow-output kernels lose more than the two transposes cost.
+- ``"gather_mm"``: works on x as is (gathering `bs`-element runs of each row) and writes
+  `x_unit @ W_unit^T` straight into the output; one multi-threaded GEMM per wide unit.  Best when
+  the work sits in wide units (whole block-rows or block-columns pruned), where the GEMMs are
+  efficient anyway and the transposes would be pure overhead.
 - ``"dense"``: at high block density the gathers and the narrower GEMMs cost more than they save,
   so the plan keeps the re-densified weight and calls `F.linear`.
 
-Inference only: the kernels write into preallocated buffers (`out=`), which autograd cannot track.
+The choice is made by a deterministic cost model (no timing): dense versus sparse once, when the
+plan is built (`plan.strategy`, at M = 256 rows of x); between the two sparse strategies per call,
+from the number of rows M (`plan.strategy_for(M)`), "gather_mm" being eligible only where it
+needs no loop of small two-thread GEMMs (those collapse when another process shares the cores).
+Passing `strategy=` to `build_cpu_plan` forces one strategy for every call.  Inference only: the
+kernels write into preallocated buffers (`out=`), which autograd cannot track.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -32,34 +46,87 @@ import torch.nn.functional as F
 
 STRATEGY_DENSE = "dense"
 STRATEGY_GATHER_BMM = "gather_bmm"
-STRATEGIES = (STRATEGY_DENSE, STRATEGY_GATHER_BMM)
+STRATEGY_GATHER_MM = "gather_mm"
+STRATEGIES = (STRATEGY_DENSE, STRATEGY_GATHER_BMM, STRATEGY_GATHER_MM)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- Cost model -----------------------------------------------------------------------------
-# Calibrated on a 2-core AVX-512 machine with fp32 (torch 2.13, MKL).  Only the ratios between the
-# terms matter for the choice, and they hold for any M large enough for the GEMMs to dominate; the
-# model is evaluated at a fixed reference M so that the choice does not depend on the first call.
+# Seconds predicted for one call, calibrated on the 2-core AVX-512 machine this was tuned on
+# (torch 2.13 + MKL).  Only ratios matter for the choices.  Dense-versus-sparse is decided at a
+# fixed reference M, so that it does not depend on the first call.
 _REFERENCE_TOKENS = 256
-_GEMM_FLOPS_PER_S = 200e9
-# A unit's GEMM output is only G*bs columns wide; MKL's efficiency relative to a wide dense GEMM
-# (measured with torch.bmm, M=256): narrow outputs cannot amortise the packing of the gathered x.
-_GEMM_EFFICIENCY_BY_OUTPUT_WIDTH = ((16, 0.50), (32, 0.75), (64, 0.92), (128, 1.0))
-_COPY_BYTES_PER_S = 60e9  # index_select of 64-256 byte runs, read + write
-_SECONDS_PER_CALL = 8e-6  # Python + dispatch + thread fork/join of one torch call
+
+
+@dataclass(frozen=True)
+class _GemmProfile:
+    """Dense GEMM speed of a compute dtype, and the efficiency of the sparse strategies' GEMMs.
+
+    A unit's GEMM output is only G*bs features wide.  Efficiencies are relative to one wide dense
+    GEMM, by output width (measured in the full pipeline, M=256): narrow outputs re-pack the
+    gathered x for few FMAs per element.  "gather_bmm": MKL's batched GEMM, one unit per thread;
+    "gather_mm": one GEMM per unit split over both cores (narrow units pay a sync per unit, below).
+    """
+
+    dense_flops_per_s: float
+    element_size: int
+    bmm_efficiency_by_width: tuple[tuple[int, float], ...]
+    mm_efficiency_by_width: tuple[tuple[int, float], ...]
+
+
+_FP32_PROFILE = _GemmProfile(
+    210e9, 4, ((16, 0.72), (32, 0.84), (64, 0.90), (128, 0.95)), ((16, 0.70), (32, 0.88), (64, 0.92), (128, 0.95))
+)
+# bf16 dense GEMMs run ~4x faster than fp32 here (oneDNN, AVX512-BF16) while the narrow batched ones
+# gain much less (torch.bmm, M=256: width 16 / 32 / 64 -> 0.25 / 0.66 / 0.84 of dense), so the
+# fixed costs weigh ~4x more: bf16 plans go sparse only at low density.
+_BF16_PROFILE = _GemmProfile(
+    900e9, 2, ((16, 0.25), (32, 0.6), (64, 0.8), (128, 0.9)), ((16, 0.25), (32, 0.6), (64, 0.8), (128, 0.9))
+)
+
+
+def _gemm_profile(compute_dtype: torch.dtype) -> _GemmProfile:
+    return _BF16_PROFILE if compute_dtype == torch.bfloat16 else _FP32_PROFILE
+
+_GATHER_BYTES_PER_S = 200e9  # index_select of whole [bs, rows] row-blocks, read + write
+_DIRECT_GATHER_BYTES_PER_S = 150e9  # index_select of bs-element runs of x's rows, read + write
+_TRANSPOSE_BYTES_PER_S = 20e9  # torch's 2-D transposed copy (single-threaded), read + write
+_SECONDS_PER_CHUNK = 15e-6  # one gather + one batched GEMM issued from Python
+# "gather_mm": torch loops over a chunk's units in C++, and MKL forks/joins both cores per unit;
+# this fixed cost is what makes "gather_mm" lose to "gather_bmm" on narrow units at M ~ 128.
+# Below a few rows MKL keeps such tiny GEMMs on one thread and the cost disappears (M=1:
+# "gather_mm" 32us vs "gather_bmm" 122us at 768x768, 24 units).
+_SECONDS_PER_LOOPED_UNIT = 3e-6
+_ROWS_FOR_THREADED_UNIT_GEMM = 8
+# That per-unit fork/join is also fragile: with another process busy on one of the two cores,
+# every narrow unit waits for a descheduled thread.  Measured with such a neighbour: random
+# 768x768 at density 0.6, "gather_mm" 0.64x of dense versus 0.99x for "gather_bmm" (and 1.07x vs
+# 1.04x when the machine is quiet).  So the automatic choice only uses "gather_mm" when it needs
+# no such loop (every unit wide enough for a GEMM of its own, or M too small to thread).
+_SECONDS_PER_SPARSE_CALL = 30e-6  # argument checks, recipe lookup, bias permutation, output alloc
+_SECONDS_PER_DENSE_CALL = 10e-6
 # Stay dense unless the sparse path is predicted at least this much cheaper: the model is coarse,
 # and "never slower than dense at high density" matters more than a few percent near the crossover.
-_SPARSE_ADVANTAGE_REQUIRED = 0.92
+_SPARSE_ADVANTAGE_REQUIRED = 0.95
 
-# Upper bound on the gathered-x buffer of one bmm call.  Above this the buffer no longer stays in
-# the (shared, 32 MiB) L3 between the gather and the GEMM that reads it; below it the per-call cost
-# grows.  Measured at M=512: 2 MiB chunks were ~20% slower than 8-32 MiB ones.
-_GATHER_CHUNK_BYTES = 16 << 20
+# Upper bound on the gathered-x buffer of one batched GEMM: small enough to stay in the caches
+# between the gather that writes it and the GEMM that reads it, large enough that the per-chunk
+# Python cost stays small (2-16 MiB measured within noise of each other at M=128..512; 4 MiB was
+# never worse and 16 MiB lost ~7% on long rows).
+_GATHER_CHUNK_BYTES = 4 << 20
+# x is processed in tiles of rows, so that the gathered [P*bs, rows] operand of one unit stays
+# within a core's L2 (2 MiB here) while MKL streams the unit's weights over it: 256 rows when the
+# units are short, 128 when they are long (measured, fp32 bs=32, P=35: 171 -> 187 GFLOPS).
+_TILE_ROWS_CHOICES = (256, 128)
+_UNIT_OPERAND_BYTES = 768 << 10
+# Units at least this many features wide run one GEMM each: MKL's batched GEMM gives each unit to
+# one thread, so a handful of wide units would leave a core idle; a single GEMM uses both.
+_SOLO_UNIT_WIDTH = 128
 
 
-def _gemm_efficiency(output_width: int) -> float:
-    efficiency = _GEMM_EFFICIENCY_BY_OUTPUT_WIDTH[0][1]
-    for width, value in _GEMM_EFFICIENCY_BY_OUTPUT_WIDTH:
+def _gemm_efficiency(output_width: int, table: tuple[tuple[int, float], ...]) -> float:
+    efficiency = table[0][1]
+    for width, value in table:
         if output_width >= width:
             efficiency = value
     return efficiency
@@ -92,11 +159,15 @@ class GatherBucket:
     packed_weight_t: torch.Tensor
 
 
+_plan_tokens = itertools.count()
+
+
 class CpuBlockSparsePlan:
     """Precomputed CPU layout of one block-sparse weight (see the module docstring).
 
-    Inspect `strategy`, `estimated_seconds` (cost model at `_REFERENCE_TOKENS` rows of x) and
-    `buckets`; `describe()` summarises them.
+    Inspect `strategy` (dense or sparse, decided at `_REFERENCE_TOKENS` rows of x),
+    `strategy_for(M)` (the sparse strategy a call with M rows runs), `estimated_seconds` /
+    `estimate_seconds(M)` (the cost model) and `buckets`; `describe()` summarises them.
     """
 
     def __init__(
@@ -113,6 +184,9 @@ class CpuBlockSparsePlan:
         block_row_of_slot: torch.Tensor,
         nonempty_slot_count: int,
         dense_weight: torch.Tensor | None,
+        strategy_forced: bool,
+        weight_dtype: torch.dtype,
+        bucket_shapes: list[tuple[int, int, int, bool]],
     ) -> None:
         self.out_features = out_features
         self.in_features = in_features
@@ -125,12 +199,63 @@ class CpuBlockSparsePlan:
         self.block_row_of_slot = block_row_of_slot
         self.nonempty_slot_count = nonempty_slot_count
         self.dense_weight = dense_weight
+        # A forced strategy is used for every M; a chosen sparse one may switch orientation per M.
+        self.strategy_forced = strategy_forced
+        self.weight_dtype = weight_dtype  # dtype the weights are kept in (and the cost model assumes)
+        self._strategy_by_rows: dict[int, str] = {}
+        self._bucket_shapes = bucket_shapes  # (G, P, units, gathers) per bucket, kept for the cost model
         # Slot order equal to feature order lets the buckets write the final output directly.
         self.slots_in_feature_order = bool(
             torch.equal(slot_of_block_row, torch.arange(slot_of_block_row.numel()))
         )
-        # Weights converted for another compute dtype (e.g. fp32 plan called with bf16 x), by dtype.
-        self._converted: dict[torch.dtype, tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]] = {}
+        gathered_units = [b for b in buckets if b.gather_index is not None]
+        unit_count = sum(b.unit_count for b in gathered_units)
+        mean_unit_k = (
+            sum(b.unit_count * b.blocks_per_unit for b in gathered_units) * block_size / unit_count
+            if unit_count
+            else 0
+        )
+        self.tile_rows = next(
+            (rows for rows in _TILE_ROWS_CHOICES if mean_unit_k * rows * 4 <= _UNIT_OPERAND_BYTES),
+            _TILE_ROWS_CHOICES[-1],
+        )
+        # Weights by compute dtype; other dtypes (e.g. an fp32 plan called with bf16 x) are converted
+        # on first use and kept.
+        self._converted: dict[torch.dtype, tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]] = {
+            weight_dtype: (dense_weight, tuple(b.packed_weight_t for b in buckets))
+        }
+        self._token = next(_plan_tokens)  # identifies the plan in per-thread call recipes
+
+    def estimate_seconds(self, rows_of_x: int) -> dict[str, float]:
+        """The cost model's prediction of every strategy for `rows_of_x` rows of x."""
+        return _modelled_seconds(
+            self.out_features,
+            self.in_features,
+            self.block_size,
+            self._bucket_shapes,
+            self.slots_in_feature_order,
+            rows_of_x,
+            _gemm_profile(self.weight_dtype),
+        )
+
+    def strategy_for(self, rows_of_x: int) -> str:
+        """Strategy a call with `rows_of_x` rows runs.
+
+        Dense-versus-sparse is decided once, at the reference M (a dense plan does not keep the
+        blocks, a sparse one does not keep a dense weight).  Between the two sparse strategies the
+        cheaper one for this M is used, "gather_mm" only where it is robust (see
+        `_direct_is_robust`): in practice "gather_mm" for plans made of wide units (whole block-rows
+        or block-columns pruned) and for M < 8, "gather_bmm" otherwise.
+        """
+        if self.strategy_forced or self.strategy == STRATEGY_DENSE:
+            return self.strategy
+        strategy = self._strategy_by_rows.get(rows_of_x)
+        if strategy is None:
+            estimate = self.estimate_seconds(rows_of_x)
+            strategy = _automatic_sparse_strategy(estimate, self._bucket_shapes, self.block_size, rows_of_x)
+            if len(self._strategy_by_rows) < _MAX_RECIPES_PER_THREAD:
+                self._strategy_by_rows[rows_of_x] = strategy
+        return strategy
 
     @property
     def density(self) -> float:
@@ -153,14 +278,12 @@ class CpuBlockSparsePlan:
     __repr__ = describe
 
     def _weights_for(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
-        packed = tuple(b.packed_weight_t for b in self.buckets)
-        reference = self.dense_weight if self.dense_weight is not None else (packed[0] if packed else None)
-        if reference is None or reference.dtype == dtype:
-            return self.dense_weight, packed
-        if dtype not in self._converted:
+        """(dense weight, per-bucket packed weights) in `dtype`, converted once and kept."""
+        weights = self._converted.get(dtype)
+        if weights is None:
             dense = None if self.dense_weight is None else self.dense_weight.to(dtype)
-            self._converted[dtype] = (dense, tuple(p.to(dtype) for p in packed))
-        return self._converted[dtype]
+            weights = self._converted[dtype] = (dense, tuple(b.packed_weight_t.to(dtype) for b in self.buckets))
+        return weights
 
 
 # --- Plan building --------------------------------------------------------------------------
@@ -170,16 +293,94 @@ class CpuBlockSparsePlan:
 class _Unit:
     block_rows: list[int]
     block_columns: list[int]  # ascending, shared by all block_rows
-    value_positions: list[list[int]]  # per block-row: positions in `values`, aligned with block_columns
 
 
-def _bucket_seconds(rows_per_unit: int, blocks: int, units: int, block_size: int, gathers: bool) -> float:
-    macs = units * blocks * block_size * block_size * rows_per_unit * _REFERENCE_TOKENS
-    seconds = _SECONDS_PER_CALL + 2 * macs / (_GEMM_FLOPS_PER_S * _gemm_efficiency(rows_per_unit * block_size))
+def _bucket_seconds(
+    rows_per_unit: int,
+    blocks: int,
+    units: int,
+    block_size: int,
+    gathers: bool,
+    tokens: int = _REFERENCE_TOKENS,
+    profile: _GemmProfile = _FP32_PROFILE,
+) -> float:
+    """Modelled "gather_bmm" time of one bucket: its GEMMs, its gathers and its chunks' calls."""
+    width = rows_per_unit * block_size
+    flops = 2 * units * blocks * block_size * width * tokens
+    seconds = flops / (profile.dense_flops_per_s * _gemm_efficiency(width, profile.bmm_efficiency_by_width))
     if gathers:
-        gathered_bytes = units * blocks * block_size * _REFERENCE_TOKENS * 4
-        seconds += 2 * gathered_bytes / _COPY_BYTES_PER_S
-    return seconds
+        seconds += 2 * units * blocks * block_size * tokens * profile.element_size / _GATHER_BYTES_PER_S
+    tile_rows = min(tokens, _TILE_ROWS_CHOICES[0])
+    units_per_chunk = _units_per_chunk(rows_per_unit, blocks, block_size, tile_rows, profile.element_size)
+    return seconds + _SECONDS_PER_CHUNK * -(-units // units_per_chunk) * -(-tokens // tile_rows)
+
+
+def _units_per_chunk(rows_per_unit: int, blocks: int, block_size: int, rows_of_x: int, element_size: int) -> int:
+    if rows_per_unit * block_size >= _SOLO_UNIT_WIDTH:
+        return 1
+    return max(1, _GATHER_CHUNK_BYTES // (blocks * block_size * rows_of_x * element_size))
+
+
+def _direct_bucket_seconds(
+    rows_per_unit: int,
+    blocks: int,
+    units: int,
+    block_size: int,
+    gathers: bool,
+    tokens: int = _REFERENCE_TOKENS,
+    profile: _GemmProfile = _FP32_PROFILE,
+) -> float:
+    """`_bucket_seconds` for "gather_mm"."""
+    width = rows_per_unit * block_size
+    flops = 2 * units * blocks * block_size * width * tokens
+    seconds = flops / (profile.dense_flops_per_s * _gemm_efficiency(width, profile.mm_efficiency_by_width))
+    if gathers:
+        seconds += 2 * units * blocks * block_size * tokens * profile.element_size / _DIRECT_GATHER_BYTES_PER_S
+    chunks = -(-units // _units_per_chunk(rows_per_unit, blocks, block_size, tokens, profile.element_size))
+    looped = chunks < units and tokens >= _ROWS_FOR_THREADED_UNIT_GEMM
+    return seconds + _SECONDS_PER_CHUNK * chunks + _SECONDS_PER_LOOPED_UNIT * (units if looped else 0)
+
+
+def _direct_is_robust(buckets: list[tuple[int, int, int, bool]], block_size: int, tokens: int) -> bool:
+    """True when "gather_mm" runs no loop of narrow per-unit GEMMs split over both cores."""
+    if tokens < _ROWS_FOR_THREADED_UNIT_GEMM:
+        return True
+    return all(g * block_size >= _SOLO_UNIT_WIDTH or u == 1 for g, _, u, _ in buckets)
+
+
+def _automatic_sparse_strategy(
+    estimate: dict[str, float], buckets: list[tuple[int, int, int, bool]], block_size: int, tokens: int
+) -> str:
+    candidates = [STRATEGY_GATHER_BMM]
+    if _direct_is_robust(buckets, block_size, tokens):
+        candidates.append(STRATEGY_GATHER_MM)
+    return min(candidates, key=estimate.__getitem__)
+
+
+def _modelled_seconds(
+    n: int,
+    k: int,
+    block_size: int,
+    buckets: list[tuple[int, int, int, bool]],
+    in_feature_order: bool,
+    tokens: int,
+    profile: _GemmProfile,
+) -> dict[str, float]:
+    """Predicted time of every strategy for `tokens` rows of x; buckets are (G, P, units, gathers)."""
+    element_size = profile.element_size
+    reorder = 0.0 if in_feature_order else 2 * n * tokens * element_size / _GATHER_BYTES_PER_S
+    # "gather_bmm" pays two transposed copies: x^T in, y^T out.
+    transposes = 2 * (n + k) * tokens * element_size / _TRANSPOSE_BYTES_PER_S
+    return {
+        STRATEGY_DENSE: _SECONDS_PER_DENSE_CALL + 2 * n * k * tokens / profile.dense_flops_per_s,
+        STRATEGY_GATHER_BMM: _SECONDS_PER_SPARSE_CALL
+        + transposes
+        + reorder
+        + sum(_bucket_seconds(g, p, u, block_size, gathers, tokens, profile) for g, p, u, gathers in buckets),
+        STRATEGY_GATHER_MM: _SECONDS_PER_SPARSE_CALL
+        + reorder
+        + sum(_direct_bucket_seconds(g, p, u, block_size, gathers, tokens, profile) for g, p, u, gathers in buckets),
+    }
 
 
 def _split_into_buckets(units: list[_Unit], rows_per_unit: int, block_size: int) -> list[list[_Unit]]:
@@ -223,13 +424,13 @@ def _group_block_rows(col_lists: list[list[int]], block_size: int) -> list[_Unit
     for pattern, rows in by_pattern.items():
         blocks = len(pattern)
         shared = _bucket_seconds(len(rows), blocks, 1, block_size, True)
-        separate = len(rows) * (_bucket_seconds(1, blocks, 1, block_size, True) - _SECONDS_PER_CALL)
+        separate = len(rows) * (_bucket_seconds(1, blocks, 1, block_size, True) - _SECONDS_PER_CHUNK)
         # Sharing saves the repeated gathers and widens the GEMM; it costs a bucket of its own
-        # (a call) unless it merges with others, so demand at least one call's worth of saving.
-        if len(rows) > 1 and shared + _SECONDS_PER_CALL <= separate:
-            units.append(_Unit(rows, list(pattern), []))
+        # (a chunk) unless it merges with others, so demand at least one chunk's worth of saving.
+        if len(rows) > 1 and shared + _SECONDS_PER_CHUNK <= separate:
+            units.append(_Unit(rows, list(pattern)))
         else:
-            units.extend(_Unit([row], list(pattern), []) for row in rows)
+            units.extend(_Unit([row], list(pattern)) for row in rows)
     return units
 
 
@@ -264,7 +465,9 @@ def _pack_bucket(
     )
 
 
-def _densify(values: torch.Tensor, col_lists: list[list[int]], row_starts: list[int], n: int, k: int, bs: int) -> torch.Tensor:
+def _densify(
+    values: torch.Tensor, col_lists: list[list[int]], row_starts: list[int], n: int, k: int, bs: int
+) -> torch.Tensor:
     dense = values.new_zeros(n // bs, bs, k // bs, bs)
     for row, cols in enumerate(col_lists):
         if cols:
@@ -336,19 +539,15 @@ def build_cpu_plan(
     slot_of_block_row = torch.empty(block_rows, dtype=torch.int64)
     slot_of_block_row[block_row_of_slot] = torch.arange(block_rows, dtype=torch.int64)
 
-    reference_macs = n * k * _REFERENCE_TOKENS
-    permute_seconds = 2 * n * _REFERENCE_TOKENS * 4 / _COPY_BYTES_PER_S
-    estimated = {
-        STRATEGY_DENSE: _SECONDS_PER_CALL + 2 * reference_macs / _GEMM_FLOPS_PER_S,
-        STRATEGY_GATHER_BMM: permute_seconds
-        + sum(
-            _bucket_seconds(b.rows_per_unit, b.blocks_per_unit, b.unit_count, bs, b.gather_index is not None)
-            for b in buckets
-        ),
-    }
+    in_feature_order = bool(torch.equal(slot_of_block_row, torch.arange(block_rows)))
+    bucket_shapes = [(b.rows_per_unit, b.blocks_per_unit, b.unit_count, b.gather_index is not None) for b in buckets]
+    profile = _gemm_profile(weight_dtype)
+    estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile)
+    forced = strategy is not None
     if strategy is None:
-        sparse_wins = estimated[STRATEGY_GATHER_BMM] < _SPARSE_ADVANTAGE_REQUIRED * estimated[STRATEGY_DENSE]
-        strategy = STRATEGY_GATHER_BMM if sparse_wins else STRATEGY_DENSE
+        sparse = _automatic_sparse_strategy(estimated, bucket_shapes, bs, _REFERENCE_TOKENS)
+        sparse_wins = estimated[sparse] < _SPARSE_ADVANTAGE_REQUIRED * estimated[STRATEGY_DENSE]
+        strategy = sparse if sparse_wins else STRATEGY_DENSE
 
     dense_weight = None
     if strategy == STRATEGY_DENSE:
@@ -366,83 +565,298 @@ def build_cpu_plan(
         block_row_of_slot=block_row_of_slot,
         nonempty_slot_count=nonempty_slots,
         dense_weight=dense_weight,
+        strategy_forced=forced,
+        weight_dtype=weight_dtype,
+        bucket_shapes=bucket_shapes,
     )
 
 
 # --- Execution ------------------------------------------------------------------------------
 
-# Scratch buffers shared by every plan called from one thread (layers run one after another, so
-# one gather buffer and one slot-ordered output are enough).  Reusing them matters: fresh
-# multi-MiB buffers come from mmap and pay a page fault per 4 KiB on every call.
-_workspace = threading.local()
+
+class _ThreadWorkspace(threading.local):
+    """Scratch buffers and per-shape call recipes of the calling thread.
+
+    Buffers are shared by every plan (layers run one after another), so the scratch memory is
+    that of the largest layer, not the sum.  Reuse matters: fresh multi-MiB buffers come from
+    mmap and pay a page fault per 4 KiB on every call.  A recipe holds the views of one
+    (plan, M, dtype) call so that a call only issues the torch ops themselves; growing a buffer
+    drops every recipe, since their views point into the old one.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # (plan token, M, dtype, strategy) -> _TransposedRecipe | _DirectRecipe
+        self.recipes: dict[tuple[int, int, torch.dtype, str], object] = {}
+
+
+_workspace = _ThreadWorkspace()
+_MAX_RECIPES_PER_THREAD = 256
 
 
 def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    buffers = getattr(_workspace, "buffers", None)
-    if buffers is None:
-        buffers = _workspace.buffers = {}
-    buffer = buffers.get((name, dtype))
+    buffer = _workspace.buffers.get((name, dtype))
     if buffer is None or buffer.numel() < numel:
-        # Created outside inference mode so a buffer first made under torch.inference_mode() can
-        # still be written by a later call made without it.
+        _workspace.recipes.clear()
+        # Created outside inference mode so that a buffer first made under torch.inference_mode()
+        # can still be written by a later call made without it.
         with torch.inference_mode(False):
-            buffer = torch.empty(numel, dtype=dtype)
-        buffers[(name, dtype)] = buffer
+            buffer = torch.empty(max(numel, 1), dtype=dtype)
+        _workspace.buffers[(name, dtype)] = buffer
     return buffer[:numel]
 
 
-def _run_gather_bmm(x: torch.Tensor, plan: CpuBlockSparsePlan, bias: torch.Tensor | None, packed: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    m = x.shape[0]
-    bs, n = plan.block_size, plan.out_features
-    block_rows = n // bs
-    slots = block_rows
-    # [M, K/bs, bs]: a view whenever x rows are unit-stride; index_select along dim 1 then copies
-    # bs-element runs, and the gathered [M, n*P, bs] buffer is, per unit, a row-major [M, P*bs]
-    # matrix (leading dimension n*P*bs) that bmm consumes without another copy.
-    x_blocks = x.reshape(m, plan.in_features // bs, bs)
-    if plan.slots_in_feature_order:
-        out_slots = x.new_empty(m, slots, bs)
-    else:
-        out_slots = _scratch("slots", m * slots * bs, x.dtype).view(m, slots, bs)
-    bias_slots = None
-    if bias is not None:
-        bias_slots = bias.view(block_rows, bs)
-        if not plan.slots_in_feature_order:
-            bias_slots = bias_slots.index_select(0, plan.block_row_of_slot)
+def _chunks(plan: CpuBlockSparsePlan, rows_of_x: int, element_size: int) -> list[list[tuple[int, int]]]:
+    """Per bucket, the (first unit, unit count) of each batched GEMM."""
+    out = []
+    for bucket in plan.buckets:
+        per_chunk = _units_per_chunk(
+            bucket.rows_per_unit, bucket.blocks_per_unit, plan.block_size, rows_of_x, element_size
+        )
+        firsts = range(0, bucket.unit_count, per_chunk)
+        out.append([(first, min(per_chunk, bucket.unit_count - first)) for first in firsts])
+    return out
+
+
+def _gather_numel(plan: CpuBlockSparsePlan, chunks: list[list[tuple[int, int]]], rows_of_x: int) -> int:
+    return max(
+        (count * b.blocks_per_unit * plan.block_size * rows_of_x
+         for b, bucket_chunks in zip(plan.buckets, chunks) if b.gather_index is not None
+         for _, count in bucket_chunks),
+        default=0,
+    )
+
+
+@dataclass
+class _TileRecipe:
+    """"gather_bmm" views for one tile of rows of x."""
+
+    first_row: int
+    end_row: int
+    x_t: torch.Tensor  # [K, mt] scratch receiving x[first_row:end_row]^T
+    x_t_blocks: torch.Tensor  # the same, [K/bs, bs*mt]: one row per block-column of x
+    slots_t: torch.Tensor  # [slots, bs, mt] slot-ordered y^T of the tile
+    empty_slots_t: torch.Tensor  # [empty, bs, mt] view of slots_t
+    feature_rows_t: torch.Tensor | None  # [N/bs, bs*mt] y^T back in feature order (None: slots already are)
+    # Per chunk: (gather index | None, gather out [n*P, bs*mt], B [n, P*bs, mt], A [n, G*bs, P*bs],
+    # out [n, G*bs, mt], bias [n, G*bs, 1]).
+    steps: list[tuple]
+
+
+@dataclass
+class _TransposedRecipe:
+    tiles: list[_TileRecipe]
+    bias_slots: torch.Tensor  # [slots, bs]
+    empty_bias: torch.Tensor  # [empty, bs, 1] view of bias_slots
+
+
+@dataclass
+class _DirectRecipe:
+    """"gather_mm" views for one M."""
+
+    slots: torch.Tensor  # [M, slots, bs] slot-ordered y
+    empty_slots: torch.Tensor  # [M, empty, bs] view of slots
+    bias_slots: torch.Tensor  # [slots, bs]
+    empty_bias: torch.Tensor  # [1, empty, bs] view of bias_slots
+    # (gather index | None, gather out [M, n*P, bs] | first feature of x, A, W, out, bias); A, W, out
+    # and bias are 2-D for single-unit chunks (one multi-threaded GEMM) and 3-D otherwise.
+    steps: list[tuple]
+
+
+def _tile_bounds(m: int, tile_rows: int) -> list[tuple[int, int]]:
+    count = max(1, -(-m // tile_rows))
+    bounds = [m * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _build_transposed_recipe(
+    plan: CpuBlockSparsePlan, m: int, dtype: torch.dtype, packed: tuple[torch.Tensor, ...]
+) -> _TransposedRecipe:
+    bs, n, k = plan.block_size, plan.out_features, plan.in_features
+    slots = n // bs
+    tiles = _tile_bounds(m, plan.tile_rows)
+    widest = max(end - start for start, end in tiles)
+    chunks = _chunks(plan, widest, torch.empty((), dtype=dtype).element_size())
+
+    # Grow every buffer first: growing one drops the views made so far.
+    sizes = {
+        "x_t": k * widest,
+        "slots_t": slots * bs * widest,
+        "feature_rows_t": 0 if plan.slots_in_feature_order else n * widest,
+        "gather": _gather_numel(plan, chunks, widest),
+        "bias": slots * bs,
+    }
+    for name, numel in sizes.items():
+        _scratch(name, numel, dtype)
+    buffer = {name: _scratch(name, numel, dtype) for name, numel in sizes.items()}
+    bias_slots = buffer["bias"].view(slots, bs)
     empty = plan.nonempty_slot_count
-    if empty < slots:
-        if bias_slots is None:
-            out_slots[:, empty:].zero_()
-        else:
-            out_slots[:, empty:].copy_(bias_slots[empty:].unsqueeze(0).expand(m, slots - empty, bs))
 
-    bytes_per_block = m * bs * x.element_size()
-    for bucket, weight_t in zip(plan.buckets, packed):
-        rows, blocks, count = bucket.rows_per_unit, bucket.blocks_per_unit, bucket.unit_count
-        units_per_chunk = max(1, _GATHER_CHUNK_BYTES // (blocks * bytes_per_block))
-        for first in range(0, count, units_per_chunk):
-            chunk = min(units_per_chunk, count - first)
-            if bucket.gather_index is None:
-                start = bucket.first_block_column * bs
-                gathered = x[:, start : start + blocks * bs].unsqueeze(0)
-            else:
-                buffer = _scratch("gather", m * chunk * blocks * bs, x.dtype).view(m, chunk * blocks, bs)
-                index = bucket.gather_index[first * blocks : (first + chunk) * blocks]
-                torch.index_select(x_blocks, 1, index, out=buffer)
-                gathered = buffer.view(m, chunk, blocks * bs).transpose(0, 1)
+    tile_recipes = []
+    for first_row, end_row in tiles:
+        mt = end_row - first_row
+        x_t = buffer["x_t"][: k * mt].view(k, mt)
+        slots_t = buffer["slots_t"][: slots * bs * mt].view(slots, bs, mt)
+        feature_rows_t = None
+        if not plan.slots_in_feature_order:
+            feature_rows_t = buffer["feature_rows_t"][: n * mt].view(slots, bs * mt)
+        steps = []
+        for bucket, weight_t, bucket_chunks in zip(plan.buckets, packed, chunks):
+            rows, blocks = bucket.rows_per_unit, bucket.blocks_per_unit
+            for first, count in bucket_chunks:
+                slot = bucket.first_slot + first * rows
+                # The weights are stored [P*bs, G*bs]; their transposed view is what MKL's batched
+                # GEMM wants as A (it accepts transposed items without a copy).
+                weight = weight_t[first : first + count].transpose(1, 2)
+                out = slots_t[slot : slot + count * rows].view(count, rows * bs, mt)
+                bias = bias_slots[slot : slot + count * rows].view(count, rows * bs, 1)
+                if bucket.gather_index is None:
+                    start = bucket.first_block_column * bs
+                    steps.append((None, None, x_t[start : start + blocks * bs].unsqueeze(0), weight, out, bias))
+                else:
+                    index = bucket.gather_index[first * blocks : (first + count) * blocks]
+                    flat = buffer["gather"][: count * blocks * bs * mt].view(count * blocks, bs * mt)
+                    steps.append((index, flat, flat.view(count, blocks * bs, mt), weight, out, bias))
+        tile_recipes.append(
+            _TileRecipe(
+                first_row, end_row, x_t, x_t.view(k // bs, bs * mt), slots_t, slots_t[empty:], feature_rows_t, steps
+            )
+        )
+    return _TransposedRecipe(tile_recipes, bias_slots, bias_slots[empty:].unsqueeze(-1))
+
+
+def _build_direct_recipe(
+    plan: CpuBlockSparsePlan, m: int, dtype: torch.dtype, packed: tuple[torch.Tensor, ...]
+) -> _DirectRecipe:
+    bs, n = plan.block_size, plan.out_features
+    slots = n // bs
+    chunks = _chunks(plan, m, torch.empty((), dtype=dtype).element_size())
+    sizes = {"slots": m * n, "gather": _gather_numel(plan, chunks, m), "bias": n}
+    for name, numel in sizes.items():
+        _scratch(name, numel, dtype)
+    buffer = {name: _scratch(name, numel, dtype) for name, numel in sizes.items()}
+    out_slots = buffer["slots"].view(m, slots, bs)
+    bias_slots = buffer["bias"].view(slots, bs)
+    empty = plan.nonempty_slot_count
+
+    steps = []
+    for bucket, weight_t, bucket_chunks in zip(plan.buckets, packed, chunks):
+        rows, blocks = bucket.rows_per_unit, bucket.blocks_per_unit
+        for first, count in bucket_chunks:
             slot = bucket.first_slot + first * rows
-            # Strided view of this chunk's output slots: [chunk, M, G*bs], leading dimension slots*bs.
-            out = out_slots[:, slot : slot + chunk * rows].view(m, chunk, rows * bs).transpose(0, 1)
-            weights = weight_t[first : first + chunk]
-            if bias_slots is None:
-                torch.bmm(gathered, weights, out=out)
+            out = out_slots[:, slot : slot + count * rows].view(m, count, rows * bs).transpose(0, 1)
+            weight = weight_t[first : first + count]
+            bias = bias_slots[slot : slot + count * rows].view(count, 1, rows * bs)
+            if bucket.gather_index is None:
+                gathered = None
+                source = bucket.first_block_column * bs  # the unit reads x[:, source : source + P*bs]
+                index = None
             else:
-                torch.baddbmm(bias_slots[slot : slot + chunk * rows].view(chunk, 1, rows * bs), gathered, weights, out=out)
+                index = bucket.gather_index[first * blocks : (first + count) * blocks]
+                source = buffer["gather"][: m * count * blocks * bs].view(m, count * blocks, bs)
+                # [n, M, P*bs]: per unit a row-major matrix with leading dimension n*P*bs.
+                gathered = source.view(m, count, blocks * bs).transpose(0, 1)
+            if count == 1:
+                # A lone unit: a plain 2-D GEMM, which MKL splits over both cores.
+                out, weight, bias = out[0], weight[0], bias[0]
+                gathered = None if gathered is None else gathered[0]
+            steps.append((index, source, gathered, weight, out, bias, blocks * bs))
+    return _DirectRecipe(out_slots, out_slots[:, empty:], bias_slots, bias_slots[empty:].unsqueeze(0), steps)
 
-    if plan.slots_in_feature_order:
-        return out_slots.view(m, n)
-    # One pass puts the block-columns back into feature order (contiguous bs-element runs).
-    return torch.index_select(out_slots, 1, plan.slot_of_block_row).view(m, n)
+
+def _recipe_for(plan: CpuBlockSparsePlan, m: int, dtype: torch.dtype, packed: tuple[torch.Tensor, ...], strategy: str):
+    key = (plan._token, m, dtype, strategy)
+    recipe = _workspace.recipes.get(key)
+    if recipe is None:
+        if len(_workspace.recipes) >= _MAX_RECIPES_PER_THREAD:
+            _workspace.recipes.clear()
+        build = _build_direct_recipe if strategy == STRATEGY_GATHER_MM else _build_transposed_recipe
+        recipe = build(plan, m, dtype, packed)
+        _workspace.recipes[key] = recipe
+    return recipe
+
+
+def _run_gather_bmm(
+    x2d: torch.Tensor, plan: CpuBlockSparsePlan, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """y^T = W x^T, tile by tile of `plan.tile_rows` rows of x (see the module docstring)."""
+    m = x2d.shape[0]
+    bs = plan.block_size
+    _, packed = plan._weights_for(compute_dtype)
+    recipe = _recipe_for(plan, m, compute_dtype, packed, STRATEGY_GATHER_BMM)
+    if bias is not None:
+        torch.index_select(bias.view(-1, bs), 0, plan.block_row_of_slot, out=recipe.bias_slots)
+    has_empty = plan.nonempty_slot_count < plan.out_features // bs
+    y = torch.empty(m, plan.out_features, dtype=x2d.dtype)
+    for tile in recipe.tiles:
+        # x^T once per tile, so that gathering a block-column of x is copying one contiguous
+        # [bs, mt] row-block (converting fp16 to fp32 in the same pass).
+        tile.x_t.copy_(x2d[tile.first_row : tile.end_row].t())
+        if has_empty:
+            if bias is None:
+                tile.empty_slots_t.zero_()
+            else:
+                tile.empty_slots_t.copy_(recipe.empty_bias.expand_as(tile.empty_slots_t))
+        x_t_blocks = tile.x_t_blocks
+        for index, gathered_flat, gathered, weight, out, bias_view in tile.steps:
+            if index is not None:
+                torch.index_select(x_t_blocks, 0, index, out=gathered_flat)
+            # One batched GEMM per chunk of same-shape units; MKL gives each unit to one thread,
+            # which beats splitting every narrow GEMM across the two cores.
+            if bias is None:
+                torch.bmm(weight, gathered, out=out)
+            else:
+                torch.baddbmm(bias_view, weight, gathered, out=out)
+        feature_rows_t = tile.feature_rows_t
+        if feature_rows_t is None:
+            feature_rows_t = tile.slots_t.view(-1, tile.slots_t.shape[-1])
+        else:
+            # Slots back into feature order: whole [bs, mt] rows, a plain memcpy each.
+            slot_rows_t = tile.slots_t.view(tile.slots_t.shape[0], -1)
+            torch.index_select(slot_rows_t, 0, plan.slot_of_block_row, out=feature_rows_t)
+        # y^T -> y: a 2-D transposed copy, which torch runs as a cache-blocked transpose.
+        y[tile.first_row : tile.end_row].copy_(feature_rows_t.view(plan.out_features, -1).t())
+    return y
+
+
+def _run_gather_mm(
+    x2d: torch.Tensor, plan: CpuBlockSparsePlan, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """y = x W^T unit by unit on x as it is (see the module docstring)."""
+    m = x2d.shape[0]
+    bs = plan.block_size
+    _, packed = plan._weights_for(compute_dtype)
+    recipe = _recipe_for(plan, m, compute_dtype, packed, STRATEGY_GATHER_MM)
+    x = x2d.to(compute_dtype)
+    # [M, K/bs, bs]: a view whenever x's rows are unit-stride; gathering along dim 1 then copies
+    # bs-element runs.
+    x_blocks = x.reshape(m, plan.in_features // bs, bs)
+    if bias is not None:
+        torch.index_select(bias.view(-1, bs), 0, plan.block_row_of_slot, out=recipe.bias_slots)
+    if plan.nonempty_slot_count < plan.out_features // bs:
+        if bias is None:
+            recipe.empty_slots.zero_()
+        else:
+            recipe.empty_slots.copy_(recipe.empty_bias.expand_as(recipe.empty_slots))
+    for index, source, gathered, weight, out, bias_view, width in recipe.steps:
+        if index is None:
+            gathered = x[:, source : source + width]
+            if out.dim() == 3:
+                gathered = gathered.unsqueeze(0)
+        else:
+            torch.index_select(x_blocks, 1, index, out=source)
+        if out.dim() == 2:
+            if bias is None:
+                torch.mm(gathered, weight, out=out)
+            else:
+                torch.addmm(bias_view, gathered, weight, out=out)
+        elif bias is None:
+            torch.bmm(gathered, weight, out=out)
+        else:
+            torch.baddbmm(bias_view, gathered, weight, out=out)
+    # Slots back into feature order: bs-element runs of each row (also the copy out of scratch).
+    y = torch.index_select(recipe.slots, 1, plan.slot_of_block_row).view(m, plan.out_features)
+    return y if y.dtype == x2d.dtype else y.to(x2d.dtype)
 
 
 def cpu_block_sparse_linear(
@@ -466,17 +880,16 @@ def cpu_block_sparse_linear(
             "cpu_block_sparse_linear is inference-only (it writes into out= buffers); "
             "call it under torch.no_grad() or torch.inference_mode()"
         )
-    m = x2d.shape[0]
-    if m == 0:
+    if x2d.shape[0] == 0:
         return x2d.new_empty(0, plan.out_features)
 
     compute_dtype = _compute_dtype(x2d.dtype)
-    x = x2d.to(compute_dtype)
     if bias is not None:
         bias = bias.to(device="cpu", dtype=compute_dtype)
-    dense_weight, packed = plan._weights_for(compute_dtype)
-    if plan.strategy == STRATEGY_DENSE:
-        y = F.linear(x, dense_weight, bias)
-    else:
-        y = _run_gather_bmm(x, plan, bias, packed)
-    return y.to(x2d.dtype)
+    strategy = plan.strategy_for(x2d.shape[0])
+    if strategy == STRATEGY_DENSE:
+        dense_weight, _ = plan._weights_for(compute_dtype)
+        return F.linear(x2d.to(compute_dtype), dense_weight, bias).to(x2d.dtype)
+    if strategy == STRATEGY_GATHER_MM:
+        return _run_gather_mm(x2d, plan, bias, compute_dtype)
+    return _run_gather_bmm(x2d, plan, bias, compute_dtype)
