@@ -12,6 +12,8 @@ problem, so a bad call never reaches Triton.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +73,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _warn_autograd_fallback() -> None:
+    # Python's default warning filter already shows this once per call site.
+    warnings.warn(
+        "nn_blocksparse: x requires grad, so block_sparse_linear falls back to a dense F.linear "
+        "(gradients flow to x; the block values stay frozen). Run under torch.inference_mode() or "
+        "torch.no_grad() for the block-sparse kernels.",
+        stacklevel=3,
+    )
+
+
 def _apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return F.gelu(y) if activation == "gelu" else y
 
@@ -88,12 +100,19 @@ def block_sparse_linear(
 
     `config` overrides the tuned launch configuration (Triton backend); `cpu_plan` is the
     precomputed plan of the torch backend (built here if not given; `BlockSparseLinear` caches it).
-    NaN and inf in x propagate exactly as in a dense matmul: only all-zero weight blocks are skipped.
+    NaN and inf in x reach every output whose stored blocks read them; all-zero blocks are
+    skipped, so outputs that only meet them there stay finite (dense would give 0 * NaN = NaN).
+    Inference only: when x requires grad, the product is computed densely so gradients flow.
     """
     check_inputs(x, weight, bias, activation)
     backend = resolve_backend(backend, x.device)
     leading_shape = x.shape[:-1]
     n, k = weight.shape
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        # Neither the kernel nor the CPU plan records an autograd graph: rather than return an
+        # output that silently blocks gradients, compute the same product densely.
+        _warn_autograd_fallback()
+        return _apply_activation(F.linear(x, weight.to_dense(), bias), activation)
     x2d = x.reshape(-1, k)
     if x2d.shape[0] and x2d.stride(1) != 1:
         x2d = x2d.contiguous()  # the kernel wants unit stride along K for vector loads

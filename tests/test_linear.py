@@ -138,3 +138,18 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
 def test_tolerances_are_meaningful():
     # The dtype tolerances must be tighter than the error of skipping one real block.
     assert RELATIVE_TOLERANCE[torch.float32] < 1e-4 and RELATIVE_TOLERANCE[torch.bfloat16] < 1e-2
+
+
+def test_grad_mode_falls_back_to_dense_so_gradients_flow():
+    linear = make_linear()
+    sparse = BlockSparseLinear.from_linear(linear)
+    x = torch.randn(4, 128, requires_grad=True)
+    with pytest.warns(UserWarning, match="falls back to a dense"):
+        y = sparse(x)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    linear(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x.detach()), dense_reference(x.detach(), linear.weight, linear.bias),
+                                  torch.float32)
