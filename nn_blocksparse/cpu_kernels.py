@@ -295,6 +295,17 @@ class _Unit:
     block_columns: list[int]  # ascending, shared by all block_rows
 
 
+def _gemm_and_gather_seconds(rows_per_unit: int, blocks: int, units: int, block_size: int, gathers: bool,
+                             tokens: int, profile: _GemmProfile, efficiency_by_width, gather_bytes_per_s: float) -> float:
+    """Modelled time of a bucket's GEMMs (narrow outputs run below dense efficiency) and x gathers."""
+    width = rows_per_unit * block_size
+    flops = 2 * units * blocks * block_size * width * tokens
+    seconds = flops / (profile.dense_flops_per_s * _gemm_efficiency(width, efficiency_by_width))
+    if gathers:
+        seconds += 2 * units * blocks * block_size * tokens * profile.element_size / gather_bytes_per_s
+    return seconds
+
+
 def _bucket_seconds(
     rows_per_unit: int,
     blocks: int,
@@ -305,11 +316,8 @@ def _bucket_seconds(
     profile: _GemmProfile = _FP32_PROFILE,
 ) -> float:
     """Modelled "gather_bmm" time of one bucket: its GEMMs, its gathers and its chunks' calls."""
-    width = rows_per_unit * block_size
-    flops = 2 * units * blocks * block_size * width * tokens
-    seconds = flops / (profile.dense_flops_per_s * _gemm_efficiency(width, profile.bmm_efficiency_by_width))
-    if gathers:
-        seconds += 2 * units * blocks * block_size * tokens * profile.element_size / _GATHER_BYTES_PER_S
+    seconds = _gemm_and_gather_seconds(rows_per_unit, blocks, units, block_size, gathers, tokens, profile,
+                                       profile.bmm_efficiency_by_width, _GATHER_BYTES_PER_S)
     tile_rows = min(tokens, _TILE_ROWS_CHOICES[0])
     units_per_chunk = _units_per_chunk(rows_per_unit, blocks, block_size, tile_rows, profile.element_size)
     return seconds + _SECONDS_PER_CHUNK * -(-units // units_per_chunk) * -(-tokens // tile_rows)
@@ -331,11 +339,8 @@ def _direct_bucket_seconds(
     profile: _GemmProfile = _FP32_PROFILE,
 ) -> float:
     """`_bucket_seconds` for "gather_mm"."""
-    width = rows_per_unit * block_size
-    flops = 2 * units * blocks * block_size * width * tokens
-    seconds = flops / (profile.dense_flops_per_s * _gemm_efficiency(width, profile.mm_efficiency_by_width))
-    if gathers:
-        seconds += 2 * units * blocks * block_size * tokens * profile.element_size / _DIRECT_GATHER_BYTES_PER_S
+    seconds = _gemm_and_gather_seconds(rows_per_unit, blocks, units, block_size, gathers, tokens, profile,
+                                       profile.mm_efficiency_by_width, _DIRECT_GATHER_BYTES_PER_S)
     chunks = -(-units // _units_per_chunk(rows_per_unit, blocks, block_size, tokens, profile.element_size))
     looped = chunks < units and tokens >= _ROWS_FOR_THREADED_UNIT_GEMM
     return seconds + _SECONDS_PER_CHUNK * chunks + _SECONDS_PER_LOOPED_UNIT * (units if looped else 0)

@@ -13,17 +13,10 @@ transformers = pytest.importorskip("transformers")
 from nn_blocksparse import BlockSparseLinear  # noqa: E402
 from nn_blocksparse.bert import heads_per_layer, load_patched_bert, patch_bert, save_patched_bert  # noqa: E402
 from nn_blocksparse.bert.patching import BertSelfAttentionAdapter  # noqa: E402
-from nn_blocksparse.bert.pruning import load_minilm, minilm_path, prune_like_nn_pruning  # noqa: E402
+from nn_blocksparse.bert.pruning import minilm_path  # noqa: E402
 
 # fp32, different summation order (fused QKV, block-sparse) and SDPA vs transformers' attention.
 MAX_ABS_DIFF = 1e-4
-
-
-@pytest.fixture(scope="module")
-def pruned_minilm():
-    model = load_minilm()
-    report = prune_like_nn_pruning(model, seed=0)
-    return model, report
 
 
 @pytest.fixture(scope="module")

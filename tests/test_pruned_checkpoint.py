@@ -39,18 +39,7 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_intra_op_thread():
-    """Run this module's models on one intra-op thread, restored afterwards.
-
-    These models are small; on a 2-core machine shared with other jobs, torch's intra-op thread pool
-    oversubscribes and the suite ran ~5x slower (60 s vs 11 s measured).  Results are compared within
-    the same thread setting, so tolerances are unaffected.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,13 +59,6 @@ def batch():
     encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     assert encoded["attention_mask"][1].sum() < encoded["attention_mask"].shape[1], "second row must be padded"
     return dict(encoded)
-
-
-@pytest.fixture(scope="module")
-def pruned_minilm():
-    model = load_minilm()
-    report = prune_like_nn_pruning(model, seed=0)
-    return model, report
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,7 @@ from nn_blocksparse.bert.pruning import (
 BLOCK = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_intra_op_thread():
-    """Run this module's models on one intra-op thread, restored afterwards.
-
-    These models are small; on a 2-core machine shared with other jobs, torch's intra-op thread pool
-    oversubscribes and the suite ran ~5x slower (60 s vs 11 s measured).  Results are compared within
-    the same thread setting, so tolerances are unaffected.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
 
 def _linears(layer_module):
