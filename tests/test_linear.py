@@ -43,17 +43,13 @@ def test_auto_backend_on_cpu_uses_the_torch_path_and_caches_its_plan():
     assert sparse(x.half()).dtype == torch.float16
 
 
-def test_gelu_is_fused(kernel_device):
-    linear = make_linear().to(kernel_device)
-    for backend in ("torch", "triton"):
-        sparse = BlockSparseLinear.from_linear(linear, activation="gelu", backend=backend)
-        x = torch.randn(7, 128, device=kernel_device)
-        if backend == "torch":
-            sparse, x, ref_linear = sparse.cpu(), x.cpu(), linear.cpu()
-        else:
-            ref_linear = linear
-        assert_close_to_reference(sparse(x), dense_reference(x, ref_linear.weight, ref_linear.bias, "gelu"),
-                                  torch.float32)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gelu_is_fused(kernel_device, backend):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    linear = make_linear().to(device)
+    sparse = BlockSparseLinear.from_linear(linear, activation="gelu", backend=backend)
+    x = torch.randn(7, 128, device=device)
+    assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias, "gelu"), torch.float32)
 
 
 def test_safetensors_round_trip_is_exact(tmp_path):
