@@ -22,8 +22,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 KERNEL_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; the CPU twin runs the interpreter")
-
 
 @pytest.fixture
 def kernel_device() -> torch.device:

@@ -1,6 +1,10 @@
 """Shared test helpers: random block-sparse weights and per-dtype tolerances."""
 
+import pytest
 import torch
+
+# GPU-only tests: they skip cleanly without CUDA, and a CPU twin (the interpreter) runs instead.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU twin runs the interpreter")
 
 # Tolerances relative to the output's scale (max |reference|): fp32 accumulate everywhere, so
 # the error is the rounding of inputs/outputs to the dtype, not the length of the sum.

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight
+from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight, requires_cuda
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.functional import block_sparse_linear
-from nn_blocksparse.kernels.configs import KernelConfig
+from nn_blocksparse.kernels.configs import KernelConfig, launchable_configs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -104,3 +104,25 @@ def test_nan_and_inf_pass_through(kernel_device):
     finite_x[:, 32:] = 0
     torch.testing.assert_close(y[:2, :32], (finite_x @ weight.cpu().T + bias.cpu())[:2, :32])
     assert torch.isfinite(y[2:]).all()
+
+
+def _check_every_launchable_config(device, n, k, m):
+    for dtype in DTYPES:
+        for block_size in (16, 32, 64):
+            x, weight, bias = make_case(device, n, k, block_size, 0.5, m, dtype, seed=block_size)
+            matrix = BlockSparseMatrix.from_dense(weight, block_size)
+            reference = dense_reference(x, weight, bias, "gelu")
+            for config in launchable_configs(dtype, block_size):
+                y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
+                assert_close_to_reference(y, reference, dtype)
+
+
+def test_every_launchable_config_small_shape(kernel_device):
+    """Every config `select_config` may pick (the set the AOT check compiles), run and checked."""
+    _check_every_launchable_config(kernel_device, 128, 128, 20)
+
+
+@requires_cuda
+def test_every_launchable_config_bert_shape_on_gpu():
+    """GPU only (too slow for the interpreter): a BERT-sized problem through every config."""
+    _check_every_launchable_config(torch.device("cuda"), 768, 768, 1000)
