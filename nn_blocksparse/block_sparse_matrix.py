@@ -43,6 +43,22 @@ def heaviest_rows_first(row_offsets: torch.Tensor) -> torch.Tensor:
     return order.to(INDEX_DTYPE)
 
 
+def block_row_indices(row_offsets: torch.Tensor) -> torch.Tensor:
+    """Block-row of every stored block (int64), i.e. the COO row index."""
+    counts = (row_offsets[1:] - row_offsets[:-1]).to(torch.int64)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_offsets.device), counts)
+
+
+def bsr_to_dense(values: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
+                 shape: tuple[int, int]) -> torch.Tensor:
+    """The dense `[N, K]` matrix of raw BSR tensors (blocks `[nnz, bs, bs]`, zeros elsewhere)."""
+    bs = values.shape[-1]
+    n, k = shape
+    blocks = torch.zeros(n // bs, k // bs, bs, bs, dtype=values.dtype, device=values.device)
+    blocks[block_row_indices(row_offsets), col_indices.to(torch.int64)] = values
+    return blocks.transpose(1, 2).reshape(n, k)
+
+
 @dataclass
 class BlockSparseMatrix:
     """A `[N, K]` matrix kept as its nonzero square blocks (see the module docstring)."""
@@ -158,16 +174,10 @@ class BlockSparseMatrix:
 
     def block_row_indices(self) -> torch.Tensor:
         """Block-row of every stored block (int64), i.e. the COO row index."""
-        counts = (self.row_offsets[1:] - self.row_offsets[:-1]).to(torch.int64)
-        return torch.repeat_interleave(torch.arange(self.block_rows, device=self.device), counts)
+        return block_row_indices(self.row_offsets)
 
     def to_dense(self) -> torch.Tensor:
-        bs = self.block_size
-        blocks = torch.zeros(
-            self.block_rows, self.block_cols, bs, bs, dtype=self.values.dtype, device=self.device
-        )
-        blocks[self.block_row_indices(), self.col_indices.to(torch.int64)] = self.values
-        return blocks.transpose(1, 2).reshape(self.shape)
+        return bsr_to_dense(self.values, self.row_offsets, self.col_indices, self.shape)
 
     def to_bsr(self) -> torch.Tensor:
         return torch.sparse_bsr_tensor(

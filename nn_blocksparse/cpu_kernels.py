@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .block_sparse_matrix import bsr_to_dense
+
 STRATEGY_DENSE = "dense"
 STRATEGY_GATHER_BMM = "gather_bmm"
 STRATEGY_GATHER_MM = "gather_mm"
@@ -470,18 +472,6 @@ def _pack_bucket(
     )
 
 
-def _densify(
-    values: torch.Tensor, col_lists: list[list[int]], row_starts: list[int], n: int, k: int, bs: int
-) -> torch.Tensor:
-    dense = values.new_zeros(n // bs, bs, k // bs, bs)
-    for row, cols in enumerate(col_lists):
-        if cols:
-            start = row_starts[row]
-            blocks = values[start : start + len(cols)].transpose(0, 1)  # [bs_out, P, bs_in]
-            dense[row].index_copy_(1, torch.tensor(cols, dtype=torch.int64), blocks)
-    return dense.reshape(n, k)
-
-
 def build_cpu_plan(
     values: torch.Tensor,
     row_offsets: torch.Tensor,
@@ -556,7 +546,7 @@ def build_cpu_plan(
 
     dense_weight = None
     if strategy == STRATEGY_DENSE:
-        dense_weight = _densify(values, col_lists, row_starts, n, k, bs)
+        dense_weight = bsr_to_dense(values, row_offsets.cpu(), col_indices.cpu(), (n, k))
         buckets = []  # the dense weight is all a dense plan needs; do not keep two copies
     return CpuBlockSparsePlan(
         out_features=n,
