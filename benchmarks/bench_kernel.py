@@ -11,7 +11,8 @@ For every (shape N x K, M, block density, block size, dtype), on one random seed
                on CPU); unsupported cases get time NaN and the error in `note`;
 - `resize`:    nn_pruning's "dense" optimisation: all-zero rows and columns of W (and x's matching
                columns) cut out beforehand, only the smaller dense matmul is timed;
-- `ours`:      `block_sparse_linear(x, matrix, backend="triton")` on CUDA; on CPU the torch path of
+- `ours`:      `block_sparse_linear(x, matrix, backend="triton")` on CUDA (`note`: the launch config,
+               block_m/group_m/split_k/num_warps/num_stages/rows_per_program); on CPU the torch path of
                `BlockSparseLinear` (its cached CPU plan; `note` records the plan's strategy).
 
 Every method's output is checked once against dense (`max_abs_diff`). Full run: BERT-base
@@ -114,12 +115,18 @@ def prepare_resize(x: torch.Tensor, weight: torch.Tensor) -> Method:
 
 
 def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
-    """Triton kernel on CUDA; on CPU the torch path of `BlockSparseLinear` with its plan built beforehand."""
+    """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s torch path, plan prebuilt."""
     from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
 
     if x.device.type == "cuda":
+        from nn_blocksparse.kernels.configs import select_config
+
         matrix = BlockSparseMatrix.from_dense(weight, block_size)
-        return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"))
+        config = select_config(x.dtype, block_size, *weight.shape, x.shape[0], matrix.nnz_blocks, x.device,
+                               matrix.grouping_inflation())
+        # The launch configuration the library picks (tuned or heuristic), for reading the results.
+        note = "config=" + "/".join(map(str, config.as_list()))
+        return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)
     module = BlockSparseLinear.from_dense(weight, None, block_size, backend="torch")
     plan = module.cpu_plan()
     strategy = getattr(plan, "strategy", None)

@@ -6,13 +6,14 @@
 
 For each (dtype, block size, BERT-base shape N x K, M bucket 16..8192, block density) it builds a
 random seeded layout with that density, then times every candidate `KernelConfig`
-(`BLOCK_M_CHOICES` x `SPLIT_K_CHOICES` x num_warps {4, 8} x num_stages {2, 3, 4}, group_m 8) with
-`triton.testing.do_bench` (median). Candidates that cannot help are skipped: BLOCK_M above the M
-bucket, SPLIT_K above the longest block-row. A candidate that fails to compile or launch (e.g. out
+(`BLOCK_M_CHOICES` x `SPLIT_K_CHOICES` x `ROWS_PER_PROGRAM_CHOICES` x num_warps {4, 8} x num_stages
+{2, 3, 4}, group_m 8) with `triton.testing.do_bench` (median). Candidates that cannot help are
+skipped: BLOCK_M above the M bucket, SPLIT_K above the longest block-row, row groups together
+with split-K or with tiles past the spill limit. A candidate that fails to compile or launch (e.g. out
 of shared memory) or gives a wrong result is dropped. The fastest is stored under
 `table_key(dtype, bs, n, k, m, density)` for the device's arch (`sm{major}{minor}`), in the format
 `nn_blocksparse.kernels.configs` reads: `{"configs": {arch: {key: [block_m, group_m, split_k,
-num_warps, num_stages]}}, "device": ..., "versions": ...}`.
+num_warps, num_stages, rows_per_program]}}, "device": ..., "versions": ...}`.
 
 The output file is merged, not overwritten: other architectures and keys stay; a re-measured key
 is replaced (`--fresh` drops this arch's old entries, `--resume` skips keys already there). It is
@@ -61,14 +62,21 @@ LOG_COLUMNS = ["key", "dtype", "block_size", "n", "k", "m", "density", "best_con
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}
 
 
-def candidate_configs(m: int, longest_block_row: int):
-    from nn_blocksparse.kernels.configs import BLOCK_M_CHOICES, SPLIT_K_CHOICES, KernelConfig, m_bucket
+def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int):
+    from nn_blocksparse.kernels.configs import (BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES, SPLIT_K_CHOICES,
+                                                KernelConfig, launch_tile_limit, m_bucket)
 
-    for block_m, split_k, num_warps, num_stages in product(BLOCK_M_CHOICES, SPLIT_K_CHOICES, NUM_WARPS_CHOICES,
-                                                           NUM_STAGES_CHOICES):
+    for block_m, split_k, rows, num_warps, num_stages in product(BLOCK_M_CHOICES, SPLIT_K_CHOICES,
+                                                                 ROWS_PER_PROGRAM_CHOICES, NUM_WARPS_CHOICES,
+                                                                 NUM_STAGES_CHOICES):
         if block_m > m_bucket(m) or split_k > max(1, longest_block_row):
             continue
-        yield KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+        # Row groups widen tiles for large M, split-K fills the GPU for small M: not both at once;
+        # tiles past the limit the AOT check found spill.
+        if rows > 1 and (split_k > 1 or block_m > launch_tile_limit(dtype, block_size, rows)):
+            continue
+        yield KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+                           rows_per_program=rows)
 
 
 def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms, seed=0) -> dict:
@@ -100,10 +108,11 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
         return common.time_ms(run, device, warmup=1, repeats=3, cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms)
 
     with torch.inference_mode():
-        times = {tuple(c.as_list()): (c, measure(c)) for c in candidate_configs(m, longest_row)}
+        times = {tuple(c.as_list()): (c, measure(c)) for c in candidate_configs(dtype, block_size, m, longest_row)}
         sm_count = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
                     else DEFAULT_SM_COUNT)
-        heuristic = heuristic_config(dtype, block_size, m, matrix.block_rows, matrix.nnz_blocks, sm_count)
+        heuristic = heuristic_config(dtype, block_size, m, matrix.block_rows, matrix.nnz_blocks, sm_count,
+                                     matrix.grouping_inflation())
         if tuple(heuristic.as_list()) not in times:
             times[tuple(heuristic.as_list())] = (heuristic, measure(heuristic))
         dense_ms = common.time_ms(lambda: F.linear(x, weight), device, warmup=1, repeats=3,
@@ -136,7 +145,7 @@ def save_table(table: dict, path: Path) -> None:
     table["configs"] = {arch: dict(sorted(entries.items())) for arch, entries in sorted(table["configs"].items())}
     temporary = path.with_suffix(path.suffix + ".tmp")
     text = json.dumps(table, indent=1)
-    # one line per entry: "key": [block_m, group_m, split_k, num_warps, num_stages]
+    # one line per entry: "key": [block_m, group_m, split_k, num_warps, num_stages, rows_per_program]
     text = re.sub(r"\[\s+([-\d.,\s]*?)\s+\]",
                   lambda match: "[" + ", ".join(v.strip() for v in match.group(1).split(",")) + "]", text)
     temporary.write_text(text + "\n")

@@ -113,16 +113,17 @@ def compile_main_kernel(arch: int, dtype: torch.dtype, block_size: int, has_bias
     t = _tt(dtype)
     out_type = t if config.split_k == 1 else "fp32"
     signature = {
-        "x_ptr": f"*{t}", "values_ptr": f"*{t}", "row_offsets_ptr": "*i32", "col_indices_ptr": "*i32",
-        "row_order_ptr": "*i32", "bias_ptr": f"*{t}", "out_ptr": f"*{out_type}",
-        "M": "i32", "n_block_rows": "i32", "stride_xm": "i32", "stride_xk": "i32",
+        "x_ptr": f"*{t}", "values_ptr": f"*{t}", "step_offsets_ptr": "*i32", "step_cols_ptr": "*i32",
+        "step_blocks_ptr": "*i32", "group_rows_ptr": "*i32", "group_order_ptr": "*i32",
+        "bias_ptr": f"*{t}", "out_ptr": f"*{out_type}",
+        "M": "i32", "n_groups": "i32", "stride_xm": "i32", "stride_xk": "i32",
         "stride_om": "i32", "stride_on": "i32", "stride_split": "i32",
     }
     constexprs = {
         # The launcher always passes unit inner strides, and Triton specialises a 1 at run time.
         "stride_xk": 1, "stride_on": 1,
         "HAS_BIAS": has_bias, "ACTIVATION": 1 if activation == "gelu" else 0,
-        "INPUT_PRECISION": input_precision, "BLOCK_SIZE": block_size,
+        "INPUT_PRECISION": input_precision, "BLOCK_SIZE": block_size, "ROWS_PER_PROGRAM": config.rows_per_program,
         "BLOCK_M": config.block_m, "GROUP_M": config.group_m, "SPLIT_K": config.split_k, "UPCAST_OPERANDS": False,
     }
     return _finish(report, _block_sparse_linear_kernel, signature, constexprs, arch,
@@ -181,12 +182,12 @@ def run_jobs(jobs, workers: int) -> list[CompileReport]:
 
 def format_report(report: CompileReport) -> str:
     config = "-" if report.config is None else (
-        f"BM={report.config.block_m:<3} G={report.config.group_m} SK={report.config.split_k} "
-        f"W={report.config.num_warps} S={report.config.num_stages}")
+        f"BM={report.config.block_m:<3} R={report.config.rows_per_program} G={report.config.group_m} "
+        f"SK={report.config.split_k} W={report.config.num_warps} S={report.config.num_stages}")
     epilogue = ("bias" if report.has_bias else "-") + ("+gelu" if report.activation else "")
     status = "ok" if report.ok else ("SPILLS" if not report.error else f"FAILED {report.error}")
     return (f"sm{report.arch}  {report.kernel:<24} {report.dtype:<5} bs={report.block_size:<3} "
-            f"{epilogue:<10} {config:<32} regs={report.registers:<4} spill={report.spill_bytes:<5} "
+            f"{epilogue:<10} {config:<36} regs={report.registers:<4} spill={report.spill_bytes:<5} "
             f"smem={report.shared_bytes:<6} {status}")
 
 

@@ -10,14 +10,19 @@ features), which is exactly what the kernel walks:
                                   kernel launches the heaviest rows first so that the long
                                   programs do not end up alone in the last wave.
 
+`row_groups(R)` derives (and caches) the index tables that let one kernel program walk R
+block-rows at once (`row_groups.py`).
+
 Nothing here knows about Triton, `nn.Module` or transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .row_groups import ROWS_PER_GROUP_CHOICES, RowGroups, group_block_rows
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64)
 INDEX_DTYPE = torch.int32
@@ -69,6 +74,9 @@ class BlockSparseMatrix:
     row_order: torch.Tensor
     shape: tuple[int, int]
     block_size: int
+    # Derived index tables by rows per group; they depend on the indices only, which are never
+    # modified in place (a new matrix is made instead).
+    _row_groups: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
@@ -175,6 +183,18 @@ class BlockSparseMatrix:
     def block_row_indices(self) -> torch.Tensor:
         """Block-row of every stored block (int64), i.e. the COO row index."""
         return block_row_indices(self.row_offsets)
+
+    def row_groups(self, rows_per_group: int) -> RowGroups:
+        """Block-rows grouped `rows_per_group` at a time for wide kernel tiles (computed once)."""
+        groups = self._row_groups.get(rows_per_group)
+        if groups is None:
+            groups = group_block_rows(self.row_offsets, self.col_indices, rows_per_group)
+            self._row_groups[rows_per_group] = groups
+        return groups
+
+    def grouping_inflation(self) -> tuple[tuple[int, float], ...]:
+        """`((R, inflation), ...)` for every R > 1: the padded work that grouping R block-rows costs."""
+        return tuple((r, self.row_groups(r).inflation) for r in ROWS_PER_GROUP_CHOICES if r > 1)
 
     def to_dense(self) -> torch.Tensor:
         return bsr_to_dense(self.values, self.row_offsets, self.col_indices, self.shape)

@@ -98,7 +98,8 @@ def block_sparse_linear(
 ) -> torch.Tensor:
     """`act(x @ W^T + bias)` for x of shape `[..., K]` and a block-sparse W of shape `[N, K]`.
 
-    `config` overrides the tuned launch configuration (Triton backend); `cpu_plan` is the
+    `config` overrides the tuned launch configuration (Triton backend; its `rows_per_program`
+    groups block-rows through `weight.row_groups`, which the matrix caches); `cpu_plan` is the
     precomputed plan of the torch backend (built here if not given; `BlockSparseLinear` caches it).
     NaN and inf in x reach every output whose stored blocks read them; all-zero blocks are
     skipped, so outputs that only meet them there stay finite (dense would give 0 * NaN = NaN).
@@ -129,10 +130,15 @@ def block_sparse_linear(
             f"x ({tuple(x2d.shape)}) or the output ({x2d.shape[0]} x {n}) has more than 2**31 - 1 elements; "
             "split the batch"
         )
+    if weight.values.numel() > _MAX_INT32_ELEMENTS:
+        raise ValueError(f"the weight stores {weight.values.numel()} values, more than the kernel's 32-bit offsets "
+                         "address (2**31 - 1)")
     if config is None:
-        config = select_config(x.dtype, weight.block_size, n, k, x2d.shape[0], weight.nnz_blocks, x.device)
+        config = select_config(x.dtype, weight.block_size, n, k, x2d.shape[0], weight.nnz_blocks, x.device,
+                               weight.grouping_inflation())
+    row_groups = weight.row_groups(config.rows_per_program) if config.rows_per_program > 1 else None
     y2d = triton_block_sparse_linear(
         x2d, weight.values, weight.row_offsets, weight.col_indices, weight.row_order,
-        n, bias, activation, config,
+        n, bias, activation, config, row_groups,
     )
     return y2d.reshape(*leading_shape, n)

@@ -78,12 +78,19 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("row_order", matrix.row_order)
         self._cpu_plan = None
+        self._matrix = None
 
     # ------------------------------------------------------------------ views
     @property
     def matrix(self) -> BlockSparseMatrix:
-        return BlockSparseMatrix(self.values, self.row_offsets, self.col_indices, self.row_order,
-                                 (self.out_features, self.in_features), self.block_size)
+        """The weight as a `BlockSparseMatrix` over this module's tensors (kept, with its row groups)."""
+        tensors = (self.values, self.row_offsets, self.col_indices, self.row_order)
+        cached = self._matrix
+        if cached is None or any(a is not b for a, b in zip(tensors, (cached.values, cached.row_offsets,
+                                                                       cached.col_indices, cached.row_order))):
+            cached = BlockSparseMatrix(*tensors, (self.out_features, self.in_features), self.block_size)
+            self._matrix = cached
+        return cached
 
     @property
     def weight(self) -> torch.Tensor:
@@ -113,6 +120,7 @@ class BlockSparseLinear(nn.Module):
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):
         self._cpu_plan = None  # the plan holds tensors of the old device/dtype
+        self._matrix = None
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -128,6 +136,7 @@ class BlockSparseLinear(nn.Module):
                 else:
                     setattr(self, name, replacement)
         self._cpu_plan = None
+        self._matrix = None  # indices may be overwritten in place: derived row groups go too
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if self.row_offsets.dtype != INDEX_DTYPE:

@@ -162,9 +162,15 @@ def test_tune_kernel_arguments_and_candidates():
     assert args.dtypes == ["fp16"] and args.block_sizes == [32] and args.out is None
     full = tune_kernel.parse_args([])
     assert full.m[0] == 16 and full.m[-1] == 8192 and len(full.shapes) == 4
-    configs = list(tune_kernel.candidate_configs(m=16, longest_block_row=3))
+    configs = list(tune_kernel.candidate_configs(torch.float16, 32, m=16, longest_block_row=3))
     assert configs and all(c.block_m == 16 and c.split_k <= 2 for c in configs)
-    assert len(list(tune_kernel.candidate_configs(m=8192, longest_block_row=24))) == 4 * 4 * 2 * 3
+    # Per (warps, stages): 4 BLOCK_M x 4 SPLIT_K with one row per program, 4 BLOCK_M for each of R = 2, 4.
+    large = list(tune_kernel.candidate_configs(torch.float16, 32, m=8192, longest_block_row=24))
+    assert len(large) == (4 * 4 + 4 + 4) * 2 * 3
+    assert all(c.split_k == 1 for c in large if c.rows_per_program > 1)
+    # 64-wide blocks: row groups stop where the AOT check found spills (BLOCK_M x R x 64 <= 128 x 64).
+    wide_blocks = list(tune_kernel.candidate_configs(torch.float16, 64, m=8192, longest_block_row=24))
+    assert max(c.block_m * c.rows_per_program for c in wide_blocks) == 128
 
 
 def run_module(module: str, *args: str, env_update: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ import torch
 from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight, requires_cuda
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.functional import block_sparse_linear
+from nn_blocksparse.kernels import block_sparse_linear as launch_kernel
 from nn_blocksparse.kernels.configs import KernelConfig, launchable_configs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -49,6 +50,59 @@ def test_fused_epilogue_and_split_k(kernel_device, dtype, activation, split_k):
     assert_close_to_reference(y, dense_reference(x, weight, bias, activation), dtype)
     y_no_bias = block_sparse_linear(x, matrix, None, activation, backend="triton", config=config)
     assert_close_to_reference(y_no_bias, dense_reference(x, weight, None, activation), dtype)
+
+
+def structured_weight(device, dtype, n_block_rows=6, k=256, block_size=32, seed=0):
+    """Pairs of block-rows with the same column pattern (as inside a pruned head), the last pair empty."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(n_block_rows // 2, k // block_size, generator=generator) < 0.5
+    keep = keep.repeat_interleave(2, 0)
+    keep[-2:] = False
+    mask = keep.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    weight = torch.randn(n_block_rows * block_size, k, generator=generator) / k**0.5
+    return (weight * mask).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows_per_program", [2, 4])
+@pytest.mark.parametrize("layout", ["random", "structured"])
+def test_row_groups_match_dense(kernel_device, dtype, rows_per_program, layout):
+    """Several block-rows per program: padded members, padded steps, a partial last group, GELU."""
+    if layout == "random":
+        # 5 block-rows: the last group is partial for R = 2 and 4; block-row 1 is empty.
+        x, weight, bias = make_case(kernel_device, 160, 192, 32, 0.5, 37, dtype, seed=11, empty_block_rows=(1,))
+    else:
+        x, _, bias = make_case(kernel_device, 192, 256, 32, 1.0, 37, dtype, seed=12)
+        weight = structured_weight(kernel_device, dtype)
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    if layout == "structured":
+        assert dict(matrix.grouping_inflation())[2] == 1.0
+    config = KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=rows_per_program)
+    y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
+    assert_close_to_reference(y, dense_reference(x, weight, bias, "gelu"), dtype)
+    y_no_bias = block_sparse_linear(x, matrix, None, None, backend="triton", config=config)
+    assert_close_to_reference(y_no_bias, dense_reference(x, weight), dtype)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_row_groups_with_split_k_and_other_block_sizes(kernel_device, block_size):
+    x, weight, bias = make_case(kernel_device, 256, 256, block_size, 0.6, 21, torch.float16, seed=block_size)
+    matrix = BlockSparseMatrix.from_dense(weight, block_size)
+    config = KernelConfig(block_m=16, split_k=2, num_warps=4, num_stages=2, rows_per_program=2)
+    y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
+    assert_close_to_reference(y, dense_reference(x, weight, bias, "gelu"), torch.float16)
+
+
+def test_launcher_refuses_rows_per_program_without_matching_groups(kernel_device):
+    x, weight, _ = make_case(kernel_device, 128, 128, 32, 1.0, 4, torch.float32)
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    config = KernelConfig(block_m=16, rows_per_program=4)
+    args = (x, matrix.values, matrix.row_offsets, matrix.col_indices, matrix.row_order, 128, None, None, config)
+    with pytest.raises(ValueError, match="rows_per_program = 4"):
+        launch_kernel(*args)
+    with pytest.raises(ValueError, match="rows_per_program = 4"):
+        launch_kernel(*args, matrix.row_groups(2))
+    assert_close_to_reference(launch_kernel(*args, matrix.row_groups(4)), dense_reference(x, weight), torch.float32)
 
 
 def test_empty_block_rows_and_fully_empty_matrix(kernel_device):

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from helpers import RELATIVE_TOLERANCE, assert_close_to_reference, dense_reference, random_block_sparse_weight
-from nn_blocksparse import BlockSparseLinear
+from nn_blocksparse import BlockSparseLinear, block_sparse_linear
+from nn_blocksparse.kernels.configs import KernelConfig
 
 
 def make_linear(n=96, k=128, density=0.4, block_size=32, dtype=torch.float32, seed=0, bias=True):
@@ -50,6 +51,27 @@ def test_gelu_is_fused(kernel_device, backend):
     sparse = BlockSparseLinear.from_linear(linear, activation="gelu", backend=backend)
     x = torch.randn(7, 128, device=device)
     assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias, "gelu"), torch.float32)
+
+
+def test_matrix_and_its_row_groups_are_kept_until_the_weights_change(kernel_device):
+    linear = make_linear(n=128, density=0.5)
+    sparse = BlockSparseLinear.from_linear(linear, backend="triton").to(kernel_device)
+    matrix = sparse.matrix
+    groups = matrix.row_groups(2)
+    assert sparse.matrix is matrix and sparse.matrix.row_groups(2) is groups  # not rebuilt per forward
+    # Weights with the same block count loaded in place (rows reversed: same nnz, other layout):
+    # the indices change under the same tensors, so the groups must be derived again.
+    other = make_linear(n=128, density=0.5)
+    with torch.no_grad():
+        other.weight.copy_(linear.weight.flip(0))
+    replacement = BlockSparseLinear.from_linear(other).to(kernel_device)
+    assert replacement.values.shape == sparse.values.shape
+    sparse.load_state_dict(replacement.state_dict())
+    assert sparse.matrix is not matrix
+    x = torch.randn(6, 128, device=kernel_device)
+    config = KernelConfig(block_m=16, rows_per_program=2)
+    y = block_sparse_linear(x, sparse.matrix, sparse.bias, backend="triton", config=config)
+    assert_close_to_reference(y, dense_reference(x, other.weight, other.bias), torch.float32)
 
 
 def test_safetensors_round_trip_is_exact(tmp_path):

@@ -1,16 +1,20 @@
 """Triton kernels for `y = act(x @ W^T + b)` with W block-sparse (BSR by block-rows), and their launcher.
 
-Work split: one program owns a `[BLOCK_M, bs]` tile of y, i.e. `BLOCK_M` rows of x against
-one block-row of W (`bs` output features), and walks only that block-row's nonzero blocks:
-for each stored block (r, c) it loads the `[BLOCK_M, bs]` slice of x at block-column c and the
-`bs x bs` block, and accumulates on tensor cores in fp32. A zero block costs nothing: no load,
-no FLOP, which is the whole point.
+Work split: one program owns a `[BLOCK_M, R * bs]` tile of y, i.e. `BLOCK_M` rows of x against
+`R` block-rows of W (`ROWS_PER_PROGRAM`, 1, 2 or 4), and walks only their nonzero blocks. With
+R = 1 it walks one block-row's stored blocks: for each block (r, c) it loads the `[BLOCK_M, bs]`
+slice of x at block-column c and the `bs x bs` block, and accumulates on tensor cores in fp32.
+A zero block costs nothing: no load, no FLOP, which is the whole point.
 
-- Launch order: block-rows come in `row_order` (heaviest first, so long programs start in the
-  first wave), and `GROUP_M` tiles of M are walked together across all block-rows so that the
+- Row groups (R > 1): a `bs`-wide output tile re-reads x for only `bs` outputs. A program may
+  instead own a group of R block-rows (`row_groups.py`) and walk the union of their block-columns:
+  each x tile then feeds `R * bs` outputs. Members without a block at a step load zeros (index
+  -1, masked: no memory traffic), so grouping pays where the members' patterns agree.
+- Launch order: groups come in `group_order` (heaviest first, so long programs start in the
+  first wave), and `GROUP_M` tiles of M are walked together across all groups so that the
   x tiles of a group stay in L2 while the weight streams past them.
-- Split-K (`SPLIT_K > 1`): for small M there are too few tiles to fill the GPU, so the blocks of
-  one block-row are dealt round-robin to `SPLIT_K` programs that write fp32 partial sums; a
+- Split-K (`SPLIT_K > 1`): for small M there are too few tiles to fill the GPU, so the steps of
+  one group are dealt round-robin to `SPLIT_K` programs that write fp32 partial sums; a
   second small kernel adds them and applies the epilogue. Deterministic (no atomics).
 - Epilogue: optional bias and exact (erf) GELU, fused, computed in fp32 before the cast.
 
@@ -34,62 +38,85 @@ _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 @triton.jit
 def _block_sparse_linear_kernel(
-    x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, row_order_ptr, bias_ptr, out_ptr,
-    M, n_block_rows,
+    x_ptr, values_ptr, step_offsets_ptr, step_cols_ptr, step_blocks_ptr, group_rows_ptr, group_order_ptr,
+    bias_ptr, out_ptr,
+    M, n_groups,
     stride_xm, stride_xk, stride_om, stride_on, stride_split,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # 0: none, 1: gelu (ignored when SPLIT_K > 1: the reduce kernel applies it)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,  # interpreter only: its bf16 tl.dot returns garbage
 ):
+    """With ROWS_PER_PROGRAM == 1 a group is one block-row: steps are its stored blocks
+    (`step_offsets`/`step_cols`/`group_order` are the BSR `row_offsets`/`col_indices`/`row_order`)
+    and `step_blocks`/`group_rows` are not read."""
+    BLOCK_N: tl.constexpr = ROWS_PER_PROGRAM * BLOCK_SIZE
     pid = tl.program_id(0)
     split = tl.program_id(1)
 
-    # Grouped launch order: GROUP_M consecutive M-tiles sweep every block-row together.
+    # Grouped launch order: GROUP_M consecutive M-tiles sweep every row group together.
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    programs_per_group = GROUP_M * n_block_rows
+    programs_per_group = GROUP_M * n_groups
     group = pid // programs_per_group
     first_pid_m = group * GROUP_M
     group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
     pid_in_group = pid % programs_per_group
     pid_m = first_pid_m + pid_in_group % group_rows
-    block_row = tl.load(row_order_ptr + pid_in_group // group_rows)
+    row_group = tl.load(group_order_ptr + pid_in_group // group_rows)
 
-    first_block = tl.load(row_offsets_ptr + block_row)
-    end_block = tl.load(row_offsets_ptr + block_row + 1)
+    first_step = tl.load(step_offsets_ptr + row_group)
+    end_step = tl.load(step_offsets_ptr + row_group + 1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, BLOCK_SIZE)
+    offs_k = tl.arange(0, BLOCK_SIZE)
+    offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :] * stride_xk
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     # W block (n, k) is stored row-major at n * bs + k; read it as its transpose [k, n].
-    w_block_t = offs_b[:, None] + offs_b[None, :] * BLOCK_SIZE
+    if ROWS_PER_PROGRAM == 1:
+        w_block_t = offs_k[:, None] + offs_n[None, :] * BLOCK_SIZE
+        features = row_group * BLOCK_SIZE + offs_n
+        mask_n = offs_n < BLOCK_N  # all true
+    else:
+        # Output column j of the tile is feature j % bs of member j // bs's block-row.
+        member = offs_n // BLOCK_SIZE
+        within = offs_n % BLOCK_SIZE
+        w_block_t = offs_k[:, None] + within[None, :] * BLOCK_SIZE
+        member_rows = tl.load(group_rows_ptr + row_group * ROWS_PER_PROGRAM + member)
+        features = member_rows * BLOCK_SIZE + within
+        mask_n = member_rows >= 0  # padding members of the last group
 
-    acc = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
-    for block in range(first_block + split, end_block, SPLIT_K):
-        block_col = tl.load(col_indices_ptr + block)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(first_step + split, end_step, SPLIT_K):
+        block_col = tl.load(step_cols_ptr + step)
         x_tile = tl.load(x_rows + block_col * BLOCK_SIZE * stride_xk, mask=mask_m[:, None], other=0.0)
-        w_tile = tl.load(values_ptr + block * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t)
+        if ROWS_PER_PROGRAM == 1:
+            w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t)
+        else:
+            blocks = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member)
+            w_tile = tl.load(values_ptr + blocks[None, :] * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t,
+                             mask=(blocks >= 0)[None, :], other=0.0)
         if UPCAST_OPERANDS:
             # bf16 x bf16 products are exact in fp32, so this matches tensor-core math.
             x_tile = x_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
-    offs_n = block_row * BLOCK_SIZE + offs_b
-    out_ptrs = out_ptr + split * stride_split + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + split * stride_split + offs_m[:, None] * stride_om + features[None, :] * stride_on
+    out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + features, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION == 1:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(out_ptrs, acc, mask=mask_m[:, None])
+        tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -147,8 +174,14 @@ def block_sparse_linear(
     bias: torch.Tensor | None,
     activation: str | None,
     config: KernelConfig,
+    row_groups=None,
 ) -> torch.Tensor:
     """Launch `y = act(x @ W^T + b)`; x is `[M, K]` with unit stride along K.
+
+    `config.rows_per_program > 1` needs `row_groups`: the index tables of the BSR weight grouped
+    that many block-rows at a time (any object with the int32 tensors `group_rows`,
+    `step_offsets`, `step_cols`, `step_blocks`, `group_order` and `rows_per_group`, such as
+    `nn_blocksparse.row_groups.RowGroups`).
 
     On a CUDA device the compiled kernel runs; in a process started with `TRITON_INTERPRET=1`,
     Triton's interpreter runs the very same kernel source on CPU tensors (slow, for tests).
@@ -157,16 +190,28 @@ def block_sparse_linear(
         raise ValueError("the launcher expects a 2-D x with unit stride along K")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    rows_per_program = config.rows_per_program
+    if rows_per_program == 1:
+        # One block-row per program: the BSR tables are the steps (the kernel does not read
+        # step_blocks / group_rows then; row_offsets stands in for them).
+        steps = (row_offsets, col_indices, row_offsets, row_offsets, row_order)
+    elif row_groups is None or row_groups.rows_per_group != rows_per_program:
+        raise ValueError(f"config.rows_per_program = {rows_per_program} needs the row groups of the weight "
+                         f"for {rows_per_program} rows per group, got {row_groups!r:.80}")
+    else:
+        steps = (row_groups.step_offsets, row_groups.step_cols, row_groups.step_blocks, row_groups.group_rows,
+                 row_groups.group_order)
+    step_offsets, step_cols, step_blocks, group_rows, group_order = steps
     block_size = values.shape[-1]
     m = x.shape[0]
-    n_block_rows = row_offsets.shape[0] - 1
+    n_groups = group_order.shape[0]
     out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
     if m == 0 or out_features == 0:
         return out
 
     split_k = config.split_k
     num_pid_m = triton.cdiv(m, config.block_m)
-    grid = (num_pid_m * n_block_rows, split_k)
+    grid = (num_pid_m * n_groups, split_k)
     # Unused pointer arguments still need a tensor; `out` is a harmless stand-in for a missing bias.
     bias_arg = bias if bias is not None else out
     activation_code = _ACTIVATION_CODES[activation]
@@ -177,13 +222,14 @@ def block_sparse_linear(
         target = torch.empty((split_k, m, out_features), dtype=torch.float32, device=x.device)
         stride_split = target.stride(0)
     _block_sparse_linear_kernel[grid](
-        x, values, row_offsets, col_indices, row_order, bias_arg, target,
-        m, n_block_rows,
+        x, values, step_offsets, step_cols, step_blocks, group_rows, group_order, bias_arg, target,
+        m, n_groups,
         x.stride(0), x.stride(1), target.stride(-2), target.stride(-1), stride_split,
         HAS_BIAS=bias is not None,
         ACTIVATION=activation_code,
         INPUT_PRECISION=input_precision_for(x.dtype),
         BLOCK_SIZE=block_size,
+        ROWS_PER_PROGRAM=rows_per_program,
         BLOCK_M=config.block_m,
         GROUP_M=config.group_m,
         SPLIT_K=split_k,

@@ -12,6 +12,7 @@ Every configuration this module can return is listed by `launchable_configs`, so
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ TUNED_TABLE_PATH = Path(__file__).with_name("tuned_configs.json")
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 SPLIT_K_CHOICES = (1, 2, 4, 8)
 GROUP_M_CHOICES = (8,)
+# Block-rows one program covers (its output tile is ROWS_PER_PROGRAM * bs wide); see row_groups.py.
+ROWS_PER_PROGRAM_CHOICES = (1, 2, 4)
 # SMs of the GPUs the heuristic is written for (A100: 108, H100 SXM: 132); the interpreter has none.
 DEFAULT_SM_COUNT = 108
 
@@ -36,20 +39,24 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    rows_per_program: int = 1
 
     def __post_init__(self) -> None:
         if self.block_m not in BLOCK_M_CHOICES:
             raise ValueError(f"block_m must be one of {BLOCK_M_CHOICES}, got {self.block_m}")
         if self.split_k not in SPLIT_K_CHOICES:
             raise ValueError(f"split_k must be one of {SPLIT_K_CHOICES}, got {self.split_k}")
+        if self.rows_per_program not in ROWS_PER_PROGRAM_CHOICES:
+            raise ValueError(f"rows_per_program must be one of {ROWS_PER_PROGRAM_CHOICES}, got {self.rows_per_program}")
         if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
             raise ValueError(f"invalid launch configuration {self}")
 
     def as_list(self) -> list[int]:
-        return [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages]
+        return [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
 
     @classmethod
     def from_list(cls, values) -> "KernelConfig":
+        """From `as_list()`; 5-entry lists (tables written before row groups) mean one row per program."""
         return cls(*[int(v) for v in values])
 
 
@@ -76,41 +83,79 @@ def _parse_key(key: str) -> dict:
 
 @lru_cache(maxsize=1)
 def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
-    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages]}}`; empty if no table."""
+    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program]}}`; empty if no table."""
     p = Path(path)
     if not p.exists():
         return {}
     return json.loads(p.read_text()).get("configs", {})
 
 
-def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: int, nnz_blocks: int,
-                     sm_count: int = DEFAULT_SM_COUNT) -> KernelConfig:
-    """A sound default where nothing was tuned.
+# Row groups (rows_per_program > 1) widen the output tile to R * bs, which is what dense GEMMs do to
+# re-read x less; they pay only where grouping pads little (`RowGroups.inflation`) and the grid
+# stays at least one wave. fp32 keeps one row per program: its register tiles are already at the
+# spill limit (see `aot`).
+MAX_GROUPING_INFLATION = 1.05
+MIN_M_FOR_ROW_GROUPS = 256
+_MAX_TILE_AREA_16BIT = 128 * 128
 
-    - BLOCK_M grows with M (up to 128) so each loaded weight block is reused by more rows;
-      with 64-wide blocks in fp32 it stops at 64 to keep the accumulator in registers.
-    - When the grid has fewer tiles than SMs (batch 1 x seq 128), split each block-row's
-      blocks over programs, but keep at least 2 blocks per split so partial sums pay off.
+
+def launch_tile_limit(dtype: torch.dtype, block_size: int, rows_per_program: int) -> int:
+    """Largest BLOCK_M that compiles without spills for this dtype, block size and rows per program."""
+    return _tile_launch(dtype, block_size, BLOCK_M_CHOICES[-1], rows_per_program)[0]
+
+
+def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_program: int) -> tuple[int, int, int]:
+    """(block_m, num_warps, num_stages) for a tile of up to `block_m` rows and `rows_per_program` block-rows.
+
+    The caps and warp counts are where `python -m nn_blocksparse.aot` showed spills: fp32 with
+    64-wide blocks above 32 rows, fp16/bf16 128x128 tiles with 64-wide blocks (K step 64), fp32
+    tiles >= 32x64 on 4 warps, fp16/bf16 64x64 on sm90 with 4 warps, and an oddly spilling tiny
+    fp32 tile with 4 warps.
     """
-    # fp32 runs on CUDA cores (or tf32 MMA) with much larger register tiles than fp16/bf16:
-    # past these sizes ptxas spills (see `python -m nn_blocksparse.aot`).
-    limit = 32 if (block_size == 64 and dtype == torch.float32) else 128
-    block_m = min(max(16, m_bucket(m)), limit)
-    tiles = math.ceil(m / block_m) * max(n_block_rows, 1)
-    blocks_per_row = nnz_blocks / max(n_block_rows, 1)
-    split_k = 1
-    while (split_k * 2 in SPLIT_K_CHOICES and tiles * split_k < sm_count
-           and blocks_per_row / (split_k * 2) >= 2):
-        split_k *= 2
-    # Warps by tile area; the thresholds are where `aot` showed spills (fp32 >= 32x64 on sm80,
-    # fp16/bf16 64x64 on sm90 with 4 warps) or an oddly spilling tiny fp32 tile with 4 warps.
-    tile = block_m * block_size
+    if dtype == torch.float32:
+        block_m = min(block_m, 32 if block_size == 64 else 128)
+    else:
+        # 64-wide blocks also double the K step, so their tiles get half the area (128x128 spills).
+        max_area = _MAX_TILE_AREA_16BIT * 32 // max(block_size, 32)
+        block_m = min(block_m, max(BLOCK_M_CHOICES[0], max_area // (rows_per_program * block_size)))
+    tile = block_m * block_size * rows_per_program
     if dtype == torch.float32:
         num_warps = 2 if tile <= 32 * 16 else (8 if tile >= 32 * 64 else 4)
     else:
         num_warps = 8 if tile >= 64 * 64 else 4
     num_stages = 2 if dtype == torch.float32 else 3
-    return KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+    return block_m, num_warps, num_stages
+
+
+def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: int, nnz_blocks: int,
+                     sm_count: int = DEFAULT_SM_COUNT,
+                     grouping_inflation: tuple[tuple[int, float], ...] = ()) -> KernelConfig:
+    """A sound default where nothing was tuned.
+
+    - BLOCK_M grows with M (up to 128) so each loaded weight block is reused by more rows.
+    - fp16/bf16 with M >= 256: the widest row group (R = 4, then 2) whose padding
+      (`grouping_inflation`, `((R, inflation), ...)` from `BlockSparseMatrix.grouping_inflation`)
+      is at most 5% and whose grid still fills every SM; otherwise one block-row per program.
+    - When the grid has fewer tiles than SMs (batch 1 x seq 128), split each block-row's
+      blocks over programs, but keep at least 2 blocks per split so partial sums pay off.
+    """
+    wanted_block_m = min(max(16, m_bucket(m)), BLOCK_M_CHOICES[-1])
+    rows_per_program = 1
+    if dtype != torch.float32 and m >= MIN_M_FOR_ROW_GROUPS:
+        for rows, inflation in sorted(grouping_inflation, reverse=True):
+            block_m = _tile_launch(dtype, block_size, wanted_block_m, rows)[0]
+            if inflation <= MAX_GROUPING_INFLATION and math.ceil(m / block_m) * math.ceil(n_block_rows / rows) >= sm_count:
+                rows_per_program = rows
+                break
+    block_m, num_warps, num_stages = _tile_launch(dtype, block_size, wanted_block_m, rows_per_program)
+    tiles = math.ceil(m / block_m) * max(math.ceil(n_block_rows / rows_per_program), 1)
+    blocks_per_row = nnz_blocks / max(n_block_rows, 1)
+    split_k = 1
+    while (rows_per_program == 1 and split_k * 2 in SPLIT_K_CHOICES and tiles * split_k < sm_count
+           and blocks_per_row / (split_k * 2) >= 2):
+        split_k *= 2
+    return KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+                        rows_per_program=rows_per_program)
 
 
 def tuned_config(arch: str, dtype: torch.dtype, block_size: int, n: int, k: int, m: int,
@@ -142,7 +187,8 @@ def device_arch(device: torch.device) -> str:
 
 @lru_cache(maxsize=4096)  # called on every launch: keep table look-ups and device queries off the hot path
 def select_config(dtype: torch.dtype, block_size: int, n: int, k: int, m: int, nnz_blocks: int,
-                  device: torch.device) -> KernelConfig:
+                  device: torch.device, grouping_inflation: tuple[tuple[int, float], ...] = ()) -> KernelConfig:
+    """The tuned configuration of this problem if there is one, else `heuristic_config`."""
     n_block_rows = n // block_size
     density = nnz_blocks / max(n_block_rows * (k // block_size), 1)
     config = tuned_config(device_arch(device), dtype, block_size, n, k, m, density)
@@ -150,16 +196,18 @@ def select_config(dtype: torch.dtype, block_size: int, n: int, k: int, m: int, n
         return config
     sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
                 if device.type == "cuda" else DEFAULT_SM_COUNT)
-    return heuristic_config(dtype, block_size, m, n_block_rows, nnz_blocks, sm_count)
+    return heuristic_config(dtype, block_size, m, n_block_rows, nnz_blocks, sm_count, grouping_inflation)
 
 
 def launchable_configs(dtype: torch.dtype, block_size: int) -> list[KernelConfig]:
     """Every configuration `select_config` may return for this dtype and block size."""
     configs = set()
-    for m in BLOCK_M_CHOICES:
-        for split_k in SPLIT_K_CHOICES:
-            base = heuristic_config(dtype, block_size, m, 1, 0)
-            configs.add(KernelConfig(base.block_m, base.group_m, split_k, base.num_warps, base.num_stages))
+    for block_m, rows_per_program in itertools.product(BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES):
+        if rows_per_program > 1 and dtype == torch.float32:
+            continue
+        block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m, rows_per_program)
+        for split_k in SPLIT_K_CHOICES if rows_per_program == 1 else (1,):
+            configs.add(KernelConfig(block_m, 8, split_k, num_warps, num_stages, rows_per_program))
     prefix = f"{DTYPE_NAMES[dtype]}/bs{block_size}/"
     for entries in load_tuned_table().values():
         for key, values in entries.items():
