@@ -109,8 +109,8 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
 
     The caps and warp counts are where `python -m nn_blocksparse.aot` showed spills: fp32 with
     64-wide blocks above 32 rows, fp16/bf16 128x128 tiles with 64-wide blocks (K step 64), fp32
-    tiles >= 32x64 on 4 warps, fp16/bf16 64x64 on sm90 with 4 warps, and an oddly spilling tiny
-    fp32 tile with 4 warps.
+    tiles >= 32x64 on 4 warps, fp16/bf16 64x64 on sm90 with 4 warps, fp16/bf16 128x64 row-group
+    tiles on sm80 with 8 warps, and an oddly spilling tiny fp32 tile with 4 warps.
     """
     if dtype == torch.float32:
         block_m = min(block_m, 32 if block_size == 64 else 128)
@@ -121,6 +121,10 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
     tile = block_m * block_size * rows_per_program
     if dtype == torch.float32:
         num_warps = 2 if tile <= 32 * 16 else (8 if tile >= 32 * 64 else 4)
+    elif rows_per_program == 2 and block_size == 32 and block_m == 128:
+        # 128x64 tiles with a K step of 32: with 8 warps ptxas caps them at 128 registers and spills
+        # on sm80; 4 warps hold them without spilling.
+        num_warps = 4
     else:
         num_warps = 8 if tile >= 64 * 64 else 4
     num_stages = 2 if dtype == torch.float32 else 3
