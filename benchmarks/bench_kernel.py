@@ -129,8 +129,9 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
         return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)
     module = BlockSparseLinear.from_dense(weight, None, block_size, backend="torch")
     plan = module.cpu_plan()
-    strategy = getattr(plan, "strategy", None)
-    return Method(run=lambda: module(x), note=f"strategy={strategy}" if strategy is not None else "")
+    # The strategy this call runs: a sparse plan picks gather_bmm or gather_mm per number of rows.
+    strategy = plan.strategy_for(x.reshape(-1, x.shape[-1]).shape[0])
+    return Method(run=lambda: module(x), note=f"strategy={strategy}")
 
 
 def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:

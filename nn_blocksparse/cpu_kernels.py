@@ -17,19 +17,18 @@ them back in feature order.
 - ``"gather_bmm"``: works on x^T (one transposed copy per tile of rows), so that gathering a
   block-column is copying one contiguous `[bs, rows]` row-block and the GEMM is `W_unit @ x^T`,
   run by MKL's batched GEMM with one unit per thread; y^T is transposed back at the end.  Best for
-  narrow units (G*bs = 32: random layouts), where splitting each small GEMM over both cores and
-  MKL's narrow-output kernels lose more than the two transposes cost.
+  many narrow units (G*bs = 32: random layouts) at small M, where MKL's narrow-output kernels lose
+  more than the two transposes cost.
 - ``"gather_mm"``: works on x as is (gathering `bs`-element runs of each row) and writes
   `x_unit @ W_unit^T` straight into the output; one multi-threaded GEMM per wide unit.  Best when
   the work sits in wide units (whole block-rows or block-columns pruned), where the GEMMs are
-  efficient anyway and the transposes would be pure overhead.
+  efficient anyway, and for long rows of x or large M, where the transposes would cost most.
 - ``"dense"``: at high block density the gathers and the narrower GEMMs cost more than they save,
   so the plan keeps the re-densified weight and calls `F.linear`.
 
 The choice is made by a deterministic cost model (no timing): dense versus sparse once, when the
 plan is built (`plan.strategy`, at M = 256 rows of x); between the two sparse strategies per call,
-from the number of rows M (`plan.strategy_for(M)`), "gather_mm" being eligible only where it
-needs no loop of small two-thread GEMMs (those collapse when another process shares the cores).
+from the number of rows M (`plan.strategy_for(M)`).
 Passing `strategy=` to `build_cpu_plan` forces one strategy for every call.  Inference only: the
 kernels write into preallocated buffers (`out=`), which autograd cannot track.
 """
@@ -100,11 +99,12 @@ _SECONDS_PER_CHUNK = 15e-6  # one gather + one batched GEMM issued from Python
 # "gather_mm" 32us vs "gather_bmm" 122us at 768x768, 24 units).
 _SECONDS_PER_LOOPED_UNIT = 3e-6
 _ROWS_FOR_THREADED_UNIT_GEMM = 8
-# That per-unit fork/join is also fragile: with another process busy on one of the two cores,
-# every narrow unit waits for a descheduled thread.  Measured with such a neighbour: random
-# 768x768 at density 0.6, "gather_mm" 0.64x of dense versus 0.99x for "gather_bmm" (and 1.07x vs
-# 1.04x when the machine is quiet).  So the automatic choice only uses "gather_mm" when it needs
-# no such loop (every unit wide enough for a GEMM of its own, or M too small to thread).
+# An earlier measurement saw that per-unit fork/join collapse next to a busy process (random
+# 768x768 at density 0.6: "gather_mm" 0.64x of dense, "gather_bmm" 0.99x), and "gather_mm" was then
+# kept to plans without narrow-unit loops.  Re-measured with three kinds of neighbour (a spinning
+# Python loop, 1- and 2-thread torch GEMM loops) on BERT-base shapes at densities 0.6 and 0.36:
+# "gather_mm" was never behind "gather_bmm" by more than noise, and ahead by 10-17% where x is long
+# or M = 512 (no transposes), so the cost model now chooses between them freely.
 _SECONDS_PER_SPARSE_CALL = 30e-6  # argument checks, recipe lookup, bias permutation, output alloc
 _SECONDS_PER_DENSE_CALL = 10e-6
 # Stay dense unless the sparse path is predicted at least this much cheaper: the model is coarse,
@@ -245,16 +245,15 @@ class CpuBlockSparsePlan:
 
         Dense-versus-sparse is decided once, at the reference M (a dense plan does not keep the
         blocks, a sparse one does not keep a dense weight).  Between the two sparse strategies the
-        cheaper one for this M is used, "gather_mm" only where it is robust (see
-        `_direct_is_robust`): in practice "gather_mm" for plans made of wide units (whole block-rows
-        or block-columns pruned) and for M < 8, "gather_bmm" otherwise.
+        cheaper one for this M by the cost model is used: "gather_bmm" for many narrow units at small
+        M (e.g. 3072 outputs at M = 128), "gather_mm" for wide units, long rows of x or large M.
         """
         if self.strategy_forced or self.strategy == STRATEGY_DENSE:
             return self.strategy
         strategy = self._strategy_by_rows.get(rows_of_x)
         if strategy is None:
             estimate = self.estimate_seconds(rows_of_x)
-            strategy = _automatic_sparse_strategy(estimate, self._bucket_shapes, self.block_size, rows_of_x)
+            strategy = _automatic_sparse_strategy(estimate)
             if len(self._strategy_by_rows) < _MAX_RECIPES_PER_THREAD:
                 self._strategy_by_rows[rows_of_x] = strategy
         return strategy
@@ -348,20 +347,8 @@ def _direct_bucket_seconds(
     return seconds + _SECONDS_PER_CHUNK * chunks + _SECONDS_PER_LOOPED_UNIT * (units if looped else 0)
 
 
-def _direct_is_robust(buckets: list[tuple[int, int, int, bool]], block_size: int, tokens: int) -> bool:
-    """True when "gather_mm" runs no loop of narrow per-unit GEMMs split over both cores."""
-    if tokens < _ROWS_FOR_THREADED_UNIT_GEMM:
-        return True
-    return all(g * block_size >= _SOLO_UNIT_WIDTH or u == 1 for g, _, u, _ in buckets)
-
-
-def _automatic_sparse_strategy(
-    estimate: dict[str, float], buckets: list[tuple[int, int, int, bool]], block_size: int, tokens: int
-) -> str:
-    candidates = [STRATEGY_GATHER_BMM]
-    if _direct_is_robust(buckets, block_size, tokens):
-        candidates.append(STRATEGY_GATHER_MM)
-    return min(candidates, key=estimate.__getitem__)
+def _automatic_sparse_strategy(estimate: dict[str, float]) -> str:
+    return min((STRATEGY_GATHER_BMM, STRATEGY_GATHER_MM), key=estimate.__getitem__)
 
 
 def _modelled_seconds(
@@ -540,7 +527,7 @@ def build_cpu_plan(
     estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile)
     forced = strategy is not None
     if strategy is None:
-        sparse = _automatic_sparse_strategy(estimated, bucket_shapes, bs, _REFERENCE_TOKENS)
+        sparse = _automatic_sparse_strategy(estimated)
         sparse_wins = estimated[sparse] < _SPARSE_ADVANTAGE_REQUIRED * estimated[STRATEGY_DENSE]
         strategy = sparse if sparse_wins else STRATEGY_DENSE
 
