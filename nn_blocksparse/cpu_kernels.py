@@ -408,24 +408,54 @@ def _split_into_buckets(units: list[_Unit], rows_per_unit: int, block_size: int)
     return buckets
 
 
-def _group_block_rows(col_lists: list[list[int]], block_size: int) -> list[_Unit]:
-    """One unit per distinct nonempty column pattern, split back into single rows when sharing does not pay."""
+def _bucketed(units: list[_Unit], block_size: int) -> list[list[_Unit]]:
+    """Units split into buckets: by rows per unit, then by `_split_into_buckets`."""
+    by_rows_per_unit: dict[int, list[_Unit]] = {}
+    for unit in units:
+        by_rows_per_unit.setdefault(len(unit.block_rows), []).append(unit)
+    return [
+        bucket
+        for rows_per_unit in sorted(by_rows_per_unit)
+        for bucket in _split_into_buckets(by_rows_per_unit[rows_per_unit], rows_per_unit, block_size)
+    ]
+
+
+def _bucketed_seconds(buckets: list[list[_Unit]], block_size: int) -> float:
+    return sum(
+        _bucket_seconds(len(b[0].block_rows), max(len(u.block_columns) for u in b), len(b), block_size, True)
+        for b in buckets
+    )
+
+
+def _group_block_rows(col_lists: list[list[int]], block_size: int) -> list[list[_Unit]]:
+    """Buckets of units: block-rows with one column pattern share a unit where that is cheaper.
+
+    Sharing saves the repeated gathers and widens the GEMM; each distinct unit width costs buckets
+    of its own. Judged per pattern, a lone shared unit rarely pays for its bucket, but many (the
+    block-rows of every head sharing a pattern, say) fill common buckets: so the whole plan is
+    modelled both ways (shared where the unit itself is cheaper, and every row alone) and the
+    cheaper one is kept.
+    """
     by_pattern: dict[tuple[int, ...], list[int]] = {}
     for row, cols in enumerate(col_lists):
         if cols:
             by_pattern.setdefault(tuple(cols), []).append(row)
-    units = []
+    shared, separate = [], []
     for pattern, rows in by_pattern.items():
+        singles = [_Unit([row], list(pattern)) for row in rows]
+        separate.extend(singles)
         blocks = len(pattern)
-        shared = _bucket_seconds(len(rows), blocks, 1, block_size, True)
-        separate = len(rows) * (_bucket_seconds(1, blocks, 1, block_size, True) - _SECONDS_PER_CHUNK)
-        # Sharing saves the repeated gathers and widens the GEMM; it costs a bucket of its own
-        # (a chunk) unless it merges with others, so demand at least one chunk's worth of saving.
-        if len(rows) > 1 and shared + _SECONDS_PER_CHUNK <= separate:
-            units.append(_Unit(rows, list(pattern)))
+        # Bucket call costs left out on both sides: they depend on what the unit shares a bucket with.
+        unit_seconds = _bucket_seconds(len(rows), blocks, 1, block_size, True) - _SECONDS_PER_CHUNK
+        singles_seconds = len(rows) * (_bucket_seconds(1, blocks, 1, block_size, True) - _SECONDS_PER_CHUNK)
+        if len(rows) > 1 and unit_seconds <= singles_seconds:
+            shared.append(_Unit(rows, list(pattern)))
         else:
-            units.extend(_Unit([row], list(pattern)) for row in rows)
-    return units
+            shared.extend(singles)
+    candidates = [_bucketed(separate, block_size)]
+    if len(shared) < len(separate):
+        candidates.append(_bucketed(shared, block_size))
+    return min(candidates, key=lambda buckets: _bucketed_seconds(buckets, block_size))
 
 
 def _pack_bucket(
@@ -499,15 +529,7 @@ def build_cpu_plan(
         if any(not 0 <= c < block_cols for c in cols) or any(a >= b for a, b in zip(cols, cols[1:])):
             raise ValueError("col_indices must be in range and strictly ascending within each block-row")
 
-    units = _group_block_rows(col_lists, bs)
-    by_rows_per_unit: dict[int, list[_Unit]] = {}
-    for unit in units:
-        by_rows_per_unit.setdefault(len(unit.block_rows), []).append(unit)
-    bucket_units = [
-        bucket
-        for rows_per_unit in sorted(by_rows_per_unit)
-        for bucket in _split_into_buckets(by_rows_per_unit[rows_per_unit], rows_per_unit, bs)
-    ]
+    bucket_units = _group_block_rows(col_lists, bs)
 
     buckets, slot_rows, next_slot = [], [], 0
     for members in bucket_units:

@@ -172,6 +172,20 @@ def test_empty_block_rows_and_structured_layouts(cheap_calls, monkeypatch):
         assert seen_multi_row_units and seen_views_of_x
 
 
+def test_block_rows_sharing_a_pattern_share_a_unit_by_default():
+    # Head-like structure at a BERT shape: pairs of block-rows with one random pattern each. Judged
+    # pattern by pattern a 64-wide unit did not pay for a bucket of its own; judged over the whole
+    # plan (12 such units fill common buckets) it does, and the default model must see that.
+    n, k, bs = 768, 768, 32
+    mask = random_mask(n // bs // 2, k // bs, 0.6, seed=11).repeat_interleave(2, 0)
+    values, row_offsets, col_indices = bsr_from_mask(mask, bs)
+    plan = build_cpu_plan(values, row_offsets, col_indices, n, k, bs, strategy="gather_mm")
+    assert all(b.rows_per_unit == 2 for b in plan.buckets), plan.describe()
+    assert plan.strategy == "gather_mm"
+    assert build_cpu_plan(values, row_offsets, col_indices, n, k, bs).strategy != "dense"
+    check(torch.randn(40, k), values, row_offsets, col_indices, n, k, bs, torch.randn(n))
+
+
 def test_strategies_agree_with_each_other():
     n, k, bs = 256, 512, 32
     for density in (0.1, 0.5, 0.95):
