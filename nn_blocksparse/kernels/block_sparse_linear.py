@@ -61,13 +61,13 @@ def _block_sparse_linear_kernel(
 
     # Grouped launch order: GROUP_M consecutive M-tiles sweep every row group together.
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    programs_per_group = GROUP_M * n_groups
-    group = pid // programs_per_group
-    first_pid_m = group * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_in_group = pid % programs_per_group
-    pid_m = first_pid_m + pid_in_group % group_rows
-    row_group = tl.load(group_order_ptr + pid_in_group // group_rows)
+    programs_per_sweep = GROUP_M * n_groups
+    sweep = pid // programs_per_sweep
+    first_pid_m = sweep * GROUP_M
+    sweep_tiles_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_in_sweep = pid % programs_per_sweep
+    pid_m = first_pid_m + pid_in_sweep % sweep_tiles_m
+    row_group = tl.load(group_order_ptr + pid_in_sweep // sweep_tiles_m)
 
     first_step = tl.load(step_offsets_ptr + row_group)
     end_step = tl.load(step_offsets_ptr + row_group + 1)
