@@ -2,7 +2,7 @@
 
     python -m benchmarks.tune_kernel [--out FILE] [--quick] [--dtypes fp16,bf16] [--block-sizes 16,32,64]
         [--shapes 768x768,...] [--m 16,32,...] [--densities 0.05,0.1,...] [--resume] [--fresh]
-        [--warmup-ms 5] [--rep-ms 20] [--log CSV]
+        [--warmup-ms 5] [--rep-ms 20] [--log CSV] [--stages 2,3,4]
 
 For each (dtype, block size, BERT-base shape N x K, M bucket 16..8192, block density) it builds a
 random seeded layout with that density, then times every candidate `KernelConfig`
@@ -22,8 +22,8 @@ the best and the heuristic's config and time. After tuning, run `python -m nn_bl
 check that no chosen configuration spills registers.
 
 Full grid: fp16/bf16 x bs 16/32/64 x 4 shapes x 10 M buckets x 11 densities, a few hours on an
-H100. `--quick`: fp16, bs 32, 768x768 and 3072x768, M 128 and 2048, density 0.35 and 1.0 (a few
-minutes), written by default to `benchmarks/results/tuned_configs_<device>_quick.json`, not the
+H100. `--quick`: fp16, bs 32, 768x768 and 3072x768, M 128 and 2048, density 0.35 and 1.0, num_stages 3
+only (a few minutes), written by default to `benchmarks/results/tuned_configs_<device>_quick.json`, not the
 package table. Without CUDA it exits with status 2.
 """
 
@@ -55,6 +55,7 @@ QUICK_BLOCK_SIZES = (32,)
 QUICK_SHAPES = ((768, 768), (3072, 768))
 QUICK_M = (128, 2048)
 QUICK_DENSITIES = (0.35, 1.0)
+QUICK_STAGES = (3,)  # a third of the candidates: --quick must fit a short GPU session
 
 LOG_COLUMNS = ["key", "dtype", "block_size", "n", "k", "m", "density", "best_config", "best_ms", "heuristic_config",
                "heuristic_ms", "speedup_vs_heuristic", "dense_ms", "configs_timed", "configs_failed"]
@@ -62,13 +63,13 @@ LOG_COLUMNS = ["key", "dtype", "block_size", "n", "k", "m", "density", "best_con
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}
 
 
-def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int):
+def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, stages=NUM_STAGES_CHOICES):
     from nn_blocksparse.kernels.configs import (BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES, SPLIT_K_CHOICES,
                                                 KernelConfig, launch_tile_limit, m_bucket)
 
     for block_m, split_k, rows, num_warps, num_stages in product(BLOCK_M_CHOICES, SPLIT_K_CHOICES,
                                                                  ROWS_PER_PROGRAM_CHOICES, NUM_WARPS_CHOICES,
-                                                                 NUM_STAGES_CHOICES):
+                                                                 stages):
         if block_m > m_bucket(m) or split_k > max(1, longest_block_row):
             continue
         # Row groups widen tiles for large M, split-K fills the GPU for small M: not both at once;
@@ -79,7 +80,8 @@ def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int):
                            rows_per_program=rows)
 
 
-def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms, seed=0) -> dict:
+def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms, seed=0,
+                 stages=NUM_STAGES_CHOICES) -> dict:
     """Time every candidate on one problem; returns the log row (with `best` / `key` for the table)."""
     from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
     from nn_blocksparse.kernels.configs import DEFAULT_SM_COUNT, heuristic_config, table_key
@@ -108,7 +110,7 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
         return common.time_ms(run, device, warmup=1, repeats=3, cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms)
 
     with torch.inference_mode():
-        times = {tuple(c.as_list()): (c, measure(c)) for c in candidate_configs(dtype, block_size, m, longest_row)}
+        times = {tuple(c.as_list()): (c, measure(c)) for c in candidate_configs(dtype, block_size, m, longest_row, stages)}
         sm_count = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
                     else DEFAULT_SM_COUNT)
         heuristic = heuristic_config(dtype, block_size, m, matrix.block_rows, matrix.nnz_blocks, sm_count,
@@ -169,10 +171,12 @@ def parse_args(argv=None):
     parser.add_argument("--rep-ms", type=float, default=20.0, help="do_bench measuring time per candidate")
     parser.add_argument("--log", type=Path, help="CSV log (default: benchmarks/results/tune_<device>[_quick].csv)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", help="num_stages candidates (default 2,3,4; --quick: 3)")
     # Tests only: "cpu" runs the kernels in Triton's interpreter (needs TRITON_INTERPRET=1), timings meaningless.
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
+    args.stages = tuple(common.parse_list(args.stages, int)) if args.stages else (QUICK_STAGES if quick else NUM_STAGES_CHOICES)
     args.dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
     for name in args.dtypes:
         if name not in common.DTYPES:
@@ -226,7 +230,8 @@ def main(argv=None) -> int:
             key = table_key(dtype, block_size, n, k, m, density)
             if args.resume and key in entries:
                 continue
-            row = tune_problem(dtype, block_size, n, k, m, density, device, args.warmup_ms, args.rep_ms, args.seed)
+            row = tune_problem(dtype, block_size, n, k, m, density, device, args.warmup_ms, args.rep_ms, args.seed,
+                               args.stages)
             best = row.pop("best")
             if best is not None:
                 entries[row["key"]] = best.as_list()

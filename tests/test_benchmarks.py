@@ -159,7 +159,8 @@ def test_run_all_plan():
 
 def test_tune_kernel_arguments_and_candidates():
     args = tune_kernel.parse_args(["--quick"])
-    assert args.dtypes == ["fp16"] and args.block_sizes == [32] and args.out is None
+    assert args.dtypes == ["fp16"] and args.block_sizes == [32] and args.out is None and args.stages == (3,)
+    assert tune_kernel.parse_args([]).stages == (2, 3, 4)
     full = tune_kernel.parse_args([])
     assert full.m[0] == 16 and full.m[-1] == 8192 and len(full.shapes) == 4
     configs = list(tune_kernel.candidate_configs(torch.float16, 32, m=16, longest_block_row=3))
