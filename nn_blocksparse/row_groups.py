@@ -27,7 +27,7 @@ ROWS_PER_GROUP_CHOICES = (1, 2, 4)
 class RowGroups:
     """Index tables of a BSR weight grouped `rows_per_group` block-rows at a time.
 
-    - `group_rows`   `[G * R]` int32: block-row of each member of each group, -1 pads the last groups;
+    - `group_rows`   `[G * R]` int32: block-row of each member of each group, -1 pads the last group;
     - `step_offsets` `[G + 1]` int32: group g walks steps `step_offsets[g] : step_offsets[g + 1]`;
     - `step_cols`    `[S]`     int32: block-column of x read at each step (ascending within a group);
     - `step_blocks`  `[S * R]` int32: index into `values` of each member's block at each step, or -1;
