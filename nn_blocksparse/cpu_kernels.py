@@ -377,8 +377,10 @@ def _modelled_seconds(
     }
 
 
-def _split_into_buckets(units: list[_Unit], rows_per_unit: int, block_size: int) -> list[list[_Unit]]:
+def _split_into_buckets(units: list[_Unit], rows_per_unit: int, block_size: int) -> tuple[list[list[_Unit]], float]:
     """Partition same-G units (sorted by block count) into buckets minimising the modelled time.
+
+    Returns the buckets and their modelled "gather_bmm" seconds (`_bucket_seconds` summed).
 
     Padding every unit of a bucket to its longest wastes GEMM work; every extra bucket costs a call.
     Units with equal block counts always share a bucket, so the DP runs over distinct counts only.
@@ -405,26 +407,20 @@ def _split_into_buckets(units: list[_Unit], rows_per_unit: int, block_size: int)
         size = sum(units_with_count[start:end])
         buckets.append(units[first : first + size])
         first += size
-    return buckets
+    return buckets, best[-1]
 
 
-def _bucketed(units: list[_Unit], block_size: int) -> list[list[_Unit]]:
-    """Units split into buckets: by rows per unit, then by `_split_into_buckets`."""
+def _bucketed(units: list[_Unit], block_size: int) -> tuple[list[list[_Unit]], float]:
+    """Units split into buckets (by rows per unit, then `_split_into_buckets`) and their modelled seconds."""
     by_rows_per_unit: dict[int, list[_Unit]] = {}
     for unit in units:
         by_rows_per_unit.setdefault(len(unit.block_rows), []).append(unit)
-    return [
-        bucket
-        for rows_per_unit in sorted(by_rows_per_unit)
-        for bucket in _split_into_buckets(by_rows_per_unit[rows_per_unit], rows_per_unit, block_size)
-    ]
-
-
-def _bucketed_seconds(buckets: list[list[_Unit]], block_size: int) -> float:
-    return sum(
-        _bucket_seconds(len(b[0].block_rows), max(len(u.block_columns) for u in b), len(b), block_size, True)
-        for b in buckets
-    )
+    buckets, seconds = [], 0.0
+    for rows_per_unit in sorted(by_rows_per_unit):
+        split, split_seconds = _split_into_buckets(by_rows_per_unit[rows_per_unit], rows_per_unit, block_size)
+        buckets += split
+        seconds += split_seconds
+    return buckets, seconds
 
 
 def _group_block_rows(col_lists: list[list[int]], block_size: int) -> list[list[_Unit]]:
@@ -455,7 +451,7 @@ def _group_block_rows(col_lists: list[list[int]], block_size: int) -> list[list[
     candidates = [_bucketed(separate, block_size)]
     if len(shared) < len(separate):
         candidates.append(_bucketed(shared, block_size))
-    return min(candidates, key=lambda buckets: _bucketed_seconds(buckets, block_size))
+    return min(candidates, key=lambda candidate: candidate[1])[0]
 
 
 def _pack_bucket(
