@@ -23,7 +23,7 @@ from .kernels import ACTIVATIONS
 from .kernels import block_sparse_linear as triton_block_sparse_linear
 from .kernels import select_config
 from .kernels.block_sparse_linear import interpreter_enabled
-from .kernels.configs import KernelConfig
+from .kernels.configs import KernelConfig, row_groups_considered
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
@@ -134,8 +134,11 @@ def block_sparse_linear(
         raise ValueError(f"the weight stores {weight.values.numel()} values, more than the kernel's 32-bit offsets "
                          "address (2**31 - 1)")
     if config is None:
-        config = select_config(x.dtype, weight.block_size, n, k, x2d.shape[0], weight.nnz_blocks, x.device,
-                               weight.grouping_inflation())
+        # Grouping padding is derived (once per matrix) only where the heuristic would use it: not
+        # for fp32 or small M, e.g. batch-1 serving.
+        m = x2d.shape[0]
+        inflation = weight.grouping_inflation() if row_groups_considered(x.dtype, m) else ()
+        config = select_config(x.dtype, weight.block_size, n, k, m, weight.nnz_blocks, x.device, inflation)
     row_groups = weight.row_groups(config.rows_per_program) if config.rows_per_program > 1 else None
     y2d = triton_block_sparse_linear(
         x2d, weight.values, weight.row_offsets, weight.col_indices, weight.row_order,

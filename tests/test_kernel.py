@@ -93,6 +93,14 @@ def test_row_groups_with_split_k_and_other_block_sizes(kernel_device, block_size
     assert_close_to_reference(y, dense_reference(x, weight, bias, "gelu"), torch.float16)
 
 
+def test_row_groups_are_only_derived_where_the_heuristic_may_use_them(kernel_device):
+    x, weight, bias = make_case(kernel_device, 128, 128, 32, 0.5, 20, torch.float16)
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    assert_close_to_reference(block_sparse_linear(x, matrix, bias, backend="triton"),
+                              dense_reference(x, weight, bias), torch.float16)
+    assert matrix._row_groups == {}  # M = 20: one block-row per program, nothing to group
+
+
 def test_launcher_refuses_rows_per_program_without_matching_groups(kernel_device):
     x, weight, _ = make_case(kernel_device, 128, 128, 32, 1.0, 4, torch.float32)
     matrix = BlockSparseMatrix.from_dense(weight, 32)

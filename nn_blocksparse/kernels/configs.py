@@ -99,6 +99,11 @@ MIN_M_FOR_ROW_GROUPS = 256
 _MAX_TILE_AREA_16BIT = 128 * 128
 
 
+def row_groups_considered(dtype: torch.dtype, m: int) -> bool:
+    """Whether the heuristic may group block-rows for this launch (so whether their padding is worth computing)."""
+    return dtype != torch.float32 and m >= MIN_M_FOR_ROW_GROUPS
+
+
 def launch_tile_limit(dtype: torch.dtype, block_size: int, rows_per_program: int) -> int:
     """Largest BLOCK_M that compiles without spills for this dtype, block size and rows per program."""
     return _tile_launch(dtype, block_size, BLOCK_M_CHOICES[-1], rows_per_program)[0]
@@ -145,7 +150,7 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
     """
     wanted_block_m = min(max(16, m_bucket(m)), BLOCK_M_CHOICES[-1])
     rows_per_program = 1
-    if dtype != torch.float32 and m >= MIN_M_FOR_ROW_GROUPS:
+    if row_groups_considered(dtype, m):
         for rows, inflation in sorted(grouping_inflation, reverse=True):
             block_m = _tile_launch(dtype, block_size, wanted_block_m, rows)[0]
             if inflation <= MAX_GROUPING_INFLATION and math.ceil(m / block_m) * math.ceil(n_block_rows / rows) >= sm_count:
