@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_kernel [--out DIR] [--quick] [--shapes 768x768,...] [--m 128,...]
         [--densities 1.0,0.5,...] [--block-sizes 16,32,64] [--dtypes fp16,bf16]
-        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N] [--seed 0]
+        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N] [--rep-ms 100] [--seed 0]
 
 For every (shape N x K, M, block density, block size, dtype), on one random seeded block layout:
 
@@ -146,13 +146,19 @@ def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size:
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
-def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int = 0, warmup: int = 3,
-             repeats: int = 20) -> list[dict]:
-    """One row per method; dense always runs first (it is the reference and the baseline)."""
+def case_inputs(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, W) of one case: a seeded random block layout of the case's density, seeded random x."""
     weight = common.random_block_sparse_weight(case.n, case.k, case.block_size, case.density, seed=seed,
                                                dtype=case.dtype, device=device)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(case.m, case.k, generator=generator).to(device=device, dtype=case.dtype)
+    return x, weight
+
+
+def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int = 0, warmup: int = 3,
+             repeats: int = 20, cuda_rep_ms: float = 100) -> list[dict]:
+    """One row per method; dense always runs first (it is the reference and the baseline)."""
+    x, weight = case_inputs(case, device, seed)
     blocks = weight.reshape(case.n // case.block_size, case.block_size, case.k // case.block_size, case.block_size)
     nnz_blocks = int(blocks.ne(0).any(dim=3).any(dim=1).sum())
     density = nnz_blocks / ((case.n // case.block_size) * (case.k // case.block_size))
@@ -170,7 +176,8 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
                     output = (method.output or method.run)()
                     common.synchronize(device)
                     diff = common.max_abs_diff(output, reference)
-                    time_value = common.time_ms(method.run, device, warmup=warmup, repeats=repeats)
+                    time_value = common.time_ms(method.run, device, warmup=warmup, repeats=repeats,
+                                                cuda_warmup_ms=cuda_rep_ms / 4, cuda_rep_ms=cuda_rep_ms)
             except Exception as error:  # noqa: BLE001 - recorded, the other methods still run
                 note = _error_note(error, "failed")
             if name == "dense":
@@ -262,6 +269,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cuda (the default) or cpu (the torch path for ours); --quick: always cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
+    parser.add_argument("--rep-ms", type=float, default=100.0,
+                        help="CUDA: do_bench's measuring time per method and case (a quarter of it to warm up)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes)] if args.shapes else \
@@ -302,17 +311,18 @@ def run(args) -> int:
                                                           args.densities)]
     print(f"bench_kernel on {common.device_name(device)}: {len(cases)} cases x {len(args.methods)} methods")
     rows = []
+    environment = common.environment_record(device)
+    csv_path = common.results_path(args.out, "kernel", device, args.quick)
     for index, case in enumerate(cases, 1):
         case_rows = run_case(case, device, args.methods, seed=args.seed, warmup=2 if args.quick else 3,
-                             repeats=args.repeats)
+                             repeats=args.repeats, cuda_rep_ms=args.rep_ms)
         rows.extend(case_rows)
         timings = "  ".join(f"{r['method']} {r['time_ms']:.4f}ms ({r['speedup_vs_dense']:.2f}x)" for r in case_rows)
         print(f"[{index}/{len(cases)}] {case.shape} M={case.m} d={case_rows[0]['density']:.2f} "
               f"bs={case.block_size} {case_rows[0]['dtype']}: {timings}", flush=True)
+        # Rewritten after every case: a run stopped at a time limit keeps what it measured.
+        common.write_csv(csv_path, rows, KERNEL_COLUMNS, environment)
 
-    environment = common.environment_record(device)
-    csv_path = common.write_csv(common.results_path(args.out, "kernel", device, args.quick), rows, KERNEL_COLUMNS,
-                                environment)
     summary = crossover_rows(rows)
     print_crossover(summary)
     summary_path = common.write_csv(common.results_path(args.out, "kernel_crossover", device, args.quick), summary,

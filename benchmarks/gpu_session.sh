@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# The GPU work of this project, sized for a lent GPU machine (about 15 minutes of device time in all,
-# at most 10 minutes per command), in two calls that each stay well inside one command's limit:
+# The GPU work of this project, sized for a lent GPU machine: about 15 minutes of device time in
+# all, the machine's start included, and at most 10 minutes per command. So the main work is one
+# call, and a second, optional one can follow on the still-warm machine:
 #
-#   benchmarks/gpu_session.sh check   install, versions, GPU kernel tests, kernel and end-to-end
-#                                     benchmarks side by side with cuBLAS / torch BSR / resize (~6 min,
-#                                     its step limits add up to 9.5 min: give the call timeout_s=600)
-#   benchmarks/gpu_session.sh tune    tune_kernel --quick into $OUT (~5 min); to adopt its entries, merge them
-#                                     into nn_blocksparse/kernels/tuned_configs.json and run ./run.sh aot
+#   benchmarks/gpu_session.sh all     install, versions; GPU tests in parallel with compiling every
+#                                     kernel variant the timed runs need; tune the launch configs
+#                                     into the package table; kernel benchmark (with that table)
+#                                     against cuBLAS / torch BSR / resize; BERT-base end to end.
+#                                     Step limits add up to 8.5 min: give the call timeout_s=600.
+#   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~2 min)
 #
-# Every step has its own time limit, so a slow step cannot eat the others' time, and every result is
-# written as soon as it exists. Results and a log go to $OUT (the device tool's output folder) or to
-# benchmarks/results/gpu_session/; copy the CSVs and plots into benchmarks/results/ and commit them.
-# Needs only what the GPU machine has (torch, triton, transformers, pytest, matplotlib): the tests
-# that need the bundled MiniLM weights are not run here, the end-to-end benchmark uses BERT-base.
+# Every step has its own time limit, so a slow step cannot eat the others' time, and results are
+# packed into $OUT/gpu_results.tar.gz after every step (the device tool brings back at most 8
+# files), beside the logs. Without $OUT (the device tool's output folder) all goes to
+# benchmarks/results/gpu_session/. Unpack, copy the CSVs, plots and tuned table into
+# benchmarks/results/, merge the tuned entries into nn_blocksparse/kernels/tuned_configs.json and
+# run ./run.sh aot (spill check). Needs only what the GPU machine has (torch, triton,
+# transformers, pytest, matplotlib; pytest-xdist if there): the tests that need the bundled MiniLM
+# weights are not run here, the end-to-end benchmark uses a random-weight BERT-base.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_session}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/nn_blocksparse_gpu_results}
+mkdir -p "$OUT" "$WORK"
 PYTHON=${PYTHON:-python3}
 LOG="$OUT/session_${1:-none}.log"
+export PYTHONUNBUFFERED=1
 failures=0
 
 step() {  # step SECONDS command...: run with a time limit, log it, count failures, go on
@@ -26,42 +33,67 @@ step() {  # step SECONDS command...: run with a time limit, log it, count failur
     shift
     echo "=== [limit ${limit}s] $*" | tee -a "$LOG"
     local start=$SECONDS
-    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local status=${PIPESTATUS[0]}
     echo "=== exit $status after $((SECONDS - start))s" | tee -a "$LOG"
     [ "$status" -eq 0 ] || failures=$((failures + 1))
+    pack
+}
+
+pack() {  # everything measured so far, as one file in $OUT
+    cp -f nn_blocksparse/kernels/tuned_configs.json "$WORK/" 2>/dev/null
+    tar -czf "$OUT/gpu_results.tar.gz.tmp" -C "$WORK" . && mv -f "$OUT/gpu_results.tar.gz.tmp" "$OUT/gpu_results.tar.gz"
 }
 
 versions() {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-    "$PYTHON" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'transformers', transformers.__version__, \
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$PYTHON" -c "import torch, triton, transformers, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, \
 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 }
 
+SHAPES=768x768,2304x768,3072x768,768x3072
+BENCH_M=128,512,2048,8192
+BENCH_DENSITIES=1.0,0.75,0.5,0.36,0.1
 case "${1:-}" in
-    check)
-        step 60 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
-        versions 2>&1 | tee -a "$LOG"
-        # Correctness first: the compiled kernel against the float64 reference, every dtype, block
-        # size, epilogue, split-K and row-group variant (the BERT-shape sweep of every config last).
-        step 150 "$PYTHON" -m pytest -q -x tests/test_kernel.py tests/test_linear.py tests/test_row_groups.py \
-            tests/test_configs.py -k "not bert_shape_on_gpu"
-        # The issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, M = 128 (batch 1) and 2048,
-        # density 1.0 .. 0.1, dense cuBLAS / torch BSR / resize / ours in one run.
-        step 210 "$PYTHON" -m benchmarks.bench_kernel --out "$OUT" --dtypes fp16 --block-sizes 32 --m 128,2048 \
-            --densities 1.0,0.75,0.5,0.36,0.1
-        step 90 "$PYTHON" -m benchmarks.bench_e2e --out "$OUT" --model bert-base --sizes 1x128,8x384,32x384
-        step 45 "$PYTHON" -m pytest -q tests/test_kernel.py -k bert_shape_on_gpu
+    all)
+        step 40 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
+        versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
+        # CPU-bound compiling, all at once on the machine's cores, before anything is timed.
+        # Compiling the timed runs' kernels in the background, beside the tests' own compiling
+        # (a background job ignores SIGINT, so it is the one that gets TERM at its limit; timeout
+        # signals its whole process group, the pool's workers too).
+        echo "=== [limit 120s, in the background, log in warm_cache.log] warm_triton_cache" | tee -a "$LOG"
+        timeout --kill-after=5 120 "$PYTHON" -m benchmarks.warm_triton_cache --workers 5 \
+            --shapes "$SHAPES" --m "$BENCH_M" --densities "$BENCH_DENSITIES" > "$OUT/warm_cache.log" 2>&1 &
+        warm=$!
+        # The compiled kernel against the float64 reference: every dtype, block size, epilogue,
+        # split-K and row-group variant, every launchable config on a BERT-sized problem; spread
+        # over 10 processes when pytest-xdist is there.
+        parallel=()
+        "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 10)
+        step 150 "$PYTHON" -m pytest -q -x "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py \
+            tests/test_linear.py tests/test_row_groups.py tests/test_configs.py
+        wait "$warm"
+        echo "=== warm_triton_cache exit $?: $(tail -n 1 "$OUT/warm_cache.log")" | tee -a "$LOG"
+        # Tune on the benchmark grid's M and densities (fp16, 32x32 blocks): written into the
+        # package table after every shape, so the benchmark below runs what the library will ship.
+        step 130 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+            --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 3 --rep-ms 12 \
+            --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune.csv"
+        # The issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR / resize / ours.
+        step 130 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+            --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 50
+        step 90 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
         ;;
-    tune)
-        step 30 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
-        # Writes the table after every shape: an interrupted run keeps what it measured.
-        step 300 "$PYTHON" -m benchmarks.tune_kernel --quick --out "$OUT/tuned_configs_quick.json" \
-            --log "$OUT/tune_quick.csv"
+    extra)
+        step 60 "$PYTHON" -m benchmarks.warm_triton_cache --sets bench,torch_bsr --dtypes fp16,bf16 \
+            --block-sizes 16,32,64 --shapes 768x768,3072x768 --m 2048 --densities 1.0,0.5,0.36 --workers 14
+        step 100 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK/extra" --dtypes bf16,fp16 --block-sizes 16,32,64 \
+            --shapes 768x768,3072x768 --m 2048 --densities 1.0,0.5,0.36 --methods dense,torch_bsr,ours --rep-ms 50
         ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {check|tune}" >&2
+        echo "usage: benchmarks/gpu_session.sh {all|extra}" >&2
         exit 2
         ;;
 esac

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import bench_cpu, bench_e2e, bench_kernel, common, run_all, tune_kernel  # noqa: E402
+from benchmarks import bench_cpu, bench_e2e, bench_kernel, common, run_all, tune_kernel, warm_triton_cache  # noqa: E402
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -188,6 +188,7 @@ def test_gpu_scripts_exit_with_status_2_without_cuda(tmp_path):
     assert not (tmp_path / "t.json").exists()
     assert bench_kernel.main(["--out", str(tmp_path)]) == 2
     assert bench_e2e.main(["--out", str(tmp_path)]) == 2
+    assert warm_triton_cache.main(["--sets", "bench"]) == 2
 
 
 def test_tune_kernel_end_to_end_under_the_interpreter(tmp_path):
@@ -208,3 +209,37 @@ def test_tune_kernel_end_to_end_under_the_interpreter(tmp_path):
     KernelConfig.from_list(entries["fp16/bs32/n64/k64/m16/d0.50"])  # a valid configuration
     rows = read(tmp_path / "tune.csv", tune_kernel.LOG_COLUMNS)
     assert number(rows[0]["best_ms"]) > 0 and int(rows[0]["configs_timed"]) > 0
+
+
+def test_warm_triton_cache_covers_what_the_timed_runs_launch():
+    from nn_blocksparse.kernels.configs import launchable_configs
+
+    def configs(jobs, has_bias=False):
+        assert all(job[:3] == ("ours", "fp16", 32) and job[3] == has_bias for job in jobs)
+        return {(job[5], job[4]) for job in jobs}
+
+    tune = warm_triton_cache.variants(["tune"], ["fp16"], [32], (3,))
+    candidates = {tuple(c.as_list()) for m in tune_kernel.M_BUCKETS
+                  for c in tune_kernel.candidate_configs(torch.float16, 32, m, 96, (3,))}
+    assert configs(tune) == {(c, None) for c in candidates}
+    library = {tuple(c.as_list()) for c in launchable_configs(torch.float16, 32)}
+    assert configs(warm_triton_cache.variants(["bench"], ["fp16"], [32], (3,))) == {(c, None) for c in library}
+    e2e = warm_triton_cache.variants(["e2e"], ["fp16"], [32], (3,))
+    assert configs(e2e, has_bias=True) == {(c, a) for c in library for a in (None, "gelu")}
+    args = warm_triton_cache.parse_args(["--shapes", "768x768,3072x768", "--m", "128", "--densities", "1.0,0.5"])
+    bsr = warm_triton_cache.variants(["torch_bsr"], ["fp16"], [32], (3,), args.bench_cases)
+    assert bsr == [("torch_bsr", "fp16", 32, n, k, 128, d) for n, k in ((768, 768), (3072, 768)) for d in (1.0, 0.5)]
+    everything = warm_triton_cache.variants(warm_triton_cache.SETS, ["fp16"], [32], (3,), args.bench_cases)
+    assert len(everything) == len(set(everything)) == len(set(tune) | set(e2e) | set(bsr) | {
+        ("ours", "fp16", 32, False, None, c) for c in library})
+
+
+def test_warm_triton_cache_runs_each_job(kernel_device):
+    """Each job really runs (our kernel under the interpreter without a GPU); a broken one is reported, not raised."""
+    device = kernel_device.type
+    for job in [("ours", "fp16", 32, False, None, (64, 8, 2, 4, 3, 1)), ("ours", "bf16", 16, True, "gelu",
+                                                                          (32, 8, 1, 4, 3, 4)),
+                ("torch_bsr", "fp32", 32, 64, 64, 16, 0.5)]:
+        assert warm_triton_cache.compile_variant(job, device) == (job, "")
+    job = ("ours", "fp16", 32, False, None, (64, 8, 1, 4, 3, 3))  # 3 rows per program: not a valid configuration
+    assert "rows_per_program" in warm_triton_cache.compile_variant(job, device)[1]

@@ -168,23 +168,31 @@ def test_nan_and_inf_pass_through(kernel_device):
     assert torch.isfinite(y[2:]).all()
 
 
-def _check_every_launchable_config(device, n, k, m):
-    for dtype in DTYPES:
-        for block_size in (16, 32, 64):
-            x, weight, bias = make_case(device, n, k, block_size, 0.5, m, dtype, seed=block_size)
-            matrix = BlockSparseMatrix.from_dense(weight, block_size)
-            reference = dense_reference(x, weight, bias, "gelu")
-            for config in launchable_configs(dtype, block_size):
-                y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
-                assert_close_to_reference(y, reference, dtype)
+def _check_every_launchable_config(device, n, k, m, dtype, block_size):
+    x, weight, bias = make_case(device, n, k, block_size, 0.5, m, dtype, seed=block_size)
+    matrix = BlockSparseMatrix.from_dense(weight, block_size)
+    reference = dense_reference(x, weight, bias, "gelu")
+    for config in launchable_configs(dtype, block_size):
+        y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
+        assert_close_to_reference(y, reference, dtype)
 
 
-def test_every_launchable_config_small_shape(kernel_device):
-    """Every config `select_config` may pick (the set the AOT check compiles), run and checked."""
-    _check_every_launchable_config(kernel_device, 128, 128, 20)
+# One test per (dtype, block size), so that pytest-xdist spreads the compiles over workers on a GPU.
+EVERY_DTYPE_AND_BLOCK_SIZE = pytest.mark.parametrize("dtype, block_size",
+                                                     [(d, bs) for d in DTYPES for bs in (16, 32, 64)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, the BERT-shape twin runs every config")
+@EVERY_DTYPE_AND_BLOCK_SIZE
+def test_every_launchable_config_small_shape(kernel_device, dtype, block_size):
+    """Every config `select_config` may pick (the set the AOT check compiles), run and checked.
+
+    The interpreter twin of `test_every_launchable_config_bert_shape_on_gpu`."""
+    _check_every_launchable_config(kernel_device, 128, 128, 20, dtype, block_size)
 
 
 @requires_cuda
-def test_every_launchable_config_bert_shape_on_gpu():
+@EVERY_DTYPE_AND_BLOCK_SIZE
+def test_every_launchable_config_bert_shape_on_gpu(dtype, block_size):
     """GPU only (too slow for the interpreter): a BERT-sized problem through every config."""
-    _check_every_launchable_config(torch.device("cuda"), 768, 768, 1000)
+    _check_every_launchable_config(torch.device("cuda"), 768, 768, 1000, dtype, block_size)

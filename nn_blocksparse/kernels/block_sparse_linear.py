@@ -36,7 +36,10 @@ _ACTIVATION_CODES = {None: 0, "gelu": 1}
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 
-@triton.jit
+# M (tokens) and n_groups change with every batch and layer: not specialising on their values
+# (== 1, divisible by 16) keeps one compiled kernel per configuration instead of several, and
+# costs nothing, since they only bound loops and masks.
+@triton.jit(do_not_specialize=["M", "n_groups"])
 def _block_sparse_linear_kernel(
     x_ptr, values_ptr, step_offsets_ptr, step_cols_ptr, step_blocks_ptr, group_rows_ptr, group_order_ptr,
     bias_ptr, out_ptr,
@@ -119,7 +122,7 @@ def _block_sparse_linear_kernel(
         tl.store(out_ptrs, acc, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N"])
 def _split_k_reduce_kernel(
     partial_ptr, bias_ptr, out_ptr,
     M, N,
