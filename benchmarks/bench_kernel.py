@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_kernel [--out DIR] [--quick] [--shapes 768x768,...] [--m 128,...]
         [--densities 1.0,0.5,...] [--block-sizes 16,32,64] [--dtypes fp16,bf16]
-        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N] [--rep-ms 100] [--seed 0]
+        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N] [--rep-ms 100] [--cuda-graph] [--seed 0]
 
 For every (shape N x K, M, block density, block size, dtype), on one random seeded block layout:
 
@@ -18,6 +18,10 @@ For every (shape N x K, M, block density, block size, dtype), on one random seed
 Every method's output is checked once against dense (`max_abs_diff`). Full run: BERT-base
 shapes, M 128..8192, densities 1.0..0.05, block sizes 16/32/64, fp16 and bf16 on the GPU.
 `--quick`: CPU, fp32, 128x128 and 256x128, M=64, densities 1.0/0.5/0.1, bs 32 (seconds).
+
+Timing on CUDA (see `common.time_ms`): eager by default, each call as a Python caller sees it,
+launch overhead included, which dominates problems of a few microseconds; `--cuda-graph` times
+CUDA-graph replays instead, the kernels' own GPU time, and names the files `kernel_cudagraph_*`.
 
 Writes `kernel_<device>.csv` (columns `KERNEL_COLUMNS`), `kernel_crossover_<device>.csv`
 (largest density at which each method beats dense, per shape/M/bs/dtype) and one PNG per M:
@@ -156,7 +160,7 @@ def case_inputs(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[
 
 
 def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int = 0, warmup: int = 3,
-             repeats: int = 20, cuda_rep_ms: float = 100) -> list[dict]:
+             repeats: int = 20, cuda_rep_ms: float = 100, cuda_graph: bool = False) -> list[dict]:
     """One row per method; dense always runs first (it is the reference and the baseline)."""
     x, weight = case_inputs(case, device, seed)
     blocks = weight.reshape(case.n // case.block_size, case.block_size, case.k // case.block_size, case.block_size)
@@ -177,7 +181,8 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
                     common.synchronize(device)
                     diff = common.max_abs_diff(output, reference)
                     time_value = common.time_ms(method.run, device, warmup=warmup, repeats=repeats,
-                                                cuda_warmup_ms=cuda_rep_ms / 4, cuda_rep_ms=cuda_rep_ms)
+                                                cuda_warmup_ms=cuda_rep_ms / 4, cuda_rep_ms=cuda_rep_ms,
+                                                cuda_graph=cuda_graph)
             except Exception as error:  # noqa: BLE001 - recorded, the other methods still run
                 note = _error_note(error, "failed")
             if name == "dense":
@@ -311,11 +316,16 @@ def run(args) -> int:
                                                           args.densities)]
     print(f"bench_kernel on {common.device_name(device)}: {len(cases)} cases x {len(args.methods)} methods")
     rows = []
-    environment = common.environment_record(device)
-    csv_path = common.results_path(args.out, "kernel", device, args.quick)
+    environment = {**common.environment_record(device), "timing": common.timing_name(args.cuda_graph)}
+    graph = args.cuda_graph
+
+    def path(stem: str, suffix: str = ".csv"):
+        return common.results_path(args.out, common.stem_for(stem, graph), device, args.quick, suffix)
+
+    csv_path = path("kernel")
     for index, case in enumerate(cases, 1):
         case_rows = run_case(case, device, args.methods, seed=args.seed, warmup=2 if args.quick else 3,
-                             repeats=args.repeats, cuda_rep_ms=args.rep_ms)
+                             repeats=args.repeats, cuda_rep_ms=args.rep_ms, cuda_graph=graph)
         rows.extend(case_rows)
         timings = "  ".join(f"{r['method']} {r['time_ms']:.4f}ms ({r['speedup_vs_dense']:.2f}x)" for r in case_rows)
         print(f"[{index}/{len(cases)}] {case.shape} M={case.m} d={case_rows[0]['density']:.2f} "
@@ -325,11 +335,9 @@ def run(args) -> int:
 
     summary = crossover_rows(rows)
     print_crossover(summary)
-    summary_path = common.write_csv(common.results_path(args.out, "kernel_crossover", device, args.quick), summary,
-                                    CROSSOVER_COLUMNS, environment)
-    plots = plot_speedup_vs_density(
-        rows, lambda m: common.results_path(args.out, f"kernel_speedup_m{m}", device, args.quick, ".png"),
-        common.device_name(device))
+    summary_path = common.write_csv(path("kernel_crossover"), summary, CROSSOVER_COLUMNS, environment)
+    plots = plot_speedup_vs_density(rows, lambda m: path(f"kernel_speedup_m{m}", ".png"),
+                                    f"{common.device_name(device)}, {common.timing_name(graph)} timing")
     print("\nwrote", csv_path, summary_path, *plots, sep="\n  ")
     return 0
 

@@ -6,8 +6,12 @@ header row and data rows. `read_csv` splits the two back apart; tools that do no
 format can skip the comment lines (`pandas.read_csv(path, comment="#")`).
 
 Timing (`time_ms`, milliseconds): on CUDA `triton.testing.do_bench(fn, return_mode="median")`,
-which synchronises and flushes L2 between runs; on CPU the median of `time.perf_counter`
-intervals over `repeats` calls after `warmup` untimed calls.
+which flushes L2 between runs and times each call as the GPU sees it, so the host's launch work
+counts wherever it is longer than the GPU's ("eager": what a Python caller gets). With
+`cuda_graph=True`, `triton.testing.do_bench_cudagraph`: the calls are captured in a CUDA graph
+and replayed back to back, which leaves only the kernels' GPU time (what a CUDA-graph or
+compiled serving stack gets; L2 is not flushed between replays). On CPU the median of
+`time.perf_counter` intervals over `repeats` calls after `warmup` untimed calls.
 """
 
 from __future__ import annotations
@@ -100,11 +104,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 20,
-            cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100) -> float:
+            cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100, cuda_graph: bool = False) -> float:
     """Median milliseconds of one call of `fn` (see the module docstring for the method)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
+        if cuda_graph:
+            return float(do_bench_cudagraph(fn, rep=cuda_rep_ms, return_mode="median"))
         return float(do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, return_mode="median"))
     for _ in range(warmup):
         fn()
@@ -192,7 +198,19 @@ def base_parser(description: str, default_threads: int | None = None) -> argpars
     parser.add_argument("--quick", action="store_true", help="a small CPU run that checks the script works")
     parser.add_argument("--threads", type=int, default=default_threads,
                         help=f"torch.set_num_threads for CPU work (default: {default_threads or 'torch default'})")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="CUDA: time CUDA-graph replays (the kernels' GPU time, no launch overhead); files "
+                        "get a '_cudagraph' suffix")
     return parser
+
+
+def timing_name(cuda_graph: bool) -> str:
+    """The `timing` entry of a CSV's environment record, and the file-name suffix of graph runs."""
+    return "cudagraph" if cuda_graph else "eager"
+
+
+def stem_for(stem: str, cuda_graph: bool) -> str:
+    return f"{stem}_cudagraph" if cuda_graph else stem
 
 
 @contextlib.contextmanager

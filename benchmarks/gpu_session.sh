@@ -4,20 +4,23 @@
 # call, and a second, optional one can follow on the still-warm machine:
 #
 #   benchmarks/gpu_session.sh all     install, versions; GPU tests in parallel with compiling every
-#                                     kernel variant the timed runs need; tune the launch configs
-#                                     into the package table; kernel benchmark (with that table)
-#                                     against cuBLAS / torch BSR / resize; BERT-base end to end.
-#                                     Step limits add up to 8.5 min: give the call timeout_s=600.
+#                                     kernel variant the timed runs need; tune the package table;
+#                                     kernel benchmark against cuBLAS / torch BSR / resize and
+#                                     BERT-base end to end, each eager and as CUDA-graph replays; a
+#                                     CUDA-graph tuning probe at batch 1. Step limits add up to
+#                                     9.8 min (about 6 on an H200): give the call timeout_s=600.
 #   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~2 min)
+#
+# Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
+# ./run.sh aot to check its entries for spills.
 #
 # Every step has its own time limit, so a slow step cannot eat the others' time, and results are
 # packed into $OUT/gpu_results.tar.gz after every step (the device tool brings back at most 8
 # files), beside the logs. Without $OUT (the device tool's output folder) all goes to
-# benchmarks/results/gpu_session/. Unpack, copy the CSVs, plots and tuned table into
-# benchmarks/results/, merge the tuned entries into nn_blocksparse/kernels/tuned_configs.json and
-# run ./run.sh aot (spill check). Needs only what the GPU machine has (torch, triton,
-# transformers, pytest, matplotlib; pytest-xdist if there): the tests that need the bundled MiniLM
-# weights are not run here, the end-to-end benchmark uses a random-weight BERT-base.
+# benchmarks/results/gpu_session/. Unpack and copy the CSVs and plots into benchmarks/results/.
+# Needs only what the GPU machine has (torch, triton, transformers, pytest, matplotlib;
+# pytest-xdist if there): the tests that need the bundled MiniLM weights are not run here, the
+# end-to-end benchmark uses a random-weight BERT-base.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -59,32 +62,41 @@ case "${1:-}" in
     all)
         step 40 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
         versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
-        # CPU-bound compiling, all at once on the machine's cores, before anything is timed.
-        # Compiling the timed runs' kernels in the background, beside the tests' own compiling
-        # (a background job ignores SIGINT, so it is the one that gets TERM at its limit; timeout
-        # signals its whole process group, the pool's workers too).
-        echo "=== [limit 120s, in the background, log in warm_cache.log] warm_triton_cache" | tee -a "$LOG"
-        timeout --kill-after=5 120 "$PYTHON" -m benchmarks.warm_triton_cache --workers 5 \
+        # CPU-bound compiling, all at once on the machine's cores, before anything is timed:
+        # the timed runs' kernels in the background, beside the tests' own compiling (a background
+        # job ignores SIGINT, so it gets TERM at its limit; timeout signals its whole process
+        # group, the pool's workers too).
+        echo "=== [limit 100s, in the background, log in warm_cache.log] warm_triton_cache" | tee -a "$LOG"
+        timeout --kill-after=5 100 "$PYTHON" -m benchmarks.warm_triton_cache --workers 4 \
             --shapes "$SHAPES" --m "$BENCH_M" --densities "$BENCH_DENSITIES" > "$OUT/warm_cache.log" 2>&1 &
         warm=$!
         # The compiled kernel against the float64 reference: every dtype, block size, epilogue,
         # split-K and row-group variant, every launchable config on a BERT-sized problem; spread
-        # over 10 processes when pytest-xdist is there.
+        # over 12 processes when pytest-xdist is there.
         parallel=()
-        "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 10)
-        step 150 "$PYTHON" -m pytest -q -x "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py \
+        "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 12)
+        step 120 "$PYTHON" -m pytest -q "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py \
             tests/test_linear.py tests/test_row_groups.py tests/test_configs.py
         wait "$warm"
         echo "=== warm_triton_cache exit $?: $(tail -n 1 "$OUT/warm_cache.log")" | tee -a "$LOG"
-        # Tune on the benchmark grid's M and densities (fp16, 32x32 blocks): written into the
-        # package table after every shape, so the benchmark below runs what the library will ship.
-        step 130 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-            --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 3 --rep-ms 12 \
+        # Tune the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128 and 2048,
+        # eager timing: what a Python caller gets), so the benchmarks run what the library ships.
+        step 70 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+            --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 3 --rep-ms 12 --fresh \
             --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune.csv"
-        # The issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR / resize / ours.
-        step 130 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+        # The issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR / resize /
+        # ours (the package's tuned table), eager and as CUDA-graph replays.
+        step 75 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
             --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 50
-        step 90 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
+        step 90 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+            --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 5 --cuda-graph
+        step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
+        step 75 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
+            --cuda-graph --rep-ms 100
+        # Does split-K pay at batch 1 once launch overhead is gone? (Eager tuning says no.)
+        step 60 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" --m 128 \
+            --densities 0.36,1.0 --stages 3 --rep-ms 3 --cuda-graph --out "$WORK/tuned_configs_cudagraph_m128.json" \
+            --log "$WORK/tune_cudagraph_m128.csv"
         ;;
     extra)
         step 60 "$PYTHON" -m benchmarks.warm_triton_cache --sets bench,torch_bsr --dtypes fp16,bf16 \

@@ -2,12 +2,14 @@
 
     python -m benchmarks.tune_kernel [--out FILE] [--quick] [--dtypes fp16,bf16] [--block-sizes 16,32,64]
         [--shapes 768x768,...] [--m 16,32,...] [--densities 0.05,0.1,...] [--resume] [--fresh]
-        [--warmup-ms 5] [--rep-ms 20] [--log CSV] [--stages 2,3,4]
+        [--warmup-ms 5] [--rep-ms 20] [--log CSV] [--stages 2,3,4] [--cuda-graph]
 
 For each (dtype, block size, BERT-base shape N x K, M bucket 16..8192, block density) it builds a
 random seeded layout with that density, then times every candidate `KernelConfig`
 (`BLOCK_M_CHOICES` x `SPLIT_K_CHOICES` x `ROWS_PER_PROGRAM_CHOICES` x num_warps {4, 8} x num_stages
-{2, 3, 4}, group_m 8) with `triton.testing.do_bench` (median). Candidates that cannot help are
+{2, 3, 4}, group_m 8) with `triton.testing.do_bench` (median; `--cuda-graph`: CUDA-graph replays,
+the kernels' own GPU time, which is what the table should rank where eager launch overhead
+swamps microsecond kernels). Candidates that cannot help are
 skipped: BLOCK_M above the M bucket, SPLIT_K above the longest block-row, row groups together
 with split-K or with tiles past the spill limit. A candidate that fails to compile or launch (e.g. out
 of shared memory) or gives a wrong result is dropped. The fastest is stored under
@@ -76,12 +78,15 @@ def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, st
         # tiles past the limit the AOT check found spill.
         if rows > 1 and (split_k > 1 or block_m > launch_tile_limit(dtype, block_size, rows)):
             continue
+        # 4 warps spill tiles past 128x64 (the AOT check: 128x128 spills on sm80 and sm90).
+        if num_warps == 4 and block_m * rows * block_size > 128 * 64:
+            continue
         yield KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
                            rows_per_program=rows)
 
 
 def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms, seed=0,
-                 stages=NUM_STAGES_CHOICES) -> dict:
+                 stages=NUM_STAGES_CHOICES, cuda_graph=False) -> dict:
     """Time every candidate on one problem; returns the log row (with `best` / `key` for the table)."""
     from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
     from nn_blocksparse.kernels.configs import DEFAULT_SM_COUNT, heuristic_config, table_key
@@ -107,7 +112,8 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
         if not error <= tolerance:
             print(f"    {config.as_list()} wrong result (max |diff| {error:.3g})", file=sys.stderr)
             return float("nan")
-        return common.time_ms(run, device, warmup=1, repeats=3, cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms)
+        return common.time_ms(run, device, warmup=1, repeats=3, cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms,
+                              cuda_graph=cuda_graph)
 
     with torch.inference_mode():
         times = {tuple(c.as_list()): (c, measure(c)) for c in candidate_configs(dtype, block_size, m, longest_row, stages)}
@@ -118,7 +124,7 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
         if tuple(heuristic.as_list()) not in times:
             times[tuple(heuristic.as_list())] = (heuristic, measure(heuristic))
         dense_ms = common.time_ms(lambda: F.linear(x, weight), device, warmup=1, repeats=3,
-                                  cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms)
+                                  cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms, cuda_graph=cuda_graph)
     valid = [(ms, config) for config, ms in times.values() if ms == ms]
     best_ms, best = min(valid, key=lambda item: item[0]) if valid else (float("nan"), None)
     heuristic_ms = times[tuple(heuristic.as_list())][1]
@@ -142,11 +148,13 @@ def load_table(path: Path) -> dict:
 
 
 def save_table(table: dict, path: Path) -> None:
-    """Atomic rewrite, keys sorted so diffs of the committed table stay readable."""
+    """Atomic rewrite, keys sorted so diffs of the committed table stay readable.
+
+    Sorts a copy: the caller keeps adding to the very dicts it holds in `table`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table["configs"] = {arch: dict(sorted(entries.items())) for arch, entries in sorted(table["configs"].items())}
+    configs = {arch: dict(sorted(entries.items())) for arch, entries in sorted(table["configs"].items())}
     temporary = path.with_suffix(path.suffix + ".tmp")
-    text = json.dumps(table, indent=1)
+    text = json.dumps({**table, "configs": configs}, indent=1)
     # one line per entry: "key": [block_m, group_m, split_k, num_warps, num_stages, rows_per_program]
     text = re.sub(r"\[\s+([-\d.,\s]*?)\s+\]",
                   lambda match: "[" + ", ".join(v.strip() for v in match.group(1).split(",")) + "]", text)
@@ -172,6 +180,9 @@ def parse_args(argv=None):
     parser.add_argument("--log", type=Path, help="CSV log (default: benchmarks/results/tune_<device>[_quick].csv)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", help="num_stages candidates (default 2,3,4; --quick: 3)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time CUDA-graph replays (the kernels' GPU time) instead of eager calls, whose "
+                        "launch overhead dominates microsecond problems")
     # Tests only: "cpu" runs the kernels in Triton's interpreter (needs TRITON_INTERPRET=1), timings meaningless.
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -221,6 +232,8 @@ def main(argv=None) -> int:
     table["device"] = environment["device_name"]
     table["versions"] = {name: environment[name] for name in ("torch", "triton", "cuda")}
     table["date"] = environment["date"]
+    table["timing"] = common.timing_name(args.cuda_graph)
+    environment["timing"] = table["timing"]
 
     log_rows = []
     print(f"tuning on {table['device']} ({arch}) into {out}", flush=True)
@@ -231,7 +244,7 @@ def main(argv=None) -> int:
             if args.resume and key in entries:
                 continue
             row = tune_problem(dtype, block_size, n, k, m, density, device, args.warmup_ms, args.rep_ms, args.seed,
-                               args.stages)
+                               args.stages, args.cuda_graph and device.type == "cuda")
             best = row.pop("best")
             if best is not None:
                 entries[row["key"]] = best.as_list()

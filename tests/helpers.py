@@ -27,7 +27,8 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, dty
     """`actual` (any dtype) against an fp32/fp64 reference, within the dtype's relative tolerance."""
     assert actual.shape == reference.shape, (actual.shape, reference.shape)
     scale = max(reference.abs().max().item(), 1.0)
-    error = (actual.double() - reference.double()).abs().max().item() if actual.numel() else 0.0
+    # The reference lives on the CPU; the kernel's output may be on the GPU.
+    error = (actual.double().cpu() - reference.double().cpu()).abs().max().item() if actual.numel() else 0.0
     assert error <= RELATIVE_TOLERANCE[dtype] * scale, f"max abs error {error} > {RELATIVE_TOLERANCE[dtype]} x {scale}"
 
 

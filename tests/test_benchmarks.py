@@ -165,9 +165,11 @@ def test_tune_kernel_arguments_and_candidates():
     assert full.m[0] == 16 and full.m[-1] == 8192 and len(full.shapes) == 4
     configs = list(tune_kernel.candidate_configs(torch.float16, 32, m=16, longest_block_row=3))
     assert configs and all(c.block_m == 16 and c.split_k <= 2 for c in configs)
-    # Per (warps, stages): 4 BLOCK_M x 4 SPLIT_K with one row per program, 4 BLOCK_M for each of R = 2, 4.
+    # Per (warps, stages): 4 BLOCK_M x 4 SPLIT_K with one row per program, 4 BLOCK_M for each of R = 2, 4,
+    # less the 128x128 tile (BLOCK_M 128, R = 4) on 4 warps, which spills.
     large = list(tune_kernel.candidate_configs(torch.float16, 32, m=8192, longest_block_row=24))
-    assert len(large) == (4 * 4 + 4 + 4) * 2 * 3
+    assert len(large) == (4 * 4 + 4 + 4) * 2 * 3 - 3
+    assert not [c for c in large if c.num_warps == 4 and c.block_m * c.rows_per_program > 128 * 2]
     assert all(c.split_k == 1 for c in large if c.rows_per_program > 1)
     # 64-wide blocks: row groups stop where the AOT check found spills (BLOCK_M x R x 64 <= 128 x 64).
     wide_blocks = list(tune_kernel.candidate_configs(torch.float16, 64, m=8192, longest_block_row=24))
@@ -195,7 +197,7 @@ def test_tune_kernel_end_to_end_under_the_interpreter(tmp_path):
     """One tiny problem through the whole tuner (the interpreter stands in for the GPU)."""
     out = tmp_path / "tuned.json"
     result = run_module("benchmarks.tune_kernel", "--device", "cpu", "--dtypes", "fp16", "--block-sizes", "32",
-                        "--shapes", "64x64", "--m", "16", "--densities", "0.5", "--out", str(out),
+                        "--shapes", "64x64,32x64", "--m", "16", "--densities", "0.5", "--out", str(out),
                         "--log", str(tmp_path / "tune.csv"), env_update={"TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     import json
@@ -205,10 +207,12 @@ def test_tune_kernel_end_to_end_under_the_interpreter(tmp_path):
     table = json.loads(out.read_text())
     assert set(table) >= {"configs", "device", "versions"}
     (entries,) = table["configs"].values()
-    assert list(entries) == ["fp16/bs32/n64/k64/m16/d0.50"]
+    # Every shape's entry (the table is rewritten after each shape and must keep the earlier ones), sorted.
+    assert list(entries) == ["fp16/bs32/n32/k64/m16/d0.50", "fp16/bs32/n64/k64/m16/d0.50"]
     KernelConfig.from_list(entries["fp16/bs32/n64/k64/m16/d0.50"])  # a valid configuration
     rows = read(tmp_path / "tune.csv", tune_kernel.LOG_COLUMNS)
-    assert number(rows[0]["best_ms"]) > 0 and int(rows[0]["configs_timed"]) > 0
+    assert len(rows) == 2 and all(number(row["best_ms"]) > 0 and int(row["configs_timed"]) > 0 for row in rows)
+    assert {row["key"] for row in rows} == set(entries)
 
 
 def test_warm_triton_cache_covers_what_the_timed_runs_launch():

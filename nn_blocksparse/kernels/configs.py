@@ -95,6 +95,9 @@ def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
 # stays at least one wave. fp32 keeps one row per program: its register tiles are already at the
 # spill limit (see `aot`).
 MAX_GROUPING_INFLATION = 1.05
+# Programs per SM the heuristic's M tiling aims for: the best tuned H200 configs had 4-12
+# (each program walks its blocks one after another; more of them hide the load latency).
+PROGRAMS_PER_SM = 4
 MIN_M_FOR_ROW_GROUPS = 256
 _MAX_TILE_AREA_16BIT = 128 * 128
 
@@ -114,8 +117,10 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
 
     The caps and warp counts are where `python -m nn_blocksparse.aot` showed spills: fp32 with
     64-wide blocks above 32 rows, fp16/bf16 128x128 tiles with 64-wide blocks (K step 64), fp32
-    tiles >= 32x64 on 4 warps, fp16/bf16 64x64 on sm90 with 4 warps, fp16/bf16 128x64 row-group
-    tiles on sm80 with 8 warps, and an oddly spilling tiny fp32 tile with 4 warps.
+    tiles >= 32x64 on 4 warps, fp16/bf16 128x128 tiles on 4 warps, fp16/bf16 128x64 row-group
+    tiles on sm80 with 8 warps, and an oddly spilling tiny fp32 tile with 4 warps. Where both warp
+    counts hold a 16-bit tile of 32x32 blocks, 4 won every problem tuned on an H200
+    (`benchmarks/results/tune_*`).
     """
     if dtype == torch.float32:
         block_m = min(block_m, 32 if block_size == 64 else 128)
@@ -126,9 +131,11 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
     tile = block_m * block_size * rows_per_program
     if dtype == torch.float32:
         num_warps = 2 if tile <= 32 * 16 else (8 if tile >= 32 * 64 else 4)
-    elif rows_per_program == 2 and block_size == 32 and block_m == 128:
-        # 128x64 tiles with a K step of 32: with 8 warps ptxas caps them at 128 registers and spills
-        # on sm80; 4 warps hold them without spilling.
+    elif block_size == 32 and tile <= 128 * 64:
+        # Up to 128x64 with 32x32 blocks, 4 warps hold the tile without spilling on sm80 and sm90
+        # (with 8, ptxas caps 128x64 row-group tiles at 128 registers and spills on sm80), and
+        # they measured 1.1-1.5x faster than 8 on an H200. (16-wide blocks: 64x64 on 4 warps
+        # spills on sm80.)
         num_warps = 4
     else:
         num_warps = 8 if tile >= 64 * 64 else 4
@@ -141,11 +148,13 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
                      grouping_inflation: tuple[tuple[int, float], ...] = ()) -> KernelConfig:
     """A sound default where nothing was tuned.
 
-    - BLOCK_M grows with M (up to 128) so each loaded weight block is reused by more rows.
+    - BLOCK_M grows with M (up to 128) so each loaded weight block is reused by more rows, but
+      shrinks (down to 16) until the grid has `PROGRAMS_PER_SM` programs per SM: on an H200, at
+      batch 1 x seq 128, 16-row tiles beat one 128-row tile split over K by 2-6x.
     - fp16/bf16 with M >= 256: the widest row group (R = 4, then 2) whose padding
       (`grouping_inflation`, `((R, inflation), ...)` from `BlockSparseMatrix.grouping_inflation`)
       is at most 5% and whose grid still fills every SM; otherwise one block-row per program.
-    - When the grid has fewer tiles than SMs (batch 1 x seq 128), split each block-row's
+    - When the grid still has fewer tiles than SMs (few block-rows), split each block-row's
       blocks over programs, but keep at least 2 blocks per split so partial sums pay off.
     """
     wanted_block_m = min(max(16, m_bucket(m)), BLOCK_M_CHOICES[-1])
@@ -157,7 +166,10 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
                 rows_per_program = rows
                 break
     block_m, num_warps, num_stages = _tile_launch(dtype, block_size, wanted_block_m, rows_per_program)
-    tiles = math.ceil(m / block_m) * max(math.ceil(n_block_rows / rows_per_program), 1)
+    groups = max(math.ceil(n_block_rows / rows_per_program), 1)
+    while block_m > BLOCK_M_CHOICES[0] and math.ceil(m / block_m) * groups < PROGRAMS_PER_SM * sm_count:
+        block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m // 2, rows_per_program)
+    tiles = math.ceil(m / block_m) * groups
     blocks_per_row = nnz_blocks / max(n_block_rows, 1)
     split_k = 1
     while (rows_per_program == 1 and split_k * 2 in SPLIT_K_CHOICES and tiles * split_k < sm_count
