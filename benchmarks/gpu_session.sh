@@ -9,7 +9,9 @@
 #                                     BERT-base end to end, each eager and as CUDA-graph replays; a
 #                                     CUDA-graph tuning probe at batch 1. Step limits add up to
 #                                     9.8 min (about 6 on an H200): give the call timeout_s=600.
-#   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~2 min)
+#   benchmarks/gpu_session.sh short   install, GPU tests, end to end, launch overhead (~2.5 min):
+#                                     for a session with little device time left after `all`
+#   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~1 min)
 #
 # Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
 # ./run.sh aot to check its entries for spills.
@@ -55,6 +57,22 @@ versions() {
 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 }
 
+gpu_tests() {  # the compiled kernel against the float64 reference: every dtype, block size, epilogue,
+               # split-K and row-group variant, every launchable config on a BERT-sized problem, the
+               # measured hybrid choice; spread over 12 processes when pytest-xdist is there
+    local parallel=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 12)
+    step 120 "$PYTHON" -m pytest -q "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py tests/test_linear.py \
+        tests/test_row_groups.py tests/test_configs.py tests/test_selection.py
+}
+
+end_to_end() {  # pruned BERT-base, eager and as CUDA-graph replays; the host cost of one call
+    step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
+    step 75 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
+        --cuda-graph --rep-ms 100
+    step 30 "$PYTHON" -m benchmarks.launch_overhead --out "$WORK"
+}
+
 SHAPES=768x768,2304x768,3072x768,768x3072
 BENCH_M=128,512,2048,8192
 BENCH_DENSITIES=1.0,0.75,0.5,0.36,0.1
@@ -70,13 +88,7 @@ case "${1:-}" in
         timeout --kill-after=5 100 "$PYTHON" -m benchmarks.warm_triton_cache --workers 4 \
             --shapes "$SHAPES" --m "$BENCH_M" --densities "$BENCH_DENSITIES" > "$OUT/warm_cache.log" 2>&1 &
         warm=$!
-        # The compiled kernel against the float64 reference: every dtype, block size, epilogue,
-        # split-K and row-group variant, every launchable config on a BERT-sized problem; spread
-        # over 12 processes when pytest-xdist is there.
-        parallel=()
-        "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 12)
-        step 120 "$PYTHON" -m pytest -q "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py \
-            tests/test_linear.py tests/test_row_groups.py tests/test_configs.py
+        gpu_tests
         wait "$warm"
         echo "=== warm_triton_cache exit $?: $(tail -n 1 "$OUT/warm_cache.log")" | tee -a "$LOG"
         # Tune the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128 and 2048,
@@ -90,13 +102,17 @@ case "${1:-}" in
             --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 50
         step 90 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
             --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 5 --cuda-graph
-        step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
-        step 75 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
-            --cuda-graph --rep-ms 100
+        end_to_end
         # Does split-K pay at batch 1 once launch overhead is gone? (Eager tuning says no.)
         step 60 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" --m 128 \
             --densities 0.36,1.0 --stages 3 --rep-ms 3 --cuda-graph --out "$WORK/tuned_configs_cudagraph_m128.json" \
             --log "$WORK/tune_cudagraph_m128.csv"
+        ;;
+    short)
+        step 40 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
+        versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
+        gpu_tests
+        end_to_end
         ;;
     extra)
         step 60 "$PYTHON" -m benchmarks.warm_triton_cache --sets bench,torch_bsr --dtypes fp16,bf16 \
@@ -105,7 +121,7 @@ case "${1:-}" in
             --shapes 768x768,3072x768 --m 2048 --densities 1.0,0.5,0.36 --methods dense,torch_bsr,ours --rep-ms 50
         ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {all|extra}" >&2
+        echo "usage: benchmarks/gpu_session.sh {all|short|extra}" >&2
         exit 2
         ;;
 esac

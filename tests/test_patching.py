@@ -71,6 +71,43 @@ def test_hybrid_on_the_triton_kernel(pruned_minilm, padded_batch, kernel_device)
     assert max_diff_on_real_tokens(output, reference, padded_batch) < MAX_ABS_DIFF
 
 
+def _module_of(layer, matrix: str):
+    return {"qkv": lambda: layer.attention.self.attention.qkv, "attention_output": lambda: layer.attention.output.dense,
+            "ffn_in": lambda: layer.intermediate.dense, "ffn_out": lambda: layer.output.dense}[matrix]()
+
+
+def test_hybrid_measure_keeps_the_faster_form_and_the_outputs(pruned_minilm, padded_batch):
+    """dense_threshold="measure": every block-grid matrix timed both ways; the module built is the one chosen."""
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold="measure", measure_rows=64)
+    assert max_diff_on_real_tokens(reference_output(patched, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
+    choices = patched.nn_blocksparse_choices
+    assert {c["matrix"] for c in choices} >= {"qkv", "attention_output"}  # FFNs left the block grid when resized
+    layers = patched.encoder.layer
+    for choice in choices:
+        assert choice["dense_ms"] > 0 and choice["block_sparse_ms"] > 0
+        assert choice["block_sparse"] == (choice["block_sparse_ms"] < 0.95 * choice["dense_ms"])
+        module = _module_of(layers[choice["layer"]], choice["matrix"])
+        assert isinstance(module, BlockSparseLinear) == choice["block_sparse"]
+        assert list(module.weight.shape) == choice["shape"]
+
+
+def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm):
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid")  # "auto" on CPU: block density 0.8
+    choices = patched.nn_blocksparse_choices
+    assert choices and all("dense_ms" not in c and c["block_sparse"] == (c["block_density"] <= 0.8) for c in choices)
+    for choice in choices:
+        assert isinstance(_module_of(patched.encoder.layer[choice["layer"]], choice["matrix"]),
+                          BlockSparseLinear) == choice["block_sparse"]
+    nothing_sparse = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.0)
+    assert not [m for m in nothing_sparse.modules() if isinstance(m, BlockSparseLinear)]
+    for bad in ("fast", 1.5, -0.1):
+        with pytest.raises(ValueError, match="dense_threshold"):
+            patch_bert(copy.deepcopy(model), dense_threshold=bad)
+
+
 def test_resize_fuses_nothing_and_keeps_transformers_attention(pruned_minilm):
     patched = patch_bert(copy.deepcopy(pruned_minilm[0]), mode="resize")
     layer = patched.encoder.layer[0]

@@ -7,9 +7,13 @@ The thin layer between transformers' BERT modules and the library's generic piec
   out of dense matrices; transformers' own attention keeps running, on smaller matrices.
 - `"blocksparse"`: every Q/K/V (fused into one matmul), attention-output, FFN-in (with GELU
   fused into the kernel) and FFN-out matrix becomes a `BlockSparseLinear`; all heads stay.
-- `"hybrid"` (default): resize first, then block-sparse for the zero blocks left inside. A
-  matrix left denser than `dense_threshold` after resizing stays a dense `nn.Linear`, since
-  there are too few zero blocks to pay for the indirection.
+- `"hybrid"` (default): resize first, then block-sparse for the zero blocks left inside, where
+  they pay. `dense_threshold` says where: a block density (a matrix denser than it stays a dense
+  `nn.Linear`), or `"measure"`: time each matrix both ways on its own device and dtype
+  (`nn_blocksparse.selection`) and keep the faster. The default `"auto"` measures on a GPU,
+  where the kernel only wins at low density (about 0.2 on an H200), and uses 0.8 on CPU, where
+  the block-sparse module's CPU plan falls back to dense by itself where dense is faster.
+  The choices, with the times measured, are kept in `model.nn_blocksparse_choices`.
 
 Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
 (what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
@@ -26,6 +30,7 @@ import torch.nn as nn
 from ..attention import FusedSelfAttention
 from ..linear import BlockSparseLinear
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
+from ..selection import DEFAULT_ROWS, measure_block_sparse
 
 MODES = ("resize", "blocksparse", "hybrid")
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
@@ -91,19 +96,37 @@ def _block_density(weight: torch.Tensor, block_size: int) -> float:
     return (blocks != 0).any(dim=3).any(dim=1).float().mean().item()
 
 
+DENSITY_THRESHOLD = 0.8  # "auto" off the GPU: denser matrices stay dense
+
+
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
-               dense_threshold: float = 0.8) -> nn.Module:
-    """Patch in place and return `model`. See the module docstring for the modes."""
+               dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS) -> nn.Module:
+    """Patch in place and return `model`. See the module docstring for the modes.
+
+    Patch the model on the device and in the dtype it will run in: `"measure"` times there, with
+    `measure_rows` tokens per call.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(dense_threshold, str):
+        if dense_threshold not in ("auto", "measure"):
+            raise ValueError(f"dense_threshold must be a block density in [0, 1], 'auto' or 'measure', "
+                             f"got {dense_threshold!r}")
+    elif not 0.0 <= dense_threshold <= 1.0:
+        raise ValueError(f"dense_threshold must be a block density in [0, 1], 'auto' or 'measure', "
+                         f"got {dense_threshold}")
     layers = bert_layers(model)
     for layer in layers:
         if not hasattr(layer.attention.self, "query"):
             raise ValueError("this model is already patched")
 
     resize = mode in ("resize", "hybrid")
+    parameter = next(model.parameters(), None)
+    measure = dense_threshold == "measure" or (
+        dense_threshold == "auto" and parameter is not None and parameter.device.type == "cuda")
+    choices = []
 
-    def sparse_for(weight: torch.Tensor) -> bool:
+    def sparse_for(weight: torch.Tensor, bias, layer_index: int, name: str, activation=None) -> bool:
         if mode == "resize":
             return False
         if weight.shape[0] % block_size or weight.shape[1] % block_size:
@@ -112,10 +135,22 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
                 # grid; it stays a dense (resized) nn.Linear, as in nn_pruning.
                 return False
             raise ValueError(f"block_size {block_size} does not divide a weight of shape {tuple(weight.shape)}")
-        return mode == "blocksparse" or _block_density(weight, block_size) <= dense_threshold
+        if mode == "blocksparse":
+            return True
+        choice = {"layer": layer_index, "matrix": name, "shape": list(weight.shape),
+                  "block_density": round(_block_density(weight, block_size), 4)}
+        if measure and weight.numel():
+            timing = measure_block_sparse(weight, bias, activation, block_size, backend, rows=measure_rows)
+            choice.update(dense_ms=timing.dense_ms, block_sparse_ms=timing.block_sparse_ms,
+                          block_sparse=timing.use_block_sparse)
+        else:
+            threshold = DENSITY_THRESHOLD if isinstance(dense_threshold, str) else dense_threshold
+            choice["block_sparse"] = choice["block_density"] <= threshold
+        choices.append(choice)
+        return choice["block_sparse"]
 
     with torch.no_grad():
-        for layer in layers:
+        for layer_index, layer in enumerate(layers):
             attention = layer.attention.self
             head_dim = attention.attention_head_size
             query, key, value = attention.query, attention.key, attention.value
@@ -136,23 +171,24 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
             else:
                 qkv_weight = torch.cat([query.weight, key.weight, value.weight])
                 qkv_bias = torch.cat([query.bias, key.bias, value.bias]) if query.bias is not None else None
-                qkv = _projection(qkv_weight, qkv_bias, num_heads > 0 and sparse_for(qkv_weight), block_size,
-                                  backend)
+                qkv_sparse = num_heads > 0 and sparse_for(qkv_weight, qkv_bias, layer_index, "qkv")
+                qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend)
                 layer.attention.self = BertSelfAttentionAdapter(
                     FusedSelfAttention(qkv, num_heads, head_dim, attention.dropout.p))
-            layer.attention.output.dense = _projection(output.weight, output.bias,
-                                                       sparse_for(output.weight), block_size, backend)
+            output_sparse = sparse_for(output.weight, output.bias, layer_index, "attention_output")
+            layer.attention.output.dense = _projection(output.weight, output.bias, output_sparse, block_size, backend)
 
             fuse_gelu = _is_exact_gelu(layer.intermediate.intermediate_act_fn)
-            inner_sparse = sparse_for(inner.weight)
+            inner_sparse = sparse_for(inner.weight, inner.bias, layer_index, "ffn_in", "gelu" if fuse_gelu else None)
             layer.intermediate.dense = _projection(inner.weight, inner.bias, inner_sparse, block_size, backend,
                                                    activation="gelu" if (inner_sparse and fuse_gelu) else None)
             if inner_sparse and fuse_gelu:
                 layer.intermediate.intermediate_act_fn = nn.Identity()
-            layer.output.dense = _projection(outer.weight, outer.bias, sparse_for(outer.weight), block_size,
-                                             backend)
+            outer_sparse = sparse_for(outer.weight, outer.bias, layer_index, "ffn_out")
+            layer.output.dense = _projection(outer.weight, outer.bias, outer_sparse, block_size, backend)
     model.train(model.training)  # new modules start in training mode: give them the model's (dropout!)
     model.nn_blocksparse_mode = mode
+    model.nn_blocksparse_choices = choices
     return model
 
 

@@ -1,0 +1,53 @@
+"""measure_block_sparse: times both forms of a weight and keeps block-sparse only where it is faster."""
+
+import pytest
+import torch
+
+from helpers import random_block_sparse_weight
+from nn_blocksparse.selection import Measurement, measure_block_sparse
+
+
+def scripted_timer(dense_ms, block_sparse_ms):
+    """Returns the given times (dense is timed first), after running each function once."""
+    times = [dense_ms, block_sparse_ms]
+
+    def timer(fn, device):
+        fn()
+        return times.pop(0)
+
+    return timer
+
+
+def test_the_choice_follows_the_times_with_a_margin():
+    weight = random_block_sparse_weight(64, 64, 32, 0.5, seed=0)
+    faster = measure_block_sparse(weight, timer=scripted_timer(1.0, 0.5))
+    assert faster == Measurement(1.0, 0.5, True) and faster.speedup == 2.0
+    # 3% faster is within the 5% margin: the plain dense layer stays.
+    assert not measure_block_sparse(weight, timer=scripted_timer(1.0, 0.97)).use_block_sparse
+    assert measure_block_sparse(weight, timer=scripted_timer(1.0, 0.97), margin=0.0).use_block_sparse
+    assert not measure_block_sparse(weight, timer=scripted_timer(1.0, 2.0)).use_block_sparse
+
+
+def test_real_times_on_cpu_favour_a_very_sparse_weight():
+    """A 5%-dense weight: the CPU plan touches a twentieth of the weight, far past any noise."""
+    weight = random_block_sparse_weight(512, 512, 32, 0.05, seed=1)
+    measurement = measure_block_sparse(weight, torch.randn(512), "gelu", backend="torch", rows=256, repeats=7)
+    assert measurement.dense_ms > 0 and measurement.block_sparse_ms > 0
+    assert measurement.use_block_sparse, measurement
+
+
+def test_measures_the_triton_kernel_too(kernel_device):
+    """On a GPU the compiled kernel is timed; without one the interpreter runs it (times meaningless)."""
+    weight = random_block_sparse_weight(64, 64, 32, 0.5, seed=2).to(kernel_device)
+    measurement = measure_block_sparse(weight, backend="triton", rows=16, warmup=1, repeats=2)
+    assert measurement.dense_ms > 0 and measurement.block_sparse_ms > 0
+
+
+def test_clear_errors():
+    weight = random_block_sparse_weight(64, 64, 32, 0.5, seed=3)
+    with pytest.raises(ValueError, match="2-D"):
+        measure_block_sparse(weight[0])
+    with pytest.raises(ValueError, match="rows"):
+        measure_block_sparse(weight, rows=0)
+    with pytest.raises(ValueError, match="margin"):
+        measure_block_sparse(weight, margin=1.0)
