@@ -23,12 +23,24 @@ def test_exact_and_nearest_tuned_entries(tuned_table):
     assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 2048, 0.5) == KernelConfig(128, 8, 1, 8, 4)
     # M=1500 falls in the 2048 bucket; density 0.52 rounds to 0.50.
     assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 1500, 0.52) == KernelConfig(128, 8, 1, 8, 4)
-    # No exact key: nearest M bucket of the same shape wins (256 is nearer to 128 than to 2048).
+    # No exact key: nearest M bucket of the same shape wins (256 is nearer to 128 than to 2048)...
     assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 256, 0.3) == KernelConfig(32, 8, 2, 4, 3)
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 1024, 0.5) == KernelConfig(128, 8, 1, 8, 4)
+    # ...but only within one bucket: 512 is two from both entries, 8192 two from 2048: the heuristic decides.
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 512, 0.5) is None
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 8192, 0.5) is None
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 4096, 0.5) == KernelConfig(128, 8, 1, 8, 4)
     # Another shape, dtype or architecture: nothing tuned.
     assert configs.tuned_config("sm90", torch.float16, 32, 3072, 768, 2048, 0.5) is None
     assert configs.tuned_config("sm90", torch.bfloat16, 32, 768, 768, 2048, 0.5) is None
     assert configs.tuned_config("sm80", torch.float16, 32, 768, 768, 2048, 0.5) is None
+
+
+def test_nearest_entry_ties_go_to_the_larger_m(monkeypatch):
+    table = {"sm90": {table_key(torch.float16, 32, 768, 768, 128, 0.5): [16, 8, 1, 4, 3],
+                      table_key(torch.float16, 32, 768, 768, 512, 0.5): [64, 8, 1, 4, 3]}}
+    monkeypatch.setattr(configs, "load_tuned_table", lambda: table)
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 256, 0.5) == KernelConfig(64, 8, 1, 4, 3)
 
 
 def test_heuristic_grows_tiles_with_m_and_splits_k_when_the_grid_is_small():

@@ -98,6 +98,8 @@ MAX_GROUPING_INFLATION = 1.05
 # Programs per SM the heuristic's M tiling aims for: the best tuned H200 configs had 4-12
 # (each program walks its blocks one after another; more of them hide the load latency).
 PROGRAMS_PER_SM = 4
+# A tuned entry stands in for M buckets at most this many octaves from its own.
+MAX_TUNED_M_OCTAVES = 1
 MIN_M_FOR_ROW_GROUPS = 256
 _MAX_TILE_AREA_16BIT = 128 * 128
 
@@ -181,7 +183,12 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
 
 def tuned_config(arch: str, dtype: torch.dtype, block_size: int, n: int, k: int, m: int,
                  density: float) -> KernelConfig | None:
-    """The table entry for this problem, or the nearest one of the same shape, or None."""
+    """The table entry for this problem, or the nearest one of the same shape within one M bucket
+    (a factor of 2 in M), or None.
+
+    Not further: an H200 run took the M=128 entries (16-row tiles) for M=512, which made 3072x768
+    at M=512 barely faster than at M=2048 with four times the work; the heuristic does better
+    there."""
     entries = load_tuned_table().get(arch, {})
     if not entries:
         return None
@@ -192,9 +199,14 @@ def tuned_config(arch: str, dtype: torch.dtype, block_size: int, n: int, k: int,
     same_shape = [(_parse_key(k_), v) for k_, v in entries.items() if _parse_key(k_)["prefix"] == wanted["prefix"]]
     if not same_shape:
         return None
+    near = [(entry, values) for entry, values in same_shape
+            if abs(math.log2(entry["m"]) - math.log2(wanted["m"])) <= MAX_TUNED_M_OCTAVES]
+    if not near:
+        return None
     best = min(
-        same_shape,
-        key=lambda e: (abs(math.log2(e[0]["m"]) - math.log2(wanted["m"])), abs(e[0]["density"] - wanted["density"])),
+        near,
+        key=lambda e: (abs(math.log2(e[0]["m"]) - math.log2(wanted["m"])), abs(e[0]["density"] - wanted["density"]),
+                       -e[0]["m"]),
     )
     return KernelConfig.from_list(best[1])
 
