@@ -123,6 +123,11 @@ def main(argv=None) -> int:
         dense_ms = dense_ms or ms
         print(f"{name:<26} {sum(heads_per_layer(candidate)):>6} {stored:>22,} {nonzero / max(stored, 1):>8.1%} "
               f"{diff:>11.2e} {ms:>9.2f} {dense_ms / ms:>7.2f}x")
+    choices = rows[-1][1].nn_blocksparse_choices
+    measured = [c for c in choices if "dense_ms" in c]
+    rule = "each measured both ways" if measured else "block density <= 0.8"
+    print(f"\nhybrid: {sum(c['block_sparse'] for c in choices)} of {len(choices)} matrices left on the block grid "
+          f"after resizing run block-sparse ({rule}; model.nn_blocksparse_choices)")
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     worst = max(diff for _, _, diff in rows)
     print(f"\nall patched outputs match the unpatched pruned model: max |diff| {worst:.2e} "
