@@ -169,6 +169,7 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--device", help="cuda (the default) or cpu; --quick: always cpu")
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
+    common.add_cuda_graph_argument(parser)
     parser.add_argument("--rep-ms", type=float, default=500.0, help="CUDA: measuring time per method and size")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

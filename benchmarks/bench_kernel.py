@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_kernel [--out DIR] [--quick] [--shapes 768x768,...] [--m 128,...]
         [--densities 1.0,0.5,...] [--block-sizes 16,32,64] [--dtypes fp16,bf16]
-        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N] [--rep-ms 100] [--cuda-graph] [--seed 0]
+        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N]
+        [--rep-ms 100] [--cuda-graph] [--seed 0]
 
 For every (shape N x K, M, block density, block size, dtype), on one random seeded block layout:
 
@@ -274,6 +275,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cuda (the default) or cpu (the torch path for ours); --quick: always cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
+    common.add_cuda_graph_argument(parser)
     parser.add_argument("--rep-ms", type=float, default=100.0,
                         help="CUDA: do_bench's measuring time per method and case (a quarter of it to warm up)")
     args = parser.parse_args(argv)

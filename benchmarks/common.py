@@ -198,18 +198,22 @@ def base_parser(description: str, default_threads: int | None = None) -> argpars
     parser.add_argument("--quick", action="store_true", help="a small CPU run that checks the script works")
     parser.add_argument("--threads", type=int, default=default_threads,
                         help=f"torch.set_num_threads for CPU work (default: {default_threads or 'torch default'})")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="CUDA: time CUDA-graph replays (the kernels' GPU time, no launch overhead); files "
-                        "get a '_cudagraph' suffix")
     return parser
 
 
+def add_cuda_graph_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="CUDA: time CUDA-graph replays (the kernels' GPU time, no launch overhead); files "
+                        "get a '_cudagraph' suffix")
+
+
 def timing_name(cuda_graph: bool) -> str:
-    """The `timing` entry of a CSV's environment record, and the file-name suffix of graph runs."""
+    """The `timing` entry of a CSV's environment record."""
     return "cudagraph" if cuda_graph else "eager"
 
 
 def stem_for(stem: str, cuda_graph: bool) -> str:
+    """File stem of a graph-timed run: `<stem>_cudagraph`."""
     return f"{stem}_cudagraph" if cuda_graph else stem
 
 

@@ -67,7 +67,9 @@ def variants(sets, dtype_names, block_sizes, stages, bench_cases=()) -> list[tup
 
 
 def compile_variant(job: tuple, device: str = "cuda") -> tuple[tuple, str]:
-    """Run one job (in a worker process); returns (job, error or ''). `device="cpu"`: under Triton's interpreter (tests)."""
+    """Run one job (in a worker process); returns (job, error or '').
+
+    `device="cpu"` runs our kernel under Triton's interpreter (tests)."""
     device = torch.device(device)
     try:
         with torch.inference_mode():

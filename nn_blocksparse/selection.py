@@ -74,8 +74,8 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     """Time `act(x @ weight^T + bias)` as a `BlockSparseLinear` and as a dense `nn.Linear` (+ activation).
 
     `x` is `[rows, in_features]` random, on the weight's device and in its dtype. `timer(fn,
-    device)` replaces `median_call_ms` (tests). Block-sparse is chosen when its time is below
-    `(1 - margin)` x the dense time.
+    device)` replaces `median_call_ms` (tests); it is called for the dense form first. Block-sparse
+    is chosen when its time is below `(1 - margin)` x the dense time.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")

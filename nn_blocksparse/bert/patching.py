@@ -33,6 +33,7 @@ from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads
 from ..selection import DEFAULT_ROWS, measure_block_sparse
 
 MODES = ("resize", "blocksparse", "hybrid")
+DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU: matrices denser than this stay dense
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
 
 
@@ -94,9 +95,6 @@ def _block_density(weight: torch.Tensor, block_size: int) -> float:
         return 1.0
     blocks = weight.reshape(n // block_size, block_size, k // block_size, block_size)
     return (blocks != 0).any(dim=3).any(dim=1).float().mean().item()
-
-
-DENSITY_THRESHOLD = 0.8  # "auto" off the GPU: denser matrices stay dense
 
 
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",

@@ -25,6 +25,8 @@ what would otherwise make the kernel read out of bounds.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -148,6 +150,7 @@ def _split_k_reduce_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache  # fixed once the kernel is decorated, and asked on every call
 def interpreter_enabled() -> bool:
     """True when Triton was imported with `TRITON_INTERPRET=1`: kernels then run on CPU tensors.
 
