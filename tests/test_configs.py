@@ -26,10 +26,11 @@ def test_exact_and_nearest_tuned_entries(tuned_table):
     # No exact key: nearest M bucket of the same shape wins (256 is nearer to 128 than to 2048)...
     assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 256, 0.3) == KernelConfig(32, 8, 2, 4, 3)
     assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 1024, 0.5) == KernelConfig(128, 8, 1, 8, 4)
-    # ...but only within one bucket: 512 is two from both entries, 8192 two from 2048: the heuristic decides.
-    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 512, 0.5) is None
-    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 8192, 0.5) is None
-    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 4096, 0.5) == KernelConfig(128, 8, 1, 8, 4)
+    # 512 is two buckets from both entries: the larger M wins; 8192 is two from 2048.
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 512, 0.5) == KernelConfig(128, 8, 1, 8, 4)
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 8192, 0.5) == KernelConfig(128, 8, 1, 8, 4)
+    # ...but no further: 16 is three buckets from 128, the heuristic decides.
+    assert configs.tuned_config("sm90", torch.float16, 32, 768, 768, 16, 0.5) is None
     # Another shape, dtype or architecture: nothing tuned.
     assert configs.tuned_config("sm90", torch.float16, 32, 3072, 768, 2048, 0.5) is None
     assert configs.tuned_config("sm90", torch.bfloat16, 32, 768, 768, 2048, 0.5) is None

@@ -98,8 +98,9 @@ MAX_GROUPING_INFLATION = 1.05
 # Programs per SM the heuristic's M tiling aims for: the best tuned H200 configs had 4-12
 # (each program walks its blocks one after another; more of them hide the load latency).
 PROGRAMS_PER_SM = 4
-# A tuned entry stands in for M buckets at most this many octaves from its own.
-MAX_TUNED_M_OCTAVES = 1
+# A tuned entry stands in for M buckets at most this many octaves from its own (the table has
+# entries at M 128 and 2048: 512 and 8192 take the 2048 ones, 16 takes none).
+MAX_TUNED_M_OCTAVES = 2
 MIN_M_FOR_ROW_GROUPS = 256
 _MAX_TILE_AREA_16BIT = 128 * 128
 
@@ -183,12 +184,12 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
 
 def tuned_config(arch: str, dtype: torch.dtype, block_size: int, n: int, k: int, m: int,
                  density: float) -> KernelConfig | None:
-    """The table entry for this problem, or the nearest one of the same shape within one M bucket
-    (a factor of 2 in M), or None.
+    """The table entry for this problem, or the nearest one of the same shape within
+    `MAX_TUNED_M_OCTAVES` M buckets (ties to the larger M), or None.
 
-    Not further: an H200 run took the M=128 entries (16-row tiles) for M=512, which made 3072x768
-    at M=512 barely faster than at M=2048 with four times the work; the heuristic does better
-    there."""
+    Ties go up because small-M entries carry small tiles: an H200 run whose look-up took the M=128
+    entries (16-row tiles) for M=512 made 3072x768 at M=512 barely faster than at M=2048, with a
+    quarter of the work."""
     entries = load_tuned_table().get(arch, {})
     if not entries:
         return None
