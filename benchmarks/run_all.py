@@ -2,8 +2,10 @@
 
     python -m benchmarks.run_all [--out DIR] [--threads N] [--dry-run]
 
-With CUDA: `bench_kernel` and `bench_e2e` in full on the GPU (files named after the GPU, e.g.
-`kernel_nvidia-h100-80gb-hbm3.csv`) and `bench_cpu` in full on the host CPU. Without CUDA:
+With CUDA: `bench_kernel` and `bench_e2e` in full on the GPU, each timed eagerly and again as
+CUDA-graph replays (files named after the GPU, e.g. `kernel_nvidia-h100-80gb-hbm3.csv` and
+`kernel_cudagraph_nvidia-h100-80gb-hbm3.csv`), `launch_overhead`, and `bench_cpu` in full on the
+host CPU. Without CUDA:
 `bench_cpu` in full, `bench_kernel --quick` and `bench_e2e --quick` (CPU smoke runs, `_quick` files).
 `tune_kernel` is not part of it: it takes hours and rewrites the package's tuned table.
 A failing benchmark does not stop the others; the exit status is 1 if any failed.
@@ -25,7 +27,9 @@ def plan(has_cuda: bool, out: Path, threads: int | None = None) -> list[tuple[st
     """`[(benchmark module name, argv), ...]` in the order they run."""
     cpu_args = ["--out", str(out)] + (["--threads", str(threads)] if threads else [])
     if has_cuda:
-        return [("bench_kernel", ["--out", str(out)]), ("bench_e2e", ["--out", str(out)]), ("bench_cpu", cpu_args)]
+        gpu = [(name, ["--out", str(out), *graph]) for name in ("bench_kernel", "bench_e2e")
+               for graph in ([], ["--cuda-graph"])]
+        return [*gpu, ("launch_overhead", ["--out", str(out)]), ("bench_cpu", cpu_args)]
     return [("bench_cpu", cpu_args), ("bench_kernel", ["--quick", "--out", str(out)]),
             ("bench_e2e", ["--quick", "--out", str(out)])]
 
