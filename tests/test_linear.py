@@ -171,3 +171,29 @@ def test_grad_mode_falls_back_to_dense_so_gradients_flow():
     with torch.inference_mode():
         assert_close_to_reference(sparse(x.detach()), dense_reference(x.detach(), linear.weight, linear.bias),
                                   torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the eager twins above run on CPU")
+@pytest.mark.parametrize("m", [16, 512])  # split-K (a partial-sum buffer inside the graph), and row tiles
+def test_replays_in_a_cuda_graph(m):
+    """Serving with CUDA graphs (what the README recommends): a captured forward, replayed on new input,
+    matches the dense reference."""
+    linear = make_linear(768, 768, density=0.5, dtype=torch.float16, seed=m).cuda()
+    layer = BlockSparseLinear.from_linear(linear, activation="gelu")
+    generator = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 768, generator=generator).half().cuda()
+    with torch.no_grad():
+        layer(x)  # first call outside the graph: compiles, picks the config, derives row groups
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        new_x = torch.randn(m, 768, generator=generator).half()
+        x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert_close_to_reference(y, dense_reference(new_x, linear.weight, linear.bias, "gelu"), torch.float16)
