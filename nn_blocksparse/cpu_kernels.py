@@ -75,8 +75,11 @@ class _GemmProfile:
     mm_efficiency_by_width: tuple[tuple[int, float], ...]
 
 
+# "gather_bmm" efficiencies re-measured once chunks became multiples of the thread count (an odd
+# chunk left a core idle at its end, which the old 0.84 at width 32 had absorbed): with them the
+# model picks the faster strategy at all 16 BERT-base points of density 0.6 and 0.36, M 128 and 512.
 _FP32_PROFILE = _GemmProfile(
-    210e9, 4, ((16, 0.72), (32, 0.84), (64, 0.90), (128, 0.95)), ((16, 0.70), (32, 0.88), (64, 0.92), (128, 0.95))
+    210e9, 4, ((16, 0.79), (32, 0.91), (64, 0.96), (128, 0.99)), ((16, 0.70), (32, 0.88), (64, 0.92), (128, 0.95))
 )
 # bf16 dense GEMMs run ~4x faster than fp32 here (oneDNN, AVX512-BF16) while the narrow batched ones
 # gain much less (torch.bmm, M=256: width 16 / 32 / 64 -> 0.25 / 0.66 / 0.84 of dense), so the
@@ -90,7 +93,7 @@ def _gemm_profile(compute_dtype: torch.dtype) -> _GemmProfile:
     return _BF16_PROFILE if compute_dtype == torch.bfloat16 else _FP32_PROFILE
 
 _GATHER_BYTES_PER_S = 200e9  # index_select of whole [bs, rows] row-blocks, read + write
-_DIRECT_GATHER_BYTES_PER_S = 150e9  # index_select of bs-element runs of x's rows, read + write
+_DIRECT_GATHER_BYTES_PER_S = 130e9  # index_select of bs-element runs of x's rows, read + write (122e9 at M=512)
 _TRANSPOSE_BYTES_PER_S = 20e9  # torch's 2-D transposed copy (single-threaded), read + write
 _SECONDS_PER_CHUNK = 15e-6  # one gather + one batched GEMM issued from Python
 # "gather_mm": torch loops over a chunk's units in C++, and MKL forks/joins both cores per unit;
@@ -606,15 +609,31 @@ def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
-def _chunks(plan: CpuBlockSparsePlan, rows_of_x: int, element_size: int) -> list[list[tuple[int, int]]]:
-    """Per bucket, the (first unit, unit count) of each batched GEMM."""
+def _chunks(plan: CpuBlockSparsePlan, rows_of_x: int, element_size: int,
+            threads: int | None = None) -> list[list[tuple[int, int]]]:
+    """Per bucket, the (first unit, unit count) of each batched GEMM.
+
+    A batched GEMM gives each unit to one thread, so a chunk whose count is not a multiple of the
+    thread count leaves threads idle at its end (on 2 threads, 5 units take as long as 6).
+    Chunks are therefore multiples of `threads` (default: torch's thread count), and the units
+    left over run one by one, as single GEMMs split over every thread.
+    """
+    threads = max(1, threads or torch.get_num_threads())
     out = []
     for bucket in plan.buckets:
         per_chunk = _units_per_chunk(
             bucket.rows_per_unit, bucket.blocks_per_unit, plan.block_size, rows_of_x, element_size
         )
-        firsts = range(0, bucket.unit_count, per_chunk)
-        out.append([(first, min(per_chunk, bucket.unit_count - first)) for first in firsts])
+        if per_chunk >= threads:
+            per_chunk -= per_chunk % threads
+        bucket_chunks, first = [], 0
+        while first < bucket.unit_count:
+            count = min(per_chunk, bucket.unit_count - first)
+            if count > 1 and count % threads:
+                count = max(count - count % threads, 1)
+            bucket_chunks.append((first, count))
+            first += count
+        out.append(bucket_chunks)
     return out
 
 
@@ -765,7 +784,7 @@ def _build_direct_recipe(
 
 
 def _recipe_for(plan: CpuBlockSparsePlan, m: int, dtype: torch.dtype, packed: tuple[torch.Tensor, ...], strategy: str):
-    key = (plan._token, m, dtype, strategy)
+    key = (plan._token, m, dtype, strategy, torch.get_num_threads())  # chunks follow the thread count
     recipe = _workspace.recipes.get(key)
     if recipe is None:
         if len(_workspace.recipes) >= _MAX_RECIPES_PER_THREAD:

@@ -212,6 +212,33 @@ def test_small_gather_chunks_and_recipe_reuse(monkeypatch):
     cpu_kernels._workspace.recipes.clear()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batched_gemm_chunks_are_multiples_of_the_thread_count(monkeypatch, threads):
+    """A batched GEMM gives each unit to one thread: chunks hold a multiple of the thread count (leftover
+    units run alone), and every unit of every bucket is covered once, in order. Results do not change."""
+    monkeypatch.setattr(cpu_kernels, "_GATHER_CHUNK_BYTES", 5 * 16 * 16 * 33 * 4)  # 5 units of P=16 at M=33
+    n, k, bs = 608, 256, 16
+    values, row_offsets, col_indices = bsr_from_mask(random_mask(n // bs, k // bs, 0.6, seed=4), bs)
+    plan = build_cpu_plan(values, row_offsets, col_indices, n, k, bs, strategy="gather_bmm")
+    chunks = cpu_kernels._chunks(plan, 33, 4, threads=threads)
+    assert any(count > 1 for bucket_chunks in chunks for _, count in bucket_chunks)
+    for bucket, bucket_chunks in zip(plan.buckets, chunks):
+        assert all(count == 1 or count % threads == 0 for _, count in bucket_chunks)
+        firsts = [first for first, _ in bucket_chunks]
+        assert firsts == sorted(firsts) and sum(count for _, count in bucket_chunks) == bucket.unit_count
+        assert all(a + c == b for (a, c), b in zip(bucket_chunks, firsts[1:]))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_kernels._workspace.recipes.clear()
+        x = torch.randn(33, k)
+        expected = reference(x, dense_from_bsr(values, row_offsets, col_indices, n, k, bs), None)
+        torch.testing.assert_close(run(x, plan, None).double(), expected, **TOLERANCES[torch.float32])
+    finally:
+        torch.set_num_threads(previous)
+        cpu_kernels._workspace.recipes.clear()
+
+
 def test_plan_is_deterministic_and_inspectable():
     n, k, bs = 768, 768, 32
     values, row_offsets, col_indices = bsr_from_mask(random_mask(n // bs, k // bs, 0.36, seed=10), bs)
