@@ -77,7 +77,8 @@ class _GemmProfile:
 
 # "gather_bmm" efficiencies re-measured once chunks became multiples of the thread count (an odd
 # chunk left a core idle at its end, which the old 0.84 at width 32 had absorbed): with them the
-# model picks the faster strategy at all 16 BERT-base points of density 0.6 and 0.36, M 128 and 512.
+# model picks the faster strategy (or one within noise of it) at all 16 BERT-base points of density
+# 0.6 and 0.36, M 128 and 512.
 _FP32_PROFILE = _GemmProfile(
     210e9, 4, ((16, 0.79), (32, 0.91), (64, 0.96), (128, 0.99)), ((16, 0.70), (32, 0.88), (64, 0.92), (128, 0.95))
 )
