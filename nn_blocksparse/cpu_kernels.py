@@ -108,7 +108,8 @@ _ROWS_FOR_THREADED_UNIT_GEMM = 8
 # kept to plans without narrow-unit loops.  Re-measured with three kinds of neighbour (a spinning
 # Python loop, 1- and 2-thread torch GEMM loops) on BERT-base shapes at densities 0.6 and 0.36:
 # "gather_mm" was never behind "gather_bmm" by more than noise, and ahead by 10-17% where x is long
-# or M = 512 (no transposes), so the cost model now chooses between them freely.
+# or M = 512 (no transposes), so the cost model now chooses between them freely (that was before
+# "gather_bmm" chunks were thread-balanced; since then it wins some M = 512 points too).
 _SECONDS_PER_SPARSE_CALL = 30e-6  # argument checks, recipe lookup, bias permutation, output alloc
 _SECONDS_PER_DENSE_CALL = 10e-6
 # Stay dense unless the sparse path is predicted at least this much cheaper: the model is coarse,
