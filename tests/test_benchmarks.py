@@ -20,8 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_cpu, bench_e2e, bench_kernel, common, launch_overhead, run_all, tune_kernel,  # noqa: E402
-                        warm_triton_cache)
+from benchmarks import (bench_cpu, bench_e2e, bench_kernel, common, graph_check, launch_overhead, run_all,  # noqa: E402
+                        tune_kernel, warm_triton_cache)
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -195,6 +195,7 @@ def test_gpu_scripts_exit_with_status_2_without_cuda(tmp_path):
     assert bench_e2e.main(["--out", str(tmp_path)]) == 2
     assert warm_triton_cache.main(["--sets", "bench"]) == 2
     assert launch_overhead.main([]) == 2
+    assert graph_check.main([]) == 2
 
 
 def test_tune_kernel_end_to_end_under_the_interpreter(tmp_path):
