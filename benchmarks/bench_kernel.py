@@ -124,11 +124,10 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
     from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
 
     if x.device.type == "cuda":
-        from nn_blocksparse.kernels.configs import select_config
+        from nn_blocksparse.functional import launch_config
 
         matrix = BlockSparseMatrix.from_dense(weight, block_size)
-        config = select_config(x.dtype, block_size, *weight.shape, x.shape[0], matrix.nnz_blocks, x.device,
-                               matrix.grouping_inflation())
+        config = launch_config(matrix, x.dtype, x.shape[0], x.device)
         # The launch configuration the library picks (tuned or heuristic), for reading the results.
         note = "config=" + "/".join(map(str, config.as_list()))
         return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
     from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
     from nn_blocksparse.kernels import block_sparse_linear as launch
-    from nn_blocksparse.kernels.configs import select_config
+    from nn_blocksparse.functional import launch_config
 
     device, dtype = torch.device("cuda"), torch.float16
     n, k = common.parse_shape(args.shape)
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.m, k, device=device, dtype=dtype)
     matrix = BlockSparseMatrix.from_dense(weight, 32)
     module = BlockSparseLinear.from_dense(weight, None, 32, backend="triton")
-    config = select_config(dtype, 32, n, k, args.m, matrix.nnz_blocks, device, ())
+    config = launch_config(matrix, dtype, args.m, device)  # the one the module's calls use
     row_groups = matrix.row_groups(config.rows_per_program) if config.rows_per_program > 1 else None
     paths = {
         "dense": lambda: F.linear(x, weight),

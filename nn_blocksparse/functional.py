@@ -73,6 +73,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def launch_config(weight: BlockSparseMatrix, dtype: torch.dtype, m: int, device: torch.device) -> KernelConfig:
+    """The launch configuration the Triton backend picks for `m` rows of x: tuned, else heuristic."""
+    # Grouping padding is derived (once per matrix) only where the heuristic would use it: not
+    # for fp32 or small M, e.g. batch-1 serving.
+    inflation = weight.grouping_inflation() if row_groups_considered(dtype, m) else ()
+    n, k = weight.shape
+    return select_config(dtype, weight.block_size, n, k, m, weight.nnz_blocks, device, inflation)
+
+
 def _warn_autograd_fallback() -> None:
     # Python's default warning filter already shows this once per call site.
     warnings.warn(
@@ -134,11 +143,7 @@ def block_sparse_linear(
         raise ValueError(f"the weight stores {weight.values.numel()} values, more than the kernel's 32-bit offsets "
                          "address (2**31 - 1)")
     if config is None:
-        # Grouping padding is derived (once per matrix) only where the heuristic would use it: not
-        # for fp32 or small M, e.g. batch-1 serving.
-        m = x2d.shape[0]
-        inflation = weight.grouping_inflation() if row_groups_considered(x.dtype, m) else ()
-        config = select_config(x.dtype, weight.block_size, n, k, m, weight.nnz_blocks, x.device, inflation)
+        config = launch_config(weight, x.dtype, x2d.shape[0], x.device)
     row_groups = weight.row_groups(config.rows_per_program) if config.rows_per_program > 1 else None
     y2d = triton_block_sparse_linear(
         x2d, weight.values, weight.row_offsets, weight.col_indices, weight.row_order,
