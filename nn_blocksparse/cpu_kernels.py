@@ -611,6 +611,22 @@ def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
+def _scratch_views(sizes: dict[str, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`_scratch` for several buffers at once: all are grown first, since growing one drops the
+    recipes (and so the views) made so far."""
+    for name, numel in sizes.items():
+        _scratch(name, numel, dtype)
+    return {name: _scratch(name, numel, dtype) for name, numel in sizes.items()}
+
+
+def _fill_empty_slots(empty_slots: torch.Tensor, empty_bias: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Outputs of block-rows without blocks: the bias (already in slot order in `empty_bias`), or 0."""
+    if bias is None:
+        empty_slots.zero_()
+    else:
+        empty_slots.copy_(empty_bias.expand_as(empty_slots))
+
+
 def _chunks(plan: CpuBlockSparsePlan, rows_of_x: int, element_size: int,
             threads: int | None = None) -> list[list[tuple[int, int]]]:
     """Per bucket, the (first unit, unit count) of each batched GEMM.
@@ -699,17 +715,13 @@ def _build_transposed_recipe(
     widest = max(end - start for start, end in tiles)
     chunks = _chunks(plan, widest, torch.empty((), dtype=dtype).element_size())
 
-    # Grow every buffer first: growing one drops the views made so far.
-    sizes = {
+    buffer = _scratch_views({
         "x_t": k * widest,
         "slots_t": slots * bs * widest,
         "feature_rows_t": 0 if plan.slots_in_feature_order else n * widest,
         "gather": _gather_numel(plan, chunks, widest),
         "bias": slots * bs,
-    }
-    for name, numel in sizes.items():
-        _scratch(name, numel, dtype)
-    buffer = {name: _scratch(name, numel, dtype) for name, numel in sizes.items()}
+    }, dtype)
     bias_slots = buffer["bias"].view(slots, bs)
     empty = plan.nonempty_slot_count
 
@@ -752,10 +764,7 @@ def _build_direct_recipe(
     bs, n = plan.block_size, plan.out_features
     slots = n // bs
     chunks = _chunks(plan, m, torch.empty((), dtype=dtype).element_size())
-    sizes = {"slots": m * n, "gather": _gather_numel(plan, chunks, m), "bias": n}
-    for name, numel in sizes.items():
-        _scratch(name, numel, dtype)
-    buffer = {name: _scratch(name, numel, dtype) for name, numel in sizes.items()}
+    buffer = _scratch_views({"slots": m * n, "gather": _gather_numel(plan, chunks, m), "bias": n}, dtype)
     out_slots = buffer["slots"].view(m, slots, bs)
     bias_slots = buffer["bias"].view(slots, bs)
     empty = plan.nonempty_slot_count
@@ -814,10 +823,7 @@ def _run_gather_bmm(
         # [bs, mt] row-block (converting fp16 to fp32 in the same pass).
         tile.x_t.copy_(x2d[tile.first_row : tile.end_row].t())
         if has_empty:
-            if bias is None:
-                tile.empty_slots_t.zero_()
-            else:
-                tile.empty_slots_t.copy_(recipe.empty_bias.expand_as(tile.empty_slots_t))
+            _fill_empty_slots(tile.empty_slots_t, recipe.empty_bias, bias)
         x_t_blocks = tile.x_t_blocks
         for index, gathered_flat, gathered, weight, out, bias_view in tile.steps:
             if index is not None:
@@ -855,10 +861,7 @@ def _run_gather_mm(
     if bias is not None:
         torch.index_select(bias.view(-1, bs), 0, plan.block_row_of_slot, out=recipe.bias_slots)
     if plan.nonempty_slot_count < plan.out_features // bs:
-        if bias is None:
-            recipe.empty_slots.zero_()
-        else:
-            recipe.empty_slots.copy_(recipe.empty_bias.expand_as(recipe.empty_slots))
+        _fill_empty_slots(recipe.empty_slots, recipe.empty_bias, bias)
     for index, source, gathered, weight, out, bias_view, width in recipe.steps:
         if index is None:
             gathered = x[:, source : source + width]
