@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The GPU work of this project, sized for a lent GPU machine: about 15 minutes of device time in
 # all, the machine's start included, and at most 10 minutes per command. So the main work is one
-# call, and a second, optional one can follow on the still-warm machine:
+# call (`all`), and a second, optional one can follow on the still-warm machine:
 #
-#   benchmarks/gpu_session.sh all     install, versions; GPU tests in parallel with compiling every
-#                                     kernel variant the timed runs need; tune the package table;
-#                                     kernel benchmark against cuBLAS / torch BSR / resize and
-#                                     BERT-base end to end, each eager and as CUDA-graph replays; a
-#                                     CUDA-graph tuning probe at batch 1. Step limits add up to
-#                                     9.9 min (about 6 on an H200): give the call timeout_s=600.
+#   benchmarks/gpu_session.sh kernel  install, versions; GPU tests in parallel with compiling every
+#                                     kernel variant the timed runs need; tune the package table
+#                                     (CUDA-graph timing); kernel benchmark against cuBLAS / torch
+#                                     BSR / resize as CUDA-graph replays; the graph-timing
+#                                     cross-check. Step limits add up to 7.3 min.
+#   benchmarks/gpu_session.sh serve   install; the eager kernel benchmark; BERT-base end to end, eager
+#                                     and as CUDA-graph replays; launch overhead (limits: 4.0 min)
+#   benchmarks/gpu_session.sh all     kernel, then end to end and launch overhead (not the eager
+#                                     kernel benchmark): step limits add up to 9.3 min, give the
+#                                     call timeout_s=600
 #   benchmarks/gpu_session.sh short   install, GPU tests, end to end, launch overhead, the graph-
 #                                     timing cross-check (~3 min): for a session with little device
-#                                     time left after `all`
+#                                     time
 #   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~1 min)
 #
 # Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
@@ -63,12 +67,12 @@ gpu_tests() {  # the compiled kernel against the float64 reference: every dtype,
                # measured hybrid choice; spread over 12 processes when pytest-xdist is there
     local parallel=()
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 12)
-    step 110 "$PYTHON" -m pytest -q "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py tests/test_linear.py \
+    step 120 "$PYTHON" -m pytest -q "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py tests/test_linear.py \
         tests/test_row_groups.py tests/test_configs.py tests/test_selection.py
 }
 
 end_to_end() {  # pruned BERT-base, eager and as CUDA-graph replays; the host cost of one call
-    step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
+    step 50 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
     step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
         --cuda-graph --rep-ms 100
     step 30 "$PYTHON" -m benchmarks.launch_overhead --out "$WORK"
@@ -77,41 +81,61 @@ end_to_end() {  # pruned BERT-base, eager and as CUDA-graph replays; the host co
 SHAPES=768x768,2304x768,3072x768,768x3072
 BENCH_M=128,512,2048,8192
 BENCH_DENSITIES=1.0,0.75,0.5,0.36,0.1
+
+install() {
+    step 30 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
+    versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
+}
+
+kernel_part() {  # tests, tuning and the kernel benchmark (~5 min on an H200)
+    # CPU-bound compiling, all at once on the machine's cores, before anything is timed: the tuning
+    # candidates and the timed runs' kernels in the background, beside the tests' own compiling (a
+    # background job ignores SIGINT, so it gets TERM at its limit; timeout signals its whole
+    # process group, the pool's workers too).
+    echo "=== [limit 110s, in the background, log in warm_cache.log] warm_triton_cache" | tee -a "$LOG"
+    timeout --kill-after=5 110 "$PYTHON" -m benchmarks.warm_triton_cache --workers 6 \
+        --shapes "$SHAPES" --m "$BENCH_M" --densities "$BENCH_DENSITIES" > "$OUT/warm_cache.log" 2>&1 &
+    local warm=$!
+    gpu_tests
+    wait "$warm"
+    echo "=== warm_triton_cache exit $?: $(tail -n 1 "$OUT/warm_cache.log")" | tee -a "$LOG"
+    # Tune the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128 and 2048),
+    # timing CUDA-graph replays: the kernels' own GPU time ranks them (eagerly, microsecond kernels
+    # all time as the host's launch cost). The log keeps the best of each kernel family (one
+    # block-row per program, padded row groups, member dots).
+    step 130 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+        --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
+        --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune_cudagraph.csv"
+    # The issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR / resize /
+    # ours (the package's tuned table), as CUDA-graph replays.
+    step 90 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 5 --cuda-graph
+    # Why the graph-timed forward came out slower than the eager one on the H200 (README).
+    step 45 "$PYTHON" -m benchmarks.graph_check --out "$WORK"
+}
+
+serve_part() {  # what a Python caller gets: eager kernel benchmark, BERT-base end to end (~3 min)
+    step 75 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 50
+    end_to_end
+}
+
 case "${1:-}" in
     all)
-        step 40 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
-        versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
-        # CPU-bound compiling, all at once on the machine's cores, before anything is timed:
-        # the timed runs' kernels in the background, beside the tests' own compiling (a background
-        # job ignores SIGINT, so it gets TERM at its limit; timeout signals its whole process
-        # group, the pool's workers too).
-        echo "=== [limit 100s, in the background, log in warm_cache.log] warm_triton_cache" | tee -a "$LOG"
-        timeout --kill-after=5 100 "$PYTHON" -m benchmarks.warm_triton_cache --workers 4 \
-            --shapes "$SHAPES" --m "$BENCH_M" --densities "$BENCH_DENSITIES" > "$OUT/warm_cache.log" 2>&1 &
-        warm=$!
-        gpu_tests
-        wait "$warm"
-        echo "=== warm_triton_cache exit $?: $(tail -n 1 "$OUT/warm_cache.log")" | tee -a "$LOG"
-        # Tune the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128 and 2048,
-        # eager timing: what a Python caller gets), so the benchmarks run what the library ships.
-        step 70 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-            --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 3 --rep-ms 12 --fresh \
-            --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune.csv"
-        # The issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR / resize /
-        # ours (the package's tuned table), eager and as CUDA-graph replays.
-        step 75 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-            --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 50
-        step 90 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-            --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 5 --cuda-graph
+        install
+        kernel_part
         end_to_end
-        # Does split-K pay at batch 1 once launch overhead is gone? (Eager tuning says no.)
-        step 60 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" --m 128 \
-            --densities 0.36,1.0 --stages 3 --rep-ms 3 --cuda-graph --out "$WORK/tuned_configs_cudagraph_m128.json" \
-            --log "$WORK/tune_cudagraph_m128.csv"
+        ;;
+    kernel)
+        install
+        kernel_part
+        ;;
+    serve)
+        install
+        serve_part
         ;;
     short)
-        step 40 "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e .
-        versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
+        install
         gpu_tests
         end_to_end
         # Why the graph-timed forward came out slower than the eager one on the H200 (README).
@@ -124,7 +148,7 @@ case "${1:-}" in
             --shapes 768x768,3072x768 --m 2048 --densities 1.0,0.5,0.36 --methods dense,torch_bsr,ours --rep-ms 50
         ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {all|short|extra}" >&2
+        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|short|extra}" >&2
         exit 2
         ;;
 esac
