@@ -99,22 +99,9 @@ def test_invalid_configs_are_refused():
         KernelConfig(split_k=3)
     with pytest.raises(ValueError, match="rows_per_program"):
         KernelConfig(rows_per_program=3)
-    with pytest.raises(ValueError, match="member_dots needs rows_per_program > 1"):
-        KernelConfig(member_dots=True)
 
 
 def test_table_entries_round_trip_and_old_five_entry_rows_mean_one_row_per_program():
     config = KernelConfig(128, 8, 1, 8, 3, rows_per_program=4)
-    assert KernelConfig.from_list(config.as_list()) == config and len(config.as_list()) == 6
-    member_dots = KernelConfig(64, 8, 1, 4, 3, rows_per_program=2, member_dots=True)
-    assert member_dots.as_list() == [64, 8, 1, 4, 3, 2, 1] and KernelConfig.from_list(member_dots.as_list()) == member_dots
+    assert KernelConfig.from_list(config.as_list()) == config
     assert KernelConfig.from_list([64, 8, 2, 4, 3]) == KernelConfig(64, 8, 2, 4, 3, rows_per_program=1)
-
-
-def test_member_dot_configs_are_launchable_only_where_they_compile_without_spills():
-    # (the AOT check: 64-wide blocks spill; 128x64 member-dot tiles need 8 warps on sm80)
-    for block_size in (16, 32, 64):
-        member_dots = [c for c in launchable_configs(torch.float16, block_size) if c.member_dots]
-        assert bool(member_dots) == (block_size != 64)
-        assert all(c.num_warps == 8 for c in member_dots if c.block_m * c.rows_per_program * block_size >= 128 * 64)
-    assert not [c for c in launchable_configs(torch.float32, 32) if c.rows_per_program > 1]

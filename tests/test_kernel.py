@@ -66,10 +66,8 @@ def structured_weight(device, dtype, n_block_rows=6, k=256, block_size=32, seed=
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows_per_program", [2, 4])
 @pytest.mark.parametrize("layout", ["random", "structured"])
-@pytest.mark.parametrize("member_dots", [False, True], ids=["padded_dot", "member_dots"])
-def test_row_groups_match_dense(kernel_device, dtype, rows_per_program, layout, member_dots):
-    """Several block-rows per program: padded members, padded steps, a partial last group, GELU;
-    both ways to multiply a step (one padded wide dot, or one dot per member with a block)."""
+def test_row_groups_match_dense(kernel_device, dtype, rows_per_program, layout):
+    """Several block-rows per program: padded members, padded steps, a partial last group, GELU."""
     if layout == "random":
         # 5 block-rows: the last group is partial for R = 2 and 4; block-row 1 is empty.
         x, weight, bias = make_case(kernel_device, 160, 192, 32, 0.5, 37, dtype, seed=11, empty_block_rows=(1,))
@@ -79,8 +77,7 @@ def test_row_groups_match_dense(kernel_device, dtype, rows_per_program, layout, 
     matrix = BlockSparseMatrix.from_dense(weight, 32)
     if layout == "structured":
         assert dict(matrix.grouping_inflation())[2] == 1.0
-    config = KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=rows_per_program,
-                          member_dots=member_dots)
+    config = KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=rows_per_program)
     y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
     assert_close_to_reference(y, dense_reference(x, weight, bias, "gelu"), dtype)
     y_no_bias = block_sparse_linear(x, matrix, None, None, backend="triton", config=config)
@@ -88,12 +85,10 @@ def test_row_groups_match_dense(kernel_device, dtype, rows_per_program, layout, 
 
 
 @pytest.mark.parametrize("block_size", [16, 64])
-@pytest.mark.parametrize("member_dots", [False, True], ids=["padded_dot", "member_dots"])
-def test_row_groups_with_split_k_and_other_block_sizes(kernel_device, block_size, member_dots):
+def test_row_groups_with_split_k_and_other_block_sizes(kernel_device, block_size):
     x, weight, bias = make_case(kernel_device, 256, 256, block_size, 0.6, 21, torch.float16, seed=block_size)
     matrix = BlockSparseMatrix.from_dense(weight, block_size)
-    config = KernelConfig(block_m=16, split_k=2, num_warps=4, num_stages=2, rows_per_program=2,
-                          member_dots=member_dots)
+    config = KernelConfig(block_m=16, split_k=2, num_warps=4, num_stages=2, rows_per_program=2)
     y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
     assert_close_to_reference(y, dense_reference(x, weight, bias, "gelu"), torch.float16)
 

@@ -8,11 +8,8 @@ A zero block costs nothing: no load, no FLOP, which is the whole point.
 
 - Row groups (R > 1): a `bs`-wide output tile re-reads x for only `bs` outputs. A program may
   instead own a group of R block-rows (`row_groups.py`) and walk the union of their block-columns:
-  each x tile then feeds `R * bs` outputs. Two ways to multiply a step (`MEMBER_DOTS`):
-  - one `R * bs`-wide dot, members without a block at that step loading zeros (index -1,
-    masked: no memory traffic, but tensor-core work), which pays where the members' patterns agree;
-  - one `bs`-wide dot per member, skipped where the member has no block: no padded work at all,
-    x still loaded once per step, for layouts whose patterns differ (random pruning).
+  each x tile then feeds `R * bs` outputs. Members without a block at a step load zeros (index
+  -1, masked: no memory traffic), so grouping pays where the members' patterns agree.
 - Launch order: groups come in `group_order` (heaviest first, so long programs start in the
   first wave), and `GROUP_M` tiles of M are walked together across all groups so that the
   x tiles of a group stay in L2 while the weight streams past them.
@@ -58,12 +55,12 @@ def _block_sparse_linear_kernel(
     BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    MEMBER_DOTS: tl.constexpr,  # R > 1: one bs-wide dot per member with a block, not one R*bs-wide padded dot
     UPCAST_OPERANDS: tl.constexpr,  # interpreter only: its bf16 tl.dot returns garbage
 ):
     """With ROWS_PER_PROGRAM == 1 a group is one block-row: steps are its stored blocks
     (`step_offsets`/`step_cols`/`group_order` are the BSR `row_offsets`/`col_indices`/`row_order`)
     and `step_blocks`/`group_rows` are not read."""
+    BLOCK_N: tl.constexpr = ROWS_PER_PROGRAM * BLOCK_SIZE
     pid = tl.program_id(0)
     split = tl.program_id(1)
 
@@ -82,149 +79,47 @@ def _block_sparse_linear_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_SIZE)
+    offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    out_rows = out_ptr + split * stride_split + offs_m[:, None] * stride_om
-
-    if MEMBER_DOTS:
-        # Up to four [BLOCK_M, bs] accumulators, one per member; x is loaded once per step for all.
-        # (Unrolled by hand: Triton has no arrays of tensors. Unused ones are compiled away.)
-        # Triton's software pipeliner does not prefetch loads whose dots sit in a branch, so the
-        # tiles of the next step are loaded into registers by hand while this step multiplies.
-        offs_bs = tl.arange(0, BLOCK_SIZE)
-        w_block_t = offs_k[:, None] + offs_bs[None, :] * BLOCK_SIZE
-        acc0 = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_M, BLOCK_SIZE), dtype=tl.float32)
-        step = first_step + split
-        next_x = _load_step_x(x_rows, step_cols_ptr, step, end_step, offs_m, M, BLOCK_SIZE, stride_xk)
-        next_b0, next_w0 = _load_member_block(values_ptr, step_blocks_ptr, step, end_step, 0, w_block_t,
-                                              ROWS_PER_PROGRAM, BLOCK_SIZE)
-        next_b1, next_w1 = _load_member_block(values_ptr, step_blocks_ptr, step, end_step, 1, w_block_t,
-                                              ROWS_PER_PROGRAM, BLOCK_SIZE)
-        if ROWS_PER_PROGRAM == 4:
-            next_b2, next_w2 = _load_member_block(values_ptr, step_blocks_ptr, step, end_step, 2, w_block_t,
-                                                  ROWS_PER_PROGRAM, BLOCK_SIZE)
-            next_b3, next_w3 = _load_member_block(values_ptr, step_blocks_ptr, step, end_step, 3, w_block_t,
-                                                  ROWS_PER_PROGRAM, BLOCK_SIZE)
-        for step in range(first_step + split, end_step, SPLIT_K):
-            x_tile, b0, w0, b1, w1 = next_x, next_b0, next_w0, next_b1, next_w1
-            following = step + SPLIT_K
-            next_x = _load_step_x(x_rows, step_cols_ptr, following, end_step, offs_m, M, BLOCK_SIZE, stride_xk)
-            next_b0, next_w0 = _load_member_block(values_ptr, step_blocks_ptr, following, end_step, 0, w_block_t,
-                                                  ROWS_PER_PROGRAM, BLOCK_SIZE)
-            next_b1, next_w1 = _load_member_block(values_ptr, step_blocks_ptr, following, end_step, 1, w_block_t,
-                                                  ROWS_PER_PROGRAM, BLOCK_SIZE)
-            if UPCAST_OPERANDS:
-                x_tile = x_tile.to(tl.float32)
-            acc0 = _member_dot(acc0, x_tile, w0, b0, INPUT_PRECISION, UPCAST_OPERANDS)
-            acc1 = _member_dot(acc1, x_tile, w1, b1, INPUT_PRECISION, UPCAST_OPERANDS)
-            if ROWS_PER_PROGRAM == 4:
-                b2, w2, b3, w3 = next_b2, next_w2, next_b3, next_w3
-                next_b2, next_w2 = _load_member_block(values_ptr, step_blocks_ptr, following, end_step, 2,
-                                                      w_block_t, ROWS_PER_PROGRAM, BLOCK_SIZE)
-                next_b3, next_w3 = _load_member_block(values_ptr, step_blocks_ptr, following, end_step, 3,
-                                                      w_block_t, ROWS_PER_PROGRAM, BLOCK_SIZE)
-                acc2 = _member_dot(acc2, x_tile, w2, b2, INPUT_PRECISION, UPCAST_OPERANDS)
-                acc3 = _member_dot(acc3, x_tile, w3, b3, INPUT_PRECISION, UPCAST_OPERANDS)
-        members = group_rows_ptr + row_group * ROWS_PER_PROGRAM
-        _store_member(acc0, tl.load(members), offs_bs, out_rows, mask_m, bias_ptr, stride_on,
-                      BLOCK_SIZE, HAS_BIAS, ACTIVATION, SPLIT_K)
-        _store_member(acc1, tl.load(members + 1), offs_bs, out_rows, mask_m, bias_ptr, stride_on,
-                      BLOCK_SIZE, HAS_BIAS, ACTIVATION, SPLIT_K)
-        if ROWS_PER_PROGRAM == 4:
-            _store_member(acc2, tl.load(members + 2), offs_bs, out_rows, mask_m, bias_ptr, stride_on,
-                          BLOCK_SIZE, HAS_BIAS, ACTIVATION, SPLIT_K)
-            _store_member(acc3, tl.load(members + 3), offs_bs, out_rows, mask_m, bias_ptr, stride_on,
-                          BLOCK_SIZE, HAS_BIAS, ACTIVATION, SPLIT_K)
+    # W block (n, k) is stored row-major at n * bs + k; read it as its transpose [k, n].
+    if ROWS_PER_PROGRAM == 1:
+        w_block_t = offs_k[:, None] + offs_n[None, :] * BLOCK_SIZE
+        features = row_group * BLOCK_SIZE + offs_n
+        mask_n = offs_n < BLOCK_N  # all true
     else:
-        BLOCK_N: tl.constexpr = ROWS_PER_PROGRAM * BLOCK_SIZE
-        offs_n = tl.arange(0, BLOCK_N)
-        # W block (n, k) is stored row-major at n * bs + k; read it as its transpose [k, n].
+        # Output column j of the tile is feature j % bs of member j // bs's block-row.
+        member = offs_n // BLOCK_SIZE
+        within = offs_n % BLOCK_SIZE
+        w_block_t = offs_k[:, None] + within[None, :] * BLOCK_SIZE
+        member_rows = tl.load(group_rows_ptr + row_group * ROWS_PER_PROGRAM + member)
+        features = member_rows * BLOCK_SIZE + within
+        mask_n = member_rows >= 0  # padding members of the last group
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(first_step + split, end_step, SPLIT_K):
+        block_col = tl.load(step_cols_ptr + step)
+        x_tile = tl.load(x_rows + block_col * BLOCK_SIZE * stride_xk, mask=mask_m[:, None], other=0.0)
         if ROWS_PER_PROGRAM == 1:
-            w_block_t = offs_k[:, None] + offs_n[None, :] * BLOCK_SIZE
-            features = row_group * BLOCK_SIZE + offs_n
-            mask_n = offs_n < BLOCK_N  # all true
+            w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t)
         else:
-            # Output column j of the tile is feature j % bs of member j // bs's block-row.
-            member = offs_n // BLOCK_SIZE
-            within = offs_n % BLOCK_SIZE
-            w_block_t = offs_k[:, None] + within[None, :] * BLOCK_SIZE
-            member_rows = tl.load(group_rows_ptr + row_group * ROWS_PER_PROGRAM + member)
-            features = member_rows * BLOCK_SIZE + within
-            mask_n = member_rows >= 0  # padding members of the last group
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(first_step + split, end_step, SPLIT_K):
-            block_col = tl.load(step_cols_ptr + step)
-            x_tile = tl.load(x_rows + block_col * BLOCK_SIZE * stride_xk, mask=mask_m[:, None], other=0.0)
-            if ROWS_PER_PROGRAM == 1:
-                w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t)
-            else:
-                blocks = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member)
-                w_tile = tl.load(values_ptr + blocks[None, :] * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t,
-                                 mask=(blocks >= 0)[None, :], other=0.0)
-            if UPCAST_OPERANDS:
-                # bf16 x bf16 products are exact in fp32, so this matches tensor-core math.
-                x_tile = x_tile.to(tl.float32)
-                w_tile = w_tile.to(tl.float32)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-        _store_tile(acc, features, mask_n, out_rows, mask_m, bias_ptr, stride_on, HAS_BIAS, ACTIVATION, SPLIT_K)
-
-
-@triton.jit
-def _load_step_x(x_rows, step_cols_ptr, step, end_step, offs_m, M, BLOCK_SIZE: tl.constexpr, stride_xk):
-    """The [BLOCK_M, bs] x tile a step reads (zeros past the group's last step: no traffic)."""
-    block_col = tl.load(step_cols_ptr + step, mask=step < end_step, other=-1)
-    # Tensor-shaped conditions only: the interpreter cannot mask with a scalar.
-    rows = (offs_m < M) & ((tl.zeros_like(offs_m) + block_col) >= 0)
-    return tl.load(x_rows + tl.maximum(block_col, 0) * BLOCK_SIZE * stride_xk, mask=rows[:, None], other=0.0)
-
-
-@triton.jit
-def _load_member_block(values_ptr, step_blocks_ptr, step, end_step, member, w_block_t,
-                       ROWS_PER_PROGRAM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(block index, its [bs, bs] tile transposed) of one member at a step; (-1, zeros) where it has
-    none or past the group's last step, with no memory traffic."""
-    block = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member, mask=step < end_step, other=-1)
-    block_index = tl.zeros_like(w_block_t) + block
-    w_tile = tl.load(values_ptr + block_index * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t, mask=block_index >= 0,
-                     other=0.0)
-    return block, w_tile
-
-
-@triton.jit
-def _member_dot(acc, x_tile, w_tile, block, INPUT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
-    """acc += x_tile @ w_tile where the member has a block at this step; no tensor-core work where not."""
-    if block >= 0:
+            blocks = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member)
+            w_tile = tl.load(values_ptr + blocks[None, :] * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t,
+                             mask=(blocks >= 0)[None, :], other=0.0)
         if UPCAST_OPERANDS:
+            # bf16 x bf16 products are exact in fp32, so this matches tensor-core math.
+            x_tile = x_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-    return acc
 
-
-@triton.jit
-def _store_member(acc, member_row, offs_bs, out_rows, mask_m, bias_ptr, stride_on, BLOCK_SIZE: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Store one member's [BLOCK_M, bs] tile at its block-row's features (-1: padding, nothing)."""
-    features = member_row * BLOCK_SIZE + offs_bs
-    mask_n = features >= 0  # a padding member (-1) gives only negative features
-    _store_tile(acc, features, mask_n, out_rows, mask_m, bias_ptr, stride_on, HAS_BIAS, ACTIVATION, SPLIT_K)
-
-
-@triton.jit
-def _store_tile(acc, features, mask_n, out_rows, mask_m, bias_ptr, stride_on, HAS_BIAS: tl.constexpr,
-                ACTIVATION: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The epilogue: bias, GELU and cast, or (split-K) the raw fp32 partial sum."""
-    out_ptrs = out_rows + features[None, :] * stride_on
+    out_ptrs = out_ptr + split * stride_split + offs_m[:, None] * stride_om + features[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + features, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION == 1:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
-        tl.store(out_ptrs, acc.to(out_rows.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptrs, acc, mask=out_mask)
 
@@ -344,7 +239,6 @@ def block_sparse_linear(
         BLOCK_M=config.block_m,
         GROUP_M=config.group_m,
         SPLIT_K=split_k,
-        MEMBER_DOTS=config.member_dots,
         UPCAST_OPERANDS=x.dtype == torch.bfloat16 and interpreter_enabled(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -40,9 +40,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     rows_per_program: int = 1
-    # R > 1: one bs-wide dot per member, skipped where it has no block, instead of one R*bs-wide dot
-    # over zero-padded blocks (no padded work: for groups whose members' patterns differ).
-    member_dots: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m not in BLOCK_M_CHOICES:
@@ -51,21 +48,16 @@ class KernelConfig:
             raise ValueError(f"split_k must be one of {SPLIT_K_CHOICES}, got {self.split_k}")
         if self.rows_per_program not in ROWS_PER_PROGRAM_CHOICES:
             raise ValueError(f"rows_per_program must be one of {ROWS_PER_PROGRAM_CHOICES}, got {self.rows_per_program}")
-        if self.member_dots and self.rows_per_program == 1:
-            raise ValueError("member_dots needs rows_per_program > 1 (one block-row is always one dot)")
         if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
             raise ValueError(f"invalid launch configuration {self}")
 
     def as_list(self) -> list[int]:
-        values = [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
-        return values + [1] if self.member_dots else values
+        return [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
 
     @classmethod
     def from_list(cls, values) -> "KernelConfig":
-        """From `as_list()`; shorter lists are tables written before row groups (5 entries: one row
-        per program) or before member dots (6 entries: padded dots)."""
-        values = [int(v) for v in values]
-        return cls(*values[:6], *[bool(v) for v in values[6:]])
+        """From `as_list()`; 5-entry lists (tables written before row groups) mean one row per program."""
+        return cls(*[int(v) for v in values])
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -91,8 +83,7 @@ def _parse_key(key: str) -> dict:
 
 @lru_cache(maxsize=1)
 def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
-    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program(, 1 = member_dots)]}}`;
-    empty if no table."""
+    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program]}}`; empty if no table."""
     p = Path(path)
     if not p.exists():
         return {}
@@ -111,9 +102,6 @@ PROGRAMS_PER_SM = 4
 # entries at M 128 and 2048: 512 and 8192 take the 2048 ones, 16 takes none).
 MAX_TUNED_M_OCTAVES = 2
 MIN_M_FOR_ROW_GROUPS = 256
-# Member dots keep a prefetched tile per member in registers; with 64-wide blocks (64-wide tiles
-# already) they spill on sm90 (the AOT check), so they are offered for 16- and 32-wide blocks.
-MEMBER_DOTS_BLOCK_SIZES = (16, 32)
 _MAX_TILE_AREA_16BIT = 128 * 128
 
 
@@ -127,8 +115,7 @@ def launch_tile_limit(dtype: torch.dtype, block_size: int, rows_per_program: int
     return _tile_launch(dtype, block_size, BLOCK_M_CHOICES[-1], rows_per_program)[0]
 
 
-def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_program: int,
-                 member_dots: bool = False) -> tuple[int, int, int]:
+def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_program: int) -> tuple[int, int, int]:
     """(block_m, num_warps, num_stages) for a tile of up to `block_m` rows and `rows_per_program` block-rows.
 
     The caps and warp counts are where `python -m nn_blocksparse.aot` showed spills: fp32 with
@@ -136,7 +123,7 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
     tiles >= 32x64 on 4 warps, fp16/bf16 128x128 tiles on 4 warps, fp16/bf16 128x64 row-group
     tiles on sm80 with 8 warps, and an oddly spilling tiny fp32 tile with 4 warps. Where both warp
     counts hold a 16-bit tile of 32x32 blocks, 4 won every problem tuned on an H200
-    (`benchmarks/results/tune_*`). Member-dot tiles of 128x64 spill on sm80 with 4 warps.
+    (`benchmarks/results/tune_*`).
     """
     if dtype == torch.float32:
         block_m = min(block_m, 32 if block_size == 64 else 128)
@@ -147,7 +134,7 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
     tile = block_m * block_size * rows_per_program
     if dtype == torch.float32:
         num_warps = 2 if tile <= 32 * 16 else (8 if tile >= 32 * 64 else 4)
-    elif block_size == 32 and (tile < 128 * 64 or (tile == 128 * 64 and not member_dots)):
+    elif block_size == 32 and tile <= 128 * 64:
         # Up to 128x64 with 32x32 blocks, 4 warps hold the tile without spilling on sm80 and sm90
         # (with 8, ptxas caps 128x64 row-group tiles at 128 registers and spills on sm80), and
         # they measured 1.1-1.5x faster than 8 on an H200. (16-wide blocks: 64x64 on 4 warps
@@ -255,9 +242,6 @@ def launchable_configs(dtype: torch.dtype, block_size: int) -> list[KernelConfig
         block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m, rows_per_program)
         for split_k in SPLIT_K_CHOICES if rows_per_program == 1 else (1,):
             configs.add(KernelConfig(block_m, 8, split_k, num_warps, num_stages, rows_per_program))
-        if rows_per_program > 1 and block_size in MEMBER_DOTS_BLOCK_SIZES:
-            launch = _tile_launch(dtype, block_size, block_m, rows_per_program, member_dots=True)
-            configs.add(KernelConfig(launch[0], 8, 1, *launch[1:], rows_per_program, member_dots=True))
     prefix = f"{DTYPE_NAMES[dtype]}/bs{block_size}/"
     for entries in load_tuned_table().values():
         for key, values in entries.items():
