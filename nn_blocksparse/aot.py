@@ -124,7 +124,8 @@ def compile_main_kernel(arch: int, dtype: torch.dtype, block_size: int, has_bias
         "stride_xk": 1, "stride_on": 1,
         "HAS_BIAS": has_bias, "ACTIVATION": 1 if activation == "gelu" else 0,
         "INPUT_PRECISION": input_precision, "BLOCK_SIZE": block_size, "ROWS_PER_PROGRAM": config.rows_per_program,
-        "BLOCK_M": config.block_m, "GROUP_M": config.group_m, "SPLIT_K": config.split_k, "UPCAST_OPERANDS": False,
+        "BLOCK_M": config.block_m, "GROUP_M": config.group_m, "SPLIT_K": config.split_k,
+        "K_BLOCKS": config.k_blocks, "UPCAST_OPERANDS": False,
     }
     return _finish(report, _block_sparse_linear_kernel, signature, constexprs, arch,
                    config.num_warps, config.num_stages)
@@ -183,7 +184,8 @@ def run_jobs(jobs, workers: int) -> list[CompileReport]:
 def format_report(report: CompileReport) -> str:
     config = "-" if report.config is None else (
         f"BM={report.config.block_m:<3} R={report.config.rows_per_program} G={report.config.group_m} "
-        f"SK={report.config.split_k} W={report.config.num_warps} S={report.config.num_stages}")
+        f"SK={report.config.split_k} KB={report.config.k_blocks} W={report.config.num_warps} "
+        f"S={report.config.num_stages}")
     epilogue = ("bias" if report.has_bias else "-") + ("+gelu" if report.activation else "")
     status = "ok" if report.ok else ("SPILLS" if not report.error else f"FAILED {report.error}")
     return (f"sm{report.arch}  {report.kernel:<24} {report.dtype:<5} bs={report.block_size:<3} "

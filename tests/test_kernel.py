@@ -93,6 +93,31 @@ def test_row_groups_with_split_k_and_other_block_sizes(kernel_device, block_size
     assert_close_to_reference(y, dense_reference(x, weight, bias, "gelu"), torch.float16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k_blocks", [2, 4])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_several_blocks_per_step_match_dense(kernel_device, dtype, k_blocks, split_k):
+    """k_blocks stored blocks per loop step: block-rows of 0..7 blocks, so partial last steps, empty
+    rows and splits without a full step all occur; bias + GELU (fused, or in the split-K reduction)."""
+    x, weight, bias = make_case(kernel_device, 224, 256, 32, 0.55, 19, dtype, seed=5, empty_block_rows=(2,))
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    counts = (matrix.row_offsets[1:] - matrix.row_offsets[:-1]).tolist()
+    assert 0 in counts and any(c % k_blocks for c in counts)
+    config = KernelConfig(block_m=16, split_k=split_k, num_warps=4, num_stages=2, k_blocks=k_blocks)
+    y = block_sparse_linear(x, matrix, bias, "gelu", backend="triton", config=config)
+    assert_close_to_reference(y, dense_reference(x, weight, bias, "gelu"), dtype)
+
+
+def test_k_blocks_need_one_block_row_per_program():
+    with pytest.raises(ValueError, match="k_blocks > 1 needs rows_per_program = 1"):
+        KernelConfig(rows_per_program=2, k_blocks=2)
+    with pytest.raises(ValueError, match="k_blocks must be one of"):
+        KernelConfig(k_blocks=3)
+    config = KernelConfig(64, 8, 2, 4, 3, k_blocks=4)
+    assert config.as_list() == [64, 8, 2, 4, 3, 1, 4] and KernelConfig.from_list(config.as_list()) == config
+    assert len(KernelConfig().as_list()) == 6  # tables without the field stay as they were
+
+
 def test_row_groups_are_only_derived_where_the_heuristic_may_use_them(kernel_device):
     x, weight, bias = make_case(kernel_device, 128, 128, 32, 0.5, 20, torch.float16)
     matrix = BlockSparseMatrix.from_dense(weight, 32)

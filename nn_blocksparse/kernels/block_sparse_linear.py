@@ -10,6 +10,9 @@ A zero block costs nothing: no load, no FLOP, which is the whole point.
   instead own a group of R block-rows (`row_groups.py`) and walk the union of their block-columns:
   each x tile then feeds `R * bs` outputs. Members without a block at a step load zeros (index
   -1, masked: no memory traffic), so grouping pays where the members' patterns agree.
+- Deeper steps (`K_BLOCKS` > 1, one block-row per program): a step multiplies K_BLOCKS stored
+  blocks at once, x gathered from their block-columns into one `[BLOCK_M, K_BLOCKS * bs]` tile:
+  fewer loop steps, each with more work to hide its index loads and latency behind.
 - Launch order: groups come in `group_order` (heaviest first, so long programs start in the
   first wave), and `GROUP_M` tiles of M are walked together across all groups so that the
   x tiles of a group stay in L2 while the weight streams past them.
@@ -55,6 +58,7 @@ def _block_sparse_linear_kernel(
     BLOCK_M: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    K_BLOCKS: tl.constexpr,  # R = 1: stored blocks multiplied per loop step (one K_BLOCKS * bs deep dot)
     UPCAST_OPERANDS: tl.constexpr,  # interpreter only: its bf16 tl.dot returns garbage
 ):
     """With ROWS_PER_PROGRAM == 1 a group is one block-row: steps are its stored blocks
@@ -97,20 +101,43 @@ def _block_sparse_linear_kernel(
         mask_n = member_rows >= 0  # padding members of the last group
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(first_step + split, end_step, SPLIT_K):
-        block_col = tl.load(step_cols_ptr + step)
-        x_tile = tl.load(x_rows + block_col * BLOCK_SIZE * stride_xk, mask=mask_m[:, None], other=0.0)
-        if ROWS_PER_PROGRAM == 1:
-            w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t)
-        else:
-            blocks = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member)
-            w_tile = tl.load(values_ptr + blocks[None, :] * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t,
-                             mask=(blocks >= 0)[None, :], other=0.0)
-        if UPCAST_OPERANDS:
-            # bf16 x bf16 products are exact in fp32, so this matches tensor-core math.
-            x_tile = x_tile.to(tl.float32)
-            w_tile = w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+    if K_BLOCKS > 1:
+        # K_BLOCKS stored blocks per step: x is gathered from K_BLOCKS block-columns into one
+        # [BLOCK_M, K_BLOCKS * bs] tile and the blocks, consecutive in `values`, form its
+        # [K_BLOCKS * bs, bs] partner. Fewer, deeper steps: less per-step index and loop work.
+        # A block-row's last step may be partial (masked: no traffic).
+        offs_kk = tl.arange(0, K_BLOCKS * BLOCK_SIZE)
+        sub_block = offs_kk // BLOCK_SIZE
+        within_k = offs_kk % BLOCK_SIZE
+        w_blocks_t = sub_block[:, None] * (BLOCK_SIZE * BLOCK_SIZE) + within_k[:, None] + offs_n[None, :] * BLOCK_SIZE
+        x_row_starts = x_ptr + offs_m[:, None] * stride_xm
+        for step in range(first_step + split * K_BLOCKS, end_step, SPLIT_K * K_BLOCKS):
+            steps = step + sub_block
+            valid_k = steps < end_step
+            cols = tl.load(step_cols_ptr + steps, mask=valid_k, other=0)
+            x_tile = tl.load(x_row_starts + (cols * BLOCK_SIZE + within_k)[None, :] * stride_xk,
+                             mask=mask_m[:, None] & valid_k[None, :], other=0.0)
+            w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_blocks_t, mask=valid_k[:, None],
+                             other=0.0)
+            if UPCAST_OPERANDS:
+                x_tile = x_tile.to(tl.float32)
+                w_tile = w_tile.to(tl.float32)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+    else:
+        for step in range(first_step + split, end_step, SPLIT_K):
+            block_col = tl.load(step_cols_ptr + step)
+            x_tile = tl.load(x_rows + block_col * BLOCK_SIZE * stride_xk, mask=mask_m[:, None], other=0.0)
+            if ROWS_PER_PROGRAM == 1:
+                w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t)
+            else:
+                blocks = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member)
+                w_tile = tl.load(values_ptr + blocks[None, :] * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t,
+                                 mask=(blocks >= 0)[None, :], other=0.0)
+            if UPCAST_OPERANDS:
+                # bf16 x bf16 products are exact in fp32, so this matches tensor-core math.
+                x_tile = x_tile.to(tl.float32)
+                w_tile = w_tile.to(tl.float32)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
     out_ptrs = out_ptr + split * stride_split + offs_m[:, None] * stride_om + features[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -239,6 +266,7 @@ def block_sparse_linear(
         BLOCK_M=config.block_m,
         GROUP_M=config.group_m,
         SPLIT_K=split_k,
+        K_BLOCKS=config.k_blocks,
         UPCAST_OPERANDS=x.dtype == torch.bfloat16 and interpreter_enabled(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -28,6 +28,8 @@ SPLIT_K_CHOICES = (1, 2, 4, 8)
 GROUP_M_CHOICES = (8,)
 # Block-rows one program covers (its output tile is ROWS_PER_PROGRAM * bs wide); see row_groups.py.
 ROWS_PER_PROGRAM_CHOICES = (1, 2, 4)
+# Stored blocks one loop step multiplies (one program per block-row only): deeper steps, fewer of them.
+K_BLOCKS_CHOICES = (1, 2, 4)
 # SMs of the GPUs the heuristic is written for (A100: 108, H100 SXM: 132); the interpreter has none.
 DEFAULT_SM_COUNT = 108
 
@@ -40,6 +42,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     rows_per_program: int = 1
+    k_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.block_m not in BLOCK_M_CHOICES:
@@ -48,15 +51,21 @@ class KernelConfig:
             raise ValueError(f"split_k must be one of {SPLIT_K_CHOICES}, got {self.split_k}")
         if self.rows_per_program not in ROWS_PER_PROGRAM_CHOICES:
             raise ValueError(f"rows_per_program must be one of {ROWS_PER_PROGRAM_CHOICES}, got {self.rows_per_program}")
+        if self.k_blocks not in K_BLOCKS_CHOICES:
+            raise ValueError(f"k_blocks must be one of {K_BLOCKS_CHOICES}, got {self.k_blocks}")
+        if self.k_blocks > 1 and self.rows_per_program > 1:
+            raise ValueError("k_blocks > 1 needs rows_per_program = 1 (row groups step one block-column at a time)")
         if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
             raise ValueError(f"invalid launch configuration {self}")
 
     def as_list(self) -> list[int]:
-        return [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
+        values = [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
+        return values + [self.k_blocks] if self.k_blocks > 1 else values
 
     @classmethod
     def from_list(cls, values) -> "KernelConfig":
-        """From `as_list()`; 5-entry lists (tables written before row groups) mean one row per program."""
+        """From `as_list()`; shorter lists come from older tables: 5 entries mean one row per
+        program, 6 one block per step."""
         return cls(*[int(v) for v in values])
 
 
@@ -83,7 +92,8 @@ def _parse_key(key: str) -> dict:
 
 @lru_cache(maxsize=1)
 def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
-    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program]}}`; empty if no table."""
+    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program(, k_blocks)]}}`;
+    empty if no table."""
     p = Path(path)
     if not p.exists():
         return {}
