@@ -7,12 +7,16 @@
 #                                     kernel variant the timed runs need; tune the package table
 #                                     (CUDA-graph timing); kernel benchmark against cuBLAS / torch
 #                                     BSR / resize as CUDA-graph replays; the graph-timing
-#                                     cross-check. Step limits add up to 7.3 min.
+#                                     cross-check. Step limits add up to 6.4 min.
 #   benchmarks/gpu_session.sh serve   install; the eager kernel benchmark; BERT-base end to end, eager
 #                                     and as CUDA-graph replays; launch overhead (limits: 4.0 min)
 #   benchmarks/gpu_session.sh all     kernel, then end to end and launch overhead (not the eager
-#                                     kernel benchmark): step limits add up to 9.3 min, give the
+#                                     kernel benchmark): step limits add up to 8.8 min, give the
 #                                     call timeout_s=600
+#   benchmarks/gpu_session.sh retune  after a kernel change: compile the tuning candidates, tune,
+#                                     then run the GPU tests (which cover the new table), the graph-
+#                                     timed kernel grid and end to end, and the graph check with a
+#                                     kernel profile (limits: 8.7 min; about 5 on an H200)
 #   benchmarks/gpu_session.sh short   install, GPU tests, end to end, launch overhead, the graph-
 #                                     timing cross-check (~3 min): for a session with little device
 #                                     time
@@ -87,6 +91,20 @@ install() {
     versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
 }
 
+tune() {  # the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128 and 2048),
+         # timing CUDA-graph replays: the kernels' own GPU time ranks them (eagerly, microsecond
+         # kernels all time as the host's launch cost). The log keeps the best of each kernel family.
+    step 130 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+        --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
+        --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune_cudagraph.csv"
+}
+
+kernel_grid() {  # the issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR /
+                 # resize / ours (the package's tuned table), as CUDA-graph replays
+    step 60 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 5 --cuda-graph
+}
+
 kernel_part() {  # tests, tuning and the kernel benchmark (~5 min on an H200)
     # CPU-bound compiling, all at once on the machine's cores, before anything is timed: the tuning
     # candidates and the timed runs' kernels in the background, beside the tests' own compiling (a
@@ -99,17 +117,8 @@ kernel_part() {  # tests, tuning and the kernel benchmark (~5 min on an H200)
     gpu_tests
     wait "$warm"
     echo "=== warm_triton_cache exit $?: $(tail -n 1 "$OUT/warm_cache.log")" | tee -a "$LOG"
-    # Tune the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128 and 2048),
-    # timing CUDA-graph replays: the kernels' own GPU time ranks them (eagerly, microsecond kernels
-    # all time as the host's launch cost). The log keeps the best of each kernel family (one
-    # block-row per program, padded row groups, member dots).
-    step 130 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-        --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
-        --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune_cudagraph.csv"
-    # The issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR / resize /
-    # ours (the package's tuned table), as CUDA-graph replays.
-    step 90 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 5 --cuda-graph
+    tune
+    kernel_grid
     # Why the graph-timed forward came out slower than the eager one on the H200 (README).
     step 45 "$PYTHON" -m benchmarks.graph_check --out "$WORK"
 }
@@ -134,6 +143,16 @@ case "${1:-}" in
         install
         serve_part
         ;;
+    retune)  # after a kernel change: compile, tune, then test what was tuned, re-time (~5 min)
+        install
+        step 90 "$PYTHON" -m benchmarks.warm_triton_cache --sets tune,bench,e2e --workers 14
+        tune
+        gpu_tests
+        kernel_grid
+        step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
+            --cuda-graph --rep-ms 100
+        step 40 "$PYTHON" -m benchmarks.graph_check --out "$WORK" --sizes 32x384 --profile
+        ;;
     short)
         install
         gpu_tests
@@ -148,7 +167,7 @@ case "${1:-}" in
             --shapes 768x768,3072x768 --m 2048 --densities 1.0,0.5,0.36 --methods dense,torch_bsr,ours --rep-ms 50
         ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|short|extra}" >&2
+        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra}" >&2
         exit 2
         ;;
 esac

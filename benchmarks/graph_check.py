@@ -15,7 +15,9 @@ captures on a side stream. This script separates them, on the same model and inp
                      torch's documentation does it), replayed `--replays` times between two
                      events on the current stream.
 
-Writes `graph_check_<device>.csv`.
+Writes `graph_check_<device>.csv`. `--profile` also records, for the last size, the GPU kernels
+of one eager forward and of one graph replay (torch.profiler), and writes the heaviest of each to
+`graph_check_profile_<device>.csv`: if the two run different kernels, that is the difference.
 """
 
 from __future__ import annotations
@@ -28,10 +30,24 @@ from . import common
 from .bench_e2e import load_pruned, random_inputs
 
 COLUMNS = ["model", "batch", "seq", "method", "time_ms", "note"]
+PROFILE_COLUMNS = ["way", "kernel", "calls", "gpu_us_total", "share"]
+PROFILE_TOP = 12
 
 
 def manual_graph_ms(fn, replays: int) -> float:
     """Milliseconds per replay of one captured call: `replays` replays between two events."""
+    graph = capture(fn)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """One call of `fn` captured as a CUDA graph (after a warm-up on a side stream)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -43,13 +59,28 @@ def manual_graph_ms(fn, replays: int) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    return graph
+
+
+def kernel_profile(fn, way: str) -> list[dict]:
+    """The GPU kernels one call of `fn` runs: the `PROFILE_TOP` heaviest, by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    grand = sum(us for _, us in totals.values()) or 1.0
+    heaviest = sorted(totals.items(), key=lambda item: -item[1][1])[:PROFILE_TOP]
+    return [{"way": way, "kernel": name[:120], "calls": calls, "gpu_us_total": us, "share": us / grand}
+            for name, (calls, us) in heaviest]
 
 
 def main(argv=None) -> int:
@@ -57,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="8x384,32x384", help="batch x seq list")
     parser.add_argument("--rep-ms", type=float, default=200.0)
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--profile", action="store_true",
+                        help="also list the GPU kernels of one eager forward and one graph replay (last size)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("graph_check: needs a CUDA GPU", file=sys.stderr)
@@ -90,6 +123,17 @@ def main(argv=None) -> int:
     path = common.write_csv(common.results_path(args.out, "graph_check", device, False), rows, COLUMNS,
                             common.environment_record(device))
     print("wrote", path)
+    if args.profile:
+        with torch.inference_mode():
+            graph = capture(lambda: model(**unmasked))
+            profile_rows = (kernel_profile(lambda: model(**unmasked), "eager_no_mask")
+                            + kernel_profile(graph.replay, "graph_replay"))
+        for row in profile_rows:
+            print(f"{row['way']:<14} {row['gpu_us_total']:10.1f} us {row['share']:6.1%} x{row['calls']:<4} "
+                  f"{row['kernel']}", flush=True)
+        path = common.write_csv(common.results_path(args.out, "graph_check_profile", device, False), profile_rows,
+                                PROFILE_COLUMNS, common.environment_record(device))
+        print("wrote", path)
     return 0
 
 

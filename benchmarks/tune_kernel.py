@@ -61,17 +61,20 @@ QUICK_STAGES = (3,)  # a third of the candidates: --quick must fit a short GPU s
 
 LOG_COLUMNS = ["key", "dtype", "block_size", "n", "k", "m", "density", "best_config", "best_ms", "heuristic_config",
                "heuristic_ms", "speedup_vs_heuristic", "dense_ms", "configs_timed", "configs_failed",
-               "best_one_row_ms", "best_padded_dot_ms", "best_member_dots_ms"]
-# The log's per-family columns: one block-row per program, row groups with one padded dot, member dots.
-FAMILIES = {"best_one_row_ms": lambda c: c.rows_per_program == 1,
-            "best_padded_dot_ms": lambda c: c.rows_per_program > 1 and not c.member_dots,
-            "best_member_dots_ms": lambda c: c.member_dots}
+               "best_one_block_ms", "best_k_blocks_ms", "best_row_groups_ms"]
+# The log's per-family columns: one block-row per program stepping one block or several blocks at a
+# time (`k_blocks`), and row groups.
+FAMILIES = {"best_one_block_ms": lambda c: c.rows_per_program == 1 and c.k_blocks == 1,
+            "best_k_blocks_ms": lambda c: c.k_blocks > 1,
+            "best_row_groups_ms": lambda c: c.rows_per_program > 1}
+# Deepest step (k_blocks x block size) tried: the x tile of a step is BLOCK_M x that.
+MAX_STEP_DEPTH = 128
 # Relative to max |reference|: fp32 accumulation, so only the output rounding differs from cuBLAS.
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}
 
 
 def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, stages=NUM_STAGES_CHOICES):
-    from nn_blocksparse.kernels.configs import (BLOCK_M_CHOICES, MEMBER_DOTS_BLOCK_SIZES, ROWS_PER_PROGRAM_CHOICES,
+    from nn_blocksparse.kernels.configs import (BLOCK_M_CHOICES, K_BLOCKS_CHOICES, ROWS_PER_PROGRAM_CHOICES,
                                                 SPLIT_K_CHOICES, KernelConfig, launch_tile_limit, m_bucket)
 
     for block_m, split_k, rows, num_warps, num_stages in product(BLOCK_M_CHOICES, SPLIT_K_CHOICES,
@@ -86,12 +89,16 @@ def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, st
         # 4 warps spill tiles past 128x64 (the AOT check: 128x128 spills on sm80 and sm90).
         if num_warps == 4 and block_m * rows * block_size > 128 * 64:
             continue
-        for member_dots in (False, True) if rows > 1 and block_size in MEMBER_DOTS_BLOCK_SIZES else (False,):
-            # Member dots also keep prefetched tiles in registers: 128x64 spills on 4 warps (sm80).
-            if member_dots and num_warps == 4 and block_m * rows * block_size >= 128 * 64:
+        for k_blocks in K_BLOCKS_CHOICES if rows == 1 else (1,):
+            # Deeper steps need at least one full step per split.
+            if k_blocks > 1 and (k_blocks * block_size > MAX_STEP_DEPTH or k_blocks * split_k > longest_block_row):
+                continue
+            # The gathered x tile (BLOCK_M x step depth) spills past 64x64 on 4 warps and past 128x64
+            # on 8 (the AOT check, sm80).
+            if k_blocks > 1 and block_m * k_blocks * block_size > (64 * 64 if num_warps == 4 else 128 * 64):
                 continue
             yield KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps,
-                               num_stages=num_stages, rows_per_program=rows, member_dots=member_dots)
+                               num_stages=num_stages, rows_per_program=rows, k_blocks=k_blocks)
 
 
 def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms, seed=0,
