@@ -116,6 +116,18 @@ def test_resize_fuses_nothing_and_keeps_transformers_attention(pruned_minilm):
     assert layer.intermediate.dense.out_features < 1536  # empty FFN neurons were cut
 
 
+def test_resized_ffn_hidden_sizes_are_aligned(pruned_minilm, padded_batch):
+    """Resize rounds kept FFN neurons up to 8 (16-byte fp16 rows), hybrid to the block grid, with
+    zero neurons; the outputs stay the unpatched model's (checked for every mode above as well)."""
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    for mode, multiple in (("resize", 8), ("hybrid", 32)):
+        patched = patch_bert(copy.deepcopy(model), mode=mode)
+        sizes = [layer.intermediate.dense.out_features for layer in patched.encoder.layer]
+        assert all(size % multiple == 0 for size in sizes) and any(size < 1536 for size in sizes)
+        assert max_diff_on_real_tokens(reference_output(patched, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
+
+
 def test_save_and_load_patched_model_without_pickle(pruned_minilm, padded_batch, tmp_path):
     model, _ = pruned_minilm
     patched = patch_bert(copy.deepcopy(model), mode="hybrid")

@@ -34,6 +34,7 @@ from ..selection import DEFAULT_ROWS, measure_block_sparse
 
 MODES = ("resize", "blocksparse", "hybrid")
 DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU: matrices denser than this stay dense
+RESIZE_ALIGNMENT = 8  # resized FFN hidden sizes round up to this: 16-byte fp16 rows (resize.py)
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
 
 
@@ -129,8 +130,8 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
             return False
         if weight.shape[0] % block_size or weight.shape[1] % block_size:
             if mode == "hybrid":
-                # Resizing cut single FFN neurons out, so the matrix no longer sits on the block
-                # grid; it stays a dense (resized) nn.Linear, as in nn_pruning.
+                # Off the block grid (hybrid pads resized FFNs onto it; this is a model whose own
+                # sizes the block size does not divide): it stays a dense nn.Linear.
                 return False
             raise ValueError(f"block_size {block_size} does not divide a weight of shape {tuple(weight.shape)}")
         if mode == "blocksparse":
@@ -159,8 +160,11 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
                 removed = prunable_heads(value, output, num_heads)
                 query, key, value, output = remove_heads(query, key, value, output, num_heads, removed)
                 num_heads -= len(removed)
+                # Aligned hidden sizes keep cuBLAS on its fast kernels (resize.py); hybrid aligns
+                # to the block grid, so a resized FFN may still go block-sparse.
                 inner, outer = remove_neurons(inner, outer, prunable_neurons(inner, outer),
-                                              layer.intermediate.intermediate_act_fn)
+                                              layer.intermediate.intermediate_act_fn,
+                                              multiple_of=block_size if mode == "hybrid" else RESIZE_ALIGNMENT)
 
             if mode == "resize" and num_heads > 0:
                 attention.query, attention.key, attention.value = query, key, value
