@@ -126,6 +126,18 @@ def test_resized_ffn_hidden_sizes_are_aligned(pruned_minilm, padded_batch):
         sizes = [layer.intermediate.dense.out_features for layer in patched.encoder.layer]
         assert all(size % multiple == 0 for size in sizes) and any(size < 1536 for size in sizes)
         assert max_diff_on_real_tokens(reference_output(patched, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
+    # An already resized model (as nn_pruning checkpoints load: odd FFN sizes, nothing left to cut) is padded too.
+    from nn_blocksparse.resize import prunable_neurons, remove_neurons
+
+    cut = copy.deepcopy(model)
+    for layer in cut.encoder.layer:
+        inner, outer = layer.intermediate.dense, layer.output.dense
+        layer.intermediate.dense, layer.output.dense = remove_neurons(
+            inner, outer, prunable_neurons(inner, outer), layer.intermediate.intermediate_act_fn)
+    assert any(layer.intermediate.dense.out_features % 8 for layer in cut.encoder.layer)
+    patched = patch_bert(cut, mode="resize")
+    assert all(layer.intermediate.dense.out_features % 8 == 0 for layer in patched.encoder.layer)
+    assert max_diff_on_real_tokens(reference_output(patched, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
 
 
 def test_save_and_load_patched_model_without_pickle(pruned_minilm, padded_batch, tmp_path):
