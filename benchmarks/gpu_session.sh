@@ -92,11 +92,11 @@ install() {
     versions 2>&1 | tee -a "$LOG" "$WORK/versions.txt"
 }
 
-tune() {  # the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128 and 2048),
+tune() {  # the package table on the benchmark grid's shapes (fp16, 32x32 blocks, M 128, 512, 2048),
          # timing CUDA-graph replays: the kernels' own GPU time ranks them (eagerly, microsecond
          # kernels all time as the host's launch cost). The log keeps the best of each kernel family.
     step 130 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-        --m 128,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
+        --m 128,512,2048 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
         --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune_cudagraph.csv"
 }
 
