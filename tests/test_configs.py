@@ -45,11 +45,14 @@ def test_nearest_entry_ties_go_to_the_larger_m(monkeypatch):
 
 
 def test_heuristic_grows_tiles_with_m_and_splits_k_when_the_grid_is_small():
-    small = heuristic_config(torch.float16, 32, m=16, n_block_rows=24, nnz_blocks=24 * 12)
-    large = heuristic_config(torch.float16, 32, m=8192, n_block_rows=24, nnz_blocks=24 * 12)
+    small = heuristic_config(torch.float16, 32, m=16, n_block_rows=24, nnz_blocks=24 * 96)
+    large = heuristic_config(torch.float16, 32, m=8192, n_block_rows=24, nnz_blocks=24 * 96)
     assert small.block_m == 16 and large.block_m == 128
-    assert small.split_k > 1  # 24 tiles cannot fill 108 SMs
-    assert large.split_k == 1  # 64 x 24 tiles already do
+    # 24 tiles cannot fill 108 SMs: split, as long as each split keeps 4 steps of 4 blocks.
+    assert small.k_blocks == 4 and small.split_k == 4
+    assert large.split_k == 1 and large.k_blocks == 1  # 64 x 24 tiles already fill it; large M steps one block
+    # Rows of 12 blocks are 3 steps: not split.
+    assert heuristic_config(torch.float16, 32, m=16, n_block_rows=24, nnz_blocks=24 * 12).split_k == 1
     # Never split below 2 blocks per program.
     assert heuristic_config(torch.float16, 32, m=16, n_block_rows=24, nnz_blocks=24).split_k == 1
     # fp32 with 64-wide blocks stops at 32 rows: larger tiles spill (see the aot report).
@@ -68,12 +71,16 @@ def test_every_heuristic_choice_is_in_the_launchable_set(dtype, block_size):
 
 def test_heuristic_groups_rows_only_where_padding_is_small_and_the_grid_stays_full():
     free = ((2, 1.0), (4, 1.0))
-    wide = heuristic_config(torch.float16, 32, m=4096, n_block_rows=24, nnz_blocks=24 * 24, grouping_inflation=free)
+    wide = heuristic_config(torch.float16, 32, m=16384, n_block_rows=24, nnz_blocks=24 * 24, grouping_inflation=free)
     assert wide.rows_per_program == 4 and wide.split_k == 1 and wide.block_m * 4 * 32 <= 128 * 128
-    # 2048 rows: 16 x 6 groups of 4 would leave SMs idle, 16 x 12 groups of 2 fill 108.
-    assert heuristic_config(torch.float16, 32, 2048, 24, 24 * 24, grouping_inflation=free).rows_per_program == 2
+    # Row groups keep 4 programs per SM at their full 128-row tile: 8192 rows make 64 x 6 groups of 4
+    # (too few for 108 SMs) or 64 x 12 groups of 2 (enough); at 2048 rows neither, and shrinking
+    # the tile instead measured up to 2x slower than one block-row per program on an H200.
+    assert heuristic_config(torch.float16, 32, 8192, 24, 24 * 24, grouping_inflation=free).rows_per_program == 2
+    at_2048 = heuristic_config(torch.float16, 32, 2048, 24, 24 * 24, grouping_inflation=free)
+    assert at_2048.rows_per_program == 1 and at_2048.block_m == 64
     # Padding: R = 4 would cost 50% more products, R = 2 only 3%.
-    assert heuristic_config(torch.bfloat16, 32, 4096, 24, 24 * 24,
+    assert heuristic_config(torch.bfloat16, 32, 8192, 24, 24 * 24,
                             grouping_inflation=((2, 1.03), (4, 1.5))).rows_per_program == 2
     assert heuristic_config(torch.float16, 32, 4096, 24, 24 * 12,
                             grouping_inflation=((2, 1.4), (4, 1.9))).rows_per_program == 1
@@ -87,7 +94,7 @@ def test_select_config_reads_the_layout_of_a_real_matrix():
     from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 
     dense = BlockSparseMatrix.from_dense(torch.randn(768, 768, dtype=torch.float16), 32)
-    args = (torch.float16, 32, 768, 768, 4096, dense.nnz_blocks, torch.device("cpu"))
+    args = (torch.float16, 32, 768, 768, 16384, dense.nnz_blocks, torch.device("cpu"))
     assert configs.select_config(*args, dense.grouping_inflation()).rows_per_program == 4
     assert configs.select_config(*args).rows_per_program == 1
 
@@ -105,3 +112,24 @@ def test_table_entries_round_trip_and_old_five_entry_rows_mean_one_row_per_progr
     config = KernelConfig(128, 8, 1, 8, 3, rows_per_program=4)
     assert KernelConfig.from_list(config.as_list()) == config
     assert KernelConfig.from_list([64, 8, 2, 4, 3]) == KernelConfig(64, 8, 2, 4, 3, rows_per_program=1)
+
+
+def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
+    """Graph-timed H200 tuning (benchmarks/results/tune_cudagraph_nvidia-h200.csv): at M = 128 the
+    best configs step several blocks at a time on 32-64-row tiles; at M = 2048 one block at a time,
+    and row groups only with a full grid at the full tile."""
+    from benchmarks import common
+    from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
+
+    def heuristic_for(n, k, m, density):
+        weight = common.random_block_sparse_weight(n, k, 32, density, seed=0, dtype=torch.float16)
+        matrix = BlockSparseMatrix.from_dense(weight, 32)
+        return heuristic_config(torch.float16, 32, m, matrix.block_rows, matrix.nnz_blocks, 132,
+                                matrix.grouping_inflation()).as_list()
+
+    for density in (0.1, 0.36, 0.5, 0.75, 1.0):  # the tuned best at all five
+        assert heuristic_for(768, 768, 128, density) == [32, 8, 1, 4, 3, 1, 4]
+    assert heuristic_for(2304, 768, 128, 0.36) == [64, 8, 1, 4, 3, 1, 2]
+    assert heuristic_for(768, 3072, 128, 0.1) == [32, 8, 1, 4, 3, 1, 4]
+    assert heuristic_for(2304, 768, 2048, 1.0) == [128, 8, 1, 4, 3, 2]
+    assert heuristic_for(3072, 768, 2048, 0.5) == [128, 8, 1, 4, 3, 1]

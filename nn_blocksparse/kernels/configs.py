@@ -105,9 +105,21 @@ def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
 # stays at least one wave. fp32 keeps one row per program: its register tiles are already at the
 # spill limit (see `aot`).
 MAX_GROUPING_INFLATION = 1.05
-# Programs per SM the heuristic's M tiling aims for: the best tuned H200 configs had 4-12
-# (each program walks its blocks one after another; more of them hide the load latency).
+# Programs per SM the heuristic's M tiling aims for with one block per step: the best eagerly
+# tuned H200 configs had 4-12 (each program walks its blocks one after another; more of them hide
+# the load latency). Row groups must keep this many at their full tile: shrinking a row-group tile
+# to get there was up to 2x slower than one block-row per program (graph-timed H200 tuning).
 PROGRAMS_PER_SM = 4
+# Small M (at most this many rows): one block-row per program takes deeper steps (`k_blocks`), on
+# tiles of 32-64 rows with a grid of one wave. Under CUDA-graph timing on an H200 that family won
+# 19 of the 20 M = 128 problems tuned, by up to 1.3x over one block per step and 1.1-3x over the
+# 16-row tiles this heuristic chose before (`benchmarks/results/tune_cudagraph_nvidia-h200.csv`).
+MAX_M_FOR_K_BLOCKS = 256
+K_BLOCKS_BLOCK_M = (16, 32, 64)  # 16 only for M <= 16
+# Deepest step (k_blocks x block size), and the largest gathered x tile (BLOCK_M x step depth) on 4
+# warps: past 64x64 the gathered pointer tiles spill on sm80 (the AOT check).
+MAX_STEP_DEPTH = 128
+_MAX_X_TILE_4_WARPS = 64 * 64
 # A tuned entry stands in for M buckets at most this many octaves from its own (the table has
 # entries at M 128 and 2048: 512 and 8192 take the 2048 ones, 16 takes none).
 MAX_TUNED_M_OCTAVES = 2
@@ -123,6 +135,17 @@ def row_groups_considered(dtype: torch.dtype, m: int) -> bool:
 def launch_tile_limit(dtype: torch.dtype, block_size: int, rows_per_program: int) -> int:
     """Largest BLOCK_M that compiles without spills for this dtype, block size and rows per program."""
     return _tile_launch(dtype, block_size, BLOCK_M_CHOICES[-1], rows_per_program)[0]
+
+
+def k_blocks_for_tile(dtype: torch.dtype, block_size: int, block_m: int) -> int:
+    """Blocks per step for a small-M tile of `block_m` rows: the most (up to 4, at most
+    `MAX_STEP_DEPTH` deep) whose gathered x tile fits 4 warps; 1 for fp32 (not tuned)."""
+    if dtype == torch.float32:
+        return 1
+    for k_blocks in (4, 2):
+        if k_blocks * block_size <= MAX_STEP_DEPTH and block_m * k_blocks * block_size <= _MAX_X_TILE_4_WARPS:
+            return k_blocks
+    return 1
 
 
 def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_program: int) -> tuple[int, int, int]:
@@ -159,37 +182,51 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
 def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: int, nnz_blocks: int,
                      sm_count: int = DEFAULT_SM_COUNT,
                      grouping_inflation: tuple[tuple[int, float], ...] = ()) -> KernelConfig:
-    """A sound default where nothing was tuned.
+    """A sound default where nothing was tuned (what the H200's graph-timed tuning taught).
 
-    - BLOCK_M grows with M (up to 128) so each loaded weight block is reused by more rows, but
-      shrinks (down to 16) until the grid has `PROGRAMS_PER_SM` programs per SM: on an H200, at
-      batch 1 x seq 128, 16-row tiles beat one 128-row tile split over K by 2-6x.
+    - Small M (at most `MAX_M_FOR_K_BLOCKS` rows), fp16/bf16: one block-row per program stepping
+      several blocks at a time (`k_blocks_for_tile`), on tiles of 64 rows, or 32 where that fills
+      a wave of programs better (16 for M <= 16); split-K only while each split keeps 4 steps or more.
+    - Otherwise BLOCK_M grows with M (up to 128) so each loaded weight block is reused by more
+      rows, but shrinks (down to 16) until the grid has `PROGRAMS_PER_SM` programs per SM.
     - fp16/bf16 with M >= 256: the widest row group (R = 4, then 2) whose padding
       (`grouping_inflation`, `((R, inflation), ...)` from `BlockSparseMatrix.grouping_inflation`)
-      is at most 5% and whose grid still fills every SM; otherwise one block-row per program.
+      is at most 5% and whose grid has `PROGRAMS_PER_SM` programs per SM at the full tile;
+      otherwise one block-row per program.
     - When the grid still has fewer tiles than SMs (few block-rows), split each block-row's
-      blocks over programs, but keep at least 2 blocks per split so partial sums pay off.
+      blocks over programs, but keep at least 2 steps per split so partial sums pay off.
     """
     wanted_block_m = min(max(16, m_bucket(m)), BLOCK_M_CHOICES[-1])
+    blocks_per_row = nnz_blocks / max(n_block_rows, 1)
     rows_per_program = 1
     if row_groups_considered(dtype, m):
         for rows, inflation in sorted(grouping_inflation, reverse=True):
             block_m = _tile_launch(dtype, block_size, wanted_block_m, rows)[0]
-            if inflation <= MAX_GROUPING_INFLATION and math.ceil(m / block_m) * math.ceil(n_block_rows / rows) >= sm_count:
+            programs = math.ceil(m / block_m) * math.ceil(n_block_rows / rows)
+            if inflation <= MAX_GROUPING_INFLATION and programs >= PROGRAMS_PER_SM * sm_count:
                 rows_per_program = rows
                 break
-    block_m, num_warps, num_stages = _tile_launch(dtype, block_size, wanted_block_m, rows_per_program)
     groups = max(math.ceil(n_block_rows / rows_per_program), 1)
-    while block_m > BLOCK_M_CHOICES[0] and math.ceil(m / block_m) * groups < PROGRAMS_PER_SM * sm_count:
-        block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m // 2, rows_per_program)
+    k_blocks = 1
+    if rows_per_program == 1 and m <= MAX_M_FOR_K_BLOCKS and blocks_per_row >= 1.5:
+        block_m = min(wanted_block_m, K_BLOCKS_BLOCK_M[-1])
+        while block_m > K_BLOCKS_BLOCK_M[-2] and math.ceil(m / block_m) * groups < sm_count:
+            block_m //= 2
+        k_blocks = k_blocks_for_tile(dtype, block_size, block_m)
+    if k_blocks > 1:
+        num_warps, num_stages, min_steps_per_split = 4, 3, 4
+    else:
+        block_m, num_warps, num_stages = _tile_launch(dtype, block_size, wanted_block_m, rows_per_program)
+        while block_m > BLOCK_M_CHOICES[0] and math.ceil(m / block_m) * groups < PROGRAMS_PER_SM * sm_count:
+            block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m // 2, rows_per_program)
+        min_steps_per_split = 2
     tiles = math.ceil(m / block_m) * groups
-    blocks_per_row = nnz_blocks / max(n_block_rows, 1)
     split_k = 1
     while (rows_per_program == 1 and split_k * 2 in SPLIT_K_CHOICES and tiles * split_k < sm_count
-           and blocks_per_row / (split_k * 2) >= 2):
+           and blocks_per_row / (split_k * 2 * k_blocks) >= min_steps_per_split):
         split_k *= 2
     return KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                        rows_per_program=rows_per_program)
+                        rows_per_program=rows_per_program, k_blocks=k_blocks)
 
 
 def tuned_config(arch: str, dtype: torch.dtype, block_size: int, n: int, k: int, m: int,
@@ -252,6 +289,10 @@ def launchable_configs(dtype: torch.dtype, block_size: int) -> list[KernelConfig
         block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m, rows_per_program)
         for split_k in SPLIT_K_CHOICES if rows_per_program == 1 else (1,):
             configs.add(KernelConfig(block_m, 8, split_k, num_warps, num_stages, rows_per_program))
+    for block_m, split_k in itertools.product(K_BLOCKS_BLOCK_M, SPLIT_K_CHOICES):
+        k_blocks = k_blocks_for_tile(dtype, block_size, block_m)
+        if k_blocks > 1:
+            configs.add(KernelConfig(block_m, 8, split_k, 4, 3, k_blocks=k_blocks))
     prefix = f"{DTYPE_NAMES[dtype]}/bs{block_size}/"
     for entries in load_tuned_table().values():
         for key, values in entries.items():
