@@ -67,15 +67,14 @@ LOG_COLUMNS = ["key", "dtype", "block_size", "n", "k", "m", "density", "best_con
 FAMILIES = {"best_one_block_ms": lambda c: c.rows_per_program == 1 and c.k_blocks == 1,
             "best_k_blocks_ms": lambda c: c.k_blocks > 1,
             "best_row_groups_ms": lambda c: c.rows_per_program > 1}
-# Deepest step (k_blocks x block size) tried: the x tile of a step is BLOCK_M x that.
-MAX_STEP_DEPTH = 128
 # Relative to max |reference|: fp32 accumulation, so only the output rounding differs from cuBLAS.
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}
 
 
 def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, stages=NUM_STAGES_CHOICES):
-    from nn_blocksparse.kernels.configs import (BLOCK_M_CHOICES, K_BLOCKS_CHOICES, ROWS_PER_PROGRAM_CHOICES,
-                                                SPLIT_K_CHOICES, KernelConfig, launch_tile_limit, m_bucket)
+    from nn_blocksparse.kernels.configs import (BLOCK_M_CHOICES, K_BLOCKS_CHOICES, MAX_STEP_DEPTH,
+                                                MAX_X_TILE_BY_WARPS, ROWS_PER_PROGRAM_CHOICES, SPLIT_K_CHOICES,
+                                                KernelConfig, launch_tile_limit, m_bucket)
 
     for block_m, split_k, rows, num_warps, num_stages in product(BLOCK_M_CHOICES, SPLIT_K_CHOICES,
                                                                  ROWS_PER_PROGRAM_CHOICES, NUM_WARPS_CHOICES,
@@ -93,9 +92,8 @@ def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, st
             # Deeper steps need at least one full step per split.
             if k_blocks > 1 and (k_blocks * block_size > MAX_STEP_DEPTH or k_blocks * split_k > longest_block_row):
                 continue
-            # The gathered x tile (BLOCK_M x step depth) spills past 64x64 on 4 warps and past 128x64
-            # on 8 (the AOT check, sm80).
-            if k_blocks > 1 and block_m * k_blocks * block_size > (64 * 64 if num_warps == 4 else 128 * 64):
+            # The gathered x tile (BLOCK_M x step depth) spills past a size per warp count.
+            if k_blocks > 1 and block_m * k_blocks * block_size > MAX_X_TILE_BY_WARPS[num_warps]:
                 continue
             yield KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps,
                                num_stages=num_stages, rows_per_program=rows, k_blocks=k_blocks)

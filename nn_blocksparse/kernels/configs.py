@@ -116,10 +116,10 @@ PROGRAMS_PER_SM = 4
 # 16-row tiles this heuristic chose before (`benchmarks/results/tune_cudagraph_nvidia-h200.csv`).
 MAX_M_FOR_K_BLOCKS = 256
 K_BLOCKS_BLOCK_M = (16, 32, 64)  # 16 only for M <= 16
-# Deepest step (k_blocks x block size), and the largest gathered x tile (BLOCK_M x step depth) on 4
-# warps: past 64x64 the gathered pointer tiles spill on sm80 (the AOT check).
+# Deepest step (k_blocks x block size), and the largest gathered x tile (BLOCK_M x step depth) per
+# warp count: past these the gathered pointer tiles spill on sm80 (the AOT check).
 MAX_STEP_DEPTH = 128
-_MAX_X_TILE_4_WARPS = 64 * 64
+MAX_X_TILE_BY_WARPS = {4: 64 * 64, 8: 128 * 64}
 # A tuned entry stands in for M buckets at most this many octaves from its own (the table has
 # entries at M 128 and 2048: 512 and 8192 take the 2048 ones, 16 takes none).
 MAX_TUNED_M_OCTAVES = 2
@@ -143,7 +143,7 @@ def k_blocks_for_tile(dtype: torch.dtype, block_size: int, block_m: int) -> int:
     if dtype == torch.float32:
         return 1
     for k_blocks in (4, 2):
-        if k_blocks * block_size <= MAX_STEP_DEPTH and block_m * k_blocks * block_size <= _MAX_X_TILE_4_WARPS:
+        if k_blocks * block_size <= MAX_STEP_DEPTH and block_m * k_blocks * block_size <= MAX_X_TILE_BY_WARPS[4]:
             return k_blocks
     return 1
 
