@@ -102,8 +102,8 @@ def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
 
 # Row groups (rows_per_program > 1) widen the output tile to R * bs, which is what dense GEMMs do to
 # re-read x less; they pay only where grouping pads little (`RowGroups.inflation`) and the grid
-# stays at least one wave. fp32 keeps one row per program: its register tiles are already at the
-# spill limit (see `aot`).
+# keeps `PROGRAMS_PER_SM` programs per SM at the full tile. fp32 keeps one row per program: its
+# register tiles are already at the spill limit (see `aot`).
 MAX_GROUPING_INFLATION = 1.05
 # Programs per SM the heuristic's M tiling aims for with one block per step: the best eagerly
 # tuned H200 configs had 4-12 (each program walks its blocks one after another; more of them hide
