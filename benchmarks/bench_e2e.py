@@ -91,6 +91,14 @@ def random_inputs(batch: int, seq: int, vocab_size: int, device: torch.device, s
     return inputs
 
 
+def _choice_note(model) -> str:
+    """For hybrid: how many of its matrices on the block grid run block-sparse (the rest stay dense)."""
+    choices = getattr(model, "nn_blocksparse_choices", None)
+    if not choices:
+        return ""
+    return f"block-sparse {sum(c['block_sparse'] for c in choices)} of {len(choices)} matrices"
+
+
 def _row(model_name, batch, seq, dtype, method, time_value, dense_ms, diff, heads, weights, note) -> dict:
     published = PUBLISHED_RESIZE_SPEEDUP if (method == "resize" and model_name == "bert-base") else None
     return {"model": model_name, "batch": batch, "seq": seq, "dtype": common.DTYPE_NAMES[dtype], "method": method,
@@ -121,7 +129,7 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
             reference = dense(**inputs).last_hidden_state
             dense_ms = nan
             for name, model in variants.items():
-                note = ""
+                note = _choice_note(model)
                 try:
                     diff = common.max_abs_diff(model(**inputs).last_hidden_state, reference)
                     # Captured without a mask, the forward must skip it as it does eagerly: otherwise
