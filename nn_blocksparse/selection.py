@@ -12,7 +12,7 @@ with CUDA events on a GPU (so the host's launch work counts where it is longer t
 kernel) and `time.perf_counter` on CPU. Block-sparse is chosen only when it is at least
 `margin` faster, so that noise around equal times keeps the plain dense layer.
 
-Knows nothing of BERT; `BlockSparseLinear` and `nn.Linear` are all it builds.
+Knows nothing of BERT; `BlockSparseLinear` and `nn.Linear` (`resize.linear_from`) are all it builds.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .linear import BlockSparseLinear
+from .resize import linear_from
 
 DEFAULT_ROWS = 512  # tokens per call while measuring: batch 4 x seq 128
 DEFAULT_MARGIN = 0.05
@@ -88,11 +88,7 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     sparse = BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if bias is not None:
-            dense.bias.copy_(bias)
+    dense = linear_from(weight, bias)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, weight.shape[1], generator=generator).to(device=device, dtype=weight.dtype)
 
