@@ -107,13 +107,11 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(dense_threshold, str):
-        if dense_threshold not in ("auto", "measure"):
-            raise ValueError(f"dense_threshold must be a block density in [0, 1], 'auto' or 'measure', "
-                             f"got {dense_threshold!r}")
-    elif not 0.0 <= dense_threshold <= 1.0:
+    valid = (dense_threshold in ("auto", "measure") if isinstance(dense_threshold, str)
+             else 0.0 <= dense_threshold <= 1.0)
+    if not valid:
         raise ValueError(f"dense_threshold must be a block density in [0, 1], 'auto' or 'measure', "
-                         f"got {dense_threshold}")
+                         f"got {dense_threshold!r}")
     layers = bert_layers(model)
     for layer in layers:
         if not hasattr(layer.attention.self, "query"):
