@@ -22,6 +22,9 @@
 #                                     timing cross-check (~3 min): for a session with little device
 #                                     time
 #   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~1 min)
+#   benchmarks/gpu_session.sh align   the resized FFN padding sweep (bench_ffn_alignment, graph-timed
+#                                     and eager), and the heuristic timed against a fresh M = 512
+#                                     tuning into a scratch table (limits: 4.8 min; ~3.5 expected)
 #
 # Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
 # ./run.sh aot to check its entries for spills.
@@ -171,8 +174,18 @@ case "${1:-}" in
         step 100 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK/extra" --dtypes bf16,fp16 --block-sizes 16,32,64 \
             --shapes 768x768,3072x768 --m 2048 --densities 1.0,0.5,0.36 --methods dense,torch_bsr,ours --rep-ms 50
         ;;
+    align)
+        install
+        step 60 "$PYTHON" -m benchmarks.warm_triton_cache --sets tune,e2e --workers 14
+        step 60 "$PYTHON" -m benchmarks.bench_ffn_alignment --out "$WORK" --cuda-graph
+        step 45 "$PYTHON" -m benchmarks.bench_ffn_alignment --out "$WORK"
+        # The package table stays as it is: the log's heuristic_ms column is what this is for.
+        step 75 "$PYTHON" -m benchmarks.tune_kernel --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
+            --m 512 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
+            --out "$WORK/tuned_m512_scratch.json" --log "$WORK/tune_m512_heuristic.csv"
+        ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra}" >&2
+        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra|align}" >&2
         exit 2
         ;;
 esac

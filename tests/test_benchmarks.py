@@ -21,8 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_cpu, bench_e2e, bench_kernel, common, graph_check, launch_overhead, run_all,  # noqa: E402
-                        tune_kernel, warm_triton_cache)
+from benchmarks import (bench_cpu, bench_e2e, bench_ffn_alignment, bench_kernel, common, graph_check,  # noqa: E402
+                        launch_overhead, run_all, tune_kernel, warm_triton_cache)
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -101,6 +101,21 @@ def test_bench_e2e_quick(tmp_path):
     dense = [r for r in rows if r["method"] == "dense"]
     assert int(resize[0]["heads"]) < int(dense[0]["heads"])  # resizing really removed heads
     assert_png(tmp_path / f"e2e_{tag}_quick.png")
+
+
+def test_bench_ffn_alignment_quick(tmp_path):
+    assert bench_ffn_alignment.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    tag = common.device_tag(torch.device("cpu"))
+    rows = read(tmp_path / f"ffn_alignment_{tag}_quick.csv", bench_e2e.E2E_COLUMNS)
+    assert [r["method"] for r in rows] == ["dense", "resize/pad1", "resize/pad8", "resize/pad32", "hybrid/pad32"]
+    for row in rows:
+        assert number(row["time_ms"]) > 0 and number(row["max_abs_diff"]) <= MAX_MODEL_DIFF, row
+    # Padding stores zero neurons: more weights stored, the same nonzero ones.
+    stored = [int(r["linear_weights_stored"]) for r in rows[1:4]]
+    assert stored[0] < stored[1] < stored[2] < int(rows[0]["linear_weights_stored"])
+    assert len({r["linear_weights_nonzero"] for r in rows}) == 1
+    assert re.fullmatch(r"block-sparse \d+ of \d+ matrices", rows[-1]["note"])
+    assert_png(tmp_path / f"ffn_alignment_{tag}_quick.png")
 
 
 def test_bench_cpu_quick(tmp_path):
@@ -203,6 +218,7 @@ def test_gpu_scripts_exit_with_status_2_without_cuda(tmp_path):
     assert not (tmp_path / "t.json").exists()
     assert bench_kernel.main(["--out", str(tmp_path)]) == 2
     assert bench_e2e.main(["--out", str(tmp_path)]) == 2
+    assert bench_ffn_alignment.main(["--out", str(tmp_path)]) == 2
     assert warm_triton_cache.main(["--sets", "bench"]) == 2
     assert launch_overhead.main([]) == 2
     assert graph_check.main([]) == 2

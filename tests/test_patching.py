@@ -117,12 +117,12 @@ def test_resize_fuses_nothing_and_keeps_transformers_attention(pruned_minilm):
 
 
 def test_resized_ffn_hidden_sizes_are_aligned(pruned_minilm, padded_batch):
-    """Resize rounds kept FFN neurons up to 8 (16-byte fp16 rows), hybrid to the block grid, with
-    zero neurons; the outputs stay the unpatched model's (checked for every mode above as well)."""
+    """Resize rounds kept FFN neurons up to 8 (16-byte fp16 rows), hybrid to the block grid, or
+    both to `ffn_multiple_of`, with zero neurons; the outputs stay the unpatched model's."""
     model, _ = pruned_minilm
     reference = reference_output(model, padded_batch)
-    for mode, multiple in (("resize", 8), ("hybrid", 32)):
-        patched = patch_bert(copy.deepcopy(model), mode=mode)
+    for mode, multiple, asked in (("resize", 8, None), ("hybrid", 32, None), ("resize", 64, 64), ("hybrid", 1, 1)):
+        patched = patch_bert(copy.deepcopy(model), mode=mode, ffn_multiple_of=asked)
         sizes = [layer.intermediate.dense.out_features for layer in patched.encoder.layer]
         assert all(size % multiple == 0 for size in sizes) and any(size < 1536 for size in sizes)
         assert max_diff_on_real_tokens(reference_output(patched, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
@@ -138,6 +138,9 @@ def test_resized_ffn_hidden_sizes_are_aligned(pruned_minilm, padded_batch):
     patched = patch_bert(cut, mode="resize")
     assert all(layer.intermediate.dense.out_features % 8 == 0 for layer in patched.encoder.layer)
     assert max_diff_on_real_tokens(reference_output(patched, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
+    for bad in (0, -8, 8.0, True):
+        with pytest.raises(ValueError, match="ffn_multiple_of"):
+            patch_bert(copy.deepcopy(model), mode="resize", ffn_multiple_of=bad)
 
 
 def test_save_and_load_patched_model_without_pickle(pruned_minilm, padded_batch, tmp_path):

@@ -99,14 +99,22 @@ def _block_density(weight: torch.Tensor, block_size: int) -> float:
 
 
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
-               dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS) -> nn.Module:
+               dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS,
+               ffn_multiple_of: int | None = None) -> nn.Module:
     """Patch in place and return `model`. See the module docstring for the modes.
 
     Patch the model on the device and in the dtype it will run in: `"measure"` times there, with
-    `measure_rows` tokens per call.
+    `measure_rows` tokens per call. `ffn_multiple_of`: resize and hybrid round each FFN's hidden
+    size up to a multiple of it with all-zero neurons (exact; `resize.remove_neurons`); by default
+    `RESIZE_ALIGNMENT` for resize and `block_size` for hybrid (so a resized FFN stays on the block
+    grid and may go block-sparse).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if ffn_multiple_of is None:
+        ffn_multiple_of = block_size if mode == "hybrid" else RESIZE_ALIGNMENT
+    if isinstance(ffn_multiple_of, bool) or not isinstance(ffn_multiple_of, int) or ffn_multiple_of < 1:
+        raise ValueError(f"ffn_multiple_of must be a positive int, got {ffn_multiple_of!r}")
     valid = (dense_threshold in ("auto", "measure") if isinstance(dense_threshold, str)
              else 0.0 <= dense_threshold <= 1.0)
     if not valid:
@@ -158,11 +166,9 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
                 removed = prunable_heads(value, output, num_heads)
                 query, key, value, output = remove_heads(query, key, value, output, num_heads, removed)
                 num_heads -= len(removed)
-                # Aligned hidden sizes keep cuBLAS on its fast kernels (resize.py); hybrid aligns
-                # to the block grid, so a resized FFN may still go block-sparse.
+                # Aligned hidden sizes keep cuBLAS on its fast kernels (resize.py).
                 inner, outer = remove_neurons(inner, outer, prunable_neurons(inner, outer),
-                                              layer.intermediate.intermediate_act_fn,
-                                              multiple_of=block_size if mode == "hybrid" else RESIZE_ALIGNMENT)
+                                              layer.intermediate.intermediate_act_fn, multiple_of=ffn_multiple_of)
 
             if mode == "resize" and num_heads > 0:
                 attention.query, attention.key, attention.value = query, key, value

@@ -1,0 +1,115 @@
+"""FFN alignment benchmark: what the size a resized FFN is padded to does to a pruned BERT's speed.
+
+    python -m benchmarks.bench_ffn_alignment [--out DIR] [--quick] [--sizes 1x128,8x384,32x384]
+        [--multiples 1,8,16,32,64,128] [--hybrid-multiples 8,32,64] [--cuda-graph] [--rep-ms 100]
+        [--device cuda|cpu] [--threads N] [--seed 0]
+
+Resizing leaves FFN hidden sizes such as 1225 (nn_pruning keeps whatever neurons survived).
+`patch_bert(..., ffn_multiple_of=k)` rounds them up to a multiple of k with all-zero neurons,
+which changes no output. This times, in one run on the pruned BERT-base of `bench_e2e`:
+
+- `dense`:          the pruned model unpatched, the baseline;
+- `resize/pad{k}`:  `patch_bert(mode="resize", ffn_multiple_of=k)` for each k of `--multiples`
+                    (k = 1: no padding, as nn_pruning resizes);
+- `hybrid/pad{k}`:  `patch_bert(mode="hybrid", ffn_multiple_of=k)` for each k of
+                    `--hybrid-multiples`: hybrid also fuses Q/K/V into one matmul, so
+                    resize/pad8 against hybrid/pad8 shows the fusion, hybrid/pad8 against
+                    hybrid/pad32 the padding (a k the block size does not divide keeps FFNs dense).
+
+Rows and columns are `bench_e2e`'s (`method` names the variant), the plot its speedup bars.
+Writes `ffn_alignment[_cudagraph]_<device>.csv` and `.png`. `--quick`: CPU, fp32, the real
+MiniLM, 1x32, multiples 1,8,32 and hybrid 32 (a smoke run).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+
+from . import bench_e2e, common
+
+FULL_MULTIPLES = (1, 8, 16, 32, 64, 128)
+FULL_HYBRID_MULTIPLES = (8, 32, 64)
+QUICK_MULTIPLES = (1, 8, 32)
+QUICK_HYBRID_MULTIPLES = (32,)
+
+
+def build_variants(model: torch.nn.Module, multiples, hybrid_multiples, block_size: int = 32) -> dict:
+    """`{"dense": model, "resize/pad{k}": ..., "hybrid/pad{k}": ...}` (patched deep copies)."""
+    from nn_blocksparse.bert.patching import patch_bert
+
+    variants = {"dense": model}
+    for mode, ks in (("resize", multiples), ("hybrid", hybrid_multiples)):
+        for k in ks:
+            variants[f"{mode}/pad{k}"] = patch_bert(copy.deepcopy(model), mode=mode, block_size=block_size,
+                                                    ffn_multiple_of=k).eval()
+    return variants
+
+
+def ffn_widths(model: torch.nn.Module) -> list[int]:
+    from nn_blocksparse.bert.patching import bert_layers
+
+    return [layer.intermediate.dense.out_features for layer in bert_layers(model)]
+
+
+def parse_args(argv=None):
+    parser = common.base_parser("pruned BERT end to end with resized FFNs padded to several multiples")
+    parser.add_argument("--model", choices=bench_e2e.MODELS, help="default: bert-base (full), minilm (--quick)")
+    parser.add_argument("--sizes", help="batch x seq list (default: 1x128,8x384,32x384; --quick: 1x32)")
+    parser.add_argument("--multiples", help=f"resize paddings (default: {','.join(map(str, FULL_MULTIPLES))})")
+    parser.add_argument("--hybrid-multiples",
+                        help=f"hybrid paddings (default: {','.join(map(str, FULL_HYBRID_MULTIPLES))})")
+    parser.add_argument("--dtype", choices=tuple(common.DTYPES), help="default: fp16 (full), fp32 (--quick)")
+    parser.add_argument("--device", help="cuda (the default) or cpu; --quick: always cpu")
+    parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
+    common.add_cuda_graph_argument(parser)
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: measuring time per variant and size")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.model = args.model or ("minilm" if quick else "bert-base")
+    default_sizes = ((1, 32),) if quick else bench_e2e.FULL_SIZES[:3]
+    args.sizes = [common.parse_shape(s) for s in common.parse_list(args.sizes)] if args.sizes else list(default_sizes)
+    args.multiples = ([int(k) for k in common.parse_list(args.multiples)] if args.multiples
+                      else list(QUICK_MULTIPLES if quick else FULL_MULTIPLES))
+    args.hybrid_multiples = ([int(k) for k in common.parse_list(args.hybrid_multiples)] if args.hybrid_multiples
+                             else list(QUICK_HYBRID_MULTIPLES if quick else FULL_HYBRID_MULTIPLES))
+    if any(k < 1 for k in [*args.multiples, *args.hybrid_multiples]):
+        parser.error("multiples must be positive")
+    args.dtype = common.DTYPES[args.dtype or ("fp32" if quick else "fp16")]
+    args.device = torch.device("cpu" if quick else (args.device or "cuda"))
+    args.repeats = args.repeats or (3 if quick else 10)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_ffn_alignment: no CUDA GPU here; run with --quick (CPU smoke run) or --device cpu",
+              file=sys.stderr)
+        return 2
+    with common.torch_threads(args.threads):
+        model, report = bench_e2e.load_pruned(args.model, seed=args.seed)
+        model = model.to(device=device, dtype=args.dtype)
+        variants = build_variants(model, args.multiples, args.hybrid_multiples)
+        for name, variant in variants.items():
+            print(f"{name:<14} FFN widths {ffn_widths(variant)}", flush=True)
+        rows = bench_e2e.run_sizes(args.model, variants, args.sizes, device, args.dtype,
+                                   warmup=1 if args.quick else 2, repeats=args.repeats,
+                                   cuda_graph=args.cuda_graph, rep_ms=args.rep_ms)
+        environment = {**common.environment_record(device), "timing": common.timing_name(args.cuda_graph)}
+    stem = common.stem_for("ffn_alignment", args.cuda_graph)
+    csv_path = common.write_csv(common.results_path(args.out, stem, device, args.quick), rows,
+                                bench_e2e.E2E_COLUMNS, environment)
+    plot_path = bench_e2e.plot_e2e(rows, common.results_path(args.out, stem, device, args.quick, ".png"),
+                                   f"pruned {args.model}, resized FFNs padded to k, on {common.device_name(device)}, "
+                                   f"{common.DTYPE_NAMES[args.dtype]}, {common.timing_name(args.cuda_graph)} timing")
+    print("\nwrote", csv_path, plot_path, sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
