@@ -116,8 +116,9 @@ def test_table_entries_round_trip_and_old_five_entry_rows_mean_one_row_per_progr
 
 def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
     """Graph-timed H200 tuning (benchmarks/results/tune_cudagraph_nvidia-h200.csv): at M = 128 the
-    best configs step several blocks at a time on 32-64-row tiles; at M = 2048 one block at a time,
-    and row groups only with a full grid at the full tile."""
+    best configs step several blocks at a time on 32-64-row tiles (M = 512 too: the
+    tune_heuristic_m*_cudagraph logs time these picks); at M = 2048 one block at a time, and row
+    groups only with a full grid at the full tile."""
     from benchmarks import common
     from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 
@@ -131,5 +132,9 @@ def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
         assert heuristic_for(768, 768, 128, density) == [32, 8, 1, 4, 3, 1, 4]
     assert heuristic_for(2304, 768, 128, 0.36) == [64, 8, 1, 4, 3, 1, 2]
     assert heuristic_for(768, 3072, 128, 0.1) == [32, 8, 1, 4, 3, 1, 4]
+    assert heuristic_for(768, 3072, 128, 0.36) == [64, 8, 4, 4, 3, 1, 2]  # long rows: split K, keep 64 rows
     assert heuristic_for(2304, 768, 2048, 1.0) == [128, 8, 1, 4, 3, 2]
     assert heuristic_for(3072, 768, 2048, 0.5) == [128, 8, 1, 4, 3, 1]
+    # M = 512 on 768-wide outputs: 64-row tiles two blocks deep (the one-block rule gave 16-row tiles).
+    assert heuristic_for(768, 768, 512, 0.36) == [64, 8, 1, 4, 3, 1, 2]
+    assert heuristic_for(768, 3072, 512, 0.1) == [64, 8, 1, 4, 3, 1, 2]

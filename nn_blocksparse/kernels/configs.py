@@ -114,14 +114,19 @@ PROGRAMS_PER_SM = 4
 # tiles of 32-64 rows with a grid of one wave. Under CUDA-graph timing on an H200 that family won
 # 19 of the 20 M = 128 problems tuned, by up to 1.3x over one block per step and 1.1-3x over the
 # 16-row tiles this heuristic chose before (`benchmarks/results/tune_cudagraph_nvidia-h200.csv`).
-MAX_M_FOR_K_BLOCKS = 256
+# At M = 512 the best configs all had 32-128-row tiles, k_blocks ones within 5% of the best: the
+# one-block rule's 16-row tiles (for 4 programs per SM on 768-wide outputs) were 1.2-2.2x slower.
+MAX_M_FOR_K_BLOCKS = 512
 K_BLOCKS_BLOCK_M = (16, 32, 64)  # 16 only for M <= 16
+# Split-K only while each split keeps this many loop steps: partial sums cost a second pass.
+MIN_STEPS_PER_SPLIT = 2
+K_BLOCKS_MIN_STEPS_PER_SPLIT = 4
 # Deepest step (k_blocks x block size), and the largest gathered x tile (BLOCK_M x step depth) per
 # warp count: past these the gathered pointer tiles spill on sm80 (the AOT check).
 MAX_STEP_DEPTH = 128
 MAX_X_TILE_BY_WARPS = {4: 64 * 64, 8: 128 * 64}
 # A tuned entry stands in for M buckets at most this many octaves from its own (the table has
-# entries at M 128 and 2048: 512 and 8192 take the 2048 ones, 16 takes none).
+# entries at M 128, 512 and 2048: 8192 takes the 2048 ones, 32 the 128 ones, 16 none).
 MAX_TUNED_M_OCTAVES = 2
 MIN_M_FOR_ROW_GROUPS = 256
 _MAX_TILE_AREA_16BIT = 128 * 128
@@ -179,14 +184,25 @@ def _tile_launch(dtype: torch.dtype, block_size: int, block_m: int, rows_per_pro
     return block_m, num_warps, num_stages
 
 
+def _split_k(tiles: int, steps_per_row: float, min_steps_per_split: int, sm_count: int) -> int:
+    """Split-K for a grid of `tiles` programs: doubled while the grid is under one wave and each
+    split keeps at least `min_steps_per_split` of a row's `steps_per_row` loop steps."""
+    split_k = 1
+    while (split_k * 2 in SPLIT_K_CHOICES and tiles * split_k < sm_count
+           and steps_per_row / (split_k * 2) >= min_steps_per_split):
+        split_k *= 2
+    return split_k
+
+
 def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: int, nnz_blocks: int,
                      sm_count: int = DEFAULT_SM_COUNT,
                      grouping_inflation: tuple[tuple[int, float], ...] = ()) -> KernelConfig:
     """A sound default where nothing was tuned (what the H200's graph-timed tuning taught).
 
     - Small M (at most `MAX_M_FOR_K_BLOCKS` rows), fp16/bf16: one block-row per program stepping
-      several blocks at a time (`k_blocks_for_tile`), on tiles of 64 rows, or 32 where that fills
-      a wave of programs better (16 for M <= 16); split-K only while each split keeps 4 steps or more.
+      several blocks at a time (`k_blocks_for_tile`) on 64-row tiles, split along K while the grid
+      is under one wave and each split keeps 4 steps; 32-row tiles where even that grid stays under
+      one wave (16 for M <= 16).
     - Otherwise BLOCK_M grows with M (up to 128) so each loaded weight block is reused by more
       rows, but shrinks (down to 16) until the grid has `PROGRAMS_PER_SM` programs per SM.
     - fp16/bf16 with M >= 256: the widest row group (R = 4, then 2) whose padding
@@ -209,22 +225,23 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
     groups = max(math.ceil(n_block_rows / rows_per_program), 1)
     k_blocks = 1
     if rows_per_program == 1 and m <= MAX_M_FOR_K_BLOCKS and blocks_per_row >= 1.5:
+        # The tallest tile whose grid, split along K where rows are long, fills a wave; else 32 rows.
         block_m = min(wanted_block_m, K_BLOCKS_BLOCK_M[-1])
-        while block_m > K_BLOCKS_BLOCK_M[-2] and math.ceil(m / block_m) * groups < sm_count:
+        while True:
+            k_blocks = k_blocks_for_tile(dtype, block_size, block_m)
+            tiles = math.ceil(m / block_m) * groups
+            split_k = _split_k(tiles, blocks_per_row / k_blocks, K_BLOCKS_MIN_STEPS_PER_SPLIT, sm_count)
+            if block_m <= K_BLOCKS_BLOCK_M[-2] or tiles * split_k >= sm_count:
+                break
             block_m //= 2
-        k_blocks = k_blocks_for_tile(dtype, block_size, block_m)
     if k_blocks > 1:
-        num_warps, num_stages, min_steps_per_split = 4, 3, 4
+        num_warps, num_stages = 4, 3
     else:
         block_m, num_warps, num_stages = _tile_launch(dtype, block_size, wanted_block_m, rows_per_program)
         while block_m > BLOCK_M_CHOICES[0] and math.ceil(m / block_m) * groups < PROGRAMS_PER_SM * sm_count:
             block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m // 2, rows_per_program)
-        min_steps_per_split = 2
-    tiles = math.ceil(m / block_m) * groups
-    split_k = 1
-    while (rows_per_program == 1 and split_k * 2 in SPLIT_K_CHOICES and tiles * split_k < sm_count
-           and blocks_per_row / (split_k * 2 * k_blocks) >= min_steps_per_split):
-        split_k *= 2
+        split_k = 1 if rows_per_program > 1 else _split_k(math.ceil(m / block_m) * groups, blocks_per_row,
+                                                          MIN_STEPS_PER_SPLIT, sm_count)
     return KernelConfig(block_m=block_m, group_m=8, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
                         rows_per_program=rows_per_program, k_blocks=k_blocks)
 
