@@ -175,38 +175,48 @@ def plot_e2e(rows: list[dict], path, title: str):
 
 
 # ---------------------------------------------------------------------------------- CLI
-def parse_args(argv=None):
-    parser = common.base_parser("pruned BERT end to end: dense vs resize vs block-sparse vs hybrid")
+def add_run_arguments(parser, default_rep_ms: float) -> None:
+    """The arguments of every pruned-BERT timing script (this one and `bench_ffn_alignment`)."""
     parser.add_argument("--model", choices=MODELS, help="default: bert-base (full), minilm (--quick)")
     parser.add_argument("--sizes", help="batch x seq list, e.g. 1x128,8x384")
     parser.add_argument("--dtype", choices=tuple(common.DTYPES), help="default: fp16 (full), fp32 (--quick)")
-    parser.add_argument("--modes", default=",".join(PATCH_MODES), help=f"subset of {','.join(PATCH_MODES)}")
-    parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--device", help="cuda (the default) or cpu; --quick: always cpu")
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
     common.add_cuda_graph_argument(parser)
-    parser.add_argument("--rep-ms", type=float, default=500.0, help="CUDA: measuring time per method and size")
+    parser.add_argument("--rep-ms", type=float, default=default_rep_ms,
+                        help="CUDA: measuring time per variant and size")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def resolve_run_arguments(args, quick_sizes, full_sizes) -> None:
+    """Fill in `add_run_arguments`' defaults, which depend on --quick, in place."""
     quick = args.quick
     args.model = args.model or ("minilm" if quick else "bert-base")
     args.sizes = [common.parse_shape(s) for s in common.parse_list(args.sizes)] if args.sizes else \
-        list(QUICK_SIZES if quick else FULL_SIZES)
+        list(quick_sizes if quick else full_sizes)
     args.dtype = common.DTYPES[args.dtype or ("fp32" if quick else "fp16")]
+    args.device = torch.device("cpu" if quick else (args.device or "cuda"))
+    args.repeats = args.repeats or (3 if quick else 10)
+
+
+def parse_args(argv=None):
+    parser = common.base_parser("pruned BERT end to end: dense vs resize vs block-sparse vs hybrid")
+    add_run_arguments(parser, default_rep_ms=500.0)
+    parser.add_argument("--modes", default=",".join(PATCH_MODES), help=f"subset of {','.join(PATCH_MODES)}")
+    parser.add_argument("--block-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    resolve_run_arguments(args, QUICK_SIZES, FULL_SIZES)
     args.modes = common.parse_list(args.modes)
     for mode in args.modes:
         if mode not in PATCH_MODES:
             parser.error(f"unknown mode {mode!r}; choose from {PATCH_MODES}")
-    args.device = torch.device("cpu" if quick else (args.device or "cuda"))
-    args.repeats = args.repeats or (3 if quick else 10)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_e2e: no CUDA GPU here; run with --quick (CPU smoke run) or --device cpu", file=sys.stderr)
+    if common.cuda_missing(device, "bench_e2e"):
         return 2
     with common.torch_threads(args.threads):
         rows = run_model(args.model, args.sizes, device, args.dtype, args.modes, args.block_size,

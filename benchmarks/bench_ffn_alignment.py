@@ -24,12 +24,13 @@ MiniLM, 1x32, multiples 1,8,32 and hybrid 32 (a smoke run).
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 
 from . import bench_e2e, common
 
+FULL_SIZES = bench_e2e.FULL_SIZES[:3]  # 1x128, 8x384, 32x384
+QUICK_SIZES = ((1, 32),)
 FULL_MULTIPLES = (1, 8, 16, 32, 64, 128)
 FULL_HYBRID_MULTIPLES = (8, 32, 64)
 QUICK_MULTIPLES = (1, 8, 32)
@@ -56,40 +57,25 @@ def ffn_widths(model: torch.nn.Module) -> list[int]:
 
 def parse_args(argv=None):
     parser = common.base_parser("pruned BERT end to end with resized FFNs padded to several multiples")
-    parser.add_argument("--model", choices=bench_e2e.MODELS, help="default: bert-base (full), minilm (--quick)")
-    parser.add_argument("--sizes", help="batch x seq list (default: 1x128,8x384,32x384; --quick: 1x32)")
+    bench_e2e.add_run_arguments(parser, default_rep_ms=100.0)
     parser.add_argument("--multiples", help=f"resize paddings (default: {','.join(map(str, FULL_MULTIPLES))})")
     parser.add_argument("--hybrid-multiples",
                         help=f"hybrid paddings (default: {','.join(map(str, FULL_HYBRID_MULTIPLES))})")
-    parser.add_argument("--dtype", choices=tuple(common.DTYPES), help="default: fp16 (full), fp32 (--quick)")
-    parser.add_argument("--device", help="cuda (the default) or cpu; --quick: always cpu")
-    parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
-    common.add_cuda_graph_argument(parser)
-    parser.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: measuring time per variant and size")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    quick = args.quick
-    args.model = args.model or ("minilm" if quick else "bert-base")
-    default_sizes = ((1, 32),) if quick else bench_e2e.FULL_SIZES[:3]
-    args.sizes = [common.parse_shape(s) for s in common.parse_list(args.sizes)] if args.sizes else list(default_sizes)
+    bench_e2e.resolve_run_arguments(args, QUICK_SIZES, FULL_SIZES)
     args.multiples = ([int(k) for k in common.parse_list(args.multiples)] if args.multiples
-                      else list(QUICK_MULTIPLES if quick else FULL_MULTIPLES))
+                      else list(QUICK_MULTIPLES if args.quick else FULL_MULTIPLES))
     args.hybrid_multiples = ([int(k) for k in common.parse_list(args.hybrid_multiples)] if args.hybrid_multiples
-                             else list(QUICK_HYBRID_MULTIPLES if quick else FULL_HYBRID_MULTIPLES))
+                             else list(QUICK_HYBRID_MULTIPLES if args.quick else FULL_HYBRID_MULTIPLES))
     if any(k < 1 for k in [*args.multiples, *args.hybrid_multiples]):
         parser.error("multiples must be positive")
-    args.dtype = common.DTYPES[args.dtype or ("fp32" if quick else "fp16")]
-    args.device = torch.device("cpu" if quick else (args.device or "cuda"))
-    args.repeats = args.repeats or (3 if quick else 10)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_ffn_alignment: no CUDA GPU here; run with --quick (CPU smoke run) or --device cpu",
-              file=sys.stderr)
+    if common.cuda_missing(device, "bench_ffn_alignment"):
         return 2
     with common.torch_threads(args.threads):
         model, report = bench_e2e.load_pruned(args.model, seed=args.seed)

@@ -31,7 +31,6 @@ speedup vs density, one panel per shape, one line per method (fp16 and bs 32 whe
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 from itertools import product
@@ -303,8 +302,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_kernel: no CUDA GPU here; run with --quick (CPU smoke run) or --device cpu", file=sys.stderr)
+    if common.cuda_missing(args.device, "bench_kernel"):
         return 2
     with common.torch_threads(args.threads):
         return run(args)

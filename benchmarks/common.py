@@ -207,6 +207,14 @@ def add_cuda_graph_argument(parser: argparse.ArgumentParser) -> None:
                         "get a '_cudagraph' suffix")
 
 
+def cuda_missing(device: torch.device, script: str) -> bool:
+    """True (after saying so on stderr) when `device` is CUDA and this machine has none."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: no CUDA GPU here; run with --quick (CPU smoke run) or --device cpu", file=sys.stderr)
+        return True
+    return False
+
+
 def timing_name(cuda_graph: bool) -> str:
     """The `timing` entry of a CSV's environment record."""
     return "cudagraph" if cuda_graph else "eager"
