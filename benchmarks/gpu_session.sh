@@ -76,7 +76,8 @@ gpu_tests() {  # the compiled kernel against the float64 reference: every dtype,
     local parallel=()
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 12)
     step 120 "$PYTHON" -m pytest -q "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py tests/test_linear.py \
-        tests/test_row_groups.py tests/test_configs.py tests/test_selection.py
+        tests/test_row_groups.py tests/test_configs.py tests/test_selection.py \
+        "tests/test_graph_capture.py::test_graph_forward_replays_new_inputs_like_the_eager_model"
 }
 
 end_to_end() {  # pruned BERT-base, eager and as CUDA-graph replays; the host cost of one call

@@ -14,7 +14,9 @@ captures on a side stream. This script separates them, on the same model and inp
 - `graph_manual`:    one forward captured with `torch.cuda.graph` (warm-up on a side stream, as
                      torch's documentation does it), replayed `--replays` times between two
                      events on the current stream;
-- `graph_skip_mask`: `graph_manual` under `skip_absent_attention_mask`.
+- `graph_skip_mask`: `graph_manual` under `skip_absent_attention_mask`;
+- `graph_forward`:   `nn_blocksparse.bert.CudaGraphForward` (the serving helper: the same
+                     capture, plus copying new input ids in) called `--replays` times.
 
 The answer (H200, transformers 5.17): captured, the forward ran SDPA on its fp32 math path with a
 mask transformers built because it was capturing; `graph_skip_mask` is the fix.
@@ -87,6 +89,21 @@ def kernel_profile(fn, way: str) -> list[dict]:
             for name, (calls, us) in heaviest]
 
 
+def graph_forward_ms(model, input_ids, replays: int) -> float:
+    """Milliseconds per call of a `CudaGraphForward` (input copy + replay)."""
+    from nn_blocksparse.bert import CudaGraphForward
+
+    served = CudaGraphForward(model, *input_ids.shape)
+    served(input_ids)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        served(input_ids)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def skipping_masks(measure, *args):
     from nn_blocksparse.bert import skip_absent_attention_mask
 
@@ -122,6 +139,7 @@ def main(argv=None) -> int:
                                                              return_mode="median"),
                 "graph_manual": lambda: manual_graph_ms(lambda: model(**unmasked), args.replays),
                 "graph_skip_mask": lambda: skipping_masks(manual_graph_ms, lambda: model(**unmasked), args.replays),
+                "graph_forward": lambda: graph_forward_ms(model, unmasked["input_ids"], args.replays),
             }
             for name, measure in ways.items():
                 note = ""

@@ -5,16 +5,17 @@
   longer load (fewer heads in some layers), and `save_pruned_bert` to write that format;
 - `pruning`: `prune_like_nn_pruning`, a seeded generator of nn_pruning-style pruned models;
 - `graph_capture`: `skip_absent_attention_mask`, so a forward captured in a CUDA graph keeps
-  flash attention (transformers otherwise builds a full mask while capturing).
+  flash attention (transformers otherwise builds a full mask while capturing), and
+  `CudaGraphForward`, a captured forward to serve with.
 """
 
-from .graph_capture import skip_absent_attention_mask
+from .graph_capture import CudaGraphForward, skip_absent_attention_mask
 from .patching import MODES, heads_per_layer, load_patched_bert, patch_bert, save_patched_bert
 from .pruned_checkpoint import load_pruned_bert, save_pruned_bert
 from .pruning import PruningReport, load_minilm, minilm_path, prune_like_nn_pruning, random_bert_base
 
 __all__ = [
-    "MODES", "PruningReport", "heads_per_layer", "load_minilm", "load_patched_bert", "load_pruned_bert",
+    "CudaGraphForward", "MODES", "PruningReport", "heads_per_layer", "load_minilm", "load_patched_bert", "load_pruned_bert",
     "minilm_path", "patch_bert", "prune_like_nn_pruning", "random_bert_base", "save_patched_bert",
     "save_pruned_bert", "skip_absent_attention_mask",
 ]
