@@ -135,6 +135,14 @@ def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
     assert heuristic_for(768, 3072, 128, 0.36) == [64, 8, 4, 4, 3, 1, 2]  # long rows: split K, keep 64 rows
     assert heuristic_for(2304, 768, 2048, 1.0) == [128, 8, 1, 4, 3, 2]
     assert heuristic_for(3072, 768, 2048, 0.5) == [128, 8, 1, 4, 3, 1]
-    # M = 512 on 768-wide outputs: 64-row tiles two blocks deep (the one-block rule gave 16-row tiles).
+    # M = 512 on 768-wide outputs: 64-row tiles two blocks deep (the one-block rule gave 16-row tiles,
+    # 1.2-1.3x slower). Timed in tune_heuristic_m512_cudagraph: 1.01x and 1.00x of the tuned best.
     assert heuristic_for(768, 768, 512, 0.36) == [64, 8, 1, 4, 3, 1, 2]
     assert heuristic_for(768, 3072, 512, 0.1) == [64, 8, 1, 4, 3, 1, 2]
+
+
+def test_heuristic_steps_64_wide_blocks_two_at_a_time_at_small_m():
+    """A 64-row tile cannot step two 64-wide blocks (its x tile would spill): 32 rows, not one block per step."""
+    assert heuristic_config(torch.float16, 64, m=128, n_block_rows=12, nnz_blocks=12 * 48, sm_count=132) == \
+        KernelConfig(32, 8, 4, 4, 3, k_blocks=2)
+    assert heuristic_config(torch.bfloat16, 64, m=256, n_block_rows=36, nnz_blocks=36 * 12, sm_count=132).k_blocks == 2

@@ -114,7 +114,7 @@ PROGRAMS_PER_SM = 4
 # tiles of 32-64 rows with a grid of one wave. Under CUDA-graph timing on an H200 that family won
 # 19 of the 20 M = 128 problems tuned, by up to 1.3x over one block per step and 1.1-3x over the
 # 16-row tiles this heuristic chose before (`benchmarks/results/tune_cudagraph_nvidia-h200.csv`).
-# At M = 512 the best configs all had 32-128-row tiles, k_blocks ones within 5% of the best: the
+# At M = 512 the best configs all had 32-128-row tiles, k_blocks ones within 8% of the best: the
 # one-block rule's 16-row tiles (for 4 programs per SM on 768-wide outputs) were 1.2-2.2x slower.
 MAX_M_FOR_K_BLOCKS = 512
 K_BLOCKS_BLOCK_M = (16, 32, 64)  # 16 only for M <= 16
@@ -225,13 +225,15 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
     groups = max(math.ceil(n_block_rows / rows_per_program), 1)
     k_blocks = 1
     if rows_per_program == 1 and m <= MAX_M_FOR_K_BLOCKS and blocks_per_row >= 1.5:
-        # The tallest tile whose grid, split along K where rows are long, fills a wave; else 32 rows.
+        # The tallest tile that steps several blocks and whose grid, split along K where rows are
+        # long, fills a wave; else 32 rows. (64-wide blocks step one block at a time on 64 rows.)
         block_m = min(wanted_block_m, K_BLOCKS_BLOCK_M[-1])
         while True:
             k_blocks = k_blocks_for_tile(dtype, block_size, block_m)
             tiles = math.ceil(m / block_m) * groups
-            split_k = _split_k(tiles, blocks_per_row / k_blocks, K_BLOCKS_MIN_STEPS_PER_SPLIT, sm_count)
-            if block_m <= K_BLOCKS_BLOCK_M[-2] or tiles * split_k >= sm_count:
+            split_k = (_split_k(tiles, blocks_per_row / k_blocks, K_BLOCKS_MIN_STEPS_PER_SPLIT, sm_count)
+                       if k_blocks > 1 else 1)
+            if block_m <= K_BLOCKS_BLOCK_M[-2] or (k_blocks > 1 and tiles * split_k >= sm_count):
                 break
             block_m //= 2
     if k_blocks > 1:
