@@ -64,39 +64,45 @@ def test_context_restores_transformers_after_an_error():
 # ---------------------------------------------------------------------------------- CudaGraphForward
 def test_graph_forward_refuses_a_cpu_model_and_checks_its_inputs(pruned_minilm):
     from nn_blocksparse.bert import CudaGraphForward
-    from nn_blocksparse.bert.graph_capture import check_input_ids
+    from nn_blocksparse.bert.graph_capture import check_token_ids
 
     model, _ = pruned_minilm
     with pytest.raises(ValueError, match="CUDA device"):
         CudaGraphForward(model, 1, 16)
-    check_input_ids(torch.zeros(2, 16, dtype=torch.long), 2, 16)  # the captured shape: accepted
+    for batch, seq in ((True, 16), (0, 16), (1, 2.0)):
+        with pytest.raises(ValueError, match="positive ints"):
+            CudaGraphForward(model, batch, seq)
+    check_token_ids(torch.zeros(2, 16, dtype=torch.long), 2, 16)  # the captured shape: accepted
     with pytest.raises(ValueError, match=r"shape \(2, 16\)"):
-        check_input_ids(torch.zeros(2, 17, dtype=torch.long), 2, 16)
-    with pytest.raises(TypeError, match="int64 or int32"):
-        check_input_ids(torch.zeros(2, 16), 2, 16)
+        check_token_ids(torch.zeros(2, 17, dtype=torch.long), 2, 16)
+    with pytest.raises(TypeError, match="token_type_ids must be int64 or int32"):
+        check_token_ids(torch.zeros(2, 16), 2, 16, "token_type_ids")
     with pytest.raises(TypeError, match="must be a tensor"):
-        check_input_ids([[1, 2]], 1, 2)
+        check_token_ids([[1, 2]], 1, 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU (CPU twin: the "
                     "simulated-capture tests above, and the input checks)")
 @pytest.mark.parametrize("mode", [None, "hybrid"])
 def test_graph_forward_replays_new_inputs_like_the_eager_model(mode):
-    """A random BERT-base pruned like nn_pruning (the GPU machine has no MiniLM weights), fp16."""
+    """A random BERT-base pruned like nn_pruning (the GPU machine has no MiniLM weights), fp16; hybrid
+    with every matrix on the block grid block-sparse, so the Triton kernels are captured too."""
     from nn_blocksparse.bert import CudaGraphForward, prune_like_nn_pruning, random_bert_base
 
     model = random_bert_base(seed=0)
     prune_like_nn_pruning(model, seed=0)
     model = model.to("cuda", torch.float16).eval()
     if mode is not None:
-        patch_bert(model, mode)
+        patch_bert(model, mode, dense_threshold=1.0)
     served = CudaGraphForward(model, 2, 64)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(2):  # each call sees its own input
+    for with_types in (False, True):  # each call sees its own input
         ids = torch.randint(1000, 20000, (2, 64), generator=generator)
+        types = (torch.arange(64) >= 20).long().expand(2, 64) if with_types else None
         with torch.inference_mode():
-            expected = model(input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda()).last_hidden_state
-        got = served(ids).last_hidden_state
+            expected = model(input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(),
+                             token_type_ids=None if types is None else types.cuda()).last_hidden_state
+        got = served(ids, types).last_hidden_state
         assert (got.float() - expected.float()).abs().max().item() < 3e-2
     with pytest.raises(ValueError, match="shape"):
         served(torch.zeros(1, 64, dtype=torch.long))

@@ -22,6 +22,7 @@ Inputs captured without a mask must have no padding, as always for a mask-free f
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 from transformers import masking_utils
@@ -50,61 +51,76 @@ def skip_absent_attention_mask():
         setattr(masking_utils, _HOOK, original)
 
 
-def check_input_ids(input_ids: torch.Tensor, batch: int, seq: int) -> None:
-    """What `CudaGraphForward` accepts: integer token ids of exactly the captured shape."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
-    if tuple(input_ids.shape) != (batch, seq):
-        raise ValueError(f"this graph was captured for input_ids of shape {(batch, seq)}, got {tuple(input_ids.shape)}: "
+def check_token_ids(ids: torch.Tensor, batch: int, seq: int, name: str = "input_ids") -> None:
+    """What `CudaGraphForward` accepts: integer ids of exactly the captured shape."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32 ids, got {ids.dtype}")
+    if tuple(ids.shape) != (batch, seq):
+        raise ValueError(f"this graph was captured for {name} of shape {(batch, seq)}, got {tuple(ids.shape)}: "
                          "capture one CudaGraphForward per (batch, seq) served")
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
 class CudaGraphForward:
-    """`model(input_ids=...)` for one (batch, seq), captured once in a CUDA graph and replayed.
+    """`model(input_ids=..., token_type_ids=...)` for one (batch, seq), captured once in a CUDA graph.
 
     Eagerly a BERT-base forward at small batches is bound by the host launching its kernels (on the
     H200: 3.9 ms eagerly, 0.66 ms as a graph replay at 1x128). The capture runs under
     `skip_absent_attention_mask` and passes no attention mask, so the inputs must have no padding:
-    serve each (batch, seq) with its own `CudaGraphForward`. Calling it copies `input_ids` into the
-    captured input tensor and replays the graph; it returns the model's output object, whose tensors
-    the next call overwrites (clone what you keep). The model must be on its CUDA device, in the
-    dtype it serves in, in eval mode, and not change afterwards (weights are read at replay time,
-    modules are not re-run).
+    serve each (batch, seq) with its own `CudaGraphForward`. Calling it copies `input_ids` (and
+    `token_type_ids`, zeros when not given: question/context pairs need theirs) into the captured
+    input tensors and replays the graph; it returns the model's output object, whose tensors the
+    next call overwrites (clone what you keep). The model must be on its CUDA device, in the dtype it
+    serves in, in eval mode, and not change afterwards (weights are read at replay time, modules
+    are not re-run).
     """
 
     def __init__(self, model: torch.nn.Module, batch: int, seq: int, warmup: int = 3) -> None:
+        if not (_positive_int(batch) and _positive_int(seq)):
+            raise ValueError(f"batch and seq must be positive ints, got {batch!r} and {seq!r}")
         parameter = next(model.parameters(), None)
         if parameter is None or parameter.device.type != "cuda":
             device = None if parameter is None else parameter.device
             raise ValueError(f"CudaGraphForward needs a model on a CUDA device, got one on {device}")
         if model.training:
             raise ValueError("CudaGraphForward needs a model in eval mode (dropout cannot be replayed)")
-        if not (isinstance(batch, int) and isinstance(seq, int) and batch > 0 and seq > 0):
-            raise ValueError(f"batch and seq must be positive ints, got {batch!r} and {seq!r}")
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if limit is not None and seq > limit:
             raise ValueError(f"seq {seq} is longer than the model's max_position_embeddings {limit}")
-        self.model, self.batch, self.seq = model, batch, seq
-        # A normal tensor even when made under torch.inference_mode(): calls outside it copy into it.
+        self.model, self.batch, self.seq = model, int(batch), int(seq)
+        self.device = parameter.device
+        # Normal tensors even when made under torch.inference_mode(): calls outside it copy into them.
         with torch.inference_mode(False):
-            self.input_ids = torch.zeros(batch, seq, dtype=torch.long, device=parameter.device)
+            self.input_ids = torch.zeros(batch, seq, dtype=torch.long, device=self.device)
+            self.token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=self.device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), skip_absent_attention_mask():
+        # Streams, capture and replay on the model's GPU, whichever one is current.
+        with torch.cuda.device(self.device), torch.inference_mode(), skip_absent_attention_mask():
             # Warm-up on a side stream (cuBLAS handles, Triton compilation, lazy buffers), as torch's
-            # CUDA-graph documentation does it; then the capture itself.
-            side = torch.cuda.Stream(parameter.device)
-            side.wait_stream(torch.cuda.current_stream(parameter.device))
+            # CUDA-graph documentation does it; then the capture itself, on a stream of that GPU.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(max(warmup, 1)):
-                    model(input_ids=self.input_ids)
-            torch.cuda.current_stream(parameter.device).wait_stream(side)
-            with torch.cuda.graph(self.graph):
-                self.output = model(input_ids=self.input_ids)
+                    model(input_ids=self.input_ids, token_type_ids=self.token_type_ids)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+                self.output = model(input_ids=self.input_ids, token_type_ids=self.token_type_ids)
 
-    def __call__(self, input_ids: torch.Tensor):
-        check_input_ids(input_ids, self.batch, self.seq)
-        self.input_ids.copy_(input_ids)
-        self.graph.replay()
+    def __call__(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+        check_token_ids(input_ids, self.batch, self.seq)
+        if token_type_ids is not None:
+            check_token_ids(token_type_ids, self.batch, self.seq, "token_type_ids")
+        with torch.cuda.device(self.device):
+            self.input_ids.copy_(input_ids)
+            if token_type_ids is None:
+                self.token_type_ids.zero_()
+            else:
+                self.token_type_ids.copy_(token_type_ids)
+            self.graph.replay()
         return self.output
