@@ -63,10 +63,13 @@ def parse_args(argv=None):
                         help=f"hybrid paddings (default: {','.join(map(str, FULL_HYBRID_MULTIPLES))})")
     args = parser.parse_args(argv)
     bench_e2e.resolve_run_arguments(args, QUICK_SIZES, FULL_SIZES)
-    args.multiples = ([int(k) for k in common.parse_list(args.multiples)] if args.multiples
-                      else list(QUICK_MULTIPLES if args.quick else FULL_MULTIPLES))
-    args.hybrid_multiples = ([int(k) for k in common.parse_list(args.hybrid_multiples)] if args.hybrid_multiples
-                             else list(QUICK_HYBRID_MULTIPLES if args.quick else FULL_HYBRID_MULTIPLES))
+    try:
+        args.multiples = ([int(k) for k in common.parse_list(args.multiples)] if args.multiples
+                          else list(QUICK_MULTIPLES if args.quick else FULL_MULTIPLES))
+        args.hybrid_multiples = ([int(k) for k in common.parse_list(args.hybrid_multiples)] if args.hybrid_multiples
+                                 else list(QUICK_HYBRID_MULTIPLES if args.quick else FULL_HYBRID_MULTIPLES))
+    except ValueError as error:
+        parser.error(f"multiples must be integers: {error}")
     if any(k < 1 for k in [*args.multiples, *args.hybrid_multiples]):
         parser.error("multiples must be positive")
     return args

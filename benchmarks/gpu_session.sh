@@ -24,7 +24,7 @@
 #   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~1 min)
 #   benchmarks/gpu_session.sh align   the resized FFN padding sweep (bench_ffn_alignment, graph-timed
 #                                     and eager), and the heuristic timed against a fresh M = 512
-#                                     tuning into a scratch table (limits: 4.8 min; took 2 on an H200)
+#                                     tuning into a scratch table (limits: 4.5 min; took 2 on an H200)
 #
 # Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
 # ./run.sh aot to check its entries for spills.

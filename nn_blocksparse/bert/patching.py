@@ -22,6 +22,7 @@ Saved patched models are a folder: `config.json` (the transformers config), `pat
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 
 import torch
@@ -107,13 +108,13 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
     `measure_rows` tokens per call. `ffn_multiple_of`: resize and hybrid round each FFN's hidden
     size up to a multiple of it with all-zero neurons (exact; `resize.remove_neurons`); by default
     `RESIZE_ALIGNMENT` for resize and `block_size` for hybrid (so a resized FFN stays on the block
-    grid and may go block-sparse).
+    grid and may go block-sparse); "blocksparse" resizes nothing and ignores it.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if ffn_multiple_of is None:
         ffn_multiple_of = block_size if mode == "hybrid" else RESIZE_ALIGNMENT
-    if isinstance(ffn_multiple_of, bool) or not isinstance(ffn_multiple_of, int) or ffn_multiple_of < 1:
+    if isinstance(ffn_multiple_of, bool) or not isinstance(ffn_multiple_of, numbers.Integral) or ffn_multiple_of < 1:
         raise ValueError(f"ffn_multiple_of must be a positive int, got {ffn_multiple_of!r}")
     valid = (dense_threshold in ("auto", "measure") if isinstance(dense_threshold, str)
              else 0.0 <= dense_threshold <= 1.0)
@@ -168,7 +169,7 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
                 num_heads -= len(removed)
                 # Aligned hidden sizes keep cuBLAS on its fast kernels (resize.py).
                 inner, outer = remove_neurons(inner, outer, prunable_neurons(inner, outer),
-                                              layer.intermediate.intermediate_act_fn, multiple_of=ffn_multiple_of)
+                                              layer.intermediate.intermediate_act_fn, multiple_of=int(ffn_multiple_of))
 
             if mode == "resize" and num_heads > 0:
                 attention.query, attention.key, attention.value = query, key, value
