@@ -4,9 +4,9 @@
 
 With CUDA: `bench_kernel` and `bench_e2e` in full on the GPU, each timed eagerly and again as
 CUDA-graph replays (files named after the GPU, e.g. `kernel_nvidia-h100-80gb-hbm3.csv` and
-`kernel_cudagraph_nvidia-h100-80gb-hbm3.csv`), `launch_overhead`, and `bench_cpu` in full on the
-host CPU. Without CUDA:
-`bench_cpu` in full, `bench_kernel --quick` and `bench_e2e --quick` (CPU smoke runs, `_quick` files).
+`kernel_cudagraph_nvidia-h100-80gb-hbm3.csv`), `bench_ffn_alignment` as graph replays,
+`launch_overhead`, and `bench_cpu` in full on the host CPU. Without CUDA: `bench_cpu` in full, and
+`bench_kernel`, `bench_e2e` and `bench_ffn_alignment` with `--quick` (CPU smoke runs, `_quick` files).
 `tune_kernel` is not part of it: it takes hours and rewrites the package's tuned table.
 A failing benchmark does not stop the others; the exit status is 1 if any failed.
 """
@@ -29,9 +29,10 @@ def plan(has_cuda: bool, out: Path, threads: int | None = None) -> list[tuple[st
     if has_cuda:
         gpu = [(name, ["--out", str(out), *graph]) for name in ("bench_kernel", "bench_e2e")
                for graph in ([], ["--cuda-graph"])]
-        return [*gpu, ("launch_overhead", ["--out", str(out)]), ("bench_cpu", cpu_args)]
+        return [*gpu, ("bench_ffn_alignment", ["--out", str(out), "--cuda-graph"]),
+                ("launch_overhead", ["--out", str(out)]), ("bench_cpu", cpu_args)]
     return [("bench_cpu", cpu_args), ("bench_kernel", ["--quick", "--out", str(out)]),
-            ("bench_e2e", ["--quick", "--out", str(out)])]
+            ("bench_e2e", ["--quick", "--out", str(out)]), ("bench_ffn_alignment", ["--quick", "--out", str(out)])]
 
 
 def main(argv=None) -> int:

@@ -169,13 +169,14 @@ def test_random_block_layout_has_the_requested_density():
 
 def test_run_all_plan():
     gpu = run_all.plan(True, Path("out"))
-    assert [name for name, _ in gpu] == ["bench_kernel", "bench_kernel", "bench_e2e", "bench_e2e", "launch_overhead",
-                                         "bench_cpu"]
-    assert [("--cuda-graph" in argv) for _, argv in gpu] == [False, True, False, True, False, False]
+    assert [name for name, _ in gpu] == ["bench_kernel", "bench_kernel", "bench_e2e", "bench_e2e",
+                                         "bench_ffn_alignment", "launch_overhead", "bench_cpu"]
+    assert [("--cuda-graph" in argv) for _, argv in gpu] == [False, True, False, True, True, False, False]
     assert all("--quick" not in argv for _, argv in gpu)
     cpu = run_all.plan(False, Path("out"), threads=2)
     assert cpu[0] == ("bench_cpu", ["--out", "out", "--threads", "2"])
     assert all("--quick" in argv for name, argv in cpu[1:])
+    assert [name for name, _ in cpu] == ["bench_cpu", "bench_kernel", "bench_e2e", "bench_ffn_alignment"]
 
 
 def test_tune_kernel_arguments_and_candidates():
