@@ -60,22 +60,25 @@ def load_pruned(model_name: str, seed: int = 0):
     return model.eval(), report
 
 
-def build_variants(model: torch.nn.Module, modes=PATCH_MODES, block_size: int = 32,
-                   backend: str = "auto") -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
-    """(`{"dense": model, mode: patched deep copy}`, `{mode: error}` for modes that could not be patched).
+def build_variants(model: torch.nn.Module, modes=PATCH_MODES, block_size: int = 32, backend: str = "auto",
+                   specs: dict[str, dict] | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """(`{"dense": model, name: patched deep copy}`, `{name: error}` for those that could not be patched).
 
+    One variant per mode, named after it, or per entry of `specs` (`{name: patch_bert keyword
+    arguments}`, e.g. `{"resize/pad8": {"mode": "resize", "ffn_multiple_of": 8}}`).
     `model` must already be on its device and dtype.
     """
     from nn_blocksparse.bert.patching import patch_bert
 
+    specs = specs if specs is not None else {mode: {"mode": mode} for mode in modes}
     variants, failures = {"dense": model}, {}
-    for mode in modes:
+    for name, arguments in specs.items():
         try:
-            variants[mode] = patch_bert(copy.deepcopy(model), mode=mode, block_size=block_size,
-                                        backend=backend).eval()
+            variants[name] = patch_bert(copy.deepcopy(model), block_size=block_size, backend=backend,
+                                        **arguments).eval()
         except (ValueError, TypeError, RuntimeError) as error:
-            failures[mode] = f"patch failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
-            print(f"{mode}: {failures[mode]}", file=sys.stderr)
+            failures[name] = f"patch failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+            print(f"{name}: {failures[name]}", file=sys.stderr)
     return variants, failures
 
 

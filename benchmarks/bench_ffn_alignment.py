@@ -1,8 +1,8 @@
 """FFN alignment benchmark: what the size a resized FFN is padded to does to a pruned BERT's speed.
 
     python -m benchmarks.bench_ffn_alignment [--out DIR] [--quick] [--sizes 1x128,8x384,32x384]
-        [--multiples 1,8,16,32,64,128] [--hybrid-multiples 8,32,64] [--cuda-graph] [--rep-ms 100]
-        [--device cuda|cpu] [--threads N] [--seed 0]
+        [--multiples 1,8,16,32,64,128] [--hybrid-multiples 8,32,64] [--block-size 32] [--cuda-graph]
+        [--rep-ms 100] [--device cuda|cpu] [--threads N] [--seed 0]
 
 Resizing leaves FFN hidden sizes such as 1225 (nn_pruning keeps whatever neurons survived).
 `patch_bert(..., ffn_multiple_of=k)` rounds them up to a multiple of k with all-zero neurons,
@@ -16,14 +16,13 @@ which changes no output. This times, in one run on the pruned BERT-base of `benc
                     resize/pad8 against hybrid/pad8 shows the fusion, hybrid/pad8 against
                     hybrid/pad32 the padding (a k the block size does not divide keeps FFNs dense).
 
-Rows and columns are `bench_e2e`'s (`method` names the variant), the plot its speedup bars.
+Rows and columns are `bench_e2e`'s (`method` names the variant; one that cannot be patched gets
+NaN rows with the error in `note`), the plot its speedup bars.
 Writes `ffn_alignment[_cudagraph]_<device>.csv` and `.png`. `--quick`: CPU, fp32, the real
 MiniLM, 1x32, multiples 1,8,32 and hybrid 32 (a smoke run).
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
@@ -37,16 +36,10 @@ QUICK_MULTIPLES = (1, 8, 32)
 QUICK_HYBRID_MULTIPLES = (32,)
 
 
-def build_variants(model: torch.nn.Module, multiples, hybrid_multiples, block_size: int = 32) -> dict:
-    """`{"dense": model, "resize/pad{k}": ..., "hybrid/pad{k}": ...}` (patched deep copies)."""
-    from nn_blocksparse.bert.patching import patch_bert
-
-    variants = {"dense": model}
-    for mode, ks in (("resize", multiples), ("hybrid", hybrid_multiples)):
-        for k in ks:
-            variants[f"{mode}/pad{k}"] = patch_bert(copy.deepcopy(model), mode=mode, block_size=block_size,
-                                                    ffn_multiple_of=k).eval()
-    return variants
+def variant_specs(multiples, hybrid_multiples) -> dict[str, dict]:
+    """`bench_e2e.build_variants` specs: `resize/pad{k}` and `hybrid/pad{k}`."""
+    return {f"{mode}/pad{k}": {"mode": mode, "ffn_multiple_of": k}
+            for mode, ks in (("resize", multiples), ("hybrid", hybrid_multiples)) for k in ks}
 
 
 def ffn_widths(model: torch.nn.Module) -> list[int]:
@@ -58,6 +51,7 @@ def ffn_widths(model: torch.nn.Module) -> list[int]:
 def parse_args(argv=None):
     parser = common.base_parser("pruned BERT end to end with resized FFNs padded to several multiples")
     bench_e2e.add_run_arguments(parser, default_rep_ms=100.0)
+    parser.add_argument("--block-size", type=int, default=32, help="hybrid's block size")
     parser.add_argument("--multiples", help=f"resize paddings (default: {','.join(map(str, FULL_MULTIPLES))})")
     parser.add_argument("--hybrid-multiples",
                         help=f"hybrid paddings (default: {','.join(map(str, FULL_HYBRID_MULTIPLES))})")
@@ -83,11 +77,12 @@ def main(argv=None) -> int:
     with common.torch_threads(args.threads):
         model, report = bench_e2e.load_pruned(args.model, seed=args.seed)
         model = model.to(device=device, dtype=args.dtype)
-        variants = build_variants(model, args.multiples, args.hybrid_multiples)
+        variants, failures = bench_e2e.build_variants(
+            model, block_size=args.block_size, specs=variant_specs(args.multiples, args.hybrid_multiples))
         for name, variant in variants.items():
             print(f"{name:<14} FFN widths {ffn_widths(variant)}", flush=True)
         rows = bench_e2e.run_sizes(args.model, variants, args.sizes, device, args.dtype,
-                                   warmup=1 if args.quick else 2, repeats=args.repeats,
+                                   warmup=1 if args.quick else 2, repeats=args.repeats, failures=failures,
                                    cuda_graph=args.cuda_graph, rep_ms=args.rep_ms)
         environment = {**common.environment_record(device), "timing": common.timing_name(args.cuda_graph)}
     stem = common.stem_for("ffn_alignment", args.cuda_graph)

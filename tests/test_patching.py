@@ -106,6 +106,9 @@ def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm):
     for bad in ("fast", 1.5, -0.1):
         with pytest.raises(ValueError, match="dense_threshold"):
             patch_bert(copy.deepcopy(model), dense_threshold=bad)
+    for mode in ("hybrid", "blocksparse"):  # refused up front, even where every matrix would stay dense
+        with pytest.raises(ValueError, match="block_size must be one of"):
+            patch_bert(copy.deepcopy(model), mode=mode, block_size=48, dense_threshold=0.0)
 
 
 def test_resize_fuses_nothing_and_keeps_transformers_attention(pruned_minilm):

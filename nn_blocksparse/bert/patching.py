@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..attention import FusedSelfAttention
+from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
 from ..linear import BlockSparseLinear
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
@@ -112,6 +113,9 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "resize" and block_size not in SUPPORTED_BLOCK_SIZES:
+        # Checked up front: hybrid would otherwise only fail on the first matrix it makes block-sparse.
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
     if ffn_multiple_of is None:
         ffn_multiple_of = block_size if mode == "hybrid" else RESIZE_ALIGNMENT
     if isinstance(ffn_multiple_of, bool) or not isinstance(ffn_multiple_of, numbers.Integral) or ffn_multiple_of < 1:
