@@ -40,29 +40,28 @@ PROFILE_COLUMNS = ["way", "kernel", "calls", "gpu_us_total", "share"]
 PROFILE_TOP = 12
 
 
-def manual_graph_ms(fn, replays: int) -> float:
-    """Milliseconds per replay of one captured call: `replays` replays between two events."""
-    graph = capture(fn)
+def events_ms(fn, calls: int) -> float:
+    """Milliseconds per call of `fn`: `calls` calls between two CUDA events on the current stream."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(replays):
-        graph.replay()
+    for _ in range(calls):
+        fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / replays
+    return start.elapsed_time(end) / calls
+
+
+def manual_graph_ms(fn, replays: int) -> float:
+    """Milliseconds per replay of one captured call."""
+    return events_ms(capture(fn).replay, replays)
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
-    """One call of `fn` captured as a CUDA graph (after a warm-up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """One call of `fn` captured as a CUDA graph (`nn_blocksparse.bert.graph_capture.capture_graph`),
+    replayed once."""
+    from nn_blocksparse.bert.graph_capture import capture_graph
+
+    graph, _ = capture_graph(fn, torch.device("cuda"))
     graph.replay()
     torch.cuda.synchronize()
     return graph
@@ -95,13 +94,7 @@ def graph_forward_ms(model, input_ids, replays: int) -> float:
 
     served = CudaGraphForward(model, *input_ids.shape)
     served(input_ids)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        served(input_ids)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    return events_ms(lambda: served(input_ids), replays)
 
 
 def skipping_masks(measure, *args):

@@ -15,14 +15,16 @@ it: where a mask *is* passed, or local attention applies, nothing changes.
 Use it around the capture (`torch.cuda.graph`, `do_bench_cudagraph`); replays need nothing.
 Inputs captured without a mask must have no padding, as always for a mask-free forward.
 
-`CudaGraphForward` does the whole recipe for serving: warm-up on a side stream, capture under
-`skip_absent_attention_mask`, then per call one input copy and one graph replay.
+`capture_graph` is the capture recipe (warm-up on a side stream, then the capture), and
+`CudaGraphForward` serves with it: capture under `skip_absent_attention_mask`, then per call one
+input copy and one graph replay.
 """
 
 from __future__ import annotations
 
 import contextlib
 import numbers
+from typing import Callable
 
 import torch
 from transformers import masking_utils
@@ -49,6 +51,24 @@ def skip_absent_attention_mask():
         yield
     finally:
         setattr(masking_utils, _HOOK, original)
+
+
+def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 3):
+    """(graph, output): one call of `fn` captured as a CUDA graph on `device` (whichever GPU is
+    current), after `warmup` calls on a side stream (cuBLAS handles, Triton compilation, lazy
+    buffers), as torch's CUDA-graph documentation does it. `output` is what the captured call
+    returned: its tensors are rewritten by every replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 1)):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            output = fn()
+    return graph, output
 
 
 def check_token_ids(ids: torch.Tensor, batch: int, seq: int, name: str = "input_ids") -> None:
@@ -98,19 +118,9 @@ class CudaGraphForward:
         with torch.inference_mode(False):
             self.input_ids = torch.zeros(batch, seq, dtype=torch.long, device=self.device)
             self.token_type_ids = torch.zeros(batch, seq, dtype=torch.long, device=self.device)
-        self.graph = torch.cuda.CUDAGraph()
-        # Streams, capture and replay on the model's GPU, whichever one is current.
-        with torch.cuda.device(self.device), torch.inference_mode(), skip_absent_attention_mask():
-            # Warm-up on a side stream (cuBLAS handles, Triton compilation, lazy buffers), as torch's
-            # CUDA-graph documentation does it; then the capture itself, on a stream of that GPU.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(max(warmup, 1)):
-                    model(input_ids=self.input_ids, token_type_ids=self.token_type_ids)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
-                self.output = model(input_ids=self.input_ids, token_type_ids=self.token_type_ids)
+        with torch.inference_mode(), skip_absent_attention_mask():
+            self.graph, self.output = capture_graph(
+                lambda: model(input_ids=self.input_ids, token_type_ids=self.token_type_ids), self.device, warmup)
 
     def __call__(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         check_token_ids(input_ids, self.batch, self.seq)
