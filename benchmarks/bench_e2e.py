@@ -225,15 +225,22 @@ def main(argv=None) -> int:
         rows = run_model(args.model, args.sizes, device, args.dtype, args.modes, args.block_size,
                          warmup=1 if args.quick else 2, repeats=args.repeats, seed=args.seed,
                          cuda_graph=args.cuda_graph, rep_ms=args.rep_ms)
-        environment = {**common.environment_record(device), "timing": common.timing_name(args.cuda_graph)}
-    stem = common.stem_for("e2e", args.cuda_graph)
-    csv_path = common.write_csv(common.results_path(args.out, stem, device, args.quick), rows, E2E_COLUMNS,
-                                environment)
-    plot_path = plot_e2e(rows, common.results_path(args.out, stem, device, args.quick, ".png"),
-                         f"pruned {args.model} on {common.device_name(device)}, {common.DTYPE_NAMES[args.dtype]}, "
-                         f"{common.timing_name(args.cuda_graph)} timing")
-    print("\nwrote", csv_path, plot_path, sep="\n  ")
+        write_results(rows, args, "e2e", f"pruned {args.model}")
     return 0
+
+
+def write_results(rows: list[dict], args, stem: str, subject: str) -> None:
+    """`<stem>[_cudagraph]_<device>.csv` (`E2E_COLUMNS`) and `.png` (`plot_e2e`) for a run of
+    `add_run_arguments`' arguments; called inside the run's `torch_threads` block, so that the
+    environment record has its thread count."""
+    device = args.device
+    timing = common.timing_name(args.cuda_graph)
+    stem = common.stem_for(stem, args.cuda_graph)
+    csv_path = common.write_csv(common.results_path(args.out, stem, device, args.quick), rows, E2E_COLUMNS,
+                                {**common.environment_record(device), "timing": timing})
+    plot_path = plot_e2e(rows, common.results_path(args.out, stem, device, args.quick, ".png"),
+                         f"{subject} on {common.device_name(device)}, {common.DTYPE_NAMES[args.dtype]}, {timing} timing")
+    print("\nwrote", csv_path, plot_path, sep="\n  ")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     if common.cuda_missing(device, "bench_ffn_alignment"):
         return 2
     with common.torch_threads(args.threads):
-        model, report = bench_e2e.load_pruned(args.model, seed=args.seed)
+        model, _ = bench_e2e.load_pruned(args.model, seed=args.seed)
         model = model.to(device=device, dtype=args.dtype)
         variants, failures = bench_e2e.build_variants(
             model, block_size=args.block_size, specs=variant_specs(args.multiples, args.hybrid_multiples))
@@ -84,14 +84,7 @@ def main(argv=None) -> int:
         rows = bench_e2e.run_sizes(args.model, variants, args.sizes, device, args.dtype,
                                    warmup=1 if args.quick else 2, repeats=args.repeats, failures=failures,
                                    cuda_graph=args.cuda_graph, rep_ms=args.rep_ms)
-        environment = {**common.environment_record(device), "timing": common.timing_name(args.cuda_graph)}
-    stem = common.stem_for("ffn_alignment", args.cuda_graph)
-    csv_path = common.write_csv(common.results_path(args.out, stem, device, args.quick), rows,
-                                bench_e2e.E2E_COLUMNS, environment)
-    plot_path = bench_e2e.plot_e2e(rows, common.results_path(args.out, stem, device, args.quick, ".png"),
-                                   f"pruned {args.model}, resized FFNs padded to k, on {common.device_name(device)}, "
-                                   f"{common.DTYPE_NAMES[args.dtype]}, {common.timing_name(args.cuda_graph)} timing")
-    print("\nwrote", csv_path, plot_path, sep="\n  ")
+        bench_e2e.write_results(rows, args, "ffn_alignment", f"pruned {args.model}, resized FFNs padded to k,")
     return 0
 
 
