@@ -642,8 +642,6 @@ def _chunks(plan: CpuBlockSparsePlan, rows_of_x: int, element_size: int,
         per_chunk = _units_per_chunk(
             bucket.rows_per_unit, bucket.blocks_per_unit, plan.block_size, rows_of_x, element_size
         )
-        if per_chunk >= threads:
-            per_chunk -= per_chunk % threads
         bucket_chunks, first = [], 0
         while first < bucket.unit_count:
             count = min(per_chunk, bucket.unit_count - first)
