@@ -118,6 +118,7 @@ PROGRAMS_PER_SM = 4
 # one-block rule's 16-row tiles (for 4 programs per SM on 768-wide outputs) were 1.2-2.2x slower.
 MAX_M_FOR_K_BLOCKS = 512
 K_BLOCKS_BLOCK_M = (16, 32, 64)  # 16 only for M <= 16
+K_BLOCKS_WARPS, K_BLOCKS_STAGES = 4, 3  # the launch of every k_blocks tile (x tiles sized for 4 warps)
 # Split-K only while each split keeps this many loop steps: partial sums cost a second pass.
 MIN_STEPS_PER_SPLIT = 2
 K_BLOCKS_MIN_STEPS_PER_SPLIT = 4
@@ -144,11 +145,12 @@ def launch_tile_limit(dtype: torch.dtype, block_size: int, rows_per_program: int
 
 def k_blocks_for_tile(dtype: torch.dtype, block_size: int, block_m: int) -> int:
     """Blocks per step for a small-M tile of `block_m` rows: the most (up to 4, at most
-    `MAX_STEP_DEPTH` deep) whose gathered x tile fits 4 warps; 1 for fp32 (not tuned)."""
+    `MAX_STEP_DEPTH` deep) whose gathered x tile fits `K_BLOCKS_WARPS` warps; 1 for fp32 (not tuned)."""
     if dtype == torch.float32:
         return 1
     for k_blocks in (4, 2):
-        if k_blocks * block_size <= MAX_STEP_DEPTH and block_m * k_blocks * block_size <= MAX_X_TILE_BY_WARPS[4]:
+        if (k_blocks * block_size <= MAX_STEP_DEPTH
+                and block_m * k_blocks * block_size <= MAX_X_TILE_BY_WARPS[K_BLOCKS_WARPS]):
             return k_blocks
     return 1
 
@@ -237,7 +239,7 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
                 break
             block_m //= 2
     if k_blocks > 1:
-        num_warps, num_stages = 4, 3
+        num_warps, num_stages = K_BLOCKS_WARPS, K_BLOCKS_STAGES
     else:
         block_m, num_warps, num_stages = _tile_launch(dtype, block_size, wanted_block_m, rows_per_program)
         while block_m > BLOCK_M_CHOICES[0] and math.ceil(m / block_m) * groups < PROGRAMS_PER_SM * sm_count:
@@ -311,7 +313,7 @@ def launchable_configs(dtype: torch.dtype, block_size: int) -> list[KernelConfig
     for block_m, split_k in itertools.product(K_BLOCKS_BLOCK_M, SPLIT_K_CHOICES):
         k_blocks = k_blocks_for_tile(dtype, block_size, block_m)
         if k_blocks > 1:
-            configs.add(KernelConfig(block_m, 8, split_k, 4, 3, k_blocks=k_blocks))
+            configs.add(KernelConfig(block_m, 8, split_k, K_BLOCKS_WARPS, K_BLOCKS_STAGES, k_blocks=k_blocks))
     prefix = f"{DTYPE_NAMES[dtype]}/bs{block_size}/"
     for entries in load_tuned_table().values():
         for key, values in entries.items():
