@@ -57,9 +57,9 @@ def manual_graph_ms(fn, replays: int) -> float:
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
-    """One call of `fn` captured as a CUDA graph (`nn_blocksparse.bert.graph_capture.capture_graph`),
+    """One call of `fn` captured as a CUDA graph (`nn_blocksparse.cuda_graph.capture_graph`),
     replayed once."""
-    from nn_blocksparse.bert.graph_capture import capture_graph
+    from nn_blocksparse.cuda_graph import capture_graph
 
     graph, _ = capture_graph(fn, torch.device("cuda"))
     graph.replay()

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from helpers import RELATIVE_TOLERANCE, assert_close_to_reference, dense_reference, random_block_sparse_weight
 from nn_blocksparse import BlockSparseLinear, block_sparse_linear
+from nn_blocksparse.cuda_graph import capture_graph
 from nn_blocksparse.kernels.configs import KernelConfig
 
 
@@ -184,14 +185,7 @@ def test_replays_in_a_cuda_graph(m):
     x = torch.randn(m, 768, generator=generator).half().cuda()
     with torch.no_grad():
         layer(x)  # first call outside the graph: compiles, picks the config, derives row groups
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = layer(x)
+        graph, y = capture_graph(lambda: layer(x), x.device, warmup=1)
         new_x = torch.randn(m, 768, generator=generator).half()
         x.copy_(new_x)
         graph.replay()

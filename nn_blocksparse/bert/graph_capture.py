@@ -15,8 +15,8 @@ it: where a mask *is* passed, or local attention applies, nothing changes.
 Use it around the capture (`torch.cuda.graph`, `do_bench_cudagraph`); replays need nothing.
 Inputs captured without a mask must have no padding, as always for a mask-free forward.
 
-`capture_graph` is the capture recipe (warm-up on a side stream, then the capture), and
-`CudaGraphForward` serves with it: capture under `skip_absent_attention_mask`, then per call one
+`CudaGraphForward` serves with `nn_blocksparse.cuda_graph.capture_graph` (warm-up on a side
+stream, then the capture): capture under `skip_absent_attention_mask`, then per call one
 input copy and one graph replay.
 """
 
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Callable
-
 import torch
 from transformers import masking_utils
+
+from ..cuda_graph import capture_graph
 
 # The transformers function this wraps: whether the SDPA mask may be left out (None = no bias).
 _HOOK = "_ignore_bidirectional_mask_sdpa"
@@ -51,24 +51,6 @@ def skip_absent_attention_mask():
         yield
     finally:
         setattr(masking_utils, _HOOK, original)
-
-
-def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 3):
-    """(graph, output): one call of `fn` captured as a CUDA graph on `device` (whichever GPU is
-    current), after `warmup` calls on a side stream (cuBLAS handles, Triton compilation, lazy
-    buffers), as torch's CUDA-graph documentation does it. `output` is what the captured call
-    returned: its tensors are rewritten by every replay."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device):
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(max(warmup, 1)):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-            output = fn()
-    return graph, output
 
 
 def check_token_ids(ids: torch.Tensor, batch: int, seq: int, name: str = "input_ids") -> None:
