@@ -80,10 +80,18 @@ gpu_tests() {  # the compiled kernel against the float64 reference: every dtype,
         "tests/test_graph_capture.py::test_graph_forward_replays_new_inputs_like_the_eager_model"
 }
 
-end_to_end() {  # pruned BERT-base, eager and as CUDA-graph replays; the host cost of one call
-    step 50 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
+e2e_eager() {  # e2e_eager SECONDS: pruned BERT-base end to end, eager forwards
+    step "$1" "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
+}
+
+e2e_graph() {  # pruned BERT-base end to end as CUDA-graph replays
     step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
         --cuda-graph --rep-ms 100
+}
+
+end_to_end() {  # pruned BERT-base, eager and as CUDA-graph replays; the host cost of one call
+    e2e_eager 50
+    e2e_graph
     step 30 "$PYTHON" -m benchmarks.launch_overhead --out "$WORK"
 }
 
@@ -130,10 +138,9 @@ kernel_part() {  # tests, tuning and the kernel benchmark (~5 min on an H200)
 
 serve_part() {  # BERT-base end to end (graph-timed first), the graph check, the eager kernel grid (~4 min)
     step 60 "$PYTHON" -m benchmarks.warm_triton_cache --sets bench,e2e --workers 14
-    step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
-        --cuda-graph --rep-ms 100
+    e2e_graph
     step 50 "$PYTHON" -m benchmarks.graph_check --out "$WORK" --profile
-    step 45 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384
+    e2e_eager 45
     step 60 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
         --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 50
 }
@@ -158,8 +165,7 @@ case "${1:-}" in
         tune
         gpu_tests
         kernel_grid
-        step 60 "$PYTHON" -m benchmarks.bench_e2e --out "$WORK" --model bert-base --sizes 1x128,8x384,32x384 \
-            --cuda-graph --rep-ms 100
+        e2e_graph
         step 40 "$PYTHON" -m benchmarks.graph_check --out "$WORK" --sizes 32x384 --profile
         ;;
     short)
