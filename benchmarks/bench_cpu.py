@@ -1,4 +1,4 @@
-"""CPU benchmark (issue 7.2): the torch block-sparse path against dense and torch BSR, then pruned models.
+"""CPU benchmark (issue 7.2): our CPU block-sparse path against dense and torch BSR, then pruned models.
 
     python -m benchmarks.bench_cpu [--out DIR] [--quick] [--threads N] [--shapes 768x768,...] [--m 128,512]
         [--densities 1.0,0.6,0.36,0.1] [--repeats N] [--skip-kernel] [--skip-e2e]
@@ -7,9 +7,12 @@ Runs on CPU only, fp32, `torch.set_num_threads(--threads)` (default: every core 
 restored on exit).
 
 1. Kernel: `y = x @ W^T` at BERT-base shapes (768x768, 3072x768, 768x3072, 2304x768), M 128 and 512,
-   block density 1.0/0.6/0.36/0.1 (random seeded layouts), 32x32 blocks: `dense` (`F.linear`),
-   `torch_bsr` (`F.linear` on `W.to_sparse_bsr`) and `ours` (`BlockSparseLinear`'s torch path; `note`
-   holds its CPU plan's strategy). Same rows and columns as `bench_kernel` (`KERNEL_COLUMNS`).
+   block density 1.0/0.6/0.36/0.1 (random seeded layouts), 32x32 blocks: `dense` (`F.linear`, MKL),
+   `dense_onednn` (the same GEMM through oneDNN, which runs AVX-512 where MKL does not),
+   `torch_bsr` (`F.linear` on `W.to_sparse_bsr`), `ours_torch` (our pure-torch strategies only) and
+   `ours` (`BlockSparseLinear`'s CPU path: the native kernel where it builds; `note` holds the CPU
+   plan's strategy). Same rows and columns as `bench_kernel` (`KERNEL_COLUMNS`); speedups are
+   against `dense`.
 2. End to end: pruned MiniLM at batch x seq 1x128 and 8x128, pruned BERT-base at 1x128: dense vs
    resize vs hybrid (`E2E_COLUMNS` of `bench_e2e`).
 
@@ -27,7 +30,7 @@ import torch
 from . import bench_e2e, bench_kernel, common
 
 CPU = torch.device("cpu")
-KERNEL_METHODS = ("dense", "torch_bsr", "ours")
+KERNEL_METHODS = ("dense", "dense_onednn", "torch_bsr", "ours_torch", "ours")
 E2E_MODES = ("resize", "hybrid")
 
 FULL_SHAPES = ((768, 768), (3072, 768), (768, 3072), (2304, 768))

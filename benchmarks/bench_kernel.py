@@ -13,8 +13,11 @@ For every (shape N x K, M, block density, block size, dtype), on one random seed
 - `resize`:    nn_pruning's "dense" optimisation: all-zero rows and columns of W (and x's matching
                columns) cut out beforehand, only the smaller dense matmul is timed;
 - `ours`:      `block_sparse_linear(x, matrix, backend="triton")` on CUDA (`note`: the launch config,
-               block_m/group_m/split_k/num_warps/num_stages/rows_per_program); on CPU the torch path of
+               block_m/group_m/split_k/num_warps/num_stages/rows_per_program); on CPU the CPU path of
                `BlockSparseLinear` (its cached CPU plan; `note` records the plan's strategy).
+
+CPU only (`bench_cpu` runs them): `dense_onednn`, the dense GEMM through oneDNN instead of MKL (the
+faster dense baseline on AMD CPUs), and `ours_torch`, our CPU path without its native kernel.
 
 Every method's output is checked once against dense (`max_abs_diff`). Full run: BERT-base
 shapes, M 128..8192, densities 1.0..0.05, block sizes 16/32/64, fp16 and bf16 on the GPU.
@@ -46,6 +49,7 @@ KERNEL_COLUMNS = ["shape", "n", "k", "m", "target_density", "density", "nnz_bloc
 CROSSOVER_COLUMNS = ["shape", "m", "block_size", "dtype", "crossover_density", "crossover_density_torch_bsr",
                      "crossover_density_resize", "lowest_density", "speedup_at_lowest_density"]
 METHODS = ("dense", "torch_bsr", "resize", "ours")
+CPU_METHODS = ("dense_onednn", "ours_torch")  # CPU-only baselines, see their prepare_* functions
 
 BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # N x K; 2304 = fused QKV
 FULL_M = (128, 512, 2048, 8192)
@@ -137,16 +141,52 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
     return Method(run=lambda: module(x), note=f"strategy={strategy}")
 
 
+def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
+    """CPU: the same dense GEMM through oneDNN (torch's inductor CPU linear op), not MKL.
+
+    torch's fp32 `F.linear` runs MKL, which on AMD CPUs takes its AVX2 code path; oneDNN picks its
+    kernels by instruction set and runs AVX-512 there, about twice as fast: the strongest dense
+    baseline on such machines.
+    """
+    if x.device.type != "cpu":
+        return Method(run=None, note="CPU only")
+    try:
+        onednn_weight = weight.to_mkldnn()
+        linear = torch.ops.mkldnn._linear_pointwise
+        linear(x, onednn_weight, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError) as error:
+        return Method(run=None, note=_error_note(error))
+    return Method(run=lambda: linear(x, onednn_weight, None, "none", [], ""))
+
+
+def prepare_ours_torch(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+    """CPU: our pure-torch strategies only (the fallback where the native kernel cannot build)."""
+    from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
+    from nn_blocksparse.cpu_kernels import build_cpu_plan
+
+    if x.device.type != "cpu":
+        return Method(run=None, note="CPU only")
+    matrix = BlockSparseMatrix.from_dense(weight, block_size)
+    n, k = weight.shape
+    plan = build_cpu_plan(matrix.values, matrix.row_offsets, matrix.col_indices, n, k, block_size, native=False)
+    note = f"strategy={plan.strategy_for(x.reshape(-1, k).shape[0])}"
+    return Method(run=lambda: block_sparse_linear(x, matrix, backend="torch", cpu_plan=plan), note=note)
+
+
 def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
     if name == "dense":
         return prepare_dense(x, weight)
+    if name == "dense_onednn":
+        return prepare_dense_onednn(x, weight)
+    if name == "ours_torch":
+        return prepare_ours_torch(x, weight, block_size)
     if name == "torch_bsr":
         return prepare_torch_bsr(x, weight, block_size)
     if name == "resize":
         return prepare_resize(x, weight)
     if name == "ours":
         return prepare_ours(x, weight, block_size)
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS + CPU_METHODS}")
 
 
 def case_inputs(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,7 +287,7 @@ def plot_speedup_vs_density(rows: list[dict], path_for_m: Callable[[int], object
             case_rows = sorted((r for r in selected if r["shape"] == shape and int(r["m"]) == m),
                                key=lambda r: float(r["density"]))
             lines = {}
-            for method in METHODS[1:]:
+            for method in dict.fromkeys(r["method"] for r in case_rows if r["method"] != "dense"):
                 points = [(float(r["density"]), float(r["speedup_vs_dense"])) for r in case_rows
                           if r["method"] == method]
                 if points:
@@ -269,7 +309,8 @@ def parse_args(argv=None):
     parser.add_argument("--densities", help="block densities, e.g. 1.0,0.5,0.1")
     parser.add_argument("--block-sizes", help="e.g. 16,32,64")
     parser.add_argument("--dtypes", help="e.g. fp16,bf16 (fp32 too)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"subset of {','.join(METHODS + CPU_METHODS)} (the last two on CPU only)")
     parser.add_argument("--device", help="cuda (the default) or cpu (the torch path for ours); --quick: always cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
@@ -288,8 +329,8 @@ def parse_args(argv=None):
     args.dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
     args.methods = common.parse_list(args.methods)
     for name in args.methods:
-        if name not in METHODS:
-            parser.error(f"unknown method {name!r}; choose from {METHODS}")
+        if name not in METHODS + CPU_METHODS:
+            parser.error(f"unknown method {name!r}; choose from {METHODS + CPU_METHODS}")
     for name in args.dtypes:
         if name not in common.DTYPES:
             parser.error(f"unknown dtype {name!r}; choose from {tuple(common.DTYPES)}")

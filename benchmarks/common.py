@@ -94,7 +94,15 @@ def environment_record(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "cpu_native_kernel": _native_kernel_status(),
     }
+
+
+def _native_kernel_status() -> str:
+    """Whether our native CPU kernel ran here ("ok"), else why not: the CPU numbers depend on it."""
+    from nn_blocksparse.kernels.cpu_block_sparse_linear import native_status
+
+    return native_status()
 
 
 # ---------------------------------------------------------------------------------- timing

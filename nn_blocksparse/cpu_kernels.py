@@ -1,11 +1,19 @@
-"""Pure-torch CPU fast path for a block-sparse linear layer `y = x @ W^T + b`.
+"""CPU fast path for a block-sparse linear layer `y = x @ W^T + b`: a native kernel, else pure torch.
 
 W (`[N, K]`) arrives in torch's BSR layout with square `bs x bs` blocks (`values`, `row_offsets`,
 `col_indices`, see `block_sparse_matrix.py`).  torch's own BSR matmul on CPU is 14-50x slower than
-the dense GEMM, so `build_cpu_plan` re-lays the weight out once into a form that a handful of
-large dense BLAS calls can consume, and `cpu_block_sparse_linear` runs it.
+the dense GEMM, so `build_cpu_plan` re-lays the weight out once and `cpu_block_sparse_linear`
+runs it with one of four strategies:
 
-Both sparse strategies work on *units*: one block-row of W, or several block-rows whose nonzero
+- ``"native"``: the AVX-512 kernel of `kernels/cpu_block_sparse_linear.cpp` (fp32 compute, block
+  sizes 16/32/64), which reads x where it lies and walks only the stored blocks: no gathers, no
+  transposes.  The first choice wherever it builds (`native_status()` says why not); it runs at
+  about twice the speed of MKL's dense GEMM per FLOP on the AMD CPU this was tuned on (MKL takes
+  its AVX2 path there), so it is chosen at every density for fp32 and fp16.  bf16 is computed in
+  fp32 (exact inputs, one rounding at the end); against oneDNN's fast bf16 dense GEMM the cost
+  model picks it only at low density.  The strategies below are the portable fallback.
+
+The two pure-torch sparse strategies work on *units*: one block-row of W, or several block-rows whose nonzero
 block-columns are identical (structured pruning: whole block-columns or heads empty).  A unit
 only needs the P block-columns of x it touches; they are gathered into a contiguous buffer and
 multiplied by the unit's P blocks, packed as one `[P*bs, G*bs]` matrix (G = block-rows of the
@@ -26,9 +34,9 @@ them back in feature order.
 - ``"dense"``: at high block density the gathers and the narrower GEMMs cost more than they save,
   so the plan keeps the re-densified weight and calls `F.linear`.
 
-The choice is made by a deterministic cost model (no timing): dense versus sparse once, when the
-plan is built (`plan.strategy`, at M = 256 rows of x); between the two sparse strategies per call,
-from the number of rows M (`plan.strategy_for(M)`).
+The choice is made by a deterministic cost model (no timing): native, dense or pure-torch sparse
+once, when the plan is built (`plan.strategy`, at M = 256 rows of x); between the two pure-torch
+sparse strategies per call, from the number of rows M (`plan.strategy_for(M)`).
 Passing `strategy=` to `build_cpu_plan` forces one strategy for every call.  Inference only: the
 kernels write into preallocated buffers (`out=`), which autograd cannot track.
 """
@@ -44,11 +52,14 @@ import torch
 import torch.nn.functional as F
 
 from .block_sparse_matrix import bsr_to_dense
+from .kernels.cpu_block_sparse_linear import NATIVE_BLOCK_SIZES, native_available, native_block_sparse_linear, native_status
 
 STRATEGY_DENSE = "dense"
 STRATEGY_GATHER_BMM = "gather_bmm"
 STRATEGY_GATHER_MM = "gather_mm"
-STRATEGIES = (STRATEGY_DENSE, STRATEGY_GATHER_BMM, STRATEGY_GATHER_MM)
+STRATEGY_NATIVE = "native"
+STRATEGIES = (STRATEGY_DENSE, STRATEGY_GATHER_BMM, STRATEGY_GATHER_MM, STRATEGY_NATIVE)
+_TORCH_SPARSE_STRATEGIES = (STRATEGY_GATHER_BMM, STRATEGY_GATHER_MM)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -112,6 +123,12 @@ _ROWS_FOR_THREADED_UNIT_GEMM = 8
 # "gather_bmm" chunks were thread-balanced; since then it wins some M = 512 points too).
 _SECONDS_PER_SPARSE_CALL = 30e-6  # argument checks, recipe lookup, bias permutation, output alloc
 _SECONDS_PER_DENSE_CALL = 10e-6
+# "native": rate per stored-block FLOP in the whole call (2 cores, fp32, M = 128-512, random layouts
+# of 768x768 .. 3072x768 at densities 0.36-1.0): 420-480 GFLOPS at bs 32 and 64, against ~210 for
+# MKL's dense GEMM.  At bs 16 a block row is one vector, so the x broadcasts outnumber the FMAs'
+# vector loads and the kernel is load-bound (250-340 GFLOPS).
+_NATIVE_FLOPS_PER_S = {16: 260e9, 32: 440e9, 64: 450e9}
+_SECONDS_PER_NATIVE_CALL = 8e-6  # ctypes call, output allocation, OpenMP fork/join
 # Stay dense unless the sparse path is predicted at least this much cheaper: the model is coarse,
 # and "never slower than dense at high density" matters more than a few percent near the crossover.
 _SPARSE_ADVANTAGE_REQUIRED = 0.95
@@ -194,6 +211,7 @@ class CpuBlockSparsePlan:
         strategy_forced: bool,
         weight_dtype: torch.dtype,
         bucket_shapes: list[tuple[int, int, int, bool]],
+        native_weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.out_features = out_features
         self.in_features = in_features
@@ -206,6 +224,8 @@ class CpuBlockSparsePlan:
         self.block_row_of_slot = block_row_of_slot
         self.nonempty_slot_count = nonempty_slot_count
         self.dense_weight = dense_weight
+        # "native" plans: (blocks transposed [nnz, bs_in, bs_out] fp32, row_offsets, col_indices int64).
+        self.native_weight = native_weight
         # A forced strategy is used for every M; a chosen sparse one may switch orientation per M.
         self.strategy_forced = strategy_forced
         self.weight_dtype = weight_dtype  # dtype the weights are kept in (and the cost model assumes)
@@ -243,6 +263,8 @@ class CpuBlockSparsePlan:
             self.slots_in_feature_order,
             rows_of_x,
             _gemm_profile(self.weight_dtype),
+            self.nnz_blocks,
+            STRATEGY_NATIVE in self.estimated_seconds,
         )
 
     def strategy_for(self, rows_of_x: int) -> str:
@@ -253,12 +275,11 @@ class CpuBlockSparsePlan:
         cheaper one for this M by the cost model is used: "gather_bmm" for many narrow units at small
         M (e.g. 3072 outputs at M = 128), "gather_mm" for wide units, long rows of x or large M.
         """
-        if self.strategy_forced or self.strategy == STRATEGY_DENSE:
+        if self.strategy_forced or self.strategy in (STRATEGY_DENSE, STRATEGY_NATIVE):
             return self.strategy
         strategy = self._strategy_by_rows.get(rows_of_x)
         if strategy is None:
-            estimate = self.estimate_seconds(rows_of_x)
-            strategy = _automatic_sparse_strategy(estimate)
+            strategy = _cheapest(self.estimate_seconds(rows_of_x), _TORCH_SPARSE_STRATEGIES)
             if len(self._strategy_by_rows) < _MAX_RECIPES_PER_THREAD:
                 self._strategy_by_rows[rows_of_x] = strategy
         return strategy
@@ -352,8 +373,13 @@ def _direct_bucket_seconds(
     return seconds + _SECONDS_PER_CHUNK * chunks + _SECONDS_PER_LOOPED_UNIT * (units if looped else 0)
 
 
-def _automatic_sparse_strategy(estimate: dict[str, float]) -> str:
-    return min((STRATEGY_GATHER_BMM, STRATEGY_GATHER_MM), key=estimate.__getitem__)
+def _cheapest(estimate: dict[str, float], candidates: tuple[str, ...]) -> str:
+    return min((s for s in candidates if s in estimate), key=estimate.__getitem__)
+
+
+def _native_usable(block_size: int) -> bool:
+    """Whether a plan can run "native" (any dtype: the kernel computes in fp32)."""
+    return block_size in NATIVE_BLOCK_SIZES and native_available()
 
 
 def _modelled_seconds(
@@ -364,13 +390,18 @@ def _modelled_seconds(
     in_feature_order: bool,
     tokens: int,
     profile: _GemmProfile,
+    nnz_blocks: int = 0,
+    native: bool = False,
 ) -> dict[str, float]:
-    """Predicted time of every strategy for `tokens` rows of x; buckets are (G, P, units, gathers)."""
+    """Predicted time of every strategy for `tokens` rows of x; buckets are (G, P, units, gathers).
+
+    "native" is predicted only when `native` says the plan can run it.
+    """
     element_size = profile.element_size
     reorder = 0.0 if in_feature_order else 2 * n * tokens * element_size / _GATHER_BYTES_PER_S
     # "gather_bmm" pays two transposed copies: x^T in, y^T out.
     transposes = 2 * (n + k) * tokens * element_size / _TRANSPOSE_BYTES_PER_S
-    return {
+    seconds = {
         STRATEGY_DENSE: _SECONDS_PER_DENSE_CALL + 2 * n * k * tokens / profile.dense_flops_per_s,
         STRATEGY_GATHER_BMM: _SECONDS_PER_SPARSE_CALL
         + transposes
@@ -380,6 +411,10 @@ def _modelled_seconds(
         + reorder
         + sum(_direct_bucket_seconds(g, p, u, block_size, gathers, tokens, profile) for g, p, u, gathers in buckets),
     }
+    if native:
+        flops = 2 * nnz_blocks * block_size * block_size * tokens
+        seconds[STRATEGY_NATIVE] = _SECONDS_PER_NATIVE_CALL + flops / _NATIVE_FLOPS_PER_S[block_size]
+    return seconds
 
 
 def _split_into_buckets(units: list[_Unit], rows_per_unit: int, block_size: int) -> tuple[list[list[_Unit]], float]:
@@ -459,6 +494,12 @@ def _group_block_rows(col_lists: list[list[int]], block_size: int) -> list[list[
     return min(candidates, key=lambda candidate: candidate[1])[0]
 
 
+def _reads_contiguous_columns(units: list[_Unit]) -> bool:
+    """A lone unit over a contiguous range of block-columns reads a view of x: no gather."""
+    cols = units[0].block_columns
+    return len(units) == 1 and cols == list(range(cols[0], cols[0] + len(cols)))
+
+
 def _pack_bucket(
     units: list[_Unit], first_slot: int, values: torch.Tensor, row_starts: list[int], block_size: int
 ) -> GatherBucket:
@@ -478,13 +519,12 @@ def _pack_bucket(
             packed[u, : len(cols), :, g, :] = values[start : start + len(cols)].transpose(1, 2)
     packed_t = packed.reshape(len(units), blocks * bs, rows_per_unit * bs).contiguous()
     first_col = units[0].block_columns[0]
-    contiguous = len(units) == 1 and units[0].block_columns == list(range(first_col, first_col + blocks))
     return GatherBucket(
         rows_per_unit=rows_per_unit,
         blocks_per_unit=blocks,
         unit_count=len(units),
         first_slot=first_slot,
-        gather_index=None if contiguous else gather_index.reshape(-1),
+        gather_index=None if _reads_contiguous_columns(units) else gather_index.reshape(-1),
         first_block_column=first_col,
         packed_weight_t=packed_t,
     )
@@ -499,11 +539,13 @@ def build_cpu_plan(
     block_size: int,
     *,
     strategy: str | None = None,
+    native: bool = True,
 ) -> CpuBlockSparsePlan:
     """Lay a BSR weight out for `cpu_block_sparse_linear`.
 
     `strategy=None` lets the cost model choose; pass one of `STRATEGIES` to force it (tests,
-    benchmarks).  The weight is copied: later changes to `values` are not seen by the plan.
+    benchmarks).  `native=False` keeps the choice to the pure-torch strategies (to compare).
+    The weight is copied: later changes to `values` are not seen by the plan.
     """
     n, k, bs = int(out_features), int(in_features), int(block_size)
     if bs <= 0 or n % bs or k % bs:
@@ -532,32 +574,50 @@ def build_cpu_plan(
 
     bucket_units = _group_block_rows(col_lists, bs)
 
-    buckets, slot_rows, next_slot = [], [], 0
+    first_slots, slot_rows = [], []
     for members in bucket_units:
-        buckets.append(_pack_bucket(members, next_slot, values, row_starts, bs))
+        first_slots.append(len(slot_rows))
         for unit in members:
             slot_rows.extend(unit.block_rows)
-        next_slot += sum(len(unit.block_rows) for unit in members)
-    nonempty_slots = next_slot
+    nonempty_slots = len(slot_rows)
     slot_rows.extend(r for r in range(block_rows) if not col_lists[r])
     block_row_of_slot = torch.tensor(slot_rows, dtype=torch.int64)
     slot_of_block_row = torch.empty(block_rows, dtype=torch.int64)
     slot_of_block_row[block_row_of_slot] = torch.arange(block_rows, dtype=torch.int64)
 
     in_feature_order = bool(torch.equal(slot_of_block_row, torch.arange(block_rows)))
-    bucket_shapes = [(b.rows_per_unit, b.blocks_per_unit, b.unit_count, b.gather_index is not None) for b in buckets]
+    bucket_shapes = [
+        (len(members[0].block_rows), max(len(u.block_columns) for u in members), len(members),
+         not _reads_contiguous_columns(members))
+        for members in bucket_units
+    ]
     profile = _gemm_profile(weight_dtype)
-    estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile)
+    native = native and _native_usable(bs)
+    if strategy == STRATEGY_NATIVE and not _native_usable(bs):
+        why = f"it runs block sizes {NATIVE_BLOCK_SIZES}, not {bs}" if native_available() else native_status()
+        raise ValueError(f"strategy 'native' cannot run this plan: {why}")
+    estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile, nnz, native)
     forced = strategy is not None
     if strategy is None:
-        sparse = _automatic_sparse_strategy(estimated)
+        sparse = _cheapest(estimated, tuple(s for s in STRATEGIES if s != STRATEGY_DENSE))
         sparse_wins = estimated[sparse] < _SPARSE_ADVANTAGE_REQUIRED * estimated[STRATEGY_DENSE]
         strategy = sparse if sparse_wins else STRATEGY_DENSE
 
-    dense_weight = None
+    # Each plan keeps only the weights its strategy reads.
+    dense_weight, native_weight, buckets = None, None, []
     if strategy == STRATEGY_DENSE:
         dense_weight = bsr_to_dense(values, row_offsets.cpu(), col_indices.cpu(), (n, k))
-        buckets = []  # the dense weight is all a dense plan needs; do not keep two copies
+    elif strategy == STRATEGY_NATIVE:
+        native_weight = (
+            values.transpose(1, 2).to(torch.float32).contiguous(),
+            torch.as_tensor(row_starts, dtype=torch.int64),
+            torch.as_tensor(cols_flat, dtype=torch.int64),
+        )
+    else:
+        buckets = [
+            _pack_bucket(members, first_slot, values, row_starts, bs)
+            for members, first_slot in zip(bucket_units, first_slots)
+        ]
     return CpuBlockSparsePlan(
         out_features=n,
         in_features=k,
@@ -573,6 +633,7 @@ def build_cpu_plan(
         strategy_forced=forced,
         weight_dtype=weight_dtype,
         bucket_shapes=bucket_shapes,
+        native_weight=native_weight,
     )
 
 
@@ -909,6 +970,13 @@ def cpu_block_sparse_linear(
     if bias is not None:
         bias = bias.to(device="cpu", dtype=compute_dtype)
     strategy = plan.strategy_for(x2d.shape[0])
+    if strategy == STRATEGY_NATIVE:
+        blocks_t, native_row_offsets, native_col_indices = plan.native_weight
+        y = native_block_sparse_linear(
+            x2d.to(torch.float32), blocks_t, native_row_offsets, native_col_indices,
+            None if bias is None else bias.to(torch.float32).contiguous(), plan.out_features,
+        )
+        return y.to(x2d.dtype)
     if strategy == STRATEGY_DENSE:
         dense_weight, _ = plan._weights_for(compute_dtype)
         return F.linear(x2d.to(compute_dtype), dense_weight, bias).to(x2d.dtype)

@@ -21,11 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nn_blocksparse import cpu_kernels  # noqa: E402
 from nn_blocksparse.cpu_kernels import (  # noqa: E402
-    STRATEGIES,
     CpuBlockSparsePlan,
     build_cpu_plan,
     cpu_block_sparse_linear,
 )
+from nn_blocksparse.kernels import cpu_block_sparse_linear as native  # noqa: E402
+
+# Every strategy this machine can run: "native" wherever its kernel builds, which
+# `test_native_kernel_builds_where_it_should` requires of any Linux x86-64 machine with AVX-512 and a
+# compiler (CI's kind), so that it cannot silently drop out of this list there.
+STRATEGIES = tuple(s for s in cpu_kernels.STRATEGIES if s != "native" or native.native_available())
 
 TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -249,9 +254,22 @@ def test_plan_is_deterministic_and_inspectable():
         (b.rows_per_unit, b.blocks_per_unit, b.unit_count) for b in plans[1].buckets
     ]
     assert plans[0].strategy in plans[0].describe()
-    # Full density must never pick a path that the model predicts slower than dense.
+    # Full density must never pick a path that the model predicts slower than dense: "native"
+    # (predicted ~2x faster than MKL's dense GEMM), else dense itself.
+    full = bsr_from_mask(torch.ones(n // bs, k // bs, dtype=torch.bool), bs)
+    plan = build_cpu_plan(*full, n, k, bs)
+    assert plan.strategy == ("native" if "native" in STRATEGIES else "dense")
+    assert plan.estimated_seconds[plan.strategy] <= plan.estimated_seconds["dense"]
+
+
+def test_without_native_kernel_full_density_falls_back_to_dense(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_native_usable", lambda block_size: False)
+    n, k, bs = 768, 768, 32
     full = bsr_from_mask(torch.ones(n // bs, k // bs, dtype=torch.bool), bs)
     assert build_cpu_plan(*full, n, k, bs).strategy == "dense"
+    sparse = bsr_from_mask(random_mask(n // bs, k // bs, 0.36, seed=10), bs)
+    plan = build_cpu_plan(*sparse, n, k, bs)
+    assert plan.strategy in ("gather_bmm", "gather_mm") and "native" not in plan.estimated_seconds
 
 
 def test_edge_cases():
@@ -275,7 +293,7 @@ def test_edge_cases():
     torch.testing.assert_close(run(x, sparse_plan, None), inside)
 
 
-@pytest.mark.parametrize("strategy", ["gather_bmm", "gather_mm"])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "dense"])
 def test_non_finite_x_stays_in_the_rows_that_read_it(strategy):
     # Padding entries re-read a block-column the unit already reads (against zero weights), so an
     # inf in x reaches only outputs whose block-row has a block in that column.  (The "dense"
@@ -299,13 +317,13 @@ def test_concurrent_threads_use_separate_scratch():
     values, row_offsets, col_indices = bsr_from_mask(random_mask(n // bs, k // bs, 0.3, seed=13), bs)
     dense_weight = dense_from_bsr(values, row_offsets, col_indices, n, k, bs)
     plans = [
-        build_cpu_plan(values, row_offsets, col_indices, n, k, bs, strategy=s) for s in ("gather_bmm", "gather_mm")
+        build_cpu_plan(values, row_offsets, col_indices, n, k, bs, strategy=s) for s in STRATEGIES if s != "dense"
     ]
     inputs = [(torch.randn(m, k), torch.randn(n)) for m in (3, 64, 200, 300) for _ in range(3)]
 
     def work(i):
         x, bias = inputs[i]
-        return run(x, plans[i % 2], bias)
+        return run(x, plans[i % len(plans)], bias)
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(work, range(len(inputs))))
