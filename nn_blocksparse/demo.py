@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from .bert import heads_per_layer, patch_bert
-    from .bert.patching import DENSITY_THRESHOLD
+    from .bert.patching import auto_density_threshold
     from .bert.pruning import load_minilm, minilm_path, prune_like_nn_pruning
 
     parser = argparse.ArgumentParser(description="prune, patch, check and time the bundled real MiniLM")
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
               f"{diff:>11.2e} {ms:>9.2f} {dense_ms / ms:>7.2f}x")
     choices = rows[-1][1].nn_blocksparse_choices
     measured = [c for c in choices if "dense_ms" in c]
-    rule = "each measured both ways" if measured else f"block density <= {DENSITY_THRESHOLD}"
+    rule = "each measured both ways" if measured else f"block density <= {auto_density_threshold()}"
     print(f"\nhybrid: {sum(c['block_sparse'] for c in choices)} of {len(choices)} matrices left on the block grid "
           f"after resizing run block-sparse ({rule}; model.nn_blocksparse_choices)")
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2

@@ -58,7 +58,8 @@ def test_patched_outputs_match_unpatched_pruned_model(pruned_minilm, padded_batc
     if mode == "resize":
         assert not sparse_layers
     else:
-        assert sparse_layers and all(m.density < 1.0 for m in sparse_layers if mode == "hybrid")
+        # hybrid's choice rule itself is checked in test_hybrid_density_threshold_and_bad_thresholds.
+        assert sparse_layers
 
 
 def test_hybrid_on_the_triton_kernel(pruned_minilm, padded_batch, kernel_device):
@@ -93,14 +94,23 @@ def test_hybrid_measure_keeps_the_faster_form_and_the_outputs(pruned_minilm, pad
         assert list(module.weight.shape) == choice["shape"]
 
 
-def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm):
+def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm, monkeypatch):
     model, _ = pruned_minilm
-    patched = patch_bert(copy.deepcopy(model), mode="hybrid")  # "auto" on CPU: block density 0.8
-    choices = patched.nn_blocksparse_choices
-    assert choices and all("dense_ms" not in c and c["block_sparse"] == (c["block_density"] <= 0.8) for c in choices)
-    for choice in choices:
-        assert isinstance(_module_of(patched.encoder.layer[choice["layer"]], choice["matrix"]),
-                          BlockSparseLinear) == choice["block_sparse"]
+    # "auto" on CPU: every matrix with the native CPU kernel (threshold 1.0), else block density 0.8.
+    from nn_blocksparse.bert import patching
+    from nn_blocksparse.kernels.cpu_block_sparse_linear import native_available
+
+    assert patching.auto_density_threshold() == (1.0 if native_available() else 0.8)
+    for threshold in (1.0, 0.8):
+        monkeypatch.setattr(patching, "auto_density_threshold", lambda: threshold)
+        patched = patch_bert(copy.deepcopy(model), mode="hybrid")
+        choices = patched.nn_blocksparse_choices
+        assert choices and all("dense_ms" not in c and c["block_sparse"] == (c["block_density"] <= threshold)
+                               for c in choices)
+        assert all(c["block_sparse"] for c in choices) == (threshold == 1.0)
+        for choice in choices:
+            assert isinstance(_module_of(patched.encoder.layer[choice["layer"]], choice["matrix"]),
+                              BlockSparseLinear) == choice["block_sparse"]
     nothing_sparse = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.0)
     assert not [m for m in nothing_sparse.modules() if isinstance(m, BlockSparseLinear)]
     for bad in ("fast", 1.5, -0.1):
