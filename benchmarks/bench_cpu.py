@@ -1,9 +1,9 @@
 """CPU benchmark (issue 7.2): our CPU block-sparse path against dense and torch BSR, then pruned models.
 
     python -m benchmarks.bench_cpu [--out DIR] [--quick] [--threads N] [--shapes 768x768,...] [--m 128,512]
-        [--densities 1.0,0.6,0.36,0.1] [--repeats N] [--skip-kernel] [--skip-e2e]
+        [--densities 1.0,0.6,0.36,0.1] [--repeats N] [--skip-kernel] [--skip-e2e] [--dtype fp32|bf16|fp16]
 
-Runs on CPU only, fp32, `torch.set_num_threads(--threads)` (default: every core this process may use;
+Runs on CPU only, fp32 (or `--dtype`; file names then end in `_<dtype>`), `torch.set_num_threads(--threads)` (default: every core this process may use;
 restored on exit).
 
 1. Kernel: `y = x @ W^T` at BERT-base shapes (768x768, 3072x768, 768x3072, 2304x768), M 128 and 512,
@@ -46,8 +46,8 @@ QUICK_E2E = (("minilm", ((1, 128),)),)
 BLOCK_SIZE = 32
 
 
-def run_kernels(shapes, ms, densities, repeats: int, warmup: int) -> list[dict]:
-    cases = [bench_kernel.KernelCase(n, k, m, density, BLOCK_SIZE, torch.float32)
+def run_kernels(shapes, ms, densities, repeats: int, warmup: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+    cases = [bench_kernel.KernelCase(n, k, m, density, BLOCK_SIZE, dtype)
              for (n, k), m, density in product(shapes, ms, densities)]
     rows = []
     for index, case in enumerate(cases, 1):
@@ -59,10 +59,10 @@ def run_kernels(shapes, ms, densities, repeats: int, warmup: int) -> list[dict]:
     return rows
 
 
-def run_e2e(plan, repeats: int, warmup: int) -> list[dict]:
+def run_e2e(plan, repeats: int, warmup: int, dtype: torch.dtype = torch.float32) -> list[dict]:
     rows = []
     for model_name, sizes in plan:
-        rows.extend(bench_e2e.run_model(model_name, sizes, CPU, torch.float32, E2E_MODES, BLOCK_SIZE,
+        rows.extend(bench_e2e.run_model(model_name, sizes, CPU, dtype, E2E_MODES, BLOCK_SIZE,
                                         warmup=warmup, repeats=repeats))
     return rows
 
@@ -76,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timing repeats (default 20, --quick 3)")
     parser.add_argument("--skip-kernel", action="store_true", help="only the end-to-end part")
     parser.add_argument("--skip-e2e", action="store_true", help="only the kernel part")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="dtype of x and weights (default fp32; others add _<dtype> to the file names)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes)] if args.shapes else \
@@ -84,6 +86,7 @@ def parse_args(argv=None):
     args.densities = common.parse_list(args.densities, float) if args.densities else \
         list(QUICK_DENSITIES if quick else FULL_DENSITIES)
     args.repeats = args.repeats or (3 if quick else 20)
+    args.dtype = common.DTYPES[args.dtype]
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     return args
@@ -96,24 +99,26 @@ def main(argv=None) -> int:
         warmup = 1 if args.quick else 3
         print(f"bench_cpu on {common.cpu_model()}, {torch.get_num_threads()} threads", flush=True)
         written = []
+        suffix = "" if args.dtype == torch.float32 else "_" + common.DTYPE_NAMES[args.dtype]
         if not args.skip_kernel:
-            rows = run_kernels(args.shapes, args.m, args.densities, args.repeats, warmup)
-            written.append(common.write_csv(common.results_path(args.out, "cpu_kernel", CPU, args.quick), rows,
+            rows = run_kernels(args.shapes, args.m, args.densities, args.repeats, warmup, args.dtype)
+            written.append(common.write_csv(common.results_path(args.out, "cpu_kernel" + suffix, CPU, args.quick), rows,
                                             bench_kernel.KERNEL_COLUMNS, environment))
             summary = bench_kernel.crossover_rows(rows)
             bench_kernel.print_crossover(summary)
-            written.append(common.write_csv(common.results_path(args.out, "cpu_kernel_crossover", CPU, args.quick),
+            written.append(common.write_csv(common.results_path(args.out, "cpu_kernel_crossover" + suffix, CPU, args.quick),
                                             summary, bench_kernel.CROSSOVER_COLUMNS, environment))
             written += bench_kernel.plot_speedup_vs_density(
-                rows, lambda m: common.results_path(args.out, f"cpu_kernel_speedup_m{m}", CPU, args.quick, ".png"),
+                rows, lambda m: common.results_path(args.out, f"cpu_kernel_speedup_m{m}{suffix}", CPU, args.quick, ".png"),
                 f"{common.cpu_model()}, {torch.get_num_threads()} threads")
         if not args.skip_e2e:
-            rows = run_e2e(QUICK_E2E if args.quick else FULL_E2E, args.repeats, warmup)
-            written.append(common.write_csv(common.results_path(args.out, "cpu_e2e", CPU, args.quick), rows,
+            rows = run_e2e(QUICK_E2E if args.quick else FULL_E2E, args.repeats, warmup, args.dtype)
+            written.append(common.write_csv(common.results_path(args.out, "cpu_e2e" + suffix, CPU, args.quick), rows,
                                             bench_e2e.E2E_COLUMNS, environment))
             written.append(bench_e2e.plot_e2e(
-                rows, common.results_path(args.out, "cpu_e2e", CPU, args.quick, ".png"),
-                f"pruned models on {common.cpu_model()}, {torch.get_num_threads()} threads, fp32"))
+                rows, common.results_path(args.out, "cpu_e2e" + suffix, CPU, args.quick, ".png"),
+                f"pruned models on {common.cpu_model()}, {torch.get_num_threads()} threads, "
+                f"{common.DTYPE_NAMES[args.dtype]}"))
         print("\nwrote", *written, sep="\n  ")
     return 0
 

@@ -52,7 +52,14 @@ import torch
 import torch.nn.functional as F
 
 from .block_sparse_matrix import bsr_to_dense
-from .kernels.cpu_block_sparse_linear import NATIVE_BLOCK_SIZES, native_available, native_block_sparse_linear, native_status
+from .kernels.cpu_block_sparse_linear import (
+    NATIVE_BLOCK_SIZES,
+    native_available,
+    native_block_sparse_linear,
+    native_dtypes,
+    native_status,
+    pack_blocks,
+)
 
 STRATEGY_DENSE = "dense"
 STRATEGY_GATHER_BMM = "gather_bmm"
@@ -123,11 +130,15 @@ _ROWS_FOR_THREADED_UNIT_GEMM = 8
 # "gather_bmm" chunks were thread-balanced; since then it wins some M = 512 points too).
 _SECONDS_PER_SPARSE_CALL = 30e-6  # argument checks, recipe lookup, bias permutation, output alloc
 _SECONDS_PER_DENSE_CALL = 10e-6
-# "native": rate per stored-block FLOP in the whole call (2 cores, fp32, M = 128-512, random layouts
-# of 768x768 .. 3072x768 at densities 0.36-1.0): 420-480 GFLOPS at bs 32 and 64, against ~210 for
-# MKL's dense GEMM.  At bs 16 a block row is one vector, so the x broadcasts outnumber the FMAs'
-# vector loads and the kernel is load-bound (250-340 GFLOPS).
-_NATIVE_FLOPS_PER_S = {16: 260e9, 32: 440e9, 64: 450e9}
+# "native": rate per stored-block FLOP in the whole call (2 cores, M = 128-512, random layouts of
+# 768x768 .. 3072x768 at densities 0.36-1.0).  fp32: 420-480 GFLOPS at bs 32 and 64, against ~210
+# for MKL's dense GEMM; at bs 16 a block row is one vector, so the x broadcasts outnumber the FMAs'
+# vector loads and the kernel is load-bound (250-340).  bf16 (vdpbf16ps): 870-1000 at bs 32 and 64,
+# 400-500 at bs 16, against 600-980 for oneDNN's bf16 dense GEMM.
+_NATIVE_FLOPS_PER_S = {
+    torch.float32: {16: 260e9, 32: 440e9, 64: 450e9},
+    torch.bfloat16: {16: 450e9, 32: 930e9, 64: 930e9},
+}
 _SECONDS_PER_NATIVE_CALL = 8e-6  # ctypes call, output allocation, OpenMP fork/join
 # Stay dense unless the sparse path is predicted at least this much cheaper: the model is coarse,
 # and "never slower than dense at high density" matters more than a few percent near the crossover.
@@ -212,6 +223,7 @@ class CpuBlockSparsePlan:
         weight_dtype: torch.dtype,
         bucket_shapes: list[tuple[int, int, int, bool]],
         native_weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        native_dtype: torch.dtype | None = None,
     ) -> None:
         self.out_features = out_features
         self.in_features = in_features
@@ -224,8 +236,10 @@ class CpuBlockSparsePlan:
         self.block_row_of_slot = block_row_of_slot
         self.nonempty_slot_count = nonempty_slot_count
         self.dense_weight = dense_weight
-        # "native" plans: (blocks transposed [nnz, bs_in, bs_out] fp32, row_offsets, col_indices int64).
+        # "native" plans: (blocks in the kernel's layout, `pack_blocks`; row_offsets, col_indices int64).
         self.native_weight = native_weight
+        # What "native" computes in for this plan (None: it cannot run "native").
+        self.native_dtype = native_dtype
         # A forced strategy is used for every M; a chosen sparse one may switch orientation per M.
         self.strategy_forced = strategy_forced
         self.weight_dtype = weight_dtype  # dtype the weights are kept in (and the cost model assumes)
@@ -264,7 +278,7 @@ class CpuBlockSparsePlan:
             rows_of_x,
             _gemm_profile(self.weight_dtype),
             self.nnz_blocks,
-            STRATEGY_NATIVE in self.estimated_seconds,
+            self.native_dtype,
         )
 
     def strategy_for(self, rows_of_x: int) -> str:
@@ -378,8 +392,13 @@ def _cheapest(estimate: dict[str, float], candidates: tuple[str, ...]) -> str:
 
 
 def _native_usable(block_size: int) -> bool:
-    """Whether a plan can run "native" (any dtype: the kernel computes in fp32)."""
+    """Whether a plan can run "native" (any weight dtype: see `_native_dtype`)."""
     return block_size in NATIVE_BLOCK_SIZES and native_available()
+
+
+def _native_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """What "native" computes in: bf16 plans in bf16 where the CPU has AVX512_BF16, else fp32."""
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 and torch.bfloat16 in native_dtypes() else torch.float32
 
 
 def _modelled_seconds(
@@ -391,11 +410,11 @@ def _modelled_seconds(
     tokens: int,
     profile: _GemmProfile,
     nnz_blocks: int = 0,
-    native: bool = False,
+    native_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Predicted time of every strategy for `tokens` rows of x; buckets are (G, P, units, gathers).
 
-    "native" is predicted only when `native` says the plan can run it.
+    "native" is predicted only for a plan that can run it, computing in `native_dtype`.
     """
     element_size = profile.element_size
     reorder = 0.0 if in_feature_order else 2 * n * tokens * element_size / _GATHER_BYTES_PER_S
@@ -411,9 +430,9 @@ def _modelled_seconds(
         + reorder
         + sum(_direct_bucket_seconds(g, p, u, block_size, gathers, tokens, profile) for g, p, u, gathers in buckets),
     }
-    if native:
+    if native_dtype is not None:
         flops = 2 * nnz_blocks * block_size * block_size * tokens
-        seconds[STRATEGY_NATIVE] = _SECONDS_PER_NATIVE_CALL + flops / _NATIVE_FLOPS_PER_S[block_size]
+        seconds[STRATEGY_NATIVE] = _SECONDS_PER_NATIVE_CALL + flops / _NATIVE_FLOPS_PER_S[native_dtype][block_size]
     return seconds
 
 
@@ -592,11 +611,13 @@ def build_cpu_plan(
         for members in bucket_units
     ]
     profile = _gemm_profile(weight_dtype)
-    native = native and _native_usable(bs)
     if strategy == STRATEGY_NATIVE and not _native_usable(bs):
         why = f"it runs block sizes {NATIVE_BLOCK_SIZES}, not {bs}" if native_available() else native_status()
         raise ValueError(f"strategy 'native' cannot run this plan: {why}")
-    estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile, nnz, native)
+    native_dtype = _native_dtype(weight_dtype) if _native_usable(bs) else None
+    modelled_native = native_dtype if native else None
+    estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile, nnz,
+                                  modelled_native)
     forced = strategy is not None
     if strategy is None:
         sparse = _cheapest(estimated, tuple(s for s in STRATEGIES if s != STRATEGY_DENSE))
@@ -609,7 +630,7 @@ def build_cpu_plan(
         dense_weight = bsr_to_dense(values, row_offsets.cpu(), col_indices.cpu(), (n, k))
     elif strategy == STRATEGY_NATIVE:
         native_weight = (
-            values.transpose(1, 2).to(torch.float32).contiguous(),
+            pack_blocks(values, native_dtype),
             torch.as_tensor(row_starts, dtype=torch.int64),
             torch.as_tensor(cols_flat, dtype=torch.int64),
         )
@@ -634,6 +655,7 @@ def build_cpu_plan(
         weight_dtype=weight_dtype,
         bucket_shapes=bucket_shapes,
         native_weight=native_weight,
+        native_dtype=modelled_native if strategy != STRATEGY_NATIVE else native_dtype,
     )
 
 
@@ -966,17 +988,18 @@ def cpu_block_sparse_linear(
     if x2d.shape[0] == 0:
         return x2d.new_empty(0, plan.out_features)
 
+    strategy = plan.strategy_for(x2d.shape[0])
+    if strategy == STRATEGY_NATIVE:
+        # In the plan's native dtype whatever x's (fp16 x: fp32; fp32 x on a bf16 plan: bf16).
+        blocks, native_row_offsets, native_col_indices = plan.native_weight
+        y = native_block_sparse_linear(
+            x2d.to(plan.native_dtype), blocks, native_row_offsets, native_col_indices,
+            None if bias is None else bias.to(device="cpu", dtype=torch.float32).contiguous(), plan.out_features,
+        )
+        return y.to(x2d.dtype)
     compute_dtype = _compute_dtype(x2d.dtype)
     if bias is not None:
         bias = bias.to(device="cpu", dtype=compute_dtype)
-    strategy = plan.strategy_for(x2d.shape[0])
-    if strategy == STRATEGY_NATIVE:
-        blocks_t, native_row_offsets, native_col_indices = plan.native_weight
-        y = native_block_sparse_linear(
-            x2d.to(torch.float32), blocks_t, native_row_offsets, native_col_indices,
-            None if bias is None else bias.to(torch.float32).contiguous(), plan.out_features,
-        )
-        return y.to(x2d.dtype)
     if strategy == STRATEGY_DENSE:
         dense_weight, _ = plan._weights_for(compute_dtype)
         return F.linear(x2d.to(compute_dtype), dense_weight, bias).to(x2d.dtype)

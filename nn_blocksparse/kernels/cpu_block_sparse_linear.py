@@ -1,6 +1,6 @@
 """Native CPU block-sparse linear: builds `cpu_block_sparse_linear.cpp` once, and its launcher.
 
-The C++ kernel (AVX-512, fp32) is compiled on first use with the system C++ compiler into a
+The C++ kernel (AVX-512: fp32, and bf16 on CPUs with AVX512_BF16) is compiled on first use with the system C++ compiler into a
 per-user cache, keyed by a hash of its source, flags and compiler, and loaded with ctypes: no
 torch headers, no build step at install time, about a second to compile.  Where it cannot be
 used (not Linux x86-64, no AVX-512, no compiler, `NN_BLOCKSPARSE_NATIVE=0`), `native_status()`
@@ -17,6 +17,7 @@ Like the Triton kernels beside it, this file knows nothing of `nn.Module`: it ta
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -41,15 +42,20 @@ _library: ctypes.CDLL | None = None
 _status: str | None = None  # "ok", or why the native kernel is not used
 
 
-def _cpu_has_avx512f() -> bool:
+@functools.lru_cache(maxsize=None)  # read once: the launcher asks on every call
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    return "avx512f" in line.split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def _cpu_has_avx512f() -> bool:
+    return "avx512f" in _cpu_flags()
 
 
 def _compiler() -> str | None:
@@ -99,9 +105,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return None, f"could not build or load the native kernel: {error}"
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    function = library.nnbs_block_sparse_linear_f32
-    function.restype = ctypes.c_int
-    function.argtypes = [i64, i64, i64, pointer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64]
+    for function in (library.nnbs_block_sparse_linear_f32, library.nnbs_block_sparse_linear_bf16):
+        function.restype = ctypes.c_int
+        function.argtypes = [i64, i64, i64, pointer, i64, pointer, pointer, pointer, pointer, pointer, i64, i64]
     return library, "ok"
 
 
@@ -122,33 +128,60 @@ def native_available() -> bool:
     return native_status() == "ok"
 
 
+def native_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the native kernel computes in here: fp32, and bf16 where the CPU has AVX512_BF16."""
+    if not native_available():
+        return ()
+    return (torch.float32, torch.bfloat16) if "avx512_bf16" in _cpu_flags() else (torch.float32,)
+
+
+def pack_blocks(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """BSR blocks `[nnz, bs_out, bs_in]` in the kernel's layout for `dtype`.
+
+    fp32: each block transposed, `[nnz, bs_in, bs_out]` (a row: bs outputs of one input feature).
+    bf16: `[nnz, bs_in / 2, bs_out, 2]`, input features in pairs (what vdpbf16ps multiplies).
+    """
+    if dtype == torch.float32:
+        return values.to(torch.float32).transpose(1, 2).contiguous()
+    if dtype == torch.bfloat16:
+        nnz, bs_out, bs_in = values.shape
+        pairs = values.to(torch.bfloat16).reshape(nnz, bs_out, bs_in // 2, 2)
+        return pairs.permute(0, 2, 1, 3).contiguous()
+    raise ValueError(f"the native kernel computes in fp32 or bf16, not {dtype}")
+
+
 def native_block_sparse_linear(
     x2d: torch.Tensor,
-    blocks_t: torch.Tensor,
+    blocks: torch.Tensor,
     row_offsets: torch.Tensor,
     col_indices: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
 ) -> torch.Tensor:
-    """`x2d [M, K] @ W^T + bias` -> new `[M, N]` fp32 tensor, W given as transposed BSR blocks.
+    """`x2d [M, K] @ W^T + bias` -> new `[M, N]` tensor in x2d's dtype (fp32 or bf16).
 
-    `blocks_t[b]` is the b-th stored block (BSR order) transposed: `[bs_in, bs_out]`, fp32,
-    contiguous; `row_offsets` / `col_indices` are int64 and must be valid BSR indices for
-    `[out_features, K]` (they are not re-checked here: build them with the library).
+    `blocks` are W's stored blocks in BSR order, laid out by `pack_blocks` for x2d's dtype; `bias`
+    is fp32; `row_offsets` / `col_indices` are int64 and must be valid BSR indices for
+    `[out_features, K]` (they are not re-checked here: build them with the library).  bf16
+    accumulates in fp32 and rounds y once.
     """
     if not native_available():
         raise RuntimeError(f"the native CPU kernel is not available: {native_status()}")
-    if x2d.dim() != 2 or x2d.device.type != "cpu" or x2d.dtype != torch.float32:
-        raise ValueError(f"x2d must be a 2-D fp32 CPU tensor, got {tuple(x2d.shape)} {x2d.dtype} on {x2d.device}")
-    if blocks_t.dim() != 3 or blocks_t.shape[1] != blocks_t.shape[2] or blocks_t.shape[1] not in NATIVE_BLOCK_SIZES:
-        raise ValueError(f"blocks_t must be [nnz, bs, bs] with bs in {NATIVE_BLOCK_SIZES}, got {tuple(blocks_t.shape)}")
-    bs = blocks_t.shape[1]
-    if blocks_t.dtype != torch.float32 or not blocks_t.is_contiguous():
-        raise ValueError("blocks_t must be contiguous fp32")
+    if x2d.dim() != 2 or x2d.device.type != "cpu" or x2d.dtype not in native_dtypes():
+        raise ValueError(f"x2d must be a 2-D CPU tensor of dtype {native_dtypes()}, got {tuple(x2d.shape)} "
+                         f"{x2d.dtype} on {x2d.device}")
+    bf16 = x2d.dtype == torch.bfloat16
+    bs = blocks.shape[2] if blocks.dim() >= 3 else None
+    expected = (bs // 2, bs, 2) if bf16 else (bs, bs)
+    if bs not in NATIVE_BLOCK_SIZES or tuple(blocks.shape[1:]) != expected:
+        raise ValueError(f"blocks must be [nnz, {'bs/2, bs, 2' if bf16 else 'bs, bs'}] (pack_blocks) with bs in "
+                         f"{NATIVE_BLOCK_SIZES}, got {tuple(blocks.shape)}")
+    if blocks.dtype != x2d.dtype or not blocks.is_contiguous():
+        raise ValueError(f"blocks must be contiguous {x2d.dtype}, like x2d")
     block_rows = out_features // bs
     if out_features % bs or x2d.shape[1] % bs:
         raise ValueError(f"block size {bs} must divide out_features {out_features} and K {x2d.shape[1]}")
-    for name, index, length in (("row_offsets", row_offsets, block_rows + 1), ("col_indices", col_indices, blocks_t.shape[0])):
+    for name, index, length in (("row_offsets", row_offsets, block_rows + 1), ("col_indices", col_indices, blocks.shape[0])):
         if index.dtype != torch.int64 or not index.is_contiguous() or tuple(index.shape) != (length,):
             raise ValueError(f"{name} must be contiguous int64 of shape ({length},), got {index.dtype} {tuple(index.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or tuple(bias.shape) != (out_features,)):
@@ -156,12 +189,13 @@ def native_block_sparse_linear(
     if x2d.shape[0] and x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     m = x2d.shape[0]
-    y = torch.empty(m, out_features, dtype=torch.float32)
+    y = torch.empty(m, out_features, dtype=x2d.dtype)
     if m == 0:
         return y
+    kernel = _library.nnbs_block_sparse_linear_bf16 if bf16 else _library.nnbs_block_sparse_linear_f32
     # ctypes drops the GIL for the call: other Python threads run while the kernel does.
-    code = _library.nnbs_block_sparse_linear_f32(
-        bs, m, block_rows, x2d.data_ptr(), x2d.stride(0), blocks_t.data_ptr(), row_offsets.data_ptr(),
+    code = kernel(
+        bs, m, block_rows, x2d.data_ptr(), x2d.stride(0), blocks.data_ptr(), row_offsets.data_ptr(),
         col_indices.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
         torch.get_num_threads(),
     )
