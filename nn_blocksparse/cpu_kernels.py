@@ -5,13 +5,14 @@ W (`[N, K]`) arrives in torch's BSR layout with square `bs x bs` blocks (`values
 the dense GEMM, so `build_cpu_plan` re-lays the weight out once and `cpu_block_sparse_linear`
 runs it with one of four strategies:
 
-- ``"native"``: the AVX-512 kernel of `kernels/cpu_block_sparse_linear.cpp` (fp32 compute, block
-  sizes 16/32/64), which reads x where it lies and walks only the stored blocks: no gathers, no
-  transposes.  The first choice wherever it builds (`native_status()` says why not); it runs at
-  about twice the speed of MKL's dense GEMM per FLOP on the AMD CPU this was tuned on (MKL takes
-  its AVX2 path there), so it is chosen at every density for fp32 and fp16.  bf16 is computed in
-  fp32 (exact inputs, one rounding at the end); against oneDNN's fast bf16 dense GEMM the cost
-  model picks it only at low density.  The strategies below are the portable fallback.
+- ``"native"``: the AVX-512 kernel of `kernels/cpu_block_sparse_linear.cpp` (block sizes
+  16/32/64), which reads x where it lies and walks only the stored blocks: no gathers, no
+  transposes.  The first choice wherever it builds (`native_status()` says why not).  fp32 and fp16
+  plans compute in fp32, at about twice the speed of MKL's dense GEMM per FLOP on the AMD CPU this
+  was tuned on (MKL takes its AVX2 path there), so it is chosen at every density.  bf16 plans
+  compute in bf16 (fp32 accumulation) where the CPU has AVX512_BF16, else in fp32; against
+  oneDNN's fast bf16 dense GEMM the cost model keeps dense near density 1.  The strategies below
+  are the portable fallback.
 
 The two pure-torch sparse strategies work on *units*: one block-row of W, or several block-rows whose nonzero
 block-columns are identical (structured pruning: whole block-columns or heads empty).  A unit
@@ -614,10 +615,11 @@ def build_cpu_plan(
     if strategy == STRATEGY_NATIVE and not _native_usable(bs):
         why = f"it runs block sizes {NATIVE_BLOCK_SIZES}, not {bs}" if native_available() else native_status()
         raise ValueError(f"strategy 'native' cannot run this plan: {why}")
-    native_dtype = _native_dtype(weight_dtype) if _native_usable(bs) else None
-    modelled_native = native_dtype if native else None
+    # What "native" would compute in; None where it is not usable or not asked for.
+    native_dtype = _native_dtype(weight_dtype) if _native_usable(bs) and (native or strategy == STRATEGY_NATIVE) \
+        else None
     estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile, nnz,
-                                  modelled_native)
+                                  native_dtype)
     forced = strategy is not None
     if strategy is None:
         sparse = _cheapest(estimated, tuple(s for s in STRATEGIES if s != STRATEGY_DENSE))
@@ -655,7 +657,7 @@ def build_cpu_plan(
         weight_dtype=weight_dtype,
         bucket_shapes=bucket_shapes,
         native_weight=native_weight,
-        native_dtype=modelled_native if strategy != STRATEGY_NATIVE else native_dtype,
+        native_dtype=native_dtype,
     )
 
 
