@@ -612,12 +612,12 @@ def build_cpu_plan(
         for members in bucket_units
     ]
     profile = _gemm_profile(weight_dtype)
-    if strategy == STRATEGY_NATIVE and not _native_usable(bs):
+    native_usable = _native_usable(bs)
+    if strategy == STRATEGY_NATIVE and not native_usable:
         why = f"it runs block sizes {NATIVE_BLOCK_SIZES}, not {bs}" if native_available() else native_status()
         raise ValueError(f"strategy 'native' cannot run this plan: {why}")
     # What "native" would compute in; None where it is not usable or not asked for.
-    native_dtype = _native_dtype(weight_dtype) if _native_usable(bs) and (native or strategy == STRATEGY_NATIVE) \
-        else None
+    native_dtype = _native_dtype(weight_dtype) if native_usable and (native or strategy == STRATEGY_NATIVE) else None
     estimated = _modelled_seconds(n, k, bs, bucket_shapes, in_feature_order, _REFERENCE_TOKENS, profile, nnz,
                                   native_dtype)
     forced = strategy is not None
