@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .block_sparse_matrix import BlockSparseMatrix
+from .block_sparse_matrix import MAX_KERNEL_ELEMENTS, BlockSparseMatrix
 from .cpu_kernels import CpuBlockSparsePlan, build_cpu_plan, cpu_block_sparse_linear
 from .kernels import ACTIVATIONS
 from .kernels import block_sparse_linear as triton_block_sparse_linear
@@ -27,13 +27,14 @@ from .kernels.configs import KernelConfig, row_groups_considered
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
-# Offsets inside the kernel are 32-bit.
-_MAX_INT32_ELEMENTS = 2**31 - 1
 
 
 def check_inputs(x: torch.Tensor, weight: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, BlockSparseMatrix):
+        # Only a BlockSparseMatrix carries the validation the kernels rely on.
+        raise TypeError(f"weight must be a BlockSparseMatrix, got {type(weight).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported dtypes are {SUPPORTED_DTYPES}")
     if x.dtype != weight.dtype:
@@ -115,6 +116,8 @@ def block_sparse_linear(
     Inference only: when x requires grad, the product is computed densely so gradients flow.
     """
     check_inputs(x, weight, bias, activation)
+    if not torch.compiler.is_compiling():
+        weight.check_unchanged()  # indices modified in place since validation are validated again
     backend = resolve_backend(backend, x.device)
     leading_shape = x.shape[:-1]
     n, k = weight.shape
@@ -134,14 +137,11 @@ def block_sparse_linear(
         y2d = _apply_activation(cpu_block_sparse_linear(x2d, plan, bias), activation)
         return y2d.reshape(*leading_shape, n)
 
-    if x2d.numel() > _MAX_INT32_ELEMENTS or x2d.shape[0] * n > _MAX_INT32_ELEMENTS:
+    if x2d.numel() > MAX_KERNEL_ELEMENTS or x2d.shape[0] * n > MAX_KERNEL_ELEMENTS:
         raise ValueError(
             f"x ({tuple(x2d.shape)}) or the output ({x2d.shape[0]} x {n}) has more than 2**31 - 1 elements; "
             "split the batch"
         )
-    if weight.values.numel() > _MAX_INT32_ELEMENTS:
-        raise ValueError(f"the weight stores {weight.values.numel()} values, more than the kernel's 32-bit offsets "
-                         "address (2**31 - 1)")
     if config is None:
         config = launch_config(weight, x.dtype, x2d.shape[0], x.device)
     row_groups = weight.row_groups(config.rows_per_program) if config.rows_per_program > 1 else None
