@@ -191,3 +191,104 @@ def test_replays_in_a_cuda_graph(m):
         graph.replay()
         torch.cuda.synchronize()
     assert_close_to_reference(y, dense_reference(new_x, linear.weight, linear.bias, "gelu"), torch.float16)
+
+
+def _saved_layer(tmp_path, **overrides):
+    """A saved layer's tensors and metadata, with `overrides` applied, written to a new file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    layer = BlockSparseLinear.from_linear(make_linear(density=0.6), activation="gelu")
+    tensors = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    metadata = {"nn_blocksparse.BlockSparseLinear": json.dumps(layer.config_dict())}
+    for name, value in overrides.items():
+        if name == "metadata":
+            metadata = value
+        elif value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value(tensors[name]) if callable(value) else value
+    file = tmp_path / "layer.safetensors"
+    save_file(tensors, str(file), metadata=metadata)
+    return layer, file
+
+
+def _with(index, value):
+    def transform(tensor):
+        tensor[index] = value
+        return tensor
+    return transform
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"col_indices": _with(0, 4)}, ValueError, r"col_indices\[0\] = 4 is outside \[0, 4\)"),
+    ({"row_offsets": _with(1, 10**5)}, ValueError, "row_offsets must be non-decreasing"),
+    ({"row_order": _with(0, 7)}, ValueError, r"row_order\[0\] = 7 is outside"),
+    ({"row_order": lambda t: t.to(torch.int64)}, TypeError, "row_order must be torch.int32"),
+    ({"values": lambda t: t.to(torch.int16)}, TypeError, "values must be a floating point"),
+    ({"bias": lambda t: t[:-1]}, ValueError, "bias must be torch.float32 of shape"),
+    ({"bias": None}, ValueError, "expected the tensors"),
+    ({"extra": torch.zeros(2)}, ValueError, "expected the tensors"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": "{not json"}}, ValueError, "not valid JSON"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": "[1, 2]"}}, ValueError, "must have the fields"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 128}'}}, ValueError, "must have the fields"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": "128", "out_features": 96, "bias": true, '
+                   '"block_size": 32, "activation": null}'}}, TypeError, "'in_features' must be int"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 1099511627776, "out_features": 96, '
+                   '"bias": true, "block_size": 32, "activation": null}'}}, ValueError, "32-bit offsets"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 128, "out_features": 96, "bias": true, '
+                   '"block_size": 32, "activation": "relu"}'}}, ValueError, "activation must be one of"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 128, "out_features": 192, "bias": true, '
+                   '"block_size": 32, "activation": null}'}}, ValueError, "row_offsets must be 1-D with 7 entries"),
+    ({"metadata": {}}, ValueError, "not a BlockSparseLinear file"),
+])
+def test_a_crafted_file_is_refused_naming_the_field(tmp_path, overrides, error, message):
+    _, file = _saved_layer(tmp_path, **overrides)
+    with pytest.raises(error, match=message):
+        BlockSparseLinear.load(file)
+
+
+def test_a_truncated_or_foreign_file_is_refused(tmp_path):
+    _, file = _saved_layer(tmp_path)
+    data = file.read_bytes()
+    for cut in (4, 40, len(data) // 2, len(data) - 1):
+        file.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            BlockSparseLinear.load(file)
+    file.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        BlockSparseLinear.load(file)
+
+
+def test_a_bad_state_dict_is_refused_before_anything_changes():
+    layer = BlockSparseLinear.from_linear(make_linear(density=0.5))
+    x = torch.randn(3, 128)
+    before = layer(x)
+    good = BlockSparseLinear.from_linear(make_linear(density=0.8, seed=1)).state_dict()
+    for name, value, error, message in (
+            ("col_indices", _with(-1, 9), ValueError, r"col_indices\[\d+\] = 9 is outside"),
+            ("row_offsets", lambda t: t.to(torch.int64), TypeError, "row_offsets must be torch.int32"),
+            ("row_order", lambda t: t.flip(0)[:-1], ValueError, "row_order must be 1-D"),
+            ("values", lambda t: t[:-1], ValueError, "col_indices must be 1-D"),
+            ("bias", lambda t: t.int(), TypeError, "bias must be a floating point"),
+            ("bias", lambda t: t[:3], ValueError, r"bias must have shape \(96,\)")):
+        state = dict(good)
+        state[name] = value(state[name].clone())
+        with pytest.raises(error, match=message):
+            layer.load_state_dict(state)
+        assert torch.equal(layer(x), before)  # nothing was copied
+    # Only values, same block count: a valid partial load.
+    layer.load_state_dict({"values": layer.values * 2}, strict=False)
+    assert_close_to_reference(layer(x), 2 * (before - layer.bias) + layer.bias, torch.float32)
+
+
+def test_indices_modified_in_place_are_caught_before_the_kernel(kernel_device):
+    for backend, device in (("torch", torch.device("cpu")), ("triton", kernel_device)):
+        layer = BlockSparseLinear.from_linear(make_linear(density=0.5), backend=backend).to(device)
+        x = torch.randn(3, 128, device=device)
+        layer(x)
+        with torch.no_grad():
+            layer.col_indices[0] = 1000
+        with pytest.raises(ValueError, match=r"col_indices\[0\] = 1000 is outside"):
+            layer(x)
