@@ -106,6 +106,55 @@ def test_invalid_configs_are_refused():
         KernelConfig(split_k=3)
     with pytest.raises(ValueError, match="rows_per_program"):
         KernelConfig(rows_per_program=3)
+    with pytest.raises(ValueError, match="group_m must be one of"):
+        KernelConfig(group_m=2**30)  # GROUP_M * groups would overflow the kernel's int32 program ids
+    with pytest.raises(ValueError, match="num_stages must be in"):
+        KernelConfig(num_stages=100)
+    with pytest.raises(ValueError, match="num_warps"):
+        KernelConfig(num_warps=3)
+
+
+def test_the_shipped_tuned_table_passes_its_checks():
+    import json
+
+    table = json.loads(configs.TUNED_TABLE_PATH.read_text())
+    assert configs.check_tuned_table(table) == table["configs"] and table["configs"]
+
+
+GOOD_KEY = "fp16/bs32/n768/k3072/m128/d0.35"
+
+
+@pytest.mark.parametrize("arch, key, values, message", [
+    ("sm90", GOOD_KEY, [64, 8, 1, 4], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [64, 8, 1, 4, 3, 1, 2, 9], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [64, 8, 1, 4, "3"], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [64, 8, 1, 4, True], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [48, 8, 1, 4, 3], "block_m must be one of"),
+    ("sm90", GOOD_KEY, [64, 8, 2, 4, 3, 2, 2], "k_blocks > 1 needs rows_per_program = 1"),
+    ("sm90", "fp16/bs32/n768/k3072/m128", [64, 8, 1, 4, 3], "the key must read"),
+    ("sm90", "fp64/bs32/n768/k3072/m128/d0.35", [64, 8, 1, 4, 3], "the key must read"),
+    ("sm90", "fp16/bs24/n768/k3072/m128/d0.35", [64, 8, 1, 4, 3], "block size 24 must be a power of two"),
+    ("sm90", "fp16/bs32/n770/k3072/m128/d0.35", [64, 8, 1, 4, 3], "dividing n = 770"),
+    ("sm90", "fp16/bs32/n768/k3072/m100/d0.35", [64, 8, 1, 4, 3], "m = 100 is not an M bucket"),
+    ("sm90", "fp16/bs32/n768/k3072/m128/d1.50", [64, 8, 1, 4, 3], "density 1.50 is outside"),
+    ("gpu0", GOOD_KEY, [64, 8, 1, 4, 3], "must be a GPU architecture"),
+])
+def test_a_bad_tuned_entry_is_refused_at_load_naming_it(tmp_path, arch, key, values, message):
+    import json
+
+    table = {"configs": {arch: {"fp16/bs32/n768/k768/m128/d0.50": [64, 8, 1, 4, 3], key: values}}}
+    file = tmp_path / "tuned.json"
+    file.write_text(json.dumps(table))
+    try:
+        with pytest.raises(ValueError, match=message) as error:
+            configs.load_tuned_table(str(file))
+    finally:
+        configs.load_tuned_table.cache_clear()
+    if arch == "sm90":
+        assert f"bad entry sm90/{key}" in str(error.value) and str(file) in str(error.value)
+    file.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        configs.load_tuned_table(str(file))
 
 
 def test_table_entries_round_trip_and_old_five_entry_rows_mean_one_row_per_program():

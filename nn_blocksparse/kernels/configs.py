@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +31,8 @@ GROUP_M_CHOICES = (8,)
 ROWS_PER_PROGRAM_CHOICES = (1, 2, 4)
 # Stored blocks one loop step multiplies (one program per block-row only): deeper steps, fewer of them.
 K_BLOCKS_CHOICES = (1, 2, 4)
+NUM_WARPS_CHOICES = (1, 2, 4, 8)
+MAX_NUM_STAGES = 8
 # SMs of the GPUs the heuristic is written for (A100: 108, H100 SXM: 132); the interpreter has none.
 DEFAULT_SM_COUNT = 108
 
@@ -55,8 +58,12 @@ class KernelConfig:
             raise ValueError(f"k_blocks must be one of {K_BLOCKS_CHOICES}, got {self.k_blocks}")
         if self.k_blocks > 1 and self.rows_per_program > 1:
             raise ValueError("k_blocks > 1 needs rows_per_program = 1 (row groups step one block-column at a time)")
-        if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
-            raise ValueError(f"invalid launch configuration {self}")
+        if self.group_m not in GROUP_M_CHOICES:
+            raise ValueError(f"group_m must be one of {GROUP_M_CHOICES}, got {self.group_m}")
+        if self.num_warps not in NUM_WARPS_CHOICES:
+            raise ValueError(f"num_warps must be one of {NUM_WARPS_CHOICES}, got {self.num_warps}")
+        if not 1 <= self.num_stages <= MAX_NUM_STAGES:
+            raise ValueError(f"num_stages must be in [1, {MAX_NUM_STAGES}], got {self.num_stages}")
 
     def as_list(self) -> list[int]:
         values = [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
@@ -66,7 +73,11 @@ class KernelConfig:
     def from_list(cls, values) -> "KernelConfig":
         """From `as_list()`; shorter lists come from older tables: 5 entries mean one row per
         program, 6 one block per step."""
-        return cls(*[int(v) for v in values])
+        if (not isinstance(values, (list, tuple)) or not 5 <= len(values) <= 7
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in values)):
+            raise ValueError("a launch configuration is a list of 5 to 7 ints [block_m, group_m, split_k, "
+                             f"num_warps, num_stages(, rows_per_program(, k_blocks))], got {values!r:.80}")
+        return cls(*values)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -85,19 +96,61 @@ def table_key(dtype: torch.dtype, block_size: int, n: int, k: int, m: int, densi
     return f"{DTYPE_NAMES[dtype]}/bs{block_size}/n{n}/k{k}/m{m_bucket(m)}/d{density_bucket(density):.2f}"
 
 
+_KEY_PATTERN = re.compile(r"(?P<dtype>fp32|fp16|bf16)/bs(?P<bs>\d+)/n(?P<n>\d+)/k(?P<k>\d+)/m(?P<m>\d+)/d(?P<d>\d\.\d\d)")
+_ARCH_PATTERN = re.compile(r"sm\d{2,3}|interpreter")
+
+
 def _parse_key(key: str) -> dict:
     dtype, bs, n, k, m, d = key.split("/")
     return {"prefix": "/".join((dtype, bs, n, k)), "m": int(m[1:]), "density": float(d[1:])}
 
 
+def _check_entry(key, values) -> None:
+    """Raise `ValueError` unless `key: values` is a tuned entry `tuned_config` can look up and launch."""
+    match = _KEY_PATTERN.fullmatch(key) if isinstance(key, str) else None
+    if match is None:
+        raise ValueError("the key must read <fp32|fp16|bf16>/bs<block size>/n<N>/k<K>/m<M>/d<density>, "
+                         "e.g. fp16/bs32/n768/k3072/m128/d0.35")
+    bs, n, k, m = (int(match[name]) for name in ("bs", "n", "k", "m"))
+    if bs < 16 or bs & (bs - 1) or n % bs or k % bs:
+        raise ValueError(f"block size {bs} must be a power of two >= 16 dividing n = {n} and k = {k}")
+    if m != m_bucket(m):
+        raise ValueError(f"m = {m} is not an M bucket (a power of two >= 16)")
+    if not 0.0 <= float(match["d"]) <= 1.0:
+        raise ValueError(f"density {match['d']} is outside [0, 1]")
+    KernelConfig.from_list(values)
+
+
+def check_tuned_table(table, source: str = "tuned table") -> dict:
+    """The `configs` of a tuned table, every entry checked; a `ValueError` names the first bad one."""
+    configs = table.get("configs", {}) if isinstance(table, dict) else None
+    if not isinstance(configs, dict):
+        raise ValueError(f"{source}: expected an object {{\"configs\": {{arch: {{key: [...]}}}}}}")
+    for arch, entries in configs.items():
+        if not _ARCH_PATTERN.fullmatch(arch) or not isinstance(entries, dict):
+            raise ValueError(f"{source}: {arch!r:.40} must be a GPU architecture (sm80, sm90, ...) mapping keys "
+                             "to launch configurations")
+        for key, values in entries.items():
+            try:
+                _check_entry(key, values)
+            except ValueError as err:
+                raise ValueError(f"{source}: bad entry {arch}/{key!s:.80}: {err}") from None
+    return configs
+
+
 @lru_cache(maxsize=1)
 def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
     """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program(, k_blocks)]}}`;
-    empty if no table."""
+    empty if no table. Every entry is checked here (`check_tuned_table`): a bad one is refused
+    with a `ValueError` naming it, before anything is launched."""
     p = Path(path)
     if not p.exists():
         return {}
-    return json.loads(p.read_text()).get("configs", {})
+    try:
+        table = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: not valid JSON ({err})") from None
+    return check_tuned_table(table, str(p))
 
 
 # Row groups (rows_per_program > 1) widen the output tile to R * bs, which is what dense GEMMs do to
