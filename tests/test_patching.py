@@ -199,3 +199,169 @@ def test_clear_errors():
         patch_bert(small)
     with pytest.raises(ValueError, match="patch.json"):
         load_patched_bert(minilm_path())
+
+
+def small_bert(intermediate_size=128, layers=2, **config):
+    torch.manual_seed(0)
+    config = {"num_attention_heads": 2, **config}
+    return transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=layers, hidden_size=64, intermediate_size=intermediate_size, vocab_size=100,
+        max_position_embeddings=32, **config)).eval()
+
+
+def test_patching_is_all_or_nothing():
+    """blocksparse on an FFN the block size does not divide: refused before layer 0 is touched."""
+    model = small_bert(intermediate_size=96 + 16)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="block_size 32 does not divide the ffn_in weight of layer 0"):
+        patch_bert(model, mode="blocksparse")
+    assert [type(m) for m in model.modules()] == modules_before
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert not hasattr(model, "nn_blocksparse_mode")
+    patch_bert(model, mode="blocksparse", block_size=16)  # the model is still patchable
+
+
+@pytest.mark.parametrize("first, second", [("resize", "blocksparse"), ("resize", "resize"), ("hybrid", "resize"),
+                                           ("blocksparse", "hybrid")])
+def test_any_second_patch_is_refused(first, second):
+    model = patch_bert(small_bert(), mode=first)
+    with pytest.raises(ValueError, match=f"already patched \\(mode '{first}'\\)"):
+        patch_bert(model, mode=second)
+    qa = patch_bert(transformers.BertForQuestionAnswering(small_bert().config).eval(), mode=first)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_bert(qa.bert, mode=second)  # its encoder, too
+
+
+def test_save_pretrained_is_refused_pointing_to_save_patched_bert(tmp_path):
+    qa = patch_bert(transformers.BertForQuestionAnswering(small_bert().config).eval(), mode="hybrid")
+    for model in (qa, qa.bert, copy.deepcopy(qa)):
+        with pytest.raises(ValueError, match="save_patched_bert"):
+            model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    small_bert().save_pretrained(tmp_path / "plain")  # unpatched models are untouched
+
+
+@pytest.mark.parametrize("mode", ["blocksparse", "hybrid"])
+def test_output_attentions_returns_the_attention_probabilities(mode):
+    """Reference: transformers' eager attention, on the unpatched model (all heads: blocksparse keeps
+    them) or on the resized one (hybrid's heads). Head 1 of layer 0 is pruned (zero V rows)."""
+    model = small_bert(num_attention_heads=4)
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.value.weight[16:32] = 0
+    model.set_attn_implementation("eager")
+    batch = {"input_ids": torch.randint(0, 100, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    batch["attention_mask"][1, 5:] = 0
+    with torch.inference_mode():
+        model(**batch, output_attentions=True)  # recorder hooks installed before patching: they follow
+        reference_model = model if mode == "blocksparse" else patch_bert(copy.deepcopy(model), mode="resize")
+        reference = reference_model(**batch, output_attentions=True).attentions
+        patched = patch_bert(copy.deepcopy(model), mode=mode, block_size=16, dense_threshold=1.0)
+        attentions = patched(**batch, output_attentions=True).attentions
+        fresh = patch_bert(small_bert(num_attention_heads=4), mode=mode, block_size=16)  # hooks installed later
+        fresh_attentions = fresh(**batch, output_attentions=True).attentions
+    assert len(attentions) == len(fresh_attentions) == len(reference) == 2
+    assert [a.shape[1] for a in attentions] == heads_per_layer(patched) == ([4, 4] if mode == "blocksparse" else [3, 4])
+    for ours, again, expected in zip(attentions, fresh_attentions, reference):
+        assert ours.shape == expected.shape == (3, ours.shape[1], 9, 9)
+        assert (ours - expected).abs().max().item() < 1e-6
+        assert again.shape[1] == 4 and torch.allclose(again.sum(-1), torch.ones(()))
+
+
+def _saved_small(tmp_path, mode="hybrid"):
+    model = patch_bert(small_bert(), mode=mode, dense_threshold=1.0) if mode == "hybrid" else patch_bert(
+        small_bert(), mode=mode)
+    folder = save_patched_bert(model, tmp_path / mode)
+    return model, folder
+
+
+def _edit_patch(folder, edit):
+    import json
+
+    patch = json.loads((folder / "patch.json").read_text())
+    edit(patch)
+    (folder / "patch.json").write_text(json.dumps(patch))
+
+
+def _set_path(*keys, value):
+    def edit(patch):
+        target = patch
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return edit
+
+
+CRAFTED_PATCHES = [
+    (_set_path("model_class", value="BertTokenizer"), ValueError, "unsupported model class"),
+    (_set_path("model_class", value="os.system"), ValueError, "unsupported model class"),
+    (_set_path("dtype", value="float64"), ValueError, "patch.json dtype must be one of"),
+    (_set_path("dtype", value="__class__"), ValueError, "patch.json dtype must be one of"),
+    (_set_path("mode", value="turbo"), ValueError, "patch.json mode must be one of"),
+    (_set_path("layers", value={}), TypeError, "patch.json.layers must be list"),
+    (lambda p: p["layers"].pop(), ValueError, "describes 1 layers, the config 2"),
+    (_set_path("layers", 0, "attention", "num_heads", value=3), ValueError, r"num_heads must be in \[0, 2\]"),
+    (_set_path("layers", 0, "attention", "num_heads", value=True), TypeError, "num_heads must be int"),
+    (_set_path("layers", 0, "attention", "head_dim", value=16), ValueError, "head_dim is 16, the config makes it 32"),
+    (_set_path("layers", 0, "attention", "type", value="flash"), ValueError, "attention.type must be one of"),
+    (_set_path("layers", 0, "attention", "qkv", "out_features", value=96), ValueError,
+     r"layers\[0\].attention.qkv.out_features is 96, the config makes it 192"),
+    (_set_path("layers", 0, "attention", "qkv", "block_size", value=48), ValueError, "block_size must be one of"),
+    (_set_path("layers", 0, "attention", "qkv", "activation", value="gelu"), ValueError,
+     r"qkv.activation must be one of \(None,\)"),
+    (_set_path("layers", 0, "attention", "qkv", "type", value="conv"), ValueError, "qkv.type must be one of"),
+    (_set_path("layers", 1, "intermediate", "out_features", value=10**9), ValueError,
+     "intermediate.dense.row_offsets has shape"),
+    (_set_path("layers", 1, "output", "in_features", value=64), ValueError,
+     "output.in_features is 64, the config makes it 128"),
+    (_set_path("layers", 1, "intermediate_activation_fused", value=False), ValueError,
+     "intermediate_activation_fused is False, but the intermediate module fuses GELU"),
+    (_set_path("layers", 1, "attention_output", "bias", value=False), ValueError, "make the tensors|does not fit"),
+    (lambda p: p["layers"][0].pop("output"), ValueError, r"layers\[0\] must have the fields"),
+    (lambda p: p.update(format="nn_blocksparse.patched_bert/9"), ValueError, "unsupported patch format"),
+]
+
+
+@pytest.mark.parametrize("edit, error, message", CRAFTED_PATCHES, ids=[case[2][:40] for case in CRAFTED_PATCHES])
+def test_a_crafted_patch_json_is_refused_naming_the_field(tmp_path, edit, error, message):
+    _, folder = _saved_small(tmp_path)
+    _edit_patch(folder, edit)
+    with pytest.raises(error, match=message):
+        load_patched_bert(folder)
+
+
+def test_crafted_weights_and_config_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, folder = _saved_small(tmp_path)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.inference_mode():
+        assert torch.equal(load_patched_bert(folder)(ids).last_hidden_state, model(ids).last_hidden_state)
+    original = load_file(str(folder / "model.safetensors"))
+    tensors = {name: tensor.clone() for name, tensor in original.items()}
+    tensors["encoder.layer.0.attention.self.attention.qkv.col_indices"][0] = 7
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"qkv: col_indices\[0\] = 7 is outside \[0, 2\)"):
+        load_patched_bert(folder)
+    tensors = dict(original)
+    tensors["encoder.layer.1.output.dense.row_offsets"] = tensors["encoder.layer.1.output.dense.row_offsets"].long()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(TypeError, match="row_offsets must be torch.int32"):
+        load_patched_bert(folder)
+    tensors = dict(original)
+    del tensors["pooler.dense.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="(?s)does not fit patch.json.*pooler.dense.bias"):
+        load_patched_bert(folder)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_patched_bert(folder)
+    save_file(original, str(folder / "model.safetensors"))
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"vocab_size": 100', '"vocab_size": 1000000000'))
+    with pytest.raises(ValueError, match="word_embeddings.weight has shape"):
+        load_patched_bert(folder)
+    (folder / "config.json").write_text(config)
+    (folder / "patch.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_patched_bert(folder)
