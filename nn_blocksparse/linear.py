@@ -145,10 +145,15 @@ class BlockSparseLinear(nn.Module):
         self._refresh_matrix()  # new tensors (device, dtype): validated again, the old plan dropped
         return result
 
-    def _check_incoming(self, state_dict, prefix: str) -> None:
+    def _check_incoming(self, state_dict, prefix: str, strict: bool) -> None:
         """Refuse (before anything is copied) block tensors or a bias that do not form a valid weight."""
+        where = prefix.rstrip(".") or "BlockSparseLinear"
         incoming = {name: state_dict.get(prefix + name) for name in _BLOCK_TENSORS}
-        if any(tensor is not None for tensor in incoming.values()):
+        present = [name for name, tensor in incoming.items() if tensor is not None]
+        if strict and present and len(present) < len(_BLOCK_TENSORS):
+            missing = [name for name in _BLOCK_TENSORS if name not in present]
+            raise ValueError(f"{where}: the state dict has {present} but not {missing}")
+        if present:
             device = self.values.device
             candidate = [tensor if tensor is None or not isinstance(tensor, torch.Tensor) else tensor.to(device)
                          for tensor in incoming.values()]
@@ -157,19 +162,19 @@ class BlockSparseLinear(nn.Module):
             try:
                 check_block_sparse_matrix(*candidate, (self.out_features, self.in_features), self.block_size)
             except (TypeError, ValueError) as err:
-                raise type(err)(f"state dict for {prefix or 'BlockSparseLinear'}: {err}") from None
+                raise type(err)(f"{where}: {err}") from None
         bias = state_dict.get(prefix + "bias")
         if bias is not None and self.bias is not None:
             if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-                raise TypeError(f"state dict for {prefix or 'BlockSparseLinear'}: bias must be a floating point "
+                raise TypeError(f"{where}: bias must be a floating point "
                                 f"tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
             if tuple(bias.shape) != (self.out_features,):
-                raise ValueError(f"state dict for {prefix or 'BlockSparseLinear'}: bias must have shape "
+                raise ValueError(f"{where}: bias must have shape "
                                  f"({self.out_features},), got {tuple(bias.shape)}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        self._check_incoming(state_dict, prefix)
+        self._check_incoming(state_dict, prefix, strict)
         # The stored block count differs from one weight to the next: adopt the incoming shapes.
         for name in _BLOCK_TENSORS:
             incoming = state_dict.get(prefix + name)
@@ -206,7 +211,9 @@ class BlockSparseLinear(nn.Module):
                 expected = set(_BLOCK_TENSORS) | ({"bias"} if config["bias"] else set())
                 if set(f.keys()) != expected:
                     raise ValueError(f"{path}: expected the tensors {sorted(expected)}, got {sorted(f.keys())}")
-                tensors = {name: f.get_tensor(name) for name in sorted(expected)}
+                # Copied into memory of our own: safetensors' tensors have storage that cannot be resized,
+                # which Triton's interpreter (among others) needs.
+                tensors = {name: f.get_tensor(name).clone() for name in sorted(expected)}
         except SafetensorError as err:
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
         shape = (config["out_features"], config["in_features"])

@@ -292,3 +292,15 @@ def test_indices_modified_in_place_are_caught_before_the_kernel(kernel_device):
             layer.col_indices[0] = 1000
         with pytest.raises(ValueError, match=r"col_indices\[0\] = 1000 is outside"):
             layer(x)
+
+
+def test_a_loaded_layer_runs_on_both_backends(tmp_path, kernel_device):
+    """Loaded tensors are the layer's own memory (safetensors' buffers cannot be resized, which
+    the Triton interpreter needs)."""
+    linear = make_linear(density=0.5)
+    BlockSparseLinear.from_linear(linear).save(tmp_path / "layer.safetensors")
+    x = torch.randn(4, 128)
+    for backend, device in (("torch", torch.device("cpu")), ("triton", kernel_device)):
+        layer = BlockSparseLinear.load(tmp_path / "layer.safetensors", device=device, backend=backend)
+        assert layer.values.untyped_storage().resizable()
+        assert_close_to_reference(layer(x.to(device)), dense_reference(x, linear.weight, linear.bias), torch.float32)
