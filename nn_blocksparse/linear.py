@@ -145,15 +145,12 @@ class BlockSparseLinear(nn.Module):
         self._refresh_matrix()  # new tensors (device, dtype): validated again, the old plan dropped
         return result
 
-    def _check_incoming(self, state_dict, prefix: str, strict: bool) -> None:
-        """Refuse (before anything is copied) block tensors or a bias that do not form a valid weight."""
+    def _check_incoming(self, state_dict, prefix: str) -> None:
+        """Refuse (before anything is copied) block tensors or a bias that do not form a valid weight
+        with the tensors they replace (a partial load keeps the others)."""
         where = prefix.rstrip(".") or "BlockSparseLinear"
         incoming = {name: state_dict.get(prefix + name) for name in _BLOCK_TENSORS}
-        present = [name for name, tensor in incoming.items() if tensor is not None]
-        if strict and present and len(present) < len(_BLOCK_TENSORS):
-            missing = [name for name in _BLOCK_TENSORS if name not in present]
-            raise ValueError(f"{where}: the state dict has {present} but not {missing}")
-        if present:
+        if any(tensor is not None for tensor in incoming.values()):
             device = self.values.device
             candidate = [tensor if tensor is None or not isinstance(tensor, torch.Tensor) else tensor.to(device)
                          for tensor in incoming.values()]
@@ -174,7 +171,7 @@ class BlockSparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        self._check_incoming(state_dict, prefix, strict)
+        self._check_incoming(state_dict, prefix)
         # The stored block count differs from one weight to the next: adopt the incoming shapes.
         for name in _BLOCK_TENSORS:
             incoming = state_dict.get(prefix + name)
