@@ -246,7 +246,8 @@ class BlockSparseMatrix:
     def check_unchanged(self) -> bool:
         """Whether an index tensor was modified in place since it was validated (a version-counter
         comparison); if so, validate it again (raising if it is no longer valid) and drop the row
-        groups derived from the old indices. Tables derived elsewhere must be dropped by the caller."""
+        groups derived from the old indices. Tables derived elsewhere must be dropped by the caller.
+        Inference tensors keep no version counter: their in-place changes are not seen."""
         versions = _index_versions(self._indices())
         if versions == tuple(self._validated):
             return False
