@@ -2,8 +2,11 @@
 
 Same forward signature and attributes as `nn.Linear` (`in_features`, `out_features`, `bias`,
 and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on CPU the
-pure-torch block-sparse path of `cpu_kernels` (its plan is built once and cached). Inference
-only: there is no backward through the Triton kernel.
+CPU path. Both are `torch.library` ops (`ops.py`), and what the forward needs beyond the stored
+tensors (the Triton launch table and row groups) is derived at construction, load and `.to()`, so
+the forward reads no tensor data on the host: it compiles (`torch.compile(fullgraph=True)`, dynamic
+shapes) and exports. Inference only: there is no backward through the kernels (inputs that need
+gradients take a dense fallback).
 
 Saved with safetensors (`save` / `load`, or any state dict): no pickle anywhere. The number of
 stored blocks is part of the weights, so loading a state dict resizes the block buffers.
@@ -19,8 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .block_sparse_matrix import INDEX_DTYPE, BlockSparseMatrix
-from .cpu_kernels import build_cpu_plan
-from .functional import BACKENDS, block_sparse_linear
+from .functional import BACKENDS, Launch, block_sparse_linear_tensors, launch_table
 from .kernels import ACTIVATIONS
 
 _BLOCK_TENSORS = ("values", "row_offsets", "col_indices", "row_order")
@@ -77,8 +79,8 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("row_offsets", matrix.row_offsets)
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("row_order", matrix.row_order)
-        self._cpu_plan = None
         self._matrix = None
+        self._prepare()
 
     # ------------------------------------------------------------------ views
     @property
@@ -106,22 +108,40 @@ class BlockSparseLinear(nn.Module):
                 f"block_size={self.block_size}, density={self.density:.3f}, activation={self.activation}")
 
     # ------------------------------------------------------------------ forward
-    def cpu_plan(self):
-        if self._cpu_plan is None:
-            self._cpu_plan = build_cpu_plan(self.values, self.row_offsets, self.col_indices,
-                                            self.out_features, self.in_features, self.block_size)
-        return self._cpu_plan
+    def _stored(self) -> tuple[torch.Tensor, ...]:
+        return self.values, self.row_offsets, self.col_indices, self.row_order
+
+    def _prepare(self) -> None:
+        """Derive what the forward needs beyond the stored tensors, for their device and dtype:
+        for the Triton backend, the launch table and row groups (`functional.launch_table`)."""
+        device = self.values.device
+        self._launch = None
+        if device.type in ("cuda", "cpu") and (self.backend == "triton" or
+                                               (self.backend == "auto" and device.type == "cuda")):
+            self._launch = launch_table(self.matrix, self.values.dtype, device)
+        self._prepared_from = self._stored()
+
+    def _launch_for(self, rows: int) -> Launch:
+        if self._launch is None:
+            raise ValueError(f"this layer's weight is on {self.values.device}, where the Triton backend does not run")
+        return self._launch  # the table serves every M
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        plan = self.cpu_plan() if (self.backend == "torch" or
-                                   (self.backend == "auto" and input.device.type != "cuda")) else None
-        return block_sparse_linear(input, self.matrix, self.bias, self.activation, self.backend, cpu_plan=plan)
+        if not torch.compiler.is_compiling() and any(a is not b for a, b in zip(self._stored(), self._prepared_from)):
+            # Tensors replaced by assignment since `_prepare`: derive again. (A trace, e.g. torch.export,
+            # stands its own tensors in for the stored ones: what was prepared for those holds.)
+            self._matrix = None
+            self._prepare()
+        return block_sparse_linear_tensors(input, self.values, self.row_offsets, self.col_indices, self.row_order,
+                                           (self.out_features, self.in_features), self.bias, self.activation,
+                                           self.backend, self._launch_for)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):
-        self._cpu_plan = None  # the plan holds tensors of the old device/dtype
-        self._matrix = None
-        return super()._apply(fn, *args, **kwargs)
+        result = super()._apply(fn, *args, **kwargs)
+        self._matrix = None  # the view and its row groups hold tensors of the old device/dtype
+        self._prepare()
+        return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -135,12 +155,14 @@ class BlockSparseLinear(nn.Module):
                     self.values = nn.Parameter(replacement, requires_grad=False)
                 else:
                     setattr(self, name, replacement)
-        self._cpu_plan = None
         self._matrix = None  # indices may be overwritten in place: derived row groups go too
+        errors_before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if self.row_offsets.dtype != INDEX_DTYPE:
             error_msgs.append(f"{prefix}row_offsets must be {INDEX_DTYPE}")
+        if len(error_msgs) == errors_before:
+            self._prepare()
 
     def config_dict(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features,
