@@ -116,7 +116,7 @@ def launch_table(weight: BlockSparseMatrix, dtype: torch.dtype, device: torch.de
             ranges.append((exponent, config))
     ranges[-1] = (ops.ANY_ROWS, ranges[-1][1])
     symbolic = launch_config(weight, dtype, SYMBOLIC_ROWS, device)
-    grouped = sorted({config.rows_per_program for _, config in ranges} | {symbolic.rows_per_program} - {1})
+    grouped = sorted(({config.rows_per_program for _, config in ranges} | {symbolic.rows_per_program}) - {1})
     return ops.pack_launch_table(ranges, symbolic), ops.flatten_row_groups([weight.row_groups(r) for r in grouped])
 
 
