@@ -193,16 +193,19 @@ def test_exported_patched_minilm_serves_other_sizes(patched_models):
 
 # ---------------------------------------------------------------------------------- GPU twins
 @requires_cuda
-def test_patched_bert_serves_with_cuda_graphs_and_a_padding_mask(compile_once):
+@pytest.mark.parametrize("mode", ["resize", "blocksparse", "hybrid"])
+def test_patched_bert_serves_with_cuda_graphs_and_a_padding_mask(compile_once, mode):
     """mode="reduce-overhead": Inductor's CUDA graphs, the triton_op inside them, a real padding mask.
-    A random-weight two-layer BERT-base (the GPU machine has no MiniLM package), every matrix block-sparse."""
+    A random-weight two-layer BERT-base (the GPU machine has no MiniLM package); hybrid makes every
+    matrix it can block-sparse."""
     from nn_blocksparse.bert.pruning import prune_like_nn_pruning
 
     torch.manual_seed(0)
     reference_model = transformers.BertModel(transformers.BertConfig(num_hidden_layers=2)).eval()
     prune_like_nn_pruning(reference_model, seed=0)
-    patched = patch_bert(copy.deepcopy(reference_model), mode="hybrid", dense_threshold=1.0).half().cuda().eval()
-    assert any(isinstance(m, BlockSparseLinear) for m in patched.modules())
+    options = {"dense_threshold": 1.0} if mode == "hybrid" else {}
+    patched = patch_bert(copy.deepcopy(reference_model), mode=mode, **options).half().cuda().eval()
+    assert any(isinstance(m, BlockSparseLinear) for m in patched.modules()) == (mode != "resize")
     compiled = torch.compile(patched, mode="reduce-overhead", fullgraph=True)
     inputs = {k: v.cuda() for k, v in padded_inputs(2, 64).items()}
     valid = inputs["attention_mask"].bool()
