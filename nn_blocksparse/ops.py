@@ -39,25 +39,22 @@ import torch
 from ._cpu_shim import block_sparse_linear_cpu
 from .kernels import block_sparse_linear as triton_block_sparse_linear
 from .kernels.block_sparse_linear import interpreter_enabled
-from .kernels.configs import KernelConfig
+from .kernels.configs import KernelConfig, m_bucket
 from .row_groups import RowGroups
 
 NAMESPACE = "nn_blocksparse"
 _ROW_GROUP_TABLES = 5  # tensors per grouping, in RowGroups' field order
 
 
-
 # ---------------------------------------------------------------------------------- launch tables
 _CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(KernelConfig))
 _ENTRY = 1 + len(_CONFIG_FIELDS)  # one range: its last M bucket (as a power of two), then the config
-# M buckets are powers of two from 16 (`configs.m_bucket`); this exponent stands for "any M above".
-_MIN_BUCKET_EXPONENT = 4
-ANY_ROWS = 62
+ANY_ROWS = 62  # the last range's bucket exponent: any M above the one before
 
 
 def bucket_exponent(rows: int) -> int:
-    """log2 of `configs.m_bucket(rows)`: 4 for M <= 16, then one more per doubling."""
-    return max(_MIN_BUCKET_EXPONENT, (max(rows, 1) - 1).bit_length())
+    """log2 of `configs.m_bucket(rows)`, the power-of-two bucket launch configurations are chosen by."""
+    return m_bucket(rows).bit_length() - 1
 
 
 def pack_launch_table(ranges: Sequence[tuple[int, KernelConfig]], symbolic: KernelConfig) -> list[int]:
