@@ -123,8 +123,10 @@ def prepare_resize(x: torch.Tensor, weight: torch.Tensor) -> Method:
 
 
 def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
-    """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s torch path, plan prebuilt."""
+    """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s CPU path, planned
+    before timing (`note`: the strategy its plan runs)."""
     from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
+    from nn_blocksparse.cpu_kernels import build_cpu_plan
 
     if x.device.type == "cuda":
         from nn_blocksparse.functional import launch_config
@@ -135,10 +137,13 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
         note = "config=" + "/".join(map(str, config.as_list()))
         return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)
     module = BlockSparseLinear.from_dense(weight, None, block_size, backend="torch")
-    plan = module.cpu_plan()
-    # The strategy this call runs: a sparse plan picks gather_bmm or gather_mm per number of rows.
-    strategy = plan.strategy_for(x.reshape(-1, x.shape[-1]).shape[0])
-    return Method(run=lambda: module(x), note=f"strategy={strategy}")
+    with torch.no_grad():
+        module(x)  # plans the weight
+    # The strategy this call runs (the cost model is deterministic, so a second plan of the same
+    # weight says it): a sparse plan picks gather_bmm or gather_mm per number of rows.
+    n, k = weight.shape
+    plan = build_cpu_plan(module.values, module.row_offsets, module.col_indices, n, k, block_size)
+    return Method(run=lambda: module(x), note=f"strategy={plan.strategy_for(x.reshape(-1, k).shape[0])}")
 
 
 def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
@@ -161,8 +166,8 @@ def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
 
 def prepare_ours_torch(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
     """CPU: our pure-torch strategies only (the fallback where the native kernel cannot build)."""
-    from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
-    from nn_blocksparse.cpu_kernels import build_cpu_plan
+    from nn_blocksparse import BlockSparseMatrix
+    from nn_blocksparse.cpu_kernels import build_cpu_plan, cpu_block_sparse_linear
 
     if x.device.type != "cpu":
         return Method(run=None, note="CPU only")
@@ -170,7 +175,8 @@ def prepare_ours_torch(x: torch.Tensor, weight: torch.Tensor, block_size: int) -
     n, k = weight.shape
     plan = build_cpu_plan(matrix.values, matrix.row_offsets, matrix.col_indices, n, k, block_size, native=False)
     note = f"strategy={plan.strategy_for(x.reshape(-1, k).shape[0])}"
-    return Method(run=lambda: block_sparse_linear(x, matrix, backend="torch", cpu_plan=plan), note=note)
+    x2d = x.reshape(-1, k)
+    return Method(run=lambda: cpu_block_sparse_linear(x2d, plan).reshape(*x.shape[:-1], n), note=note)
 
 
 def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:

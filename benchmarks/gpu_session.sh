@@ -25,6 +25,10 @@
 #   benchmarks/gpu_session.sh align   the resized FFN padding sweep (bench_ffn_alignment, graph-timed
 #                                     and eager), and the heuristic timed against a fresh M = 512
 #                                     tuning into a scratch table (limits: 4.5 min; took 2 on an H200)
+#   benchmarks/gpu_session.sh compile torch.compile on the GPU: the GPU twins of the op and compile
+#                                     tests, then BERT-base compiled dense / resize / hybrid graph-timed,
+#                                     beside reduce-overhead and CudaGraphForward serving (limits:
+#                                     6.9 min; not yet run on a GPU)
 #
 # Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
 # ./run.sh aot to check its entries for spills.
@@ -191,8 +195,13 @@ case "${1:-}" in
             --m 512 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
             --out "$WORK/tuned_m512_scratch.json" --log "$WORK/tune_m512_heuristic.csv"
         ;;
+    compile)
+        install
+        step 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_compile.py -k "not minilm"
+        step 240 "$PYTHON" -m benchmarks.bench_compile --device cuda --out "$WORK" --rep-ms 100
+        ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra|align}" >&2
+        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra|align|compile}" >&2
         exit 2
         ;;
 esac

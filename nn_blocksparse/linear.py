@@ -2,8 +2,11 @@
 
 Same forward signature and attributes as `nn.Linear` (`in_features`, `out_features`, `bias`,
 and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on CPU the
-pure-torch block-sparse path of `cpu_kernels` (its plan is built once and cached). Inference
-only: there is no backward through the Triton kernel.
+CPU path. Both are `torch.library` ops (`ops.py`), and what the forward needs beyond the stored
+tensors (the Triton launch table and row groups) is derived at construction, load and `.to()`, so
+the forward reads no tensor data on the host: it compiles (`torch.compile(fullgraph=True)`, dynamic
+shapes) and exports. Inference only: there is no backward through the kernels (inputs that need
+gradients take a dense fallback).
 
 Saved with safetensors (`save` / `load`, or any state dict): no pickle anywhere. The number of
 stored blocks is part of the weights, so loading a state dict resizes the block buffers. The
@@ -23,8 +26,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .block_sparse_matrix import BlockSparseMatrix, check_block_sparse_matrix
-from .cpu_kernels import build_cpu_plan
-from .functional import BACKENDS, block_sparse_linear
+from .functional import BACKENDS, Launch, block_sparse_linear_tensors, launch_table
 from .kernels import ACTIVATIONS
 
 _BLOCK_TENSORS = ("values", "row_offsets", "col_indices", "row_order")
@@ -86,18 +88,18 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("row_offsets", matrix.row_offsets)
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("row_order", matrix.row_order)
-        self._cpu_plan = None
         self._matrix = matrix
+        self._prepare()
 
     def _block_tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in _BLOCK_TENSORS)
 
     def _refresh_matrix(self) -> None:
         """Validate this module's tensors as a new matrix (after a load or a move); derived tables go."""
-        self._cpu_plan = None
         self._matrix = None
         self._matrix = BlockSparseMatrix(*self._block_tensors(), (self.out_features, self.in_features),
                                          self.block_size)
+        self._prepare()
 
     # ------------------------------------------------------------------ views
     @property
@@ -109,7 +111,7 @@ class BlockSparseLinear(nn.Module):
                                                              (cached.values, *cached._indices()))):
             self._refresh_matrix()
         elif cached.check_unchanged():
-            self._cpu_plan = None  # laid out from the old indices
+            self._prepare()  # the launch table's row groups came from the old indices
         return self._matrix
 
     @property
@@ -126,23 +128,34 @@ class BlockSparseLinear(nn.Module):
                 f"block_size={self.block_size}, density={self.density:.3f}, activation={self.activation}")
 
     # ------------------------------------------------------------------ forward
-    def cpu_plan(self):
-        if self._cpu_plan is None:
-            self._cpu_plan = build_cpu_plan(self.values, self.row_offsets, self.col_indices,
-                                            self.out_features, self.in_features, self.block_size)
-        return self._cpu_plan
+    def _prepare(self) -> None:
+        """Derive what the forward needs beyond the validated matrix, for its device and dtype: for
+        the Triton backend, the launch table and row groups (`functional.launch_table`)."""
+        device = self.values.device
+        self._launch = None
+        if device.type in ("cuda", "cpu") and (self.backend == "triton" or
+                                               (self.backend == "auto" and device.type == "cuda")):
+            self._launch = launch_table(self._matrix, self.values.dtype, device)
+
+    def _launch_for(self, rows: int) -> Launch:
+        if self._launch is None:
+            raise ValueError(f"this layer's weight is on {self.values.device}, where the Triton backend does not run")
+        return self._launch  # the table serves every M
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # Validated at construction, load and .to(): a traced forward reads the kept matrix as is.
-        matrix = self._matrix if torch.compiler.is_compiling() else self.matrix
-        plan = self.cpu_plan() if (self.backend == "torch" or
-                                   (self.backend == "auto" and input.device.type != "cuda")) else None
-        return block_sparse_linear(input, matrix, self.bias, self.activation, self.backend, cpu_plan=plan)
+        if not torch.compiler.is_compiling():
+            # Eagerly, tensors replaced by assignment or indices modified in place are validated
+            # (and derived from) again. A trace (torch.compile, torch.export) stands its own tensors
+            # in for the stored ones: what was validated and prepared for those holds.
+            self.matrix  # noqa: B018 - the property revalidates
+        return block_sparse_linear_tensors(input, self.values, self.row_offsets, self.col_indices, self.row_order,
+                                           (self.out_features, self.in_features), self.bias, self.activation,
+                                           self.backend, self._launch_for)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
-        self._refresh_matrix()  # new tensors (device, dtype): validated again, the old plan dropped
+        self._refresh_matrix()  # new tensors (device, dtype): validated again, derived tables redone
         return result
 
     def _check_incoming(self, state_dict, prefix: str) -> None:

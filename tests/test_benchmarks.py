@@ -21,8 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_cpu, bench_e2e, bench_ffn_alignment, bench_kernel, common, graph_check,  # noqa: E402
-                        launch_overhead, run_all, tune_kernel, warm_triton_cache)
+from benchmarks import (bench_compile, bench_cpu, bench_e2e, bench_ffn_alignment, bench_kernel, common,  # noqa: E402
+                        graph_check, launch_overhead, run_all, tune_kernel, warm_triton_cache)
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -118,6 +118,27 @@ def test_bench_ffn_alignment_quick(tmp_path):
     assert_png(tmp_path / f"ffn_alignment_{tag}_quick.png")
 
 
+def test_bench_compile_quick(tmp_path):
+    assert bench_compile.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    tag = common.device_tag(torch.device("cpu"))
+    path = tmp_path / f"compile_e2e_{tag}_quick.csv"
+    rows = read(path, bench_compile.COLUMNS)
+    assert "backend='eager'" in common.read_csv(path)[0]["compile"]
+    assert [(r["method"], r["execution"]) for r in rows] == [
+        (method, execution) for method in ("dense", *bench_compile.MODES) for execution in ("eager", "compiled")]
+    for row in rows:
+        assert row["model"] == "minilm" and row["layers"] == "1" and (row["batch"], row["seq"]) == ("1", "32")
+        assert number(row["time_ms"]) > 0 and number(row["max_abs_diff"]) <= MAX_MODEL_DIFF, row
+        assert number(row["speedup_vs_dense_eager"]) > 0 and number(row["speedup_vs_resize"]) > 0, row
+        assert number(row["compile_s"]) >= 0, row
+    assert {number(r["speedup_vs_eager"]) for r in rows if r["execution"] == "eager"} == {1.0}
+    assert all(number(r["speedup_vs_resize"]) == 1.0 for r in rows if r["method"] == "resize")
+    assert re.fullmatch(r"block-sparse \d+ of \d+ matrices", rows[-1]["note"])
+    assert_png(tmp_path / f"compile_e2e_{tag}_quick.png")
+    with pytest.raises(SystemExit):
+        bench_compile.parse_args(["--executions", "reduce_overhead"])  # CUDA only
+
+
 def test_bench_cpu_quick(tmp_path):
     threads_before = torch.get_num_threads()
     assert bench_cpu.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
@@ -182,13 +203,16 @@ def test_random_block_layout_has_the_requested_density():
 def test_run_all_plan():
     gpu = run_all.plan(True, Path("out"))
     assert [name for name, _ in gpu] == ["bench_kernel", "bench_kernel", "bench_e2e", "bench_e2e",
-                                         "bench_ffn_alignment", "launch_overhead", "bench_cpu"]
-    assert [("--cuda-graph" in argv) for _, argv in gpu] == [False, True, False, True, True, False, False]
+                                         "bench_ffn_alignment", "launch_overhead", "bench_compile", "bench_cpu"]
+    assert [("--cuda-graph" in argv) for _, argv in gpu] == [False, True, False, True, True, False, False, False]
     assert all("--quick" not in argv for _, argv in gpu)
+    assert ("bench_compile", ["--out", "out", "--device", "cuda"]) in gpu
     cpu = run_all.plan(False, Path("out"), threads=2)
-    assert cpu[0] == ("bench_cpu", ["--out", "out", "--threads", "2"])
-    assert all("--quick" in argv for name, argv in cpu[1:])
-    assert [name for name, _ in cpu] == ["bench_cpu", "bench_kernel", "bench_e2e", "bench_ffn_alignment"]
+    assert cpu[:2] == [("bench_cpu", ["--out", "out", "--threads", "2"]),
+                       ("bench_compile", ["--out", "out", "--threads", "2"])]
+    assert all("--quick" in argv for name, argv in cpu[2:])
+    assert [name for name, _ in cpu] == ["bench_cpu", "bench_compile", "bench_kernel", "bench_e2e",
+                                         "bench_ffn_alignment"]
 
 
 def test_tune_kernel_arguments_and_candidates():
@@ -232,6 +256,7 @@ def test_gpu_scripts_exit_with_status_2_without_cuda(tmp_path):
     assert bench_kernel.main(["--out", str(tmp_path)]) == 2
     assert bench_e2e.main(["--out", str(tmp_path)]) == 2
     assert bench_ffn_alignment.main(["--out", str(tmp_path)]) == 2
+    assert bench_compile.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
     assert warm_triton_cache.main(["--sets", "bench"]) == 2
     assert launch_overhead.main([]) == 2
     assert graph_check.main([]) == 2

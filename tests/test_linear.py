@@ -30,19 +30,25 @@ def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
     assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), dtype)
 
 
-def test_auto_backend_on_cpu_uses_the_torch_path_and_caches_its_plan():
+def test_auto_backend_on_cpu_uses_the_cpu_op_and_builds_its_plan_once(monkeypatch):
+    from nn_blocksparse import _cpu_shim
+
+    built = []
+    build = _cpu_shim.build_cpu_plan
+    monkeypatch.setattr(_cpu_shim, "build_cpu_plan", lambda *a, **k: built.append(1) or build(*a, **k))
     linear = make_linear()
     sparse = BlockSparseLinear.from_linear(linear)
     x = torch.randn(5, 128)
     y = sparse(x)
-    plan = sparse._cpu_plan
-    assert plan is not None
     sparse(x)
-    assert sparse._cpu_plan is plan  # built once
+    assert len(built) == 1  # planned once, on first use
     assert_close_to_reference(y, dense_reference(x, linear.weight, linear.bias), torch.float32)
-    sparse.to(torch.float16)
-    assert sparse._cpu_plan is None  # a cast invalidates it
-    assert sparse(x.half()).dtype == torch.float16
+    with torch.no_grad():
+        sparse.values.mul_(2)  # an in-place change of the blocks is seen: planned again
+    assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
+    assert len(built) == 2
+    sparse.to(torch.float16)  # new tensors: a new plan
+    assert sparse(x.half()).dtype == torch.float16 and len(built) == 3
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

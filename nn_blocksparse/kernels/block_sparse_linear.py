@@ -190,6 +190,16 @@ def interpreter_enabled() -> bool:
     return isinstance(_block_sparse_linear_kernel, InterpretedFunction)
 
 
+def _launchable(kernel):
+    """`kernel`, wrapped so that `torch.library.triton_op` tracing records its launch (torch >= 2.6).
+
+    Outside such a trace the wrapper launches the kernel as is; the interpreter's kernels cannot be
+    traced, so they are never wrapped.
+    """
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap_triton is None or interpreter_enabled() else wrap_triton(kernel)
+
+
 def input_precision_for(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's own TF32 switch, so ours matches what dense F.linear would do."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -254,7 +264,7 @@ def block_sparse_linear(
     else:
         target = torch.empty((split_k, m, out_features), dtype=torch.float32, device=x.device)
         stride_split = target.stride(0)
-    _block_sparse_linear_kernel[grid](
+    _launchable(_block_sparse_linear_kernel)[grid](
         x, values, step_offsets, step_cols, step_blocks, group_rows, group_order, bias_arg, target,
         m, n_groups,
         x.stride(0), x.stride(1), target.stride(-2), target.stride(-1), stride_split,
@@ -274,7 +284,7 @@ def block_sparse_linear(
     if split_k > 1:
         reduce_block_m, reduce_block_n = REDUCE_TILE
         reduce_grid = (triton.cdiv(m, reduce_block_m), triton.cdiv(out_features, reduce_block_n))
-        _split_k_reduce_kernel[reduce_grid](
+        _launchable(_split_k_reduce_kernel)[reduce_grid](
             target, bias_arg, out,
             m, out_features,
             target.stride(0), target.stride(1), out.stride(0),
