@@ -175,7 +175,7 @@ class QuestionAnswerer:
         device = self._device()
         if self.model.training:
             warnings.warn("QuestionAnswerer: the model is in training mode, so dropout makes answers random; "
-                          "call model.eval()", stacklevel=3)
+                          "call model.eval()", stacklevel=4)
         order = sorted(range(len(input_ids)), key=lambda window: len(input_ids[window]))
         starts: list = [None] * len(input_ids)
         ends: list = [None] * len(input_ids)

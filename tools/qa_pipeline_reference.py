@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from nn_blocksparse.demo import CARD_CONTEXT as CHOPIN_CONTEXT, CARD_QUESTION as CHOPIN_QUESTION  # noqa: E402
+
 DEFAULT_OUT = ROOT / "tests" / "data" / "qa_pipeline_reference.json"
 
-CHOPIN_QUESTION = "Who is Frederic Chopin?"
-CHOPIN_CONTEXT = ("Frédéric François Chopin, born Fryderyk Franciszek Chopin (1 March 1810 – 17 October 1849), was a "
-                  "Polish composer and virtuoso pianist of the Romantic era who wrote primarily for solo piano.")
 # Longer than one 384-token window (about 1000 tokens), with subwords, digits and punctuation.
 LONG_CONTEXT = " ".join(
     f"In {1810 + i}, the composer finished étude no. {i} (opus {10 + i % 7}) in Warsaw-{chr(97 + i % 26)}, "
