@@ -83,7 +83,10 @@ class QuestionAnswerer:
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.max_positions = getattr(config, "max_position_embeddings", None)
-        self.options = self._resolve(QAOptions(**options))  # unknown or bad options fail here, up front
+        # Defaults that depend on other options (doc_stride on max_seq_len) are filled per call,
+        # from the options as given, so a call's max_seq_len also moves the default doc_stride.
+        self.given_options = QAOptions(**options)
+        self.options = self._resolve(self.given_options)  # unknown or bad options fail here, up front
 
     # ------------------------------------------------------------------ options
     def _resolve(self, options: QAOptions) -> QAOptions:
@@ -108,14 +111,14 @@ class QuestionAnswerer:
                 raise ValueError(f"{name} must be a bool, got {getattr(options, name)!r}")
         return dataclasses.replace(options, max_seq_len=max_seq_len, doc_stride=doc_stride)
 
-    def _check_room(self, question_tokens: int, max_seq_len: int, doc_stride: int, what: str) -> None:
-        """A window holds the question, the special tokens and some context; windows overlap by doc_stride."""
-        room = max_seq_len - question_tokens - self.tokenizer.num_special_tokens_to_add(pair=True)
-        if room <= doc_stride:
+    def _check_room(self, question_tokens: int, options: QAOptions, where: str) -> None:
+        """A window holds the question, the special tokens and more context tokens than the overlap."""
+        room = options.max_seq_len - question_tokens - self.tokenizer.num_special_tokens_to_add(pair=True)
+        if room <= options.doc_stride:
             raise ValueError(
-                f"{what}{question_tokens} tokens leaves {max(room, 0)} context tokens per window of max_seq_len="
-                f"{max_seq_len}, not more than doc_stride={doc_stride}: raise max_seq_len or lower doc_stride "
-                "or max_question_len")
+                f"{where}the question ({question_tokens} tokens) leaves {max(room, 0)} context tokens per window "
+                f"of max_seq_len={options.max_seq_len}, not more than doc_stride={options.doc_stride}: raise "
+                "max_seq_len or lower doc_stride")
 
     # ------------------------------------------------------------------ calling
     def __call__(self, *args, question=None, context=None, **options):
@@ -130,7 +133,7 @@ class QuestionAnswerer:
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; options are {list(OPTION_NAMES)}")
-        resolved = self._resolve(dataclasses.replace(self.options, **options)) if options else self.options
+        resolved = self._resolve(dataclasses.replace(self.given_options, **options)) if options else self.options
         examples, single = _examples(args, question, context)
         results = self._answer(examples, resolved)
         return results[0] if single else results
@@ -146,7 +149,7 @@ class QuestionAnswerer:
             if options.max_question_len is not None and length > options.max_question_len:
                 raise ValueError(f"{where}the question is {length} tokens, more than max_question_len="
                                  f"{options.max_question_len}: shorten it or raise max_question_len (None: no limit)")
-            self._check_room(length, options.max_seq_len, options.doc_stride, f"{where}the question's ")
+            self._check_room(length, options, where)
         encoded = self.tokenizer(
             questions, contexts, truncation="only_second", max_length=options.max_seq_len,
             stride=options.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,

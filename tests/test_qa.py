@@ -279,6 +279,11 @@ def test_every_input_form_gives_the_same_answers(minilm_qa, tokenizer):
         assert_same_answers(answers[1], other)
     listed = qa(question=[CARD_QUESTION], context=[CARD_CONTEXT])  # a list gives a list, even of one
     assert isinstance(listed, list) and len(listed) == 1
+    # A call's options override the constructor's; the default doc_stride follows the call's max_seq_len.
+    context = FILLER[:400]  # a few 64-token windows
+    assert_same_answers(qa(question=CARD_QUESTION, context=context, max_seq_len=64, top_k=2),
+                        QuestionAnswerer(minilm_qa, tokenizer, max_seq_len=64, doc_stride=32, top_k=2)(
+                            question=CARD_QUESTION, context=context))
 
 
 def test_bad_input_is_refused_with_a_clear_error(minilm_qa, tokenizer):
