@@ -55,7 +55,7 @@ def _weights(layer: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
     attention = layer.attention.self
     if isinstance(attention, BertSelfAttentionAdapter):
         qkv = attention.attention.qkv
-        parts = zip(("query", "key", "value"), [qkv] * 3, qkv.weight.detach().chunk(3, dim=0))
+        parts = zip(("query", "key", "value"), [qkv] * 3, torch.tensor_split(qkv.weight.detach(), 3))
     else:
         parts = [(name, getattr(attention, name), getattr(attention, name).weight.detach())
                  for name in ("query", "key", "value")]
