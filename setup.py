@@ -15,6 +15,7 @@ setup(
     packages=find_packages(include=["nn_blocksparse", "nn_blocksparse.*"]),
     package_data={"nn_blocksparse.kernels": ["tuned_configs.json", "cpu_block_sparse_linear.cpp"]},
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["nn-blocksparse = nn_blocksparse.cli:main"]},
     # torch is not pinned here: CPU machines install torch==2.13.0 first (see README), GPU
     # machines keep their CUDA build. A bare `torch` requirement would pull a CUDA build.
     install_requires=["torch>=2.4", "triton>=3.2", "safetensors", "numpy"],
