@@ -42,6 +42,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.layouts import random_block_sparse_weight
+
 from . import common
 
 KERNEL_COLUMNS = ["shape", "n", "k", "m", "target_density", "density", "nnz_blocks", "block_size", "dtype",
@@ -191,7 +193,7 @@ def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size:
 
 def case_inputs(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, W) of one case: a seeded random block layout of the case's density, seeded random x."""
-    weight = common.random_block_sparse_weight(case.n, case.k, case.block_size, case.density, seed=seed,
+    weight = random_block_sparse_weight(case.n, case.k, case.block_size, case.density, seed=seed,
                                                dtype=case.dtype, device=device)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(case.m, case.k, generator=generator).to(device=device, dtype=case.dtype)

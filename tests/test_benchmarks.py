@@ -171,14 +171,6 @@ def test_csv_round_trip_keeps_the_environment(tmp_path):
         common.write_csv(tmp_path / "y.csv", [{"c": 1}], ["a"], environment)
 
 
-def test_random_block_layout_has_the_requested_density():
-    weight = common.random_block_sparse_weight(256, 128, 32, 0.36, seed=3)
-    blocks = weight.reshape(8, 32, 4, 32).ne(0).any(dim=3).any(dim=1)
-    assert int(blocks.sum()) == round(0.36 * 32)
-    sparser = common.random_block_sparse_weight(256, 128, 32, 0.1, seed=3)
-    assert not (sparser.ne(0) & weight.eq(0)).any()  # nested layouts at equal seed
-
-
 def test_run_all_plan():
     gpu = run_all.plan(True, Path("out"))
     assert [name for name, _ in gpu] == ["bench_kernel", "bench_kernel", "bench_e2e", "bench_e2e",

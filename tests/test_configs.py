@@ -119,11 +119,11 @@ def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
     best configs step several blocks at a time on 32-64-row tiles (M = 512 too: the
     tune_heuristic_m*_cudagraph logs time these picks); at M = 2048 one block at a time, and row
     groups only with a full grid at the full tile."""
-    from benchmarks import common
     from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
+    from nn_blocksparse.layouts import random_block_sparse_weight
 
     def heuristic_for(n, k, m, density):
-        weight = common.random_block_sparse_weight(n, k, 32, density, seed=0, dtype=torch.float16)
+        weight = random_block_sparse_weight(n, k, 32, density, seed=0, dtype=torch.float16)
         matrix = BlockSparseMatrix.from_dense(weight, 32)
         return heuristic_config(torch.float16, 32, m, matrix.block_rows, matrix.nnz_blocks, 132,
                                 matrix.grouping_inflation()).as_list()

@@ -3,17 +3,18 @@
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight, requires_cuda
+from helpers import assert_close_to_reference, dense_reference, requires_cuda
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.functional import block_sparse_linear
 from nn_blocksparse.kernels import block_sparse_linear as launch_kernel
 from nn_blocksparse.kernels.configs import KernelConfig, launchable_configs
+from nn_blocksparse.layouts import random_block_sparse_weight
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_case(device, n, k, block_size, density, m, dtype, seed=0, empty_block_rows=()):
-    weight = random_block_sparse_weight(n, k, block_size, density, seed, dtype, empty_block_rows).to(device)
+    weight = random_block_sparse_weight(n, k, block_size, density, seed, dtype, empty_block_rows=empty_block_rows).to(device)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=generator).to(dtype).to(device)
     bias = torch.randn(n, generator=generator).to(dtype).to(device)
