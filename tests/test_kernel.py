@@ -222,3 +222,22 @@ def test_every_launchable_config_small_shape(kernel_device, dtype, block_size):
 def test_every_launchable_config_bert_shape_on_gpu(dtype, block_size):
     """GPU only (too slow for the interpreter): a BERT-sized problem through every config."""
     _check_every_launchable_config(torch.device("cuda"), 768, 768, 1000, dtype, block_size)
+
+
+@pytest.mark.parametrize("config", [KernelConfig(block_m=16, num_warps=4, num_stages=2),
+                                    KernelConfig(block_m=16, split_k=2, num_warps=4, num_stages=2),
+                                    KernelConfig(block_m=16, num_warps=4, num_stages=2, k_blocks=2),
+                                    KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=4),
+                                    KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=8)])
+def test_dense_walk_computes_what_the_index_tables_do(kernel_device, config):
+    """The measurement variant that skips the index loads (dense layouts only), against the reference."""
+    x, weight, bias = make_case(kernel_device, 160, 96, 32, 1.0, 21, torch.float16, seed=3)  # 5 block-rows: a partial group
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    groups = matrix.row_groups(config.rows_per_program) if config.rows_per_program > 1 else None
+    args = (x, matrix.values, matrix.row_offsets, matrix.col_indices, matrix.row_order, 160, bias, "gelu", config, groups)
+    walked = launch_kernel(*args, dense_walk=True)
+    assert_close_to_reference(walked, dense_reference(x, weight, bias, "gelu"), torch.float16)
+    sparse = BlockSparseMatrix.from_dense(make_case(kernel_device, 160, 96, 32, 0.5, 21, torch.float16)[1], 32)
+    with pytest.raises(ValueError, match="dense_walk"):
+        launch_kernel(x, sparse.values, sparse.row_offsets, sparse.col_indices, sparse.row_order, 160, None, None,
+                      KernelConfig(block_m=16), dense_walk=True)
