@@ -21,6 +21,9 @@ Generators (every one deterministic for a seed or a `torch.Generator`, CPU tenso
   uniformly among the kept heads' blocks (the pruner ranks blocks by a noisy norm, which on
   random weights is a uniform draw).
 
+`two_to_four_mask` is the element-level pattern of 2:4 semi-structured sparsity (the other thing
+a GPU user can pick at density 0.5): in every group of 4 consecutive elements of a row, 2 kept.
+
 `LAYOUTS` maps these names to `make_layout`'s choices. `block_sparse_weight` puts seeded random
 values (scaled by 1/sqrt(K), so outputs are O(1)) on a layout, `random_block_sparse_weight` does
 both for a random layout, and `block_layout` reads the layout of a dense weight back.
@@ -148,6 +151,14 @@ def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, 
     layout = random_layout(n // block_size, k // block_size, density, generator=generator)
     layout[list(empty_block_rows)] = False
     return block_sparse_weight(layout, block_size, generator=generator, dtype=dtype, device=device)
+
+
+def two_to_four_mask(rows: int, cols: int, seed: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool `[rows, cols]`: 2 random elements kept in every group of 4 consecutive ones of a row (density 0.5)."""
+    if cols % 4:
+        raise ValueError(f"2:4 sparsity needs a multiple of 4 columns, got {cols}")
+    scores = torch.rand(rows, cols // 4, 4, generator=_generator(seed, generator))
+    return (scores.argsort(dim=-1).argsort(dim=-1) < 2).reshape(rows, cols)
 
 
 def block_layout(weight: torch.Tensor, block_size: int) -> torch.Tensor:

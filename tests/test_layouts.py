@@ -6,7 +6,7 @@ import torch
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.layouts import (LAYOUTS, block_layout, block_sparse_weight, head_structured_layout, make_layout,
                                     nn_pruning_like_layout, random_block_sparse_weight, random_layout,
-                                    stored_block_count)
+                                    stored_block_count, two_to_four_mask)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.36, 0.5, 1.0])
@@ -76,3 +76,11 @@ def test_make_layout_names_and_errors():
         nn_pruning_like_layout(5, 4, 0.5, rows_per_head=2)
     with pytest.raises(ValueError, match="divide"):
         random_block_sparse_weight(100, 64, 32, 0.5)
+
+
+def test_two_to_four_mask_keeps_two_of_every_four():
+    mask = two_to_four_mask(6, 16, seed=2)
+    assert mask.view(6, 4, 4).sum(dim=-1).eq(2).all()
+    assert not torch.equal(mask, two_to_four_mask(6, 16, seed=3))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        two_to_four_mask(2, 6)
