@@ -54,6 +54,25 @@ def test_measured_configs_are_ones_the_aot_check_compiles():
     tool = load_tool()
     launchable = set(launchable_configs(torch.float16, tool.BLOCK_SIZE))
     assert set(tool.ROW_CONFIGS.values()) <= launchable
+    assert sorted(tool.PROBLEMS) == sorted((n, k, m) for n, k in tool.BERT_BASE_SHAPES for m in tool.M_VALUES)
+
+
+def test_the_diagnose_session_fits_eight_minutes():
+    """benchmarks/gpu_session.sh diagnose: install, then the background compile beside the GPU tests, the
+    diagnosis and the probe, each under its own limit; the diagnosis keeps inside its step's limit."""
+    import re
+
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")]).returncode == 0
+    body = script[script.index("diagnose_part() {"):script.index("\n}\n", script.index("diagnose_part() {"))]
+    install = int(re.search(r"install\(\) \{\n\s+step (\d+)", script).group(1))
+    background = int(re.search(r"timeout --kill-after=5 (\d+) \"\$PYTHON\" tools/gpu_diagnosis.py", body).group(1))
+    steps = [int(n) for n in re.findall(r"\bstep (\d+)", body)]
+    diagnosis = int(re.search(r"DIAGNOSIS_LIMIT=(\d+)", script).group(1))
+    tests, probe = steps  # the GPU tests, then the probe; the diagnosis's step uses DIAGNOSIS_LIMIT
+    assert install + max(background, tests) + diagnosis + probe <= 8 * 60
+    budget = int(re.search(r"--budget-s \$\(\(DIAGNOSIS_LIMIT - (\d+)\)\)", body).group(1))
+    assert budget > 0
 
 
 RAW = '''==PROF== Connected to process 1
