@@ -174,6 +174,9 @@ def feature_permutation(block_row_order: torch.Tensor, block_size: int) -> torch
 def ffn_feature_permutation(inner_weight: torch.Tensor, block_size: int, rows_per_group: int) -> torch.Tensor:
     """Neuron order for an FFN whose first weight (`[neurons, hidden]`) is `inner_weight`: apply it to
     that weight's rows and bias and the second weight's columns."""
+    neurons, hidden = inner_weight.shape
+    if neurons % block_size or hidden % block_size:  # off the block grid: stays dense, nothing to group
+        return torch.arange(neurons, device=inner_weight.device)
     order = grouped_block_row_order([block_layout(inner_weight, block_size)], rows_per_group)
     return feature_permutation(order, block_size).to(inner_weight.device)
 
@@ -193,7 +196,7 @@ def attention_feature_permutation(query_weight: torch.Tensor, key_weight: torch.
         raise ValueError(f"Q, K and V must have num_heads * head_dim rows, got {query_weight.shape[0]}, "
                          f"{key_weight.shape[0]}, {value_weight.shape[0]} for {num_heads} heads")
     identity = torch.arange(features, device=query_weight.device)
-    if num_heads == 0 or features % block_size:
+    if num_heads == 0 or features % block_size or query_weight.shape[1] % block_size:
         return identity
     head_dim = features // num_heads
     if head_dim % block_size and block_size % head_dim:
@@ -206,4 +209,10 @@ def attention_feature_permutation(query_weight: torch.Tensor, key_weight: torch.
         return identity
     layouts = [block_layout(w, block_size) for w in (query_weight, key_weight, value_weight)]
     order = grouped_block_row_order(layouts, rows_per_group, unit_rows)
+    # Q, K and V usually run as one fused [Q; K; V] weight, whose consecutive groups straddle the
+    # three where R does not divide their block-rows: keep the order only if that weight gains too.
+    fused = torch.cat(layouts)
+    if (consecutive_group_steps(torch.cat([layout[order] for layout in layouts]), rows_per_group)
+            > consecutive_group_steps(fused, rows_per_group)):
+        return identity
     return feature_permutation(order, block_size).to(query_weight.device)

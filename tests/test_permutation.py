@@ -112,3 +112,21 @@ def test_attention_head_sizes_off_the_block_grid_get_the_identity():
 
 def test_feature_permutation_moves_whole_block_rows():
     assert feature_permutation(torch.tensor([2, 0, 1]), 2).tolist() == [4, 5, 0, 1, 2, 3]
+
+
+def test_permutation_report_quick(tmp_path):
+    """The CPU report's quick mode: counts for every layout, role and R, the pruned MiniLM's too."""
+    from benchmarks import common, permutation_report
+
+    assert permutation_report.main(["--quick", "--out", str(tmp_path)]) == 0
+    environment, rows = common.read_csv(tmp_path / f"permutation_{common.device_tag(torch.device('cpu'))}_quick.csv")
+    assert list(rows[0]) == permutation_report.COLUMNS and environment["device"] == "cpu"
+    assert {r["source"] for r in rows} == {"layout random", "layout head_structured", "layout nn_pruning_like",
+                                           "pruned_minilm hybrid"}
+    assert {int(r["rows_per_group"]) for r in rows} == {2, 4, 8}
+    for row in rows:
+        assert int(row["steps_after"]) <= int(row["steps_before"]), row
+        assert float(row["consecutive_inflation_after"]) <= float(row["consecutive_inflation_before"]) + 1e-9, row
+        assert float(row["useful_flop_fraction_after"]) == pytest.approx(1 / float(row["inflation_after"]), rel=1e-5)
+    gains = [int(r["steps_after"]) < int(r["steps_before"]) for r in rows if r["source"] == "layout random"]
+    assert any(gains)  # random FFN-in rows do get grouped better
