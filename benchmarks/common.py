@@ -141,6 +141,16 @@ def max_abs_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (actual.float() - reference.float()).abs().max().item()
 
 
+# fp16 operands and outputs with fp32 accumulation: the output's rounding alone is ~3e-4 relative.
+FP16_RELATIVE_TOLERANCE = 2e-3
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """||actual - reference|| / ||reference|| (Frobenius, float64): NaN, never small, if any output is NaN."""
+    reference = reference.double()
+    return ((actual.double() - reference).norm() / reference.norm().clamp_min(1e-300)).item()
+
+
 # ---------------------------------------------------------------------------------- CSV
 def _format(value) -> str:
     if isinstance(value, float):

@@ -49,8 +49,6 @@ CUSPARSE_SPMM_BLOCKED_ELL_ALG1, CUSPARSE_SPMM_BSR_ALG1 = 13, 14
 VALUE_TYPES = {torch.float16: CUDA_R_16F, torch.bfloat16: CUDA_R_16BF}
 FORMATS = ("bsr", "blocked_ell")
 PROBE_TIMEOUT_S = 120
-# Relative Frobenius error a fp16 product with fp32 accumulation stays under (output rounding ~3e-4).
-MAX_RELATIVE_ERROR = 2e-3
 
 
 class CusparseError(RuntimeError):
@@ -195,15 +193,11 @@ def prepare(format_name: str, x: torch.Tensor, weight: torch.Tensor, block_size:
     return CusparseSpmm(format_name, x, n, tensors, sparse, padded)
 
 
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """||actual - reference|| / ||reference|| (Frobenius, float64)."""
-    reference = reference.double()
-    return ((actual.double() - reference).norm() / reference.norm().clamp_min(1e-300)).item()
-
-
 def _self_test() -> dict:
     """One small checked product per format (run in a child by `probe`)."""
     from nn_blocksparse.layouts import random_block_sparse_weight
+
+    from .common import FP16_RELATIVE_TOLERANCE, relative_error
 
     device = torch.device("cuda")
     weight = random_block_sparse_weight(256, 192, 32, 0.5, seed=1, dtype=torch.float16, device=device)
@@ -214,7 +208,7 @@ def _self_test() -> dict:
         try:
             error = relative_error(prepare(name, x, weight, 32).run(), reference)
             torch.cuda.synchronize()
-            result[name] = "ok" if error <= MAX_RELATIVE_ERROR else f"wrong result: relative error {error:.3g}"
+            result[name] = "ok" if error <= FP16_RELATIVE_TOLERANCE else f"wrong result: relative error {error:.3g}"
         except Exception as failure:  # noqa: BLE001 - reported to the parent
             result[name] = f"{type(failure).__name__}: {' '.join(str(failure).split())[:200]}"
     return result
@@ -270,7 +264,7 @@ def main(argv=None) -> int:
             row = {"shape": f"{n}x{k}", "m": m, "density": density, "format": name}
             try:
                 product = prepare(name, x, weight, args.block_size)
-                row["relative_error"] = relative_error(product.run(), reference)
+                row["relative_error"] = common.relative_error(product.run(), reference)
                 row["time_ms"] = common.time_ms(product.run, device, cuda_graph=True, cuda_rep_ms=args.rep_ms)
                 row["padded_blocks"] = product.padded_blocks
             except Exception as failure:  # noqa: BLE001 - a row that says why

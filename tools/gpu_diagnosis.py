@@ -92,7 +92,7 @@ M_VALUES = (2048, 8192)
 PROBLEMS = tuple((n, k, m) for n, k in ((3072, 768), (768, 3072), (2304, 768), (768, 768)) for m in M_VALUES)
 SMOKE_PROBLEMS = ((256, 256, 48),)
 NCU_PROBLEM = (3072, 768, 8192)
-MAX_REL_ERROR = 2e-3  # fp16 operands and outputs, fp32 accumulation: output rounding alone is ~3e-4
+MAX_REL_ERROR = common.FP16_RELATIVE_TOLERANCE
 DEFAULT_REP_MS = 5.0
 DEFAULT_BUDGET_S = 180.0
 CUSPARSE_TIMEOUT_S = 35
@@ -321,12 +321,6 @@ def variant_named(name: str) -> Variant:
 
 
 # ---------------------------------------------------------------------------------- checking and timing
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """||actual - reference|| / ||reference||, float64; NaN (never passes) if any output was left unwritten."""
-    reference = reference.double()
-    return ((actual.double() - reference).norm() / reference.norm().clamp_min(1e-300)).item()
-
-
 def poison_allocator(problem: Problem) -> None:
     """Hand the caching allocator a NaN-filled block the size of the output, so an output the variant
     does not fully write fails the check instead of passing on stale zeros."""
@@ -362,7 +356,7 @@ def run_variant(variant: Variant, problem: Problem, rep_ms: float, smoke: bool) 
         poison_allocator(problem)
         output = prepared.run()
         common.synchronize(problem.device)
-        row["rel_error"] = relative_error(output, problem.reference(variant.weight_key))
+        row["rel_error"] = common.relative_error(output, problem.reference(variant.weight_key))
         if not row["rel_error"] <= MAX_REL_ERROR:
             row["note"] = f"wrong result (relative error {row['rel_error']:.3g} > {MAX_REL_ERROR}): not timed"
         else:

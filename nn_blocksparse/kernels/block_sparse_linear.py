@@ -1,7 +1,7 @@
 """Triton kernels for `y = act(x @ W^T + b)` with W block-sparse (BSR by block-rows), and their launcher.
 
 Work split: one program owns a `[BLOCK_M, R * bs]` tile of y, i.e. `BLOCK_M` rows of x against
-`R` block-rows of W (`ROWS_PER_PROGRAM`, 1, 2 or 4), and walks only their nonzero blocks. With
+`R` block-rows of W (`ROWS_PER_PROGRAM`, 1, 2, 4 or 8), and walks only their nonzero blocks. With
 R = 1 it walks one block-row's stored blocks: for each block (r, c) it loads the `[BLOCK_M, bs]`
 slice of x at block-column c and the `bs x bs` block, and accumulates on tensor cores in fp32.
 A zero block costs nothing: no load, no FLOP, which is the whole point.
