@@ -48,14 +48,14 @@ def test_aot_refuses_to_run_under_the_interpreter():
 
 
 def test_dense_walk_variant_compiles_without_spills():
-    """The measurement variant of tools/gpu_diagnosis.py (block-columns from the step) on its widest tiles."""
+    """The measurement variant of tools/gpu_diagnosis.py (block-columns from the step) on its widest tile."""
     script = (
         "import torch; from nn_blocksparse.aot import compile_main_kernel;"
         "from nn_blocksparse.kernels.configs import KernelConfig;"
-        "configs = [KernelConfig(128, 8, 1, 8, 3, 1, 2), KernelConfig(128, 8, 1, 8, 3, 4), KernelConfig(64, 8, 1, 8, 3, 8)];"
-        "reports = [compile_main_kernel(90, torch.float16, 32, False, None, c, 'tf32', dense_walk=True) for c in configs];"
-        "print(*[r.ok and 'dense walk' in r.kernel for r in reports])"
+        "r = compile_main_kernel(90, torch.float16, 32, False, None, KernelConfig(64, 8, 1, 8, 3, 8), 'tf32',"
+        " dense_walk=True); print(r.ok and 'dense walk' in r.kernel, r.registers)"
     )
     result = run_without_interpreter("-c", script)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["True", "True", "True"]
+    ok, registers = result.stdout.split()
+    assert ok == "True" and int(registers) > 0

@@ -224,10 +224,8 @@ def test_every_launchable_config_bert_shape_on_gpu(dtype, block_size):
     _check_every_launchable_config(torch.device("cuda"), 768, 768, 1000, dtype, block_size)
 
 
-@pytest.mark.parametrize("config", [KernelConfig(block_m=16, num_warps=4, num_stages=2),
-                                    KernelConfig(block_m=16, split_k=2, num_warps=4, num_stages=2),
+@pytest.mark.parametrize("config", [KernelConfig(block_m=16, split_k=2, num_warps=4, num_stages=2),
                                     KernelConfig(block_m=16, num_warps=4, num_stages=2, k_blocks=2),
-                                    KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=4),
                                     KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=8)])
 def test_dense_walk_computes_what_the_index_tables_do(kernel_device, config):
     """The measurement variant that skips the index loads (dense layouts only), against the reference."""

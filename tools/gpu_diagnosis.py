@@ -90,7 +90,7 @@ DENSITIES = (1.0, 0.5, 0.36)
 M_VALUES = (2048, 8192)
 # Shape by shape, both M each: if the time budget runs out, whole shapes are missing, never one M.
 PROBLEMS = tuple((n, k, m) for n, k in ((3072, 768), (768, 3072), (2304, 768), (768, 768)) for m in M_VALUES)
-SMOKE_PROBLEMS = ((256, 256, 48),)
+SMOKE_PROBLEMS = ((256, 128, 16),)
 NCU_PROBLEM = (3072, 768, 8192)
 MAX_REL_ERROR = common.FP16_RELATIVE_TOLERANCE
 DEFAULT_REP_MS = 5.0
