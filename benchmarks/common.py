@@ -1,4 +1,6 @@
-"""What every benchmark shares: environment record, timing, CSV files, plots, random block layouts.
+"""What every benchmark shares: environment record, timing, CSV files, plots.
+
+Random block layouts and weights come from `nn_blocksparse.layouts` (one meaning of density everywhere).
 
 CSV format: the environment record comes first, one `# key: value` comment line per entry
 (device, GPU and CPU model, library versions, threads, date, command line), then an ordinary
@@ -31,6 +33,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+
+# Re-exported for scripts written against `common.random_block_sparse_weight`: the one generator is the library's.
+from nn_blocksparse.layouts import random_block_sparse_weight  # noqa: F401
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,23 +141,14 @@ def max_abs_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (actual.float() - reference.float()).abs().max().item()
 
 
-# ---------------------------------------------------------------------------------- weights
-def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, seed: int = 0,
-                               dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-    """Dense `[n, k]` weight keeping exactly `round(density * blocks)` (at least one) random blocks.
+# fp16 operands and outputs with fp32 accumulation: the output's rounding alone is ~3e-4 relative.
+FP16_RELATIVE_TOLERANCE = 2e-3
 
-    The layout is a prefix of one seeded permutation, so at equal seed a sparser layout's blocks
-    are a subset of a denser one's.
-    """
-    rows, cols = n // block_size, k // block_size
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(rows * cols, generator=generator)
-    count = min(rows * cols, max(1, round(density * rows * cols)))
-    keep = torch.zeros(rows * cols, dtype=torch.bool)
-    keep[order[:count]] = True
-    mask = keep.view(rows, cols).repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    weight = torch.randn(n, k, generator=generator) / math.sqrt(k)
-    return (weight * mask).to(device=device, dtype=dtype)
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """||actual - reference|| / ||reference|| (Frobenius, float64): NaN, never small, if any output is NaN."""
+    reference = reference.double()
+    return ((actual.double() - reference).norm() / reference.norm().clamp_min(1e-300)).item()
 
 
 # ---------------------------------------------------------------------------------- CSV

@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.layouts import random_block_sparse_weight
+
 from . import common
 from .bench_kernel import BERT_BASE_SHAPES
 
@@ -105,7 +107,7 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
     from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
     from nn_blocksparse.kernels.configs import DEFAULT_SM_COUNT, heuristic_config, table_key
 
-    weight = common.random_block_sparse_weight(n, k, block_size, density, seed=seed, dtype=dtype, device=device)
+    weight = random_block_sparse_weight(n, k, block_size, density, seed=seed, dtype=dtype, device=device)
     matrix = BlockSparseMatrix.from_dense(weight, block_size)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
     reference = F.linear(x.float(), weight.float())

@@ -107,8 +107,10 @@ def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
 
 
 def compile_main_kernel(arch: int, dtype: torch.dtype, block_size: int, has_bias: bool, activation: str | None,
-                        config: KernelConfig, input_precision: str) -> CompileReport:
-    name = "block_sparse_linear" + ("(tf32)" if dtype == torch.float32 and input_precision == "tf32" else "")
+                        config: KernelConfig, input_precision: str, dense_walk: bool = False) -> CompileReport:
+    """`dense_walk`: the measurement variant that takes block-columns from the step (see the kernel)."""
+    name = ("block_sparse_linear" + ("(tf32)" if dtype == torch.float32 and input_precision == "tf32" else "")
+            + ("(dense walk)" if dense_walk else ""))
     report = CompileReport(arch, name, DTYPE_NAMES[dtype], block_size, has_bias, activation, config)
     t = _tt(dtype)
     out_type = t if config.split_k == 1 else "fp32"
@@ -125,7 +127,7 @@ def compile_main_kernel(arch: int, dtype: torch.dtype, block_size: int, has_bias
         "HAS_BIAS": has_bias, "ACTIVATION": 1 if activation == "gelu" else 0,
         "INPUT_PRECISION": input_precision, "BLOCK_SIZE": block_size, "ROWS_PER_PROGRAM": config.rows_per_program,
         "BLOCK_M": config.block_m, "GROUP_M": config.group_m, "SPLIT_K": config.split_k,
-        "K_BLOCKS": config.k_blocks, "UPCAST_OPERANDS": False,
+        "K_BLOCKS": config.k_blocks, "UPCAST_OPERANDS": False, "DENSE_WALK": dense_walk,
     }
     return _finish(report, _block_sparse_linear_kernel, signature, constexprs, arch,
                    config.num_warps, config.num_stages)

@@ -1,7 +1,13 @@
-"""Shared test helpers: random block-sparse weights and per-dtype tolerances."""
+"""Shared test helpers: per-dtype tolerances, the float64 reference, the CUDA skip mark.
+
+Random block-sparse weights come from `nn_blocksparse.layouts` (re-exported here for tests written
+against `helpers.random_block_sparse_weight`).
+"""
 
 import pytest
 import torch
+
+from nn_blocksparse.layouts import random_block_sparse_weight  # noqa: F401
 
 # GPU-only tests: they skip cleanly without CUDA, and a CPU twin (the interpreter) runs instead.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU twin runs the interpreter")
@@ -9,18 +15,6 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # Tolerances relative to the output's scale (max |reference|): fp32 accumulate everywhere, so
 # the error is the rounding of inputs/outputs to the dtype, not the length of the sum.
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, seed: int = 0,
-                               dtype: torch.dtype = torch.float32, empty_block_rows=()) -> torch.Tensor:
-    """A dense `[n, k]` weight whose `block_size` blocks are kept with probability `density`."""
-    generator = torch.Generator().manual_seed(seed)
-    keep = torch.rand(n // block_size, k // block_size, generator=generator) < density
-    for row in empty_block_rows:
-        keep[row] = False
-    mask = keep.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    weight = torch.randn(n, k, generator=generator) / k**0.5
-    return (weight * mask).to(dtype)
 
 
 def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:

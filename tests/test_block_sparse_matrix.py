@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from helpers import random_block_sparse_weight
 from nn_blocksparse import block_sparse_linear
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 
 

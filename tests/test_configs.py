@@ -90,6 +90,17 @@ def test_heuristic_groups_rows_only_where_padding_is_small_and_the_grid_stays_fu
     assert heuristic_config(torch.float16, 32, 4096, 24, 24 * 24).rows_per_program == 1
 
 
+def test_the_256_wide_row_group_launches_only_when_asked_for():
+    """R = 8 compiles without spills (the AOT check covers it) but no GPU has timed it yet."""
+    wide = KernelConfig(block_m=64, num_warps=8, rows_per_program=8)
+    assert wide in launchable_configs(torch.float16, 32)
+    free = ((2, 1.0), (4, 1.0), (8, 1.0))
+    chosen = heuristic_config(torch.float16, 32, 16384, 96, 96 * 24, 132, free)
+    assert chosen.rows_per_program == 4  # 8 would have the grid too, but stays out of the heuristic's choice
+    with pytest.raises(ValueError, match="rows_per_program"):
+        KernelConfig(rows_per_program=16)
+
+
 def test_select_config_reads_the_layout_of_a_real_matrix():
     from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 
@@ -168,11 +179,11 @@ def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
     best configs step several blocks at a time on 32-64-row tiles (M = 512 too: the
     tune_heuristic_m*_cudagraph logs time these picks); at M = 2048 one block at a time, and row
     groups only with a full grid at the full tile."""
-    from benchmarks import common
     from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
+    from nn_blocksparse.layouts import random_block_sparse_weight
 
     def heuristic_for(n, k, m, density):
-        weight = common.random_block_sparse_weight(n, k, 32, density, seed=0, dtype=torch.float16)
+        weight = random_block_sparse_weight(n, k, 32, density, seed=0, dtype=torch.float16)
         matrix = BlockSparseMatrix.from_dense(weight, 32)
         return heuristic_config(torch.float16, 32, m, matrix.block_rows, matrix.nnz_blocks, 132,
                                 matrix.grouping_inflation()).as_list()

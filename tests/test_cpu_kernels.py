@@ -26,6 +26,7 @@ from nn_blocksparse.cpu_kernels import (  # noqa: E402
     cpu_block_sparse_linear,
 )
 from nn_blocksparse.kernels import cpu_block_sparse_linear as native  # noqa: E402
+from nn_blocksparse.layouts import random_layout  # noqa: E402
 
 # Every strategy this machine can run: "native" wherever its kernel builds, which
 # `test_native_kernel_builds_where_it_should` requires of any Linux x86-64 machine with AVX-512 and a
@@ -63,8 +64,7 @@ def dense_from_bsr(values, row_offsets, col_indices, out_features, in_features, 
 
 
 def random_mask(block_rows: int, block_cols: int, density: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(block_rows, block_cols, generator=generator) < density
+    return random_layout(block_rows, block_cols, density, seed)
 
 
 def reference(x, dense_weight, bias):

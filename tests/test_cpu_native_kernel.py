@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from nn_blocksparse.kernels import cpu_block_sparse_linear as native
+from nn_blocksparse.layouts import random_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
@@ -52,7 +53,7 @@ def test_native_kernel_builds_where_it_should():
 def random_bsr(n, k, bs, density, seed, dtype=torch.float32):
     """(blocks packed for `dtype`, row_offsets, col_indices, dense float64 W) of a random layout."""
     generator = torch.Generator().manual_seed(seed)
-    mask = torch.rand(n // bs, k // bs, generator=generator) < density
+    mask = random_layout(n // bs, k // bs, density, generator=generator)
     mask[1] = False  # an empty block-row: its outputs are the bias alone
     rows, cols = mask.nonzero(as_tuple=True)
     values = (torch.randn(len(rows), bs, bs, generator=generator) / k**0.5).to(dtype)

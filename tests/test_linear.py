@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import RELATIVE_TOLERANCE, assert_close_to_reference, dense_reference, random_block_sparse_weight
+from helpers import RELATIVE_TOLERANCE, assert_close_to_reference, dense_reference
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse import BlockSparseLinear, block_sparse_linear
 from nn_blocksparse.cuda_graph import capture_graph
 from nn_blocksparse.kernels.configs import KernelConfig

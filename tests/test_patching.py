@@ -62,6 +62,36 @@ def test_patched_outputs_match_unpatched_pruned_model(pruned_minilm, padded_batc
         assert sparse_layers
 
 
+def _padded_products(model, rows_per_group: int) -> int:
+    """Block products the block-sparse matrices of `model` cost grouped `rows_per_group` block-rows at a time."""
+    return sum(m.matrix.row_groups(rows_per_group).step_count * rows_per_group
+               for m in model.modules() if isinstance(m, BlockSparseLinear))
+
+
+@pytest.mark.parametrize("mode, rows_per_group", [("blocksparse", 8), ("hybrid", 2)])
+def test_permuted_for_row_groups_matches_the_unpatched_model(pruned_minilm, padded_batch, mode, rows_per_group):
+    """Heads, head dimensions and FFN neurons reordered at patch time: the same outputs, no more padding."""
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    plain = patch_bert(copy.deepcopy(model), mode=mode)
+    permuted = patch_bert(copy.deepcopy(model), mode=mode, permute_for_row_groups=rows_per_group)
+    output = reference_output(permuted, padded_batch)
+    assert (output - reference).abs().max().item() < MAX_ABS_DIFF
+    moved = [not torch.equal(a.attention.self.attention.qkv.weight, b.attention.self.attention.qkv.weight)
+             for a, b in zip(plain.encoder.layer, permuted.encoder.layer)]
+    assert any(moved)  # the features really moved
+    assert _padded_products(permuted, rows_per_group) <= _padded_products(plain, rows_per_group)
+
+
+def test_permute_for_row_groups_refuses_what_it_cannot_do():
+    tiny = transformers.BertModel(transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                                                          intermediate_size=128))
+    with pytest.raises(ValueError, match="permute_for_row_groups"):
+        patch_bert(tiny, mode="resize", permute_for_row_groups=2)  # resize leaves nothing block-sparse
+    with pytest.raises(ValueError, match="permute_for_row_groups"):
+        patch_bert(tiny, mode="hybrid", permute_for_row_groups=3)
+
+
 def test_hybrid_on_the_triton_kernel(pruned_minilm, padded_batch, kernel_device):
     """The same check with every block-sparse matmul on the Triton kernel (interpreter on CPU)."""
     model, _ = pruned_minilm

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import random_block_sparse_weight
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse.selection import Measurement, measure_block_sparse
 
 

@@ -17,6 +17,10 @@ The thin layer between transformers' BERT modules and the library's generic piec
   where dense is faster.
   The choices, with the times measured, are kept in `model.nn_blocksparse_choices`.
 
+`permute_for_row_groups=R` (block-sparse and hybrid; off by default until a GPU has measured what it
+gains) first reorders each layer's FFN neurons and attention heads / head dimensions, exactly
+(`nn_blocksparse.permutation`), so that R consecutive block-rows share block-columns.
+
 Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
 (what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
 """
@@ -37,6 +41,7 @@ from ..attention import FusedSelfAttention
 from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
 from ..functional import BACKENDS, SUPPORTED_DTYPES
 from ..linear import BlockSparseLinear
+from ..permutation import attention_feature_permutation, ffn_feature_permutation
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
 
@@ -47,6 +52,7 @@ DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU, pure-torch CPU path: den
 NATIVE_DENSITY_THRESHOLD = 1.0
 RESIZE_ALIGNMENT = 8  # resized FFN hidden sizes round up to this: 16-byte fp16 rows (resize.py)
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
+PERMUTATION_ROWS_PER_GROUP = (2, 4, 8)  # the row-group widths patch_bert can reorder features for
 
 
 class BertSelfAttentionAdapter(BertSelfAttention):
@@ -122,7 +128,21 @@ def auto_density_threshold() -> float:
     return NATIVE_DENSITY_THRESHOLD if native_available() else DENSITY_THRESHOLD
 
 
-def _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multiple_of) -> int:
+def _permuted_for_row_groups(query, key, value, output, inner, outer, num_heads: int, block_size: int,
+                             rows_per_group: int):
+    """The layer's linears with heads and FFN neurons reordered (exactly) for row groups of `rows_per_group`."""
+    def rows(linear, order):
+        return linear_from(linear.weight[order], None if linear.bias is None else linear.bias[order])
+
+    order = attention_feature_permutation(query.weight, key.weight, value.weight, num_heads, block_size, rows_per_group)
+    query, key, value = rows(query, order), rows(key, order), rows(value, order)
+    output = linear_from(output.weight[:, order], output.bias)
+    order = ffn_feature_permutation(inner.weight, block_size, rows_per_group)
+    return query, key, value, output, rows(inner, order), linear_from(outer.weight[:, order], outer.bias)
+
+
+def _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multiple_of,
+                           permute_for_row_groups) -> int:
     """Every argument of `patch_bert` checked; returns the FFN multiple to resize to."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -140,6 +160,9 @@ def _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multi
     if not valid:
         raise ValueError(f"dense_threshold must be a block density in [0, 1], 'auto' or 'measure', "
                          f"got {dense_threshold!r}")
+    if permute_for_row_groups not in (None, *PERMUTATION_ROWS_PER_GROUP) or (permute_for_row_groups and mode == "resize"):
+        raise ValueError(f"permute_for_row_groups must be None or one of {PERMUTATION_ROWS_PER_GROUP} (block-sparse "
+                         f"and hybrid modes), got {permute_for_row_groups!r} with mode {mode!r}")
     return int(ffn_multiple_of)
 
 
@@ -204,7 +227,7 @@ class _LayerPlan:
 
 
 def _plan_layer(layer: nn.Module, layer_index: int, mode: str, ffn_multiple_of: int, sparse_for: _SparseChoice,
-                block_size: int, backend: str) -> _LayerPlan:
+                block_size: int, backend: str, permute_for_row_groups: int | None) -> _LayerPlan:
     """Build the layer's new modules without touching the layer."""
     attention = layer.attention.self
     head_dim = attention.attention_head_size
@@ -219,6 +242,9 @@ def _plan_layer(layer: nn.Module, layer_index: int, mode: str, ffn_multiple_of: 
         # Aligned hidden sizes keep cuBLAS on its fast kernels (resize.py).
         inner, outer = remove_neurons(inner, outer, prunable_neurons(inner, outer),
                                       layer.intermediate.intermediate_act_fn, multiple_of=ffn_multiple_of)
+    if permute_for_row_groups:
+        query, key, value, output, inner, outer = _permuted_for_row_groups(
+            query, key, value, output, inner, outer, num_heads, block_size, permute_for_row_groups)
 
     bert_attention = fused_attention = None
     if mode == "resize" and num_heads > 0:
@@ -286,7 +312,7 @@ def _record(model: nn.Module, mode: str, choices: list[dict]) -> None:
 
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
                dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS,
-               ffn_multiple_of: int | None = None) -> nn.Module:
+               ffn_multiple_of: int | None = None, permute_for_row_groups: int | None = None) -> nn.Module:
     """Patch in place and return `model`. See the module docstring for the modes.
 
     Patch the model on the device and in the dtype it will run in: `"measure"` times there, with
@@ -300,14 +326,15 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
     is patched once: a second `patch_bert` on it is refused. The patched model refuses
     `save_pretrained`; `save_patched_bert` saves it.
     """
-    ffn_multiple_of = _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multiple_of)
+    ffn_multiple_of = _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multiple_of,
+                                             permute_for_row_groups)
     layers = bert_layers(model)
     _refuse_patched(model)
     parameter = next(model.parameters(), None)
     sparse_for = _SparseChoice(mode, block_size, backend, dense_threshold, measure_rows,
                                parameter.device if parameter is not None else None)
     with torch.no_grad():
-        plans = [_plan_layer(layer, index, mode, ffn_multiple_of, sparse_for, block_size, backend)
+        plans = [_plan_layer(layer, index, mode, ffn_multiple_of, sparse_for, block_size, backend, permute_for_row_groups)
                  for index, layer in enumerate(layers)]
     for layer, plan in zip(layers, plans):
         _apply_layer(layer, plan)

@@ -28,7 +28,11 @@ BLOCK_M_CHOICES = (16, 32, 64, 128)
 SPLIT_K_CHOICES = (1, 2, 4, 8)
 GROUP_M_CHOICES = (8,)
 # Block-rows one program covers (its output tile is ROWS_PER_PROGRAM * bs wide); see row_groups.py.
+# The tuner and the heuristic choose among ROWS_PER_PROGRAM_CHOICES. WIDE_ROWS_PER_PROGRAM (a 256-wide
+# tile with 32x32 blocks) launches too, from an explicit config, and the AOT check compiles it, but no
+# GPU has timed it yet (tools/gpu_diagnosis.py does), so neither the tuner nor the heuristic picks it.
 ROWS_PER_PROGRAM_CHOICES = (1, 2, 4)
+WIDE_ROWS_PER_PROGRAM = (8,)
 # Stored blocks one loop step multiplies (one program per block-row only): deeper steps, fewer of them.
 K_BLOCKS_CHOICES = (1, 2, 4)
 NUM_WARPS_CHOICES = (1, 2, 4, 8)
@@ -52,8 +56,9 @@ class KernelConfig:
             raise ValueError(f"block_m must be one of {BLOCK_M_CHOICES}, got {self.block_m}")
         if self.split_k not in SPLIT_K_CHOICES:
             raise ValueError(f"split_k must be one of {SPLIT_K_CHOICES}, got {self.split_k}")
-        if self.rows_per_program not in ROWS_PER_PROGRAM_CHOICES:
-            raise ValueError(f"rows_per_program must be one of {ROWS_PER_PROGRAM_CHOICES}, got {self.rows_per_program}")
+        if self.rows_per_program not in ROWS_PER_PROGRAM_CHOICES + WIDE_ROWS_PER_PROGRAM:
+            raise ValueError(f"rows_per_program must be one of {ROWS_PER_PROGRAM_CHOICES + WIDE_ROWS_PER_PROGRAM}, "
+                             f"got {self.rows_per_program}")
         if self.k_blocks not in K_BLOCKS_CHOICES:
             raise ValueError(f"k_blocks must be one of {K_BLOCKS_CHOICES}, got {self.k_blocks}")
         if self.k_blocks > 1 and self.rows_per_program > 1:
@@ -272,6 +277,8 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
     rows_per_program = 1
     if row_groups_considered(dtype, m):
         for rows, inflation in sorted(grouping_inflation, reverse=True):
+            if rows not in ROWS_PER_PROGRAM_CHOICES:
+                continue  # WIDE_ROWS_PER_PROGRAM: not measured yet
             block_m = _tile_launch(dtype, block_size, wanted_block_m, rows)[0]
             programs = math.ceil(m / block_m) * math.ceil(n_block_rows / rows)
             if inflation <= MAX_GROUPING_INFLATION and programs >= PROGRAMS_PER_SM * sm_count:
@@ -355,9 +362,10 @@ def select_config(dtype: torch.dtype, block_size: int, n: int, k: int, m: int, n
 
 
 def launchable_configs(dtype: torch.dtype, block_size: int) -> list[KernelConfig]:
-    """Every configuration `select_config` may return for this dtype and block size."""
+    """Every configuration the library launches for this dtype and block size: all that `select_config`
+    may return, and the explicit-only `WIDE_ROWS_PER_PROGRAM` tiles."""
     configs = set()
-    for block_m, rows_per_program in itertools.product(BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES):
+    for block_m, rows_per_program in itertools.product(BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES + WIDE_ROWS_PER_PROGRAM):
         if rows_per_program > 1 and dtype == torch.float32:
             continue
         block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m, rows_per_program)
