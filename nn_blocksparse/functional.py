@@ -192,6 +192,9 @@ def block_sparse_linear_tensors(
         # output that silently blocks gradients, compute the same product densely.
         _warn_autograd_fallback()
         return _apply_activation(F.linear(x, bsr_to_dense(values, row_offsets, col_indices, shape), bias), activation)
+    if k == 0:  # no input features (a layer whose heads were all pruned): the product is the bias
+        y = x.new_zeros(*x.shape[:-1], n) if bias is None else bias.expand(*x.shape[:-1], n).clone()
+        return _apply_activation(y, activation)
     x2d = x.reshape(-1, k)
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()  # the kernels want unit stride along K for vector loads

@@ -252,6 +252,30 @@ def test_patching_is_all_or_nothing():
     patch_bert(model, mode="blocksparse", block_size=16)  # the model is still patchable
 
 
+@pytest.mark.parametrize("mode", ["resize", "blocksparse", "hybrid"])
+def test_a_layer_with_every_head_pruned_patches_in_every_mode(mode, tmp_path):
+    """nn_pruning checkpoints may prune all heads of a layer (load_pruned_bert's NoHeadsSelfAttention):
+    that layer's attention then adds only the output bias, patched or not."""
+    from nn_blocksparse.bert import load_pruned_bert, save_pruned_bert
+
+    model = small_bert(num_attention_heads=4)
+    with torch.no_grad():
+        attention = model.encoder.layer[1].attention
+        for linear in (attention.self.query, attention.self.key, attention.self.value):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        attention.output.dense.weight.zero_()
+    loaded = load_pruned_bert(save_pruned_bert(model, tmp_path / "no_heads"))
+    assert heads_per_layer(loaded) == [4, 0]
+    batch = {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    batch["attention_mask"][1, 4:] = 0
+    with torch.inference_mode():
+        reference = model(**batch).last_hidden_state
+        patched = patch_bert(loaded, mode=mode, block_size=16)
+        assert heads_per_layer(patched)[1] == 0
+        assert (patched(**batch).last_hidden_state - reference).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("first, second", [("resize", "blocksparse"), ("resize", "resize"), ("hybrid", "resize"),
                                            ("blocksparse", "hybrid")])
 def test_any_second_patch_is_refused(first, second):
