@@ -17,6 +17,9 @@ The thin layer between transformers' BERT modules and the library's generic piec
   where dense is faster.
   The choices, with the times measured, are kept in `model.nn_blocksparse_choices`.
 
+Layers whose attention is fused become `ThinBertLayer`s (`thin_layer.py`): in inference they call
+their modules directly instead of through transformers' module tree, bit-identically.
+
 Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
 (what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
 """
@@ -35,6 +38,7 @@ from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
 from ..linear import BlockSparseLinear
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
+from .thin_layer import use_thin_layers
 
 MODES = ("resize", "blocksparse", "hybrid")
 DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU, pure-torch CPU path: denser stays dense
@@ -209,6 +213,7 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
                 layer.intermediate.intermediate_act_fn = nn.Identity()
             outer_sparse = sparse_for(outer.weight, outer.bias, layer_index, "ffn_out")
             layer.output.dense = _projection(outer.weight, outer.bias, outer_sparse, block_size, backend)
+    use_thin_layers(layers)
     model.train(model.training)  # new modules start in training mode: give them the model's (dropout!)
     model.nn_blocksparse_mode = mode
     model.nn_blocksparse_choices = choices
@@ -321,6 +326,7 @@ def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> n
         if spec["intermediate_activation_fused"]:
             layer.intermediate.intermediate_act_fn = nn.Identity()
         layer.output.dense = _module_from_spec(spec["output"], dtype, backend)
+    use_thin_layers(layers)
     load_model(model, str(path / "model.safetensors"), strict=True)
     model.nn_blocksparse_mode = patch["mode"]
     model.eval()
