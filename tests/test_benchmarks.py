@@ -234,8 +234,9 @@ def test_profile_cpu_hybrid_quick(tmp_path):
         assert calls["embeddings"] == calls["attention_mask"] == calls["pooler"] == 1
         # Thin layers skip the eval-mode dropouts that transformers' BertLayer.forward still dispatches.
         assert calls.get("dropout", 0) == (0 if method == "hybrid" else 12)
+        assert "copies" not in calls  # none around the fused QKV or SDPA: views only
         forward = number(method_rows[0]["forward_ms_profiled"])
-        assert sum(number(row["ms_per_forward"]) for row in method_rows) == pytest.approx(forward, rel=1e-6)
+        assert sum(number(row["ms_per_forward"]) for row in method_rows) == pytest.approx(forward, rel=1e-4)  # CSV: 6 digits
         assert all(number(row["ms_per_forward"]) >= 0 for row in method_rows
                    if row["category"] not in ("python_and_dispatch",))
 

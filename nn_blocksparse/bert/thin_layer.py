@@ -1,11 +1,12 @@
 """`ThinBertLayer`: a patched `BertLayer` whose inference forward calls its parts directly.
 
 transformers' `BertLayer.forward` goes through seven module calls (`BertAttention`, the
-self-attention, `BertSelfOutput`, `BertIntermediate`, `BertOutput`, two dropouts), keyword
-deprecation wrappers and `apply_chunking_to_forward` before it reaches the six operations that do
-the work. With the fast CPU kernels and on a GPU run eagerly, that Python is a visible share of a
-pruned layer's time (`benchmarks/profile_cpu_hybrid.py` measures it), so a patched layer runs the
-same operations, in the same order on the same modules (the output is bit-identical), without it:
+self-attention adapter, `BertSelfOutput`, `BertIntermediate`, `BertOutput`, two dropouts),
+keyword-deprecation wrappers and `apply_chunking_to_forward` before it reaches the modules that do
+the work. That Python is forward time no kernel can cut, and the faster the linears, the larger its
+share (`benchmarks/profile_cpu_hybrid.py` measures it, beside `hybrid_plain_layers`). So a patched
+layer calls the same modules, in the same order on the same tensors (the output is bit-identical),
+directly:
 
     context = fused_attention(x, mask)
     x = LayerNorm_1(attention_output(context) + x)
@@ -13,8 +14,11 @@ same operations, in the same order on the same modules (the output is bit-identi
 
 Only where nothing else is asked of the layer: in eval mode (dropout is the identity), without
 cross-attention, cache or feed-forward chunking. Anything else runs transformers' own forward.
-The layer keeps its modules, so its state dict, hooks (`output_hidden_states`) and
-`isinstance(layer, BertLayer)` are unchanged.
+The layer keeps its modules, so its state dict, `isinstance(layer, BertLayer)` and hooks on the
+layer itself (transformers' `output_hidden_states`) and on the modules that do the work (linears,
+layer norms, the fused attention) are unchanged; hooks on the containers it skips
+(`BertAttention`, the self-attention adapter, `BertSelfOutput`, `BertIntermediate`, `BertOutput`,
+the dropouts) do not fire.
 """
 
 from __future__ import annotations
