@@ -28,9 +28,9 @@ Before anything is timed, every output is checked against the fp32 reference: be
 The floor (`floor_ms`): hybrid's stored encoder linear FLOPs (2 x tokens x stored weights) plus its
 attention FLOPs (4 x batch x seq^2 x head_dim per kept head), at the dense-GEMM rate measured in this
 run (`gemm_gflops`: the faster of `F.linear` (MKL) and oneDNN's linear on a `GEMM_SHAPE` problem at
-this thread count, in the row's dtype). `hybrid_over_floor` = hybrid_ms / floor_ms; `resize_floor_ms`
-is the same for the resized model (what ORT and OpenVINO run). `hybrid_speedup_vs_<method>` =
-<method>_ms / hybrid_ms, all from this run.
+this thread count, in the row's dtype or in fp32, whichever is faster; `gemm_method` says which).
+`hybrid_over_floor` = hybrid_ms / floor_ms; `resize_floor_ms` is the same for the resized model
+(what ORT and OpenVINO run). `hybrid_speedup_vs_<method>` = <method>_ms / hybrid_ms, all from this run.
 
 `--quick`: MiniLM, 1x128, fp32, 3 repeats (a check that the script works, with whichever engines are
 installed; a missing engine is skipped with the reason in `note`). Writes
@@ -139,7 +139,13 @@ def gemm_rate(dtype: torch.dtype, m: int, repeats: int, warmup: int) -> tuple[fl
         if method.run is not None:
             rates[name] = 2 * m * n * k / common.time_ms(method.run, CPU, warmup, repeats) / 1e6
     best = max(rates, key=rates.get)
-    return rates[best], best
+    return rates[best], f"{best} {common.DTYPE_NAMES[dtype]}"
+
+
+def floor_rate(rates: dict, dtype: torch.dtype) -> tuple[float, str]:
+    """The rate a `dtype` row's floor uses: the faster of that dtype's GEMM and fp32's (bf16 can always be
+    computed in fp32: on a CPU without bf16 instructions fp32 is the faster, and a floor must not be beaten)."""
+    return max(rates[dtype], rates[torch.float32])
 
 
 def encoder_weights_and_heads(model) -> tuple[int, int, int]:
@@ -245,7 +251,7 @@ def run_model(model_name: str, args, gemm: dict, workdir: Path) -> list[dict]:
         variants, failures = torch_variants(model, dtype)
         for batch, seq in args.sizes:
             rows.append(run_case(model_name, variants, failures, built, skipped, dtype, batch, seq,
-                                 references[batch, seq], gemm[dtype], args))
+                                 references[batch, seq], floor_rate(gemm, dtype), args))
         del variants
     return rows
 
@@ -354,7 +360,8 @@ def main(argv=None) -> int:
         print(f"bench_cpu_engines on {common.cpu_model()}, {torch.get_num_threads()} threads, "
               f"ISA: torch {environment['torch_cpu_capability']}, ours {environment['nn_blocksparse_native_isa']}",
               flush=True)
-        gemm = {dtype: gemm_rate(dtype, args.gemm_m, args.repeats, args.warmup) for dtype in args.dtypes}
+        gemm = {dtype: gemm_rate(dtype, args.gemm_m, args.repeats, args.warmup)
+                for dtype in dict.fromkeys([torch.float32, *args.dtypes])}
         for dtype, (gflops, method) in gemm.items():
             print(f"dense GEMM {args.gemm_m}x{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]} {common.DTYPE_NAMES[dtype]}: "
                   f"{gflops:.1f} GFLOP/s ({method})", flush=True)

@@ -179,7 +179,7 @@ def test_bench_cpu_engines_quick(tmp_path):
                                                              rel=1e-4)
     assert number(row["hybrid_speedup_vs_resize"]) == pytest.approx(
         number(row["resize_ms"]) / number(row["hybrid_ms"]), rel=1e-4)
-    assert row["gemm_method"] in ("dense", "dense_onednn")
+    assert re.fullmatch(r"(dense|dense_onednn) fp32", row["gemm_method"])
     assert re.fullmatch(r"block-sparse \d+ of \d+ matrices", row["hybrid_plan"])
     assert_png(path.with_suffix(".png"))
 
