@@ -59,7 +59,7 @@ def test_resize_keeps_transformers_layers(pruned_minilm):
     assert all(type(layer) is BertLayer for layer in bert_layers(patched))
 
 
-def test_thin_layer_leaves_training_and_chunking_to_transformers(pruned_minilm, single_intra_op_thread,
+def test_thin_layer_leaves_training_attentions_and_chunking_to_transformers(pruned_minilm, single_intra_op_thread,
                                                                   monkeypatch):
     from transformers.models.bert import modeling_bert
 
@@ -87,6 +87,10 @@ def test_thin_layer_leaves_training_and_chunking_to_transformers(pruned_minilm, 
     assert torch.equal(thin_out, plain_out)  # the same dropout draws
     assert not torch.equal(thin_out, other_dropout)  # and dropout really was on
     patched.eval()
+    calls.clear()
+    with torch.inference_mode():
+        patched(**inputs, output_attentions=True)  # the adapter and transformers' hooks provide those
+    assert len(calls) == 6
     for layer in bert_layers(patched):
         layer.chunk_size_feed_forward = 8
     calls.clear()

@@ -13,7 +13,8 @@ directly:
     y = LayerNorm_2(ffn_out(act(ffn_in(x))) + x)
 
 Only where nothing else is asked of the layer: in eval mode (dropout is the identity), without
-cross-attention, cache or feed-forward chunking. Anything else runs transformers' own forward.
+cross-attention, cache, feed-forward chunking or `output_attentions`. Anything else runs
+transformers' own forward.
 The layer keeps its modules, so its state dict, `isinstance(layer, BertLayer)` and hooks on the
 layer itself (transformers' `output_hidden_states`) and on the modules that do the work (linears,
 layer norms, the fused attention) are unchanged; hooks on the containers it skips
@@ -32,6 +33,7 @@ class ThinBertLayer(BertLayer):
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
         if (self.training or encoder_hidden_states is not None or args or self.chunk_size_feed_forward
+                or kwargs.get("output_attentions")  # the adapter computes the probabilities, hooks record them
                 or any(kwargs.get(name) is not None for name in ("encoder_attention_mask", "cache", "past_key_values"))):
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
         attention_output = self.attention.output
