@@ -103,6 +103,15 @@ def environment_record(device: torch.device) -> dict[str, str]:
     }
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("0.05 0.10 0.08"; "unknown" off Linux): CPU timings from a
+    machine that was not quiet before and after the run are noise."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def _native_kernel_status() -> str:
     """Whether our native CPU kernel ran here ("ok"), else why not: the CPU numbers depend on it."""
     from nn_blocksparse.kernels.cpu_block_sparse_linear import native_status

@@ -21,8 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_compile, bench_cpu, bench_e2e, bench_ffn_alignment, bench_kernel, common,  # noqa: E402
-                        graph_check, launch_overhead, run_all, tune_kernel, warm_triton_cache)
+from benchmarks import (bench_compile, bench_cpu, bench_cpu_engines, bench_e2e, bench_ffn_alignment,  # noqa: E402
+                        bench_kernel, common, engines, graph_check, launch_overhead, profile_cpu_hybrid, run_all,
+                        tune_kernel, warm_triton_cache)
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -188,6 +189,139 @@ def test_bench_cpu_bf16_kernels_quick(tmp_path):
     # order of fp32 sums.
     check_kernel_rows(rows, bench_cpu.KERNEL_METHODS, max_diff=0.05)
     assert_png(tmp_path / f"cpu_kernel_speedup_m64_bf16_{tag}_quick.png")
+
+
+def test_bench_cpu_engines_quick(tmp_path):
+    """Runs with whichever engines are installed; a missing one leaves NaN and says why in `note`."""
+    threads_before = torch.get_num_threads()
+    assert bench_cpu_engines.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads_before
+    path = tmp_path / f"cpu_engines_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    (row,) = read(path, bench_cpu_engines.COLUMNS)
+    environment = common.read_csv(path)[0]
+    assert {"torch_cpu_capability", "nn_blocksparse_native_isa", "cpu_flags", "onnxruntime", "openvino",
+            "loadavg_before", "loadavg_after"} <= set(environment)
+    assert environment["threads"] == environment["torch_threads"] == THREADS
+    assert (row["model"], row["batch"], row["seq"], row["dtype"]) == ("minilm", "1", "128", "fp32")
+    for method in bench_cpu_engines.TORCH_METHODS:
+        assert number(row[f"{method}_ms"]) > 0 and number(row[f"{method}_max_abs_diff"]) <= MAX_MODEL_DIFF, row
+    for engine in engines.ENGINES:
+        if engines.engine_unavailable(engine) is None:  # installed: it must have run, and agree with torch
+            assert number(row[f"{engine}_ms"]) > 0 and number(row[f"{engine}_max_abs_diff"]) <= MAX_MODEL_DIFF, row
+        else:
+            assert math.isnan(number(row[f"{engine}_ms"])) and f"{engine}: " in row["note"], row
+    if engines.engine_unavailable("openvino") is None:
+        assert row["openvino_precision"] == "f32"  # fp32 rows ask for f32 explicitly
+    assert math.isnan(number(row["hybrid_bf16w_ms"]))  # a bf16 column: fp32 rows leave it empty
+    # The floor is hybrid's stored encoder linear FLOPs plus attention FLOPs at the measured GEMM rate.
+    stored, heads = int(row["hybrid_linear_weights_stored"]), int(row["heads"])
+    flops = 2 * 128 * stored + 4 * 128 * 128 * 32 * heads  # MiniLM: head size 32
+    assert number(row["floor_ms"]) == pytest.approx(flops / (number(row["gemm_gflops"]) * 1e6), rel=1e-4)
+    assert stored < int(row["resize_linear_weights_stored"]) and number(row["floor_ms"]) < number(row["resize_floor_ms"])
+    assert number(row["hybrid_over_floor"]) == pytest.approx(number(row["hybrid_ms"]) / number(row["floor_ms"]),
+                                                             rel=1e-4)
+    assert number(row["hybrid_speedup_vs_resize"]) == pytest.approx(
+        number(row["resize_ms"]) / number(row["hybrid_ms"]), rel=1e-4)
+    assert re.fullmatch(r"(dense|dense_onednn) fp32", row["gemm_method"])
+    assert re.fullmatch(r"block-sparse \d+ of \d+ matrices", row["hybrid_plan"])
+    assert_png(path.with_suffix(".png"))
+
+
+def test_engines_missing_are_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # "import onnxruntime" now fails, as if not installed
+    reason = engines.engine_unavailable("onnxruntime")
+    assert "onnxruntime" in reason and "pip install" in reason
+    args = bench_cpu_engines.parse_args(["--quick", "--engines", "onnxruntime"])
+    built, skipped = bench_cpu_engines.build_engines(None, {}, args, Path("unused"))
+    assert built == {} and skipped == {"onnxruntime": reason}
+    with pytest.raises(ValueError, match="engine must be one of"):
+        engines.engine_unavailable("tensorrt")
+    assert bench_cpu_engines.parse_args(["--engines", "none"]).engines == []
+
+
+def test_bench_cpu_engines_arguments():
+    quick = bench_cpu_engines.parse_args(["--quick"])
+    assert (quick.models, quick.sizes, quick.dtypes, quick.threads) == (["minilm"], [(1, 128)], [torch.float32], 2)
+    full = bench_cpu_engines.parse_args([])
+    assert full.models == ["minilm", "bert-base"] and full.sizes == [(1, 128), (8, 128)]
+    assert full.dtypes == [torch.float32, torch.bfloat16] and full.engines == list(engines.ENGINES)
+    for bad in (["--engines", "tensorrt"], ["--dtypes", "fp16"], ["--models", "gpt2"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            bench_cpu_engines.parse_args(bad)
+
+
+def test_bench_cpu_engines_bf16_row_fills_the_bf16_weights_column_when_patch_bert_offers_it(monkeypatch):
+    """A tiny pruned BERT through one bf16 row, with a stand-in patch_bert that takes weight_dtype."""
+    from transformers import BertConfig, BertModel
+
+    from nn_blocksparse.bert import patching, prune_like_nn_pruning
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2,
+                        vocab_size=1100)
+    model = BertModel(config).eval()
+    prune_like_nn_pruning(model, seed=0)
+    args = bench_cpu_engines.parse_args(["--quick", "--repeats", "1", "--warmup", "0"])
+    inputs = bench_e2e.random_inputs(1, 32, config.vocab_size, torch.device("cpu"))
+    with torch.inference_mode():
+        reference = model(**inputs).last_hidden_state
+
+    variants, failures = bench_cpu_engines.torch_variants(model, torch.bfloat16)
+    assert "hybrid_bf16w" not in variants and "weight_dtype" in failures["hybrid_bf16w"]
+    row = bench_cpu_engines.run_case("tiny", variants, failures, {}, {}, torch.bfloat16, 1, 32, reference,
+                                     (100.0, "dense"), args)
+    assert math.isnan(row["hybrid_bf16w_ms"]) and "hybrid_bf16w: patch_bert takes no weight_dtype" in row["note"]
+
+    real_patch_bert = patching.patch_bert
+    seen = []
+
+    def patch_bert_with_weight_dtype(model, mode="hybrid", block_size=32, backend="auto", weight_dtype=None, **kw):
+        seen.append((weight_dtype, next(model.parameters()).dtype))
+        return real_patch_bert(model, mode=mode, block_size=block_size, backend=backend, **kw)
+
+    monkeypatch.setattr(patching, "patch_bert", patch_bert_with_weight_dtype)
+    variants, failures = bench_cpu_engines.torch_variants(model, torch.bfloat16)
+    assert (torch.bfloat16, torch.float32) in seen  # bf16 weights asked of the fp32 model
+    assert set(variants) == {"dense", "resize", "hybrid", "hybrid_bf16w"} and not failures
+    row = bench_cpu_engines.run_case("tiny", variants, failures, {}, {}, torch.bfloat16, 1, 32, reference,
+                                     (100.0, "dense"), args)
+    assert row["hybrid_bf16w_ms"] > 0 and row["hybrid_bf16w_max_abs_diff"] <= MAX_MODEL_DIFF  # here: fp32
+    assert 0 < row["hybrid_max_abs_diff"] <= 0.05 * max(1.0, reference.abs().max().item())  # real bf16
+    assert row["dtype"] == "bf16" and row["note"] == ""
+
+
+def test_bench_cpu_engines_refuses_to_time_a_wrong_answer():
+    reference = torch.ones(2, 3) * 4
+    assert bench_cpu_engines.check_accuracy("x", reference + 1e-4, reference, torch.float32) == pytest.approx(1e-4, rel=1e-2)
+    with pytest.raises(RuntimeError, match="openvino .fp32. differs"):
+        bench_cpu_engines.check_accuracy("openvino", reference + 0.01, reference, torch.float32)
+    bench_cpu_engines.check_accuracy("openvino", reference + 0.1, reference, torch.bfloat16)  # within 5e-2 x 4
+    with pytest.raises(RuntimeError):
+        bench_cpu_engines.check_accuracy("x", reference * float("nan"), reference, torch.float32)
+
+
+def test_profile_cpu_hybrid_quick(tmp_path):
+    assert profile_cpu_hybrid.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    path = tmp_path / f"cpu_hybrid_profile_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    rows = read(path, profile_cpu_hybrid.COLUMNS)
+    assert {"loadavg_before", "loadavg_after"} <= set(common.read_csv(path)[0])
+    assert {row["method"] for row in rows} == {"hybrid", profile_cpu_hybrid.PLAIN_LAYERS}
+    for method in ("hybrid", profile_cpu_hybrid.PLAIN_LAYERS):
+        method_rows = [row for row in rows if row["method"] == method]
+        calls = {row["category"]: number(row["calls_per_forward"]) for row in method_rows}
+        assert set(calls) <= set(profile_cpu_hybrid.CATEGORIES)
+        # MiniLM: 6 layers x (fused QKV, attention output, FFN in, FFN out), one attention each, two
+        # layer norms each (the embeddings' own runs inside their labelled range).
+        assert calls.get("linear_blocksparse", 0) + calls.get("linear_dense", 0) == 24
+        assert calls["attention"] == 6 and calls["layer_norm"] == 12 and calls["residual_add"] == 12
+        assert calls["embeddings"] == calls["attention_mask"] == calls["pooler"] == 1
+        # Thin layers skip the eval-mode dropouts that transformers' BertLayer.forward still dispatches.
+        assert calls.get("dropout", 0) == (0 if method == "hybrid" else 12)
+        assert "copies" not in calls  # none around the fused QKV or SDPA: views only
+        forward = number(method_rows[0]["forward_ms_profiled"])
+        assert sum(number(row["ms_per_forward"]) for row in method_rows) == pytest.approx(forward, rel=1e-4)  # CSV: 6 digits
+        assert all(number(row["ms_per_forward"]) >= 0 for row in method_rows
+                   if row["category"] not in ("python_and_dispatch",))
 
 
 def test_crossover_is_the_largest_density_where_ours_beats_dense():

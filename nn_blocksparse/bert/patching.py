@@ -21,6 +21,9 @@ The thin layer between transformers' BERT modules and the library's generic piec
 gains) first reorders each layer's FFN neurons and attention heads / head dimensions, exactly
 (`nn_blocksparse.permutation`), so that R consecutive block-rows share block-columns.
 
+Layers whose attention is fused become `ThinBertLayer`s (`thin_layer.py`): in inference they call
+their modules directly instead of through transformers' module tree, bit-identically.
+
 Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
 (what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
 """
@@ -44,6 +47,7 @@ from ..linear import BlockSparseLinear
 from ..permutation import attention_feature_permutation, ffn_feature_permutation
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
+from .thin_layer import use_thin_layers
 
 MODES = ("resize", "blocksparse", "hybrid")
 DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU, pure-torch CPU path: denser stays dense
@@ -290,6 +294,7 @@ def _apply_layer(layer: nn.Module, plan: _LayerPlan) -> None:
     if plan.gelu_fused:
         layer.intermediate.intermediate_act_fn = nn.Identity()
     layer.output.dense = plan.output
+    use_thin_layers([layer])
 
 
 def _refuse_save_pretrained(*args, **kwargs):
