@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-ROWS_PER_GROUP_CHOICES = (1, 2, 4)
+ROWS_PER_GROUP_CHOICES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ def rebuild_from_groups(matrix: BlockSparseMatrix, rows_per_group: int) -> torch
     return dense
 
 
-@pytest.mark.parametrize("rows_per_group", [1, 2, 4])
+@pytest.mark.parametrize("rows_per_group", [1, 2, 4, 8])
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.7, 1.0])
 def test_groups_cover_every_block_once(rows_per_group, density):
-    # 7 block-rows: the last group of 2 or 4 is padded.
+    # 7 block-rows: the last group of 2, 4 or 8 is padded.
     weight = random_block_sparse_weight(7 * 16, 10 * 16, 16, density, seed=int(density * 10))
     matrix = BlockSparseMatrix.from_dense(weight, 16)
     assert torch.equal(rebuild_from_groups(matrix, rows_per_group), weight)
@@ -66,9 +66,11 @@ def test_identical_patterns_are_grouped_without_padding():
     for rows in (2, 4):
         assert matrix.row_groups(rows).inflation == 1.0
         assert torch.equal(rebuild_from_groups(matrix, rows), weight)
-    assert matrix.grouping_inflation() == ((2, 1.0), (4, 1.0))
-    # A dense matrix pads nothing when R divides its block-rows; a padded last group does cost.
-    assert BlockSparseMatrix.from_dense(torch.randn(128, 64), 32).grouping_inflation() == ((2, 1.0), (4, 1.0))
+    # Groups of 8 hold both patterns: every member pads half of the 6 steps.
+    assert matrix.grouping_inflation() == ((2, 1.0), (4, 1.0), (8, 2.0))
+    # A dense matrix pads nothing when R divides its block-rows; a padded last group does cost (4
+    # block-rows in a group of 8: half the members are padding).
+    assert BlockSparseMatrix.from_dense(torch.randn(128, 64), 32).grouping_inflation() == ((2, 1.0), (4, 1.0), (8, 2.0))
     assert dict(BlockSparseMatrix.from_dense(torch.randn(96, 64), 32).grouping_inflation())[2] == pytest.approx(4 / 3)
 
 
