@@ -1,0 +1,134 @@
+"""What the Gluon (sm90) kernels share: availability, version shims, launch-tile mapping, TMA descriptors.
+
+Gluon (`triton.experimental.gluon`) exposes Hopper's TMA copies, mbarriers and warpgroup MMAs
+(wgmma) explicitly. It is experimental and its names move between Triton releases; the kernels here
+are written to the subset that Triton 3.6 (what the lent H200 machine runs) and Triton 3.9 (what
+this project develops with) share, plus the shims below for the two names that moved:
+
+- a TMA load is `tma.async_load` in 3.9 and `tma.async_copy_global_to_shared` in 3.6 (same
+  arguments: descriptor, coordinates, barrier, destination, predicate);
+- a TMA store is `tma.async_store` in 3.9 and `tma.async_copy_shared_to_global` in 3.6.
+
+`GLUON_AVAILABLE` is False where Triton has no Gluon (or no Hopper part of it): the launchers
+then refuse with a clear error and the Triton kernel stays the fallback.
+
+Layouts: weight blocks are loaded by TMA from `values` viewed as a 2-D `[nnz * bs, bs]` tensor
+(block i is rows `i*bs : (i+1)*bs`), so one `bs x bs` box is one block, row-major `[n, k]`, which is
+exactly wgmma's K-major B operand after a transposed view. x tiles are plain 2-D boxes
+`[BLOCK_M, bs]` of x at `(m0, c * bs)`: no gather.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .block_sparse_linear import _INV_SQRT2
+
+try:  # pragma: no cover - depends on the installed Triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_init,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    GLUON_AVAILABLE = True
+    GLUON_MISSING_REASON = ""
+except ImportError as error:  # pragma: no cover
+    GLUON_AVAILABLE = False
+    GLUON_MISSING_REASON = f"{type(error).__name__}: {error}"
+
+# Element dtypes the Gluon kernels take (wgmma's 16-bit inputs; fp32 stays on the Triton kernel).
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
+# Block sizes the Gluon kernels take: wgmma's K step is 16 and its N a multiple of 8.
+GLUON_BLOCK_SIZES = (16, 32, 64)
+# The only compute capability they compile for.
+GLUON_ARCH = 90
+
+
+def gluon_unavailable_reason(device: torch.device | None = None, dtype: torch.dtype | None = None,
+                             block_size: int | None = None) -> str:
+    """Why a Gluon kernel cannot run here ("" if it can): missing Gluon, not a Hopper GPU, dtype, block size."""
+    if not GLUON_AVAILABLE:
+        return f"this Triton has no Gluon for Hopper ({GLUON_MISSING_REASON})"
+    if dtype is not None and dtype not in GLUON_DTYPES:
+        return f"the Gluon kernels take fp16 or bf16, got {dtype} (fp32 runs on the Triton kernel)"
+    if block_size is not None and block_size not in GLUON_BLOCK_SIZES:
+        return f"the Gluon kernels take block sizes {GLUON_BLOCK_SIZES}, got {block_size}"
+    if device is not None:
+        if device.type != "cuda":
+            return (f"the Gluon kernels run only on a Hopper GPU (sm90); got device {device} (Triton's interpreter "
+                    "cannot run Gluon: on CPU, the Triton row-group kernel is their twin)")
+        capability = torch.cuda.get_device_capability(device)
+        if capability[0] != GLUON_ARCH // 10:
+            return f"the Gluon kernels need a Hopper GPU (sm90), this one is sm{capability[0]}{capability[1]}"
+    return ""
+
+
+if GLUON_AVAILABLE:
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+    @gluon.jit
+    def program_tile(pid, M, n_groups, group_order_ptr, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr):
+        """(first row of x, row group) of program `pid`: the Triton kernel's launch order, so that
+        `GROUP_M` consecutive M-tiles sweep every row group together (heaviest groups first)."""
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        programs_per_sweep = GROUP_M * n_groups
+        sweep = pid // programs_per_sweep
+        first_pid_m = sweep * GROUP_M
+        sweep_tiles_m = gl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_in_sweep = pid % programs_per_sweep
+        pid_m = first_pid_m + pid_in_sweep % sweep_tiles_m
+        group = gl.load(group_order_ptr + pid_in_sweep // sweep_tiles_m)
+        return pid_m * BLOCK_M, group
+
+    @gluon.jit
+    def apply_epilogue(acc, bias_ptr, features, HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr):
+        """acc + bias[features], then exact (erf) GELU when ACTIVATION == 1; fp32 in, fp32 out.
+
+        `features` has the layout of acc's columns (a SliceLayout(0, ...) of it)."""
+        y = acc
+        if HAS_BIAS:
+            y = y + gl.expand_dims(gl.load(bias_ptr + features).to(gl.float32), 0)
+        if ACTIVATION == 1:
+            y = 0.5 * y * (1.0 + gl.erf(y * _INV_SQRT2))
+        return y
+
+
+def nvmma_layout(block_shape, dtype: torch.dtype):
+    """The shared-memory layout (widest swizzle the box allows) a TMA box and wgmma operand use."""
+    return gl.NVMMASharedLayout.get_default_for(list(block_shape), _gl_dtype(dtype))
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+
+
+def tensor_descriptor(tensor: torch.Tensor, block_shape) -> "TensorDescriptor":
+    """A host TMA descriptor of a 2-D tensor with unit inner stride and a 16-byte aligned base and row stride."""
+    return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), list(block_shape),
+                            nvmma_layout(block_shape, tensor.dtype))
+
+
+def tma_unfit_reason(tensor: torch.Tensor, name: str) -> str:
+    """Why `tensor` cannot be a TMA source/target ("" if it can): TMA wants 16-byte aligned base and rows."""
+    element = tensor.element_size()
+    if tensor.dim() != 2 or tensor.stride(-1) != 1:
+        return f"{name} must be 2-D with unit inner stride for TMA"
+    if tensor.data_ptr() % 16 or (tensor.stride(0) * element) % 16:
+        return (f"{name} must start on a 16-byte boundary and have rows a multiple of 16 bytes apart for TMA "
+                f"(data_ptr % 16 = {tensor.data_ptr() % 16}, row stride {tensor.stride(0) * element} bytes)")
+    return ""
+
+
+def descriptor_signature(dtype: torch.dtype, block_shape) -> str:
+    """The `triton.compile` signature string of a Gluon TMA descriptor argument (for the AOT check)."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    layout = nvmma_layout(block_shape, dtype)
+    return f"tensordesc<{name}[{', '.join(str(int(s)) for s in block_shape)}],{layout!r}>"
