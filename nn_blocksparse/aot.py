@@ -56,11 +56,12 @@ class CompileReport:
     shared_bytes: int = -1
     error: str = ""
     wgmma: int = -1  # wgmma.mma_async instructions in the PTX (counted for sm90 only)
+    hgmma: int = -1  # HGMMA instructions in the SASS (sm90, where Triton bundles cuobjdump)
     needs_wgmma: bool = False  # the Gluon kernels exist to issue wgmma: none is a failure
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.spill_bytes == 0 and (not self.needs_wgmma or self.wgmma > 0)
+        return not self.error and self.spill_bytes == 0 and (not self.needs_wgmma or (self.wgmma > 0 and self.hgmma != 0))
 
 
 def ptxas_path(arch: int) -> str:
@@ -75,6 +76,21 @@ def ptxas_path(arch: int) -> str:
 
 # ptxas's advisory when it cannot keep warpgroup MMAs asynchronous (then they run one by one).
 WGMMA_SERIALIZED = "wgmma.mma_async instructions are serialized"
+
+
+def sass_instruction_count(cubin: bytes, arch: int, mnemonic: str) -> int:
+    """How often `mnemonic` (e.g. "HGMMA") occurs in the SASS of `cubin`, by the cuobjdump that Triton
+    bundles beside ptxas; -1 where there is none."""
+    cuobjdump = Path(ptxas_path(arch)).with_name("cuobjdump")
+    if not cuobjdump.exists():
+        return -1
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin_file = Path(tmp) / "kernel.cubin"
+        cubin_file.write_bytes(cubin)
+        result = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin_file)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return -1
+    return len(re.findall(rf"\b{mnemonic}\b", result.stdout))
 
 
 def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -208,6 +224,8 @@ def _finish(report: CompileReport, fn, signature, constexprs, arch, num_warps, n
         ptx = compiled.asm["ptx"]
         if arch >= 90:
             report.wgmma = ptx.count("wgmma.mma_async")
+            if report.needs_wgmma:
+                report.hgmma = sass_instruction_count(compiled.asm["cubin"], arch, "HGMMA")
         report.registers, report.spill_bytes = _resource_usage(ptx, arch)
     except Exception as exc:  # a failed compile is a result to report, not a crash
         report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -254,6 +272,8 @@ def format_report(report: CompileReport) -> str:
         f"S={report.config.num_stages}")
     if report.wgmma >= 0:
         config += f" wgmma={report.wgmma}"
+    if report.hgmma >= 0:
+        config += f" HGMMA={report.hgmma}"
     epilogue = ("bias" if report.has_bias else "-") + ("+gelu" if report.activation else "")
     if report.ok:
         status = "ok"
