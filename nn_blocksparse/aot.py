@@ -34,7 +34,7 @@ from .kernels.block_sparse_linear import (
     _block_sparse_linear_kernel,
     _split_k_reduce_kernel,
 )
-from .kernels.configs import DTYPE_NAMES, KernelConfig, launchable_configs
+from .kernels.configs import DTYPE_NAMES, KERNEL_CHOICES, KernelConfig, launchable_configs
 
 ARCHS = (80, 90)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -232,13 +232,16 @@ def _finish(report: CompileReport, fn, signature, constexprs, arch, num_warps, n
     return report
 
 
-def all_jobs(archs=ARCHS, dtypes=DTYPES, block_sizes=SUPPORTED_BLOCK_SIZES, epilogues=EPILOGUES):
-    """(function, args) for every kernel variant the library can launch."""
+def all_jobs(archs=ARCHS, dtypes=DTYPES, block_sizes=SUPPORTED_BLOCK_SIZES, epilogues=EPILOGUES,
+             kernels=KERNEL_CHOICES):
+    """(function, args) for every kernel variant the library can launch (of the named `kernels`)."""
     jobs = []
     for arch, dtype in itertools.product(archs, dtypes):
         split_ks = set()
         for block_size in block_sizes:
             for config in launchable_configs(dtype, block_size, arch=f"sm{arch}"):
+                if config.kernel not in kernels:
+                    continue
                 if config.kernel != "triton":
                     jobs += [(compile_variant_kernel, (arch, dtype, block_size, has_bias, activation, config))
                              for has_bias, activation in epilogues]
@@ -296,6 +299,8 @@ def main(argv=None) -> int:
                         choices=SUPPORTED_BLOCK_SIZES)
     parser.add_argument("--epilogues", choices=["all", "widest"], default="all",
                         help="'widest' compiles only bias+GELU, the epilogue with the most live registers")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNEL_CHOICES), choices=KERNEL_CHOICES,
+                        help="only these kernels (default: all; the Gluon ones compile for sm90 only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if interpreter_enabled():
@@ -303,7 +308,7 @@ def main(argv=None) -> int:
         return 2
     by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     epilogues = EPILOGUES if args.epilogues == "all" else WIDEST_EPILOGUE
-    jobs = all_jobs(args.arch, [by_name[d] for d in args.dtype], args.block_size, epilogues)
+    jobs = all_jobs(args.arch, [by_name[d] for d in args.dtype], args.block_size, epilogues, args.kernels)
     reports = run_jobs(jobs, args.workers)
     for report in reports:
         print(format_report(report))

@@ -252,19 +252,24 @@ AOT_SUBSET = [
 
 
 @pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton has no Gluon for Hopper")
-def test_gluon_kernels_compile_for_sm90_with_wgmma_and_no_spills():
-    script = (
-        "import torch, sys; from nn_blocksparse.aot import compile_variant_kernel, format_report;"
-        "from nn_blocksparse.kernels.configs import KernelConfig;"
-        f"subset = {AOT_SUBSET!r};"
-        "reports = [compile_variant_kernel(90, torch.float16, 32, True, 'gelu', KernelConfig(bm, 8, 1, w, s, r, kernel=k))"
-        " for k, bm, w, s, r in subset];"
-        "reports.append(compile_variant_kernel(90, torch.bfloat16, 32, False, None,"
-        " KernelConfig(128, 8, 1, 4, 3, 4, kernel='gluon_member_ws')));"
-        "[print(format_report(r)) for r in reports];"
-        "print('SUMMARY', all(r.ok for r in reports), min(r.wgmma for r in reports), min(r.hgmma for r in reports),"
-        " max(r.spill_bytes for r in reports))"
-    )
+def test_gluon_and_swapped_kernels_compile_with_wgmma_and_no_spills():
+    script = f"""
+import torch
+from nn_blocksparse.aot import compile_variant_kernel, format_report
+from nn_blocksparse.kernels.configs import KernelConfig
+
+reports = [compile_variant_kernel(90, torch.float16, 32, True, "gelu", KernelConfig(bm, 8, 1, w, s, r, kernel=k))
+           for k, bm, w, s, r in {AOT_SUBSET!r}]
+reports.append(compile_variant_kernel(90, torch.bfloat16, 32, False, None,
+                                      KernelConfig(128, 8, 1, 4, 3, 4, kernel="gluon_member_ws")))
+swapped = [compile_variant_kernel(arch, torch.float16, 32, True, "gelu",
+                                  KernelConfig(128, 8, 1, 4, 3, 2, kernel="triton_swapped")) for arch in (80, 90)]
+for report in reports + swapped:
+    print(format_report(report))
+print("SUMMARY", all(r.ok for r in reports), min(r.wgmma for r in reports), min(r.hgmma for r in reports),
+      max(r.spill_bytes for r in reports))
+print("SWAPPED", all(r.ok for r in swapped), swapped[1].wgmma)
+"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -273,3 +278,30 @@ def test_gluon_kernels_compile_for_sm90_with_wgmma_and_no_spills():
     wgmma, hgmma, spill = map(int, summary[2:])
     assert wgmma > 0 and spill == 0
     assert hgmma != 0  # -1: no cuobjdump bundled (then only the PTX count is checked)
+    # The swapped kernel is plain Triton: it compiles for sm80 too, and on sm90 its 64-row dot is a wgmma.
+    swapped = next(line for line in result.stdout.splitlines() if line.startswith("SWAPPED")).split()
+    assert swapped[1] == "True" and int(swapped[2]) > 0, result.stdout
+
+
+# ---------------------------------------------------------------------------------- tuner
+def test_tuner_covers_the_other_kernels(kernel_device, tmp_path):
+    from benchmarks import tune_kernel
+
+    every = ("triton", *tune_kernel.VARIANT_KERNELS)
+    sm90 = list(tune_kernel.candidate_configs(torch.float16, 32, 2048, 24, (3,), kernels=every, arch="sm90"))
+    assert {c.kernel for c in sm90} == set(every)
+    assert not [c for c in tune_kernel.candidate_configs(torch.float16, 32, 2048, 24, (3,), every, "sm80") if c.is_gluon]
+    assert tune_kernel.parse_args(["--kernels", "all"]).kernels == every
+    assert tune_kernel.parse_args([]).kernels == ("triton",)  # the default tuning grid is unchanged
+    # Entries naming a kernel keep the table's one-line-per-entry form and read back.
+    path = tmp_path / "table.json"
+    config = KernelConfig(128, 8, 1, 4, 3, 4, kernel="gluon_member_ws")
+    tune_kernel.save_table({"configs": {"sm90": {"fp16/bs32/n768/k768/m2048/d1.00": config.as_list()}}}, path)
+    assert '[128, 8, 1, 4, 3, 4, 1, "gluon_member_ws"]' in path.read_text()
+    assert KernelConfig.from_list(tune_kernel.load_table(path)["configs"]["sm90"]["fp16/bs32/n768/k768/m2048/d1.00"]) == config
+    # One problem timed over the swapped kernel's candidates (the Gluon ones need a Hopper GPU).
+    with torch.inference_mode():
+        row = tune_kernel.tune_problem(torch.float16, 32, 64, 64, 16, 0.5, kernel_device, 1, 1, stages=(2,),
+                                       kernels=("triton_swapped",))
+    # (the heuristic's Triton config is always timed beside them; on CPU either may be faster)
+    assert row["best_triton_swapped_ms"] > 0 and row["configs_failed"] == 0 and row["configs_timed"] > 1
