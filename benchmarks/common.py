@@ -5,6 +5,9 @@ CSV format: the environment record comes first, one `# key: value` comment line 
 header row and data rows. `read_csv` splits the two back apart; tools that do not know the
 format can skip the comment lines (`pandas.read_csv(path, comment="#")`).
 
+Layouts: `random_block_sparse_weight` (blocks kept uniformly at random) and
+`head_structured_block_sparse_weight` (block-rows in heads sharing one pattern).
+
 Timing (`time_ms`, milliseconds): on CUDA `triton.testing.do_bench(fn, return_mode="median")`,
 which flushes L2 between runs and times each call as the GPU sees it, so the host's launch work
 counts wherever it is longer than the GPU's ("eager": what a Python caller gets). With
@@ -151,6 +154,28 @@ def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, 
     keep = torch.zeros(rows * cols, dtype=torch.bool)
     keep[order[:count]] = True
     mask = keep.view(rows, cols).repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    weight = torch.randn(n, k, generator=generator) / math.sqrt(k)
+    return (weight * mask).to(device=device, dtype=dtype)
+
+
+def head_structured_block_sparse_weight(n: int, k: int, block_size: int, density: float, rows_per_head: int = 2,
+                                        seed: int = 0, dtype: torch.dtype = torch.float32,
+                                        device="cpu") -> torch.Tensor:
+    """Like `random_block_sparse_weight`, but block-rows come in heads of `rows_per_head` that share
+    one column pattern (structured pruning: 2 block-rows of 32 are one 64-wide BERT attention head).
+
+    Keeps `round(density * heads * block-columns)` (at least one) (head, block-column) pairs, a
+    prefix of one seeded permutation; a partial last head keeps its pattern.
+    """
+    rows, cols = n // block_size, k // block_size
+    heads = -(-rows // rows_per_head)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(heads * cols, generator=generator)
+    count = min(heads * cols, max(1, round(density * heads * cols)))
+    keep = torch.zeros(heads * cols, dtype=torch.bool)
+    keep[order[:count]] = True
+    keep = keep.view(heads, cols).repeat_interleave(rows_per_head, 0)[:rows]
+    mask = keep.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
     weight = torch.randn(n, k, generator=generator) / math.sqrt(k)
     return (weight * mask).to(device=device, dtype=dtype)
 

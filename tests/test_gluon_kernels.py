@@ -16,11 +16,13 @@ checks every variant before timing it, and the GPU test below).
 import os
 import subprocess
 import sys
+from itertools import product
 
 import pytest
 import torch
 
 import gluon_schedule
+from benchmarks import common
 from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.functional import block_sparse_linear
@@ -34,19 +36,9 @@ from nn_blocksparse.kernels.configs import (
 from nn_blocksparse.kernels.gluon_common import GLUON_AVAILABLE
 
 
-def head_structured_weight(n, k, block_size, density, seed, rows_per_head=2):
-    """Block-rows in heads of `rows_per_head` sharing one column pattern (structured pruning)."""
-    generator = torch.Generator().manual_seed(seed)
-    heads = -(-(n // block_size) // rows_per_head)
-    keep = (torch.rand(heads, k // block_size, generator=generator) < density).repeat_interleave(rows_per_head, 0)
-    keep = keep[: n // block_size]
-    mask = keep.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    return torch.randn(n, k, generator=generator) / k**0.5 * mask
-
-
 LAYOUTS = {
     "random": lambda n, k, bs, seed: random_block_sparse_weight(n, k, bs, 0.5, seed, empty_block_rows=(1,)),
-    "heads": lambda n, k, bs, seed: head_structured_weight(n, k, bs, 0.6, seed, rows_per_head=4),
+    "heads": lambda n, k, bs, seed: common.head_structured_block_sparse_weight(n, k, bs, 0.6, 4, seed),
     "dense": lambda n, k, bs, seed: torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5,
 }
 
@@ -305,3 +297,58 @@ def test_tuner_covers_the_other_kernels(kernel_device, tmp_path):
                                        kernels=("triton_swapped",))
     # (the heuristic's Triton config is always timed beside them; on CPU either may be faster)
     assert row["best_triton_swapped_ms"] > 0 and row["configs_failed"] == 0 and row["configs_timed"] > 1
+
+
+# ---------------------------------------------------------------------------------- GPU probe script
+def _probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "gpu_kernels_probe.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_probe_smoke_run(tmp_path):
+    """The probe's CPU smoke mode: every kernel family (Gluon ones through their Triton twin) checked
+    against float64, CSV with the ratio column, no timings."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_kernels_probe.py"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (csv_path,) = tmp_path.glob("gpu_kernels_probe_*.csv")
+    environment, rows = common.read_csv(csv_path)
+    assert environment["problems_skipped"] == "0" and environment["dropped_variants"] == "none"
+    assert {row["layout"] for row in rows} == {"random", "heads"}
+    assert {row["method"] for row in rows} == {"cublas", "today", "triton_swapped", *GLUON_KERNELS}
+    assert all(float(row["max_rel_err"]) < 5e-3 for row in rows)
+    assert all("Triton twin" in row["note"] for row in rows if row["method"].startswith("gluon"))
+    assert "stored_tflops_over_cublas" in rows[0] and all(row["time_ms"] == "nan" for row in rows)
+
+
+def test_gpu_probe_times_only_aot_checked_configs_in_priority_order(tmp_path):
+    probe = _probe()
+    candidates = set(variant_candidate_configs(torch.float16, 32, "sm90"))
+    assert set(probe.probe_configs()) <= candidates  # so `python -m nn_blocksparse.aot` compiles each
+    assert {c.kernel for c in probe.probe_configs()} == {"triton_swapped", *GLUON_KERNELS}
+    args = probe.parse_args([])
+    problems = probe.problems_in_priority_order(args)
+    assert len(problems) == 2 * 4 * 4 * 4 * 2
+    first = problems[: 2 * 2 * 4]  # fp16, M 2048 and 8192, densities 1.0 and 0.5, random layout first
+    assert {(p.dtype, p.layout) for p in first} == {("fp16", "random")} and {p.m for p in first} == {2048, 8192}
+    assert {p.density for p in first} == {1.0, 0.5} and problems[-1].dtype == "bf16"
+    # The plot and summary from timed rows (as a GPU run writes them).
+    rows = []
+    for density, (method, ratio) in product((0.5, 1.0), (("cublas", 1.0), ("today", 0.4), ("gluon_wide", 0.8))):
+        rows.append({"dtype": "fp16", "layout": "random", "shape": "768x768", "m": 2048, "target_density": density,
+                     "method": method, "variant": method, "stored_tflops_over_cublas": ratio, "cublas_tflops": 400.0,
+                     "time_ms": 0.01})
+    probe.print_summary(rows)
+    (png,) = probe.plot(rows, lambda layout: tmp_path / f"{layout}.png", "test")
+    assert png.exists() and png.stat().st_size > 0
