@@ -117,7 +117,8 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int, int]:
     return registers, spill
 
 
-def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int, gluon: bool = False):
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int, gluon: bool = False,
+             extra_options: dict | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -131,7 +132,7 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, n
     else:
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, **(extra_options or {})})
 
 
 def _tt(dtype: torch.dtype) -> str:
@@ -198,7 +199,7 @@ def compile_variant_kernel(arch: int, dtype: torch.dtype, block_size: int, has_b
         constexprs = {**epilogue, "INPUT_PRECISION": "tf32", "BLOCK_SIZE": block_size, "BLOCK_T": config.block_m,
                       "UPCAST_OPERANDS": False}
         return _finish(report, fn, signature, constexprs, arch, config.num_warps, config.num_stages)
-    from .kernels.gluon_common import descriptor_signature
+    from .kernels.gluon_common import descriptor_signature, launch_options
 
     x_tile, block = descriptor_signature(dtype, (config.block_m, block_size)), descriptor_signature(
         dtype, (block_size, block_size))
@@ -213,13 +214,14 @@ def compile_variant_kernel(arch: int, dtype: torch.dtype, block_size: int, has_b
 
         signature = {"x_desc": x_tile, "w_desc": block, "out_ptr": f"*{t}", **tables, "bias_ptr": f"*{t}",
                      "M": "i32", "n_groups": "i32", "stride_om": "i32", "absent_row": "i32"}
-    return _finish(report, fn, signature, constexprs, arch, config.num_warps, config.num_stages, gluon=True)
+    return _finish(report, fn, signature, constexprs, arch, config.num_warps, config.num_stages, gluon=True,
+                   extra_options=launch_options(config))
 
 
 def _finish(report: CompileReport, fn, signature, constexprs, arch, num_warps, num_stages,
-            gluon: bool = False) -> CompileReport:
+            gluon: bool = False, extra_options: dict | None = None) -> CompileReport:
     try:
-        compiled = _compile(fn, signature, constexprs, arch, num_warps, num_stages, gluon)
+        compiled = _compile(fn, signature, constexprs, arch, num_warps, num_stages, gluon, extra_options)
         report.shared_bytes = int(compiled.metadata.shared)
         ptx = compiled.asm["ptx"]
         if arch >= 90:

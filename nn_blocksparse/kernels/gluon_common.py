@@ -49,6 +49,18 @@ GLUON_DTYPES = (torch.float16, torch.bfloat16)
 GLUON_BLOCK_SIZES = (16, 32, 64)
 # The only compute capability they compile for.
 GLUON_ARCH = 90
+# Register cap (ptx .maxnreg) of the warp-specialised kernels per MMA warp count. 4 MMA warps and the
+# 1-warp loader launch as two warpgroups; at 128 registers a thread two programs fit on an SM (a
+# second program's loads and epilogue overlap this one's MMAs) and `setmaxnreg` still gives the MMA
+# warpgroup 208 (the loader keeps 48). With 8 MMA warps (three warpgroups) Triton picks the cap itself.
+WARP_SPECIALIZED_MAXNREG = {4: 128}
+
+
+def launch_options(config) -> dict:
+    """Extra compile/launch options of a Gluon config (the AOT check compiles with the same)."""
+    if config.kernel.endswith("_ws") and config.num_warps in WARP_SPECIALIZED_MAXNREG:
+        return {"maxnreg": WARP_SPECIALIZED_MAXNREG[config.num_warps]}
+    return {}
 
 
 def gluon_unavailable_reason(device: torch.device | None = None, dtype: torch.dtype | None = None,

@@ -42,6 +42,7 @@ from .block_sparse_linear import _ACTIVATION_CODES
 from .gluon_common import (
     GLUON_AVAILABLE,
     gluon_unavailable_reason,
+    launch_options,
     tensor_descriptor,
     tma_unfit_reason,
 )
@@ -312,6 +313,7 @@ def member_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, 
         NUM_STAGES=config.num_stages,
         WARP_SPECIALIZE=config.kernel == "gluon_member_ws",
         num_warps=config.num_warps,
+        **launch_options(config),
     )
     return out
 

@@ -31,7 +31,13 @@ import torch
 import triton
 
 from .block_sparse_linear import _ACTIVATION_CODES
-from .gluon_common import GLUON_AVAILABLE, gluon_unavailable_reason, tensor_descriptor, tma_unfit_reason
+from .gluon_common import (
+    GLUON_AVAILABLE,
+    gluon_unavailable_reason,
+    launch_options,
+    tensor_descriptor,
+    tma_unfit_reason,
+)
 from .gluon_member_mma import check_launch
 
 if GLUON_AVAILABLE:
@@ -236,5 +242,6 @@ def wide_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, bi
         NUM_STAGES=config.num_stages,
         WARP_SPECIALIZE=config.kernel == "gluon_wide_ws",
         num_warps=config.num_warps,
+        **launch_options(config),
     )
     return out
