@@ -215,7 +215,7 @@ def compile_variant_kernel(arch: int, dtype: torch.dtype, block_size: int, has_b
         signature = {"x_desc": x_tile, "w_desc": block, "out_ptr": f"*{t}", **tables, "bias_ptr": f"*{t}",
                      "M": "i32", "n_groups": "i32", "stride_om": "i32", "absent_row": "i32"}
     return _finish(report, fn, signature, constexprs, arch, config.num_warps, config.num_stages, gluon=True,
-                   extra_options=launch_options(config))
+                   extra_options=launch_options(config, block_size))
 
 
 def _finish(report: CompileReport, fn, signature, constexprs, arch, num_warps, num_stages,

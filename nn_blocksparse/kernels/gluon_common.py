@@ -54,11 +54,16 @@ GLUON_ARCH = 90
 # second program's loads and epilogue overlap this one's MMAs) and `setmaxnreg` still gives the MMA
 # warpgroup 208 (the loader keeps 48). With 8 MMA warps (three warpgroups) Triton picks the cap itself.
 WARP_SPECIALIZED_MAXNREG = {4: 128}
+# ...but ptxas needs the cap above one wgmma's own accumulator: a 256-wide one (128 registers) does
+# not assemble under it ("Insufficient registers"), so wider instructions launch uncapped.
+MAX_CAPPED_WGMMA_N = 128
 
 
-def launch_options(config) -> dict:
+def launch_options(config, block_size: int) -> dict:
     """Extra compile/launch options of a Gluon config (the AOT check compiles with the same)."""
-    if config.kernel.endswith("_ws") and config.num_warps in WARP_SPECIALIZED_MAXNREG:
+    instruction_n = block_size * (config.rows_per_program if config.kernel.startswith("gluon_wide") else 1)
+    if (config.kernel.endswith("_ws") and config.num_warps in WARP_SPECIALIZED_MAXNREG
+            and instruction_n <= MAX_CAPPED_WGMMA_N):
         return {"maxnreg": WARP_SPECIALIZED_MAXNREG[config.num_warps]}
     return {}
 

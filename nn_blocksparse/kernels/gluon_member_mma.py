@@ -313,7 +313,7 @@ def member_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, 
         NUM_STAGES=config.num_stages,
         WARP_SPECIALIZE=config.kernel == "gluon_member_ws",
         num_warps=config.num_warps,
-        **launch_options(config),
+        **launch_options(config, block_size),
     )
     return out
 

@@ -242,6 +242,6 @@ def wide_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, bi
         NUM_STAGES=config.num_stages,
         WARP_SPECIALIZE=config.kernel == "gluon_wide_ws",
         num_warps=config.num_warps,
-        **launch_options(config),
+        **launch_options(config, block_size),
     )
     return out
