@@ -400,10 +400,11 @@ def variant_candidate_configs(dtype: torch.dtype, block_size: int, arch: str | N
 
 
 def launchable_configs(dtype: torch.dtype, block_size: int, arch: str | None = None) -> list[KernelConfig]:
-    """Every configuration `select_config` may return for this dtype and block size, and the other
-    kernels' candidates (`variant_candidate_configs`; Gluon ones only for `arch="sm90"`, the only
-    architecture they compile for, and likewise for tuned Gluon entries)."""
-    configs = set(variant_candidate_configs(dtype, block_size, arch))
+    """Every configuration `select_config` may return for this dtype and block size; given an `arch`
+    ("sm80", "sm90": what the AOT check compiles for), also the other kernels' candidates
+    (`variant_candidate_configs`: the swapped kernel's for both, the Gluon ones for sm90 only). Tuned
+    Gluon entries count only for sm90, the one architecture they compile for."""
+    configs = set(variant_candidate_configs(dtype, block_size, arch)) if arch is not None else set()
     for block_m, rows_per_program in itertools.product(BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES):
         if rows_per_program > 1 and dtype == torch.float32:
             continue
