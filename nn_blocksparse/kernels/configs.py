@@ -382,10 +382,13 @@ def variant_candidate_configs(dtype: torch.dtype, block_size: int, arch: str | N
     configs = []
     for rows, block_t, stages in itertools.product(SWAPPED_ROWS_PER_PROGRAM_CHOICES, SWAPPED_BLOCK_T_CHOICES,
                                                    SWAPPED_CANDIDATE_STAGES):
-        # Its pointer tensors take as many registers again as the accumulator (4 warps hold
-        # [64, 128] at 254 registers; [64, 256] spills): 64 accumulator registers per thread at most.
+        # Its pointer tensors take as many registers again as the accumulator and the operand tiles
+        # (4 warps hold a [64, 128] accumulator with [64, 32] and [32, 128] operands at 254 registers;
+        # a [64, 256] accumulator, or [128, 64] + [64, 64] operands, spill): 64 accumulator registers
+        # per thread at most, and 8 warps past those sizes.
         tile = rows * block_size * block_t
-        num_warps = 4 if tile <= 64 * 128 else 8
+        operands = rows * block_size * block_size + block_size * block_t
+        num_warps = 4 if tile <= 64 * 128 and operands <= 64 * 128 else 8
         if tile // (32 * num_warps) <= MAX_SWAPPED_ACCUMULATOR_REGISTERS:
             configs.append(KernelConfig(block_t, 8, 1, num_warps, stages, rows, kernel="triton_swapped"))
     if arch == "sm90":
