@@ -382,14 +382,15 @@ def variant_candidate_configs(dtype: torch.dtype, block_size: int, arch: str | N
     configs = []
     for rows, block_t, stages in itertools.product(SWAPPED_ROWS_PER_PROGRAM_CHOICES, SWAPPED_BLOCK_T_CHOICES,
                                                    SWAPPED_CANDIDATE_STAGES):
-        # Its pointer tensors take as many registers again as the accumulator and the operand tiles
-        # (4 warps hold a [64, 128] accumulator with [64, 32] and [32, 128] operands at 254 registers;
-        # a [64, 256] accumulator, or [128, 64] + [64, 64] operands, spill): 64 accumulator registers
-        # per thread at most, and 8 warps past those sizes.
-        tile = rows * block_size * block_t
-        operands = rows * block_size * block_size + block_size * block_t
-        num_warps = 4 if tile <= 64 * 128 and operands <= 64 * 128 else 8
-        if tile // (32 * num_warps) <= MAX_SWAPPED_ACCUMULATOR_REGISTERS:
+        # Its pointer tensors take as many registers again as the accumulator and the operand tiles.
+        # The AOT report under Triton 3.6 and 3.9: 4 warps hold one 64-row MMA (a [64, 128]
+        # accumulator with [64, 32] and [32, 128] operands, 254 registers) but spill on 128 weight
+        # rows or 64-wide blocks' [128, 64] operands; 8 warps hold up to 128 rows; 256 rows spill.
+        # So: at most 128 weight rows, 8 warps past one 64-row MMA or a [64, 128] tile, and 64
+        # accumulator registers per thread at most.
+        weight_rows, tile = rows * block_size, rows * block_size * block_t
+        num_warps = 4 if weight_rows <= 64 and tile <= 64 * 128 and block_size <= 32 else 8
+        if weight_rows <= 128 and tile // (32 * num_warps) <= MAX_SWAPPED_ACCUMULATOR_REGISTERS:
             configs.append(KernelConfig(block_t, 8, 1, num_warps, stages, rows, kernel="triton_swapped"))
     if arch == "sm90":
         for kernel, rows, block_m, num_warps, stages in itertools.product(
