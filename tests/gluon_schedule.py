@@ -1,7 +1,7 @@
 """A Python model of the Gluon kernels' schedule, for CPU tests (Triton's interpreter cannot run Gluon).
 
 It replays, program by program, what `gluon_member_mma.py` and `gluon_wide_mma.py` issue over the
-same `RowGroups` tables: the launch-grid mapping (`program_tile`), every TMA box (coordinates,
+same `RowGroups` tables: the launch-grid mapping (`program_work`), every TMA box (coordinates,
 shared-memory slot, bytes; out-of-bounds parts read as zeros, as TMA does), the mbarrier
 protocol of the ring (expected bytes, arrivals, phase parities: the software-pipelined order, or
 the loader and MMA partitions of the warp-specialised one interleaved in random orders with TMA
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-def program_tile(pid: int, m: int, n_groups: int, group_order: list[int], block_m: int, group_m: int):
+def program_work(pid: int, m: int, n_groups: int, group_order: list[int], block_m: int, group_m: int):
     num_pid_m = -(-m // block_m)
     per_sweep = group_m * n_groups
     sweep = pid // per_sweep
@@ -260,7 +260,7 @@ def emulate(kernel: Kernel, m: int, n: int, bias: torch.Tensor | None, activatio
     y = torch.full((m, n), math.nan, dtype=torch.float64)
     tiles = set()
     for pid in range(grid):
-        m0, group = program_tile(pid, m, groups.group_count, order, kernel.block_m, kernel.group_m)
+        m0, group = program_work(pid, m, groups.group_count, order, kernel.block_m, kernel.group_m)
         assert (m0, group) not in tiles, f"program {pid} repeats tile {(m0, group)}"
         tiles.add((m0, group))
         accs = kernel.run_program(m0, group, rng)

@@ -20,7 +20,10 @@ exactly wgmma's K-major B operand after a transposed view. x tiles are plain 2-D
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import triton
 
 from .block_sparse_linear import _INV_SQRT2
 
@@ -92,9 +95,11 @@ if GLUON_AVAILABLE:
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
     @gluon.jit
-    def program_tile(pid, M, n_groups, group_order_ptr, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr):
-        """(first row of x, row group) of program `pid`: the Triton kernel's launch order, so that
-        `GROUP_M` consecutive M-tiles sweep every row group together (heaviest groups first)."""
+    def program_work(pid, M, n_groups, step_offsets_ptr, group_order_ptr, BLOCK_M: gl.constexpr,
+                     GROUP_M: gl.constexpr):
+        """(first row of x, row group, its first step, its step count) of program `pid`: the Triton
+        kernel's launch order, so that `GROUP_M` consecutive M-tiles sweep every row group together
+        (heaviest groups first)."""
         num_pid_m = gl.cdiv(M, BLOCK_M)
         programs_per_sweep = GROUP_M * n_groups
         sweep = pid // programs_per_sweep
@@ -103,7 +108,21 @@ if GLUON_AVAILABLE:
         pid_in_sweep = pid % programs_per_sweep
         pid_m = first_pid_m + pid_in_sweep % sweep_tiles_m
         group = gl.load(group_order_ptr + pid_in_sweep // sweep_tiles_m)
-        return pid_m * BLOCK_M, group
+        first_step = gl.load(step_offsets_ptr + group)
+        return pid_m * BLOCK_M, group, first_step, gl.load(step_offsets_ptr + group + 1) - first_step
+
+    @gluon.jit
+    def allocate_barriers(COUNT: gl.constexpr):
+        """COUNT mbarriers, each completing a phase on one arrival (plus the bytes it is told to expect)."""
+        barriers = gl.allocate_shared_memory(gl.int64, [COUNT, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(COUNT):
+            mbarrier.init(barriers.index(i), count=1)
+        return barriers
+
+    @gluon.jit
+    def invalidate_barriers(barriers, COUNT: gl.constexpr):
+        for i in gl.static_range(COUNT):
+            mbarrier.invalidate(barriers.index(i))
 
     @gluon.jit
     def apply_epilogue(acc, bias_ptr, features, HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr):
@@ -149,3 +168,45 @@ def descriptor_signature(dtype: torch.dtype, block_shape) -> str:
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     layout = nvmma_layout(block_shape, dtype)
     return f"tensordesc<{name}[{', '.join(str(int(s)) for s in block_shape)}],{layout!r}>"
+
+
+@dataclass
+class GluonLaunch:
+    """What both Gluon launchers pass the same way: TMA descriptors of x and the blocks, the index tables, the grid."""
+
+    x_desc: object
+    w_desc: object
+    tables: tuple  # step_offsets, step_cols, step_blocks, group_rows, group_order
+    grid: tuple
+    absent_row: int  # one row past the blocks viewed as [nnz * bs, bs]: a TMA box there reads zeros
+
+
+def prepare_launch(x: torch.Tensor, values: torch.Tensor, out: torch.Tensor, config, row_groups,
+                   out_needs_tma: bool) -> GluonLaunch:
+    """Check what the Gluon kernels need before touching the GPU (the rest is `functional.check_inputs`)
+    and build their common arguments; raises ValueError naming the problem."""
+    block_size = values.shape[-1]
+    reason = gluon_unavailable_reason(x.device, x.dtype, block_size)
+    if reason:
+        raise ValueError(f"kernel {config.kernel!r}: {reason}")
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError("the launcher expects a 2-D x with unit stride along K")
+    if row_groups is None or row_groups.rows_per_group != config.rows_per_program:
+        raise ValueError(f"kernel {config.kernel!r} needs the row groups of the weight for "
+                         f"{config.rows_per_program} rows per group, got {row_groups!r:.80}")
+    if values.shape[0] == 0:
+        raise ValueError(f"kernel {config.kernel!r}: the weight stores no block (use the Triton kernel)")
+    values_2d = values.reshape(-1, block_size)
+    fits = ((x, "x"), (values_2d, "the block values")) + (((out, "the output"),) if out_needs_tma else ())
+    for tensor, name in fits:
+        unfit = tma_unfit_reason(tensor, name)
+        if unfit:
+            raise ValueError(f"kernel {config.kernel!r}: {unfit}")
+    groups = row_groups
+    return GluonLaunch(
+        x_desc=tensor_descriptor(x, (config.block_m, block_size)),
+        w_desc=tensor_descriptor(values_2d, (block_size, block_size)),
+        tables=(groups.step_offsets, groups.step_cols, groups.step_blocks, groups.group_rows, groups.group_order),
+        grid=(triton.cdiv(x.shape[0], config.block_m) * groups.group_count,),
+        absent_row=values_2d.shape[0],
+    )

@@ -35,17 +35,10 @@ which is this kernel's CPU twin: Triton's interpreter cannot run Gluon.
 
 from __future__ import annotations
 
-import triton
 import torch
 
 from .block_sparse_linear import _ACTIVATION_CODES
-from .gluon_common import (
-    GLUON_AVAILABLE,
-    gluon_unavailable_reason,
-    launch_options,
-    tensor_descriptor,
-    tma_unfit_reason,
-)
+from .gluon_common import GLUON_AVAILABLE, launch_options, prepare_launch, tensor_descriptor
 
 if GLUON_AVAILABLE:
     from .gluon_common import (
@@ -54,7 +47,9 @@ if GLUON_AVAILABLE:
         gl,
         gluon,
         mbarrier,
-        program_tile,
+        allocate_barriers,
+        invalidate_barriers,
+        program_work,
         tma,
         tma_load,
         tma_store,
@@ -130,23 +125,11 @@ if GLUON_AVAILABLE:
         return accs
 
     @gluon.jit
-    def _mma_partition(x_smem, w_smem, ready, empty, step_blocks_ptr, first_step, n_steps,
-                       ROWS: gl.constexpr, NUM_STAGES: gl.constexpr, mma_layout: gl.constexpr,
-                       a_layout: gl.constexpr):
-        """Warp-specialised MMA side: consume the ring, hand each stage back once done with it."""
-        BLOCK_M: gl.constexpr = x_smem.type.shape[1]
-        BS: gl.constexpr = x_smem.type.shape[2]
-        accs = _zero_accumulators(BLOCK_M, BS, ROWS, mma_layout)
-        # No MMA pipeline at all for a group without steps (empty block-rows): ptxas would otherwise
-        # see the zeros of that path reach the final wgmma wait and serialise every wgmma.
-        if n_steps > 0:
-            accs = _consume_ring(accs, x_smem, w_smem, ready, empty, step_blocks_ptr, first_step, n_steps, ROWS,
-                                 NUM_STAGES, a_layout)
-        return accs
-
-    @gluon.jit
-    def _consume_ring(accs, x_smem, w_smem, ready, empty, step_blocks_ptr, first_step, n_steps,
-                      ROWS: gl.constexpr, NUM_STAGES: gl.constexpr, a_layout: gl.constexpr):
+    def _mma_loop(accs, x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr, first_step,
+                  n_steps, m0, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr, a_layout: gl.constexpr,
+                  WARP_SPECIALIZE: gl.constexpr):
+        """The MMA side's steps; with WARP_SPECIALIZE the loader partition fills the ring (`empty`
+        hands stages back), else these warps refill it themselves."""
         BLOCK_M: gl.constexpr = x_smem.type.shape[1]
         BS: gl.constexpr = x_smem.type.shape[2]
         a = gl.zeros((BLOCK_M, BS), x_smem.dtype, a_layout)
@@ -157,12 +140,34 @@ if GLUON_AVAILABLE:
             a_next = x_smem.index(stage).load(a_layout)
             accs, a = _wait_mmas(accs, a, ROWS)
             # Step s - 1's x is in registers and its MMAs are done: its stage may be refilled. The
-            # fence orders this partition's shared-memory reads before the loader's next TMA write.
-            fence_async_shared()
-            mbarrier.arrive(empty.index((s + NUM_STAGES - 1) % NUM_STAGES), pred=s > 0)
+            # fence orders those shared-memory reads before the TMA write that refills it.
+            if WARP_SPECIALIZE:
+                fence_async_shared()
+                mbarrier.arrive(empty.index((s + NUM_STAGES - 1) % NUM_STAGES), pred=s > 0)
             a = a_next
             accs = _member_mmas(accs, a, w_smem, stage, blocks, ROWS)
+            refill = s + NUM_STAGES - 1
+            if not WARP_SPECIALIZE:  # the refill comes after this step's MMAs are issued
+                if refill < n_steps:
+                    fence_async_shared()
+                    _load_step(first_step + refill, refill % NUM_STAGES, ready.index(refill % NUM_STAGES), x_desc,
+                               w_desc, x_smem, w_smem, step_cols_ptr, step_blocks_ptr, m0, ROWS)
         return _wait_last_mmas(accs, ROWS)
+
+    @gluon.jit
+    def _mma_partition(x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr, first_step,
+                       n_steps, m0, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr, mma_layout: gl.constexpr,
+                       a_layout: gl.constexpr, WARP_SPECIALIZE: gl.constexpr):
+        """The MMA side (the default partition when warp-specialised)."""
+        BLOCK_M: gl.constexpr = x_smem.type.shape[1]
+        BS: gl.constexpr = x_smem.type.shape[2]
+        accs = _zero_accumulators(BLOCK_M, BS, ROWS, mma_layout)
+        # No MMA pipeline at all for a group without steps (empty block-rows): ptxas would otherwise
+        # see the zeros of that path reach the final wgmma wait and serialise every wgmma.
+        if n_steps > 0:
+            accs = _mma_loop(accs, x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr,
+                             first_step, n_steps, m0, ROWS, NUM_STAGES, a_layout, WARP_SPECIALIZE)
+        return accs
 
     @gluon.jit
     def _load_partition(x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr, first_step,
@@ -175,46 +180,6 @@ if GLUON_AVAILABLE:
             mbarrier.wait(empty.index(stage), ((s // NUM_STAGES) & 1) ^ 1)
             _load_step(first_step + s, stage, ready.index(stage), x_desc, w_desc, x_smem, w_smem, step_cols_ptr,
                        step_blocks_ptr, m0, ROWS)
-
-    @gluon.jit
-    def _pipelined_steps(x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr, first_step, n_steps,
-                         m0, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr, mma_layout: gl.constexpr,
-                         a_layout: gl.constexpr):
-        """Software-pipelined: NUM_STAGES - 1 steps of loads in flight ahead of the MMAs."""
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        BS: gl.constexpr = x_desc.block_type.shape[1]
-        for i in gl.static_range(NUM_STAGES - 1):
-            if i < n_steps:
-                _load_step(first_step + i, i, ready.index(i), x_desc, w_desc, x_smem, w_smem, step_cols_ptr,
-                           step_blocks_ptr, m0, ROWS)
-        accs = _zero_accumulators(BLOCK_M, BS, ROWS, mma_layout)
-        if n_steps > 0:  # see _mma_partition
-            accs = _pipelined_loop(accs, x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr,
-                                   first_step, n_steps, m0, ROWS, NUM_STAGES, a_layout)
-        return accs
-
-    @gluon.jit
-    def _pipelined_loop(accs, x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr, first_step,
-                        n_steps, m0, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr, a_layout: gl.constexpr):
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        BS: gl.constexpr = x_desc.block_type.shape[1]
-        a = gl.zeros((BLOCK_M, BS), x_desc.dtype, a_layout)
-        for s in range(n_steps):
-            stage = s % NUM_STAGES
-            blocks = _step_blocks(step_blocks_ptr, first_step + s, ROWS)
-            mbarrier.wait(ready.index(stage), (s // NUM_STAGES) & 1)
-            a_next = x_smem.index(stage).load(a_layout)
-            accs, a = _wait_mmas(accs, a, ROWS)
-            a = a_next
-            accs = _member_mmas(accs, a, w_smem, stage, blocks, ROWS)
-            # Refill the stage step s - 1 used: its MMAs are done (waited above) and its x is in
-            # registers; the fence orders those shared-memory reads before the TMA write.
-            refill = s + NUM_STAGES - 1
-            if refill < n_steps:
-                fence_async_shared()
-                _load_step(first_step + refill, refill % NUM_STAGES, ready.index(refill % NUM_STAGES), x_desc,
-                           w_desc, x_smem, w_smem, step_cols_ptr, step_blocks_ptr, m0, ROWS)
-        return _wait_last_mmas(accs, ROWS)
 
     @gluon.jit(do_not_specialize=["M", "n_groups"])
     def _member_mma_kernel(
@@ -237,32 +202,30 @@ if GLUON_AVAILABLE:
                                                              instr_shape=[16, BS, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
 
-        m0, group = program_tile(gl.program_id(0), M, n_groups, group_order_ptr, BLOCK_M, GROUP_M)
-        first_step = gl.load(step_offsets_ptr + group)
-        n_steps = gl.load(step_offsets_ptr + group + 1) - first_step
+        m0, group, first_step, n_steps = program_work(gl.program_id(0), M, n_groups, step_offsets_ptr,
+                                                      group_order_ptr, BLOCK_M, GROUP_M)
 
         x_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BS], x_desc.layout)
         w_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES * ROWS, BS, BS], w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
+        ready = allocate_barriers(NUM_STAGES)
         if WARP_SPECIALIZE:
-            empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(NUM_STAGES):
-                mbarrier.init(empty.index(i), count=1)
+            empty = allocate_barriers(NUM_STAGES)
             accs = gl.warp_specialize([
-                (_mma_partition, (x_smem, w_smem, ready, empty, step_blocks_ptr, first_step, n_steps, ROWS,
-                                  NUM_STAGES, mma_layout, a_layout)),
+                (_mma_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr,
+                                  first_step, n_steps, m0, ROWS, NUM_STAGES, mma_layout, a_layout, True)),
                 (_load_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr,
                                    first_step, n_steps, m0, ROWS, NUM_STAGES)),
             ], [1], [_LOADER_REGISTERS])
-            for i in gl.static_range(NUM_STAGES):
-                mbarrier.invalidate(empty.index(i))
+            invalidate_barriers(empty, NUM_STAGES)
         else:
-            accs = _pipelined_steps(x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr, first_step,
-                                    n_steps, m0, ROWS, NUM_STAGES, mma_layout, a_layout)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(ready.index(i))
+            # Software-pipelined: NUM_STAGES - 1 steps of loads in flight ahead of the MMAs.
+            for i in gl.static_range(NUM_STAGES - 1):
+                if i < n_steps:
+                    _load_step(first_step + i, i, ready.index(i), x_desc, w_desc, x_smem, w_smem, step_cols_ptr,
+                               step_blocks_ptr, m0, ROWS)
+            accs = _mma_partition(x_desc, w_desc, x_smem, w_smem, ready, ready, step_cols_ptr, step_blocks_ptr,
+                                  first_step, n_steps, m0, ROWS, NUM_STAGES, mma_layout, a_layout, False)
+        invalidate_barriers(ready, NUM_STAGES)
 
         out_smem = gl.allocate_shared_memory(dtype, [ROWS, BLOCK_M, BS], out_desc.layout)
         within = gl.arange(0, BS, layout=gl.SliceLayout(0, mma_layout))
@@ -283,29 +246,15 @@ def member_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, 
     `config` is a `KernelConfig` with `kernel="gluon_member"` (or `"gluon_member_ws"`, the
     warp-specialised pipeline); `row_groups` the tables for `config.rows_per_program` rows per group.
     """
-    block_size = values.shape[-1]
-    reason = gluon_unavailable_reason(x.device, x.dtype, block_size)
-    if reason:
-        raise ValueError(f"kernel {config.kernel!r}: {reason}")
-    check_launch(x, values, out_features, bias, config, row_groups)
-    m = x.shape[0]
-    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
-    if m == 0 or out_features == 0:
+    out = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
+    launch = prepare_launch(x, values, out, config, row_groups, out_needs_tma=True)
+    if out.numel() == 0:
         return out
-    values_2d = values.reshape(-1, block_size)
-    for tensor, name in ((x, "x"), (values_2d, "the block values"), (out, "the output")):
-        unfit = tma_unfit_reason(tensor, name)
-        if unfit:
-            raise ValueError(f"kernel {config.kernel!r}: {unfit}")
-    n_groups = row_groups.group_count
-    grid = (triton.cdiv(m, config.block_m) * n_groups,)
-    _member_mma_kernel[grid](
-        tensor_descriptor(x, (config.block_m, block_size)),
-        tensor_descriptor(values_2d, (block_size, block_size)),
-        tensor_descriptor(out, (config.block_m, block_size)),
-        row_groups.step_offsets, row_groups.step_cols, row_groups.step_blocks, row_groups.group_rows,
-        row_groups.group_order, bias if bias is not None else out,
-        m, n_groups,
+    block_size = values.shape[-1]
+    _member_mma_kernel[launch.grid](
+        launch.x_desc, launch.w_desc, tensor_descriptor(out, (config.block_m, block_size)),
+        *launch.tables, bias if bias is not None else out,
+        x.shape[0], row_groups.group_count,
         HAS_BIAS=bias is not None,
         ACTIVATION=_ACTIVATION_CODES[activation],
         ROWS=config.rows_per_program,
@@ -316,14 +265,3 @@ def member_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, 
         **launch_options(config, block_size),
     )
     return out
-
-
-def check_launch(x, values, out_features, bias, config, row_groups) -> None:
-    """What the Gluon launchers re-check before touching the GPU (the rest is `functional.check_inputs`)."""
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError("the launcher expects a 2-D x with unit stride along K")
-    if row_groups is None or row_groups.rows_per_group != config.rows_per_program:
-        raise ValueError(f"kernel {config.kernel!r} needs the row groups of the weight for "
-                         f"{config.rows_per_program} rows per group, got {row_groups!r:.80}")
-    if values.shape[0] == 0:
-        raise ValueError(f"kernel {config.kernel!r}: the weight stores no block (use the Triton kernel)")

@@ -28,17 +28,9 @@ not contiguous across members); rows past M and padding members are masked.
 from __future__ import annotations
 
 import torch
-import triton
 
 from .block_sparse_linear import _ACTIVATION_CODES
-from .gluon_common import (
-    GLUON_AVAILABLE,
-    gluon_unavailable_reason,
-    launch_options,
-    tensor_descriptor,
-    tma_unfit_reason,
-)
-from .gluon_member_mma import check_launch
+from .gluon_common import GLUON_AVAILABLE, launch_options, prepare_launch
 
 if GLUON_AVAILABLE:
     from .gluon_common import (
@@ -47,7 +39,9 @@ if GLUON_AVAILABLE:
         gl,
         gluon,
         mbarrier,
-        program_tile,
+        allocate_barriers,
+        invalidate_barriers,
+        program_work,
         tma_load,
         warpgroup_mma,
         warpgroup_mma_wait,
@@ -75,26 +69,39 @@ if GLUON_AVAILABLE:
         return warpgroup_mma(x_smem.index(stage), w_smem.index(stage).permute((1, 0)), acc, is_async=True)
 
     @gluon.jit
-    def _wide_mma_partition(x_smem, w_smem, ready, empty, n_steps, NUM_STAGES: gl.constexpr,
-                            mma_layout: gl.constexpr):
+    def _wide_mma_partition(x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr, first_step,
+                            n_steps, m0, absent_row, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr,
+                            mma_layout: gl.constexpr, WARP_SPECIALIZE: gl.constexpr):
+        """The MMA side (the default partition when warp-specialised)."""
         BLOCK_M: gl.constexpr = x_smem.type.shape[1]
         WIDTH: gl.constexpr = w_smem.type.shape[1]
         acc = gl.zeros((BLOCK_M, WIDTH), gl.float32, mma_layout)
         # No MMA pipeline for a group without steps: ptxas would see that path's zeros reach the
         # final wgmma wait and serialise every wgmma.
         if n_steps > 0:
-            acc = _consume_wide_ring(acc, x_smem, w_smem, ready, empty, n_steps, NUM_STAGES)
+            acc = _wide_mma_loop(acc, x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr,
+                                 first_step, n_steps, m0, absent_row, ROWS, NUM_STAGES, WARP_SPECIALIZE)
         return (acc,)
 
     @gluon.jit
-    def _consume_wide_ring(acc, x_smem, w_smem, ready, empty, n_steps, NUM_STAGES: gl.constexpr):
+    def _wide_mma_loop(acc, x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr, first_step,
+                       n_steps, m0, absent_row, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr,
+                       WARP_SPECIALIZE: gl.constexpr):
         for s in range(n_steps):
             stage = s % NUM_STAGES
             mbarrier.wait(ready.index(stage), (s // NUM_STAGES) & 1)
             acc = _wide_mma(acc, x_smem, w_smem, stage)
-            # Step s - 1's MMA is done once at most this step's is outstanding: hand its stage back.
+            # Step s - 1's MMA is done once at most this step's is outstanding: its stage is free,
+            # for the loader partition (handed back) or for step s + NUM_STAGES - 1's loads.
             acc = warpgroup_mma_wait(1, deps=(acc,))
-            mbarrier.arrive(empty.index((s + NUM_STAGES - 1) % NUM_STAGES), pred=s > 0)
+            if WARP_SPECIALIZE:
+                mbarrier.arrive(empty.index((s + NUM_STAGES - 1) % NUM_STAGES), pred=s > 0)
+            else:
+                refill = s + NUM_STAGES - 1
+                if refill < n_steps:
+                    _load_wide_step(first_step + refill, refill % NUM_STAGES, ready.index(refill % NUM_STAGES),
+                                    x_desc, w_desc, x_smem, w_smem, step_cols_ptr, step_blocks_ptr, m0, absent_row,
+                                    ROWS)
         return warpgroup_mma_wait(0, deps=(acc,))
 
     @gluon.jit
@@ -105,37 +112,6 @@ if GLUON_AVAILABLE:
             mbarrier.wait(empty.index(stage), ((s // NUM_STAGES) & 1) ^ 1)  # fresh barriers pass parity 1
             _load_wide_step(first_step + s, stage, ready.index(stage), x_desc, w_desc, x_smem, w_smem, step_cols_ptr,
                             step_blocks_ptr, m0, absent_row, ROWS)
-
-    @gluon.jit
-    def _wide_pipelined_steps(x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr, first_step,
-                              n_steps, m0, absent_row, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr,
-                              mma_layout: gl.constexpr):
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        WIDTH: gl.constexpr = w_smem.type.shape[1]
-        for i in gl.static_range(NUM_STAGES - 1):
-            if i < n_steps:
-                _load_wide_step(first_step + i, i, ready.index(i), x_desc, w_desc, x_smem, w_smem, step_cols_ptr,
-                                step_blocks_ptr, m0, absent_row, ROWS)
-        acc = gl.zeros((BLOCK_M, WIDTH), gl.float32, mma_layout)
-        if n_steps > 0:  # see _wide_mma_partition
-            acc = _wide_pipelined_loop(acc, x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr,
-                                       first_step, n_steps, m0, absent_row, ROWS, NUM_STAGES)
-        return acc
-
-    @gluon.jit
-    def _wide_pipelined_loop(acc, x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr, first_step,
-                             n_steps, m0, absent_row, ROWS: gl.constexpr, NUM_STAGES: gl.constexpr):
-        for s in range(n_steps):
-            stage = s % NUM_STAGES
-            mbarrier.wait(ready.index(stage), (s // NUM_STAGES) & 1)
-            acc = _wide_mma(acc, x_smem, w_smem, stage)
-            acc = warpgroup_mma_wait(1, deps=(acc,))
-            # Step s - 1's MMA is done: its stage takes step s + NUM_STAGES - 1's loads.
-            refill = s + NUM_STAGES - 1
-            if refill < n_steps:
-                _load_wide_step(first_step + refill, refill % NUM_STAGES, ready.index(refill % NUM_STAGES), x_desc,
-                                w_desc, x_smem, w_smem, step_cols_ptr, step_blocks_ptr, m0, absent_row, ROWS)
-        return warpgroup_mma_wait(0, deps=(acc,))
 
     @gluon.jit(do_not_specialize=["M", "n_groups", "absent_row"])
     def _wide_mma_kernel(
@@ -159,33 +135,33 @@ if GLUON_AVAILABLE:
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                              instr_shape=[16, INSTR_N, 16])
 
-        m0, group = program_tile(gl.program_id(0), M, n_groups, group_order_ptr, BLOCK_M, GROUP_M)
-        first_step = gl.load(step_offsets_ptr + group)
-        n_steps = gl.load(step_offsets_ptr + group + 1) - first_step
+        m0, group, first_step, n_steps = program_work(gl.program_id(0), M, n_groups, step_offsets_ptr,
+                                                      group_order_ptr, BLOCK_M, GROUP_M)
 
         x_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BS], x_desc.layout)
         w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIDTH, BS], dtype)
         w_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, WIDTH, BS], w_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
+        ready = allocate_barriers(NUM_STAGES)
         if WARP_SPECIALIZE:
-            empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(NUM_STAGES):
-                mbarrier.init(empty.index(i), count=1)
+            empty = allocate_barriers(NUM_STAGES)
             results = gl.warp_specialize([
-                (_wide_mma_partition, (x_smem, w_smem, ready, empty, n_steps, NUM_STAGES, mma_layout)),
+                (_wide_mma_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr,
+                                       first_step, n_steps, m0, absent_row, ROWS, NUM_STAGES, mma_layout, True)),
                 (_wide_load_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, step_cols_ptr, step_blocks_ptr,
                                         first_step, n_steps, m0, absent_row, ROWS, NUM_STAGES)),
             ], [1], [_LOADER_REGISTERS])
-            acc = results[0]
-            for i in gl.static_range(NUM_STAGES):
-                mbarrier.invalidate(empty.index(i))
+            invalidate_barriers(empty, NUM_STAGES)
         else:
-            acc = _wide_pipelined_steps(x_desc, w_desc, x_smem, w_smem, ready, step_cols_ptr, step_blocks_ptr,
-                                        first_step, n_steps, m0, absent_row, ROWS, NUM_STAGES, mma_layout)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.invalidate(ready.index(i))
+            # Software-pipelined: NUM_STAGES - 1 steps of loads in flight ahead of the MMAs.
+            for i in gl.static_range(NUM_STAGES - 1):
+                if i < n_steps:
+                    _load_wide_step(first_step + i, i, ready.index(i), x_desc, w_desc, x_smem, w_smem, step_cols_ptr,
+                                    step_blocks_ptr, m0, absent_row, ROWS)
+            results = _wide_mma_partition(x_desc, w_desc, x_smem, w_smem, ready, ready, step_cols_ptr,
+                                          step_blocks_ptr, first_step, n_steps, m0, absent_row, ROWS, NUM_STAGES,
+                                          mma_layout, False)
+        acc = results[0]
+        invalidate_barriers(ready, NUM_STAGES)
 
         # Epilogue one member (bs columns) at a time: GELU on the whole [BLOCK_M, R * bs] fp32 tile at
         # once needs more registers than the accumulator leaves (ptxas spills). The tile is staged in
@@ -212,29 +188,14 @@ def wide_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, bi
 
     `config` is a `KernelConfig` with `kernel="gluon_wide"` (or `"gluon_wide_ws"`, warp-specialised).
     """
-    block_size = values.shape[-1]
-    reason = gluon_unavailable_reason(x.device, x.dtype, block_size)
-    if reason:
-        raise ValueError(f"kernel {config.kernel!r}: {reason}")
-    check_launch(x, values, out_features, bias, config, row_groups)
-    m = x.shape[0]
-    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
-    if m == 0 or out_features == 0:
+    out = torch.empty((x.shape[0], out_features), dtype=x.dtype, device=x.device)
+    launch = prepare_launch(x, values, out, config, row_groups, out_needs_tma=False)
+    if out.numel() == 0:
         return out
-    values_2d = values.reshape(-1, block_size)
-    for tensor, name in ((x, "x"), (values_2d, "the block values")):
-        unfit = tma_unfit_reason(tensor, name)
-        if unfit:
-            raise ValueError(f"kernel {config.kernel!r}: {unfit}")
-    n_groups = row_groups.group_count
-    grid = (triton.cdiv(m, config.block_m) * n_groups,)
-    _wide_mma_kernel[grid](
-        tensor_descriptor(x, (config.block_m, block_size)),
-        tensor_descriptor(values_2d, (block_size, block_size)),
-        out,
-        row_groups.step_offsets, row_groups.step_cols, row_groups.step_blocks, row_groups.group_rows,
-        row_groups.group_order, bias if bias is not None else out,
-        m, n_groups, out.stride(0), values_2d.shape[0],
+    _wide_mma_kernel[launch.grid](
+        launch.x_desc, launch.w_desc, out,
+        *launch.tables, bias if bias is not None else out,
+        x.shape[0], row_groups.group_count, out.stride(0), launch.absent_row,
         HAS_BIAS=bias is not None,
         ACTIVATION=_ACTIVATION_CODES[activation],
         ROWS=config.rows_per_program,
@@ -242,6 +203,6 @@ def wide_mma_linear(x: torch.Tensor, values: torch.Tensor, out_features: int, bi
         NUM_STAGES=config.num_stages,
         WARP_SPECIALIZE=config.kernel == "gluon_wide_ws",
         num_warps=config.num_warps,
-        **launch_options(config, block_size),
+        **launch_options(config, values.shape[-1]),
     )
     return out
