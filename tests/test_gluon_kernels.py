@@ -334,6 +334,11 @@ def test_gpu_probe_smoke_run(tmp_path):
     assert all(float(row["max_rel_err"]) < 5e-3 for row in rows)
     assert all("Triton twin" in row["note"] for row in rows if row["method"].startswith("gluon"))
     assert "stored_tflops_over_cublas" in rows[0] and all(row["time_ms"] == "nan" for row in rows)
+    # --compile-only (what gpu_session.sh runs beside the GPU tests): the checks alone, no CSV.
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--compile-only", "--out", str(tmp_path / "c")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and "5 of 5 variants passed" in result.stdout, result.stdout[-2000:]
+    assert not (tmp_path / "c").exists()
 
 
 def test_gpu_probe_times_only_aot_checked_configs_in_priority_order(tmp_path):

@@ -1,8 +1,9 @@
 """GPU probe of the block-sparse kernels (issue 16): every kernel variant against cuBLAS, in one short run.
 
-    python tools/gpu_kernels_probe.py [--out DIR] [--budget-s 200] [--rep-ms 5] [--workers 14]
+    python tools/gpu_kernels_probe.py [--out DIR] [--budget-s 150] [--rep-ms 5] [--workers 14]
         [--dtypes fp16,bf16] [--shapes 768x768,...] [--m 2048,8192,512,128] [--densities 1.0,0.5,0.75,0.36]
         [--layouts random,heads] [--variants all|NAME,...]
+    python tools/gpu_kernels_probe.py --compile-only        # step 1 alone (e.g. beside other GPU work)
     python tools/gpu_kernels_probe.py --smoke --out DIR     # CPU: tiny shapes, interpreter, no timings
 
 What it measures, per problem (dtype, BERT-base shape N x K, M tokens, block density, layout:
@@ -19,7 +20,8 @@ second: 1.0 means stored blocks run as fast as cuBLAS runs the dense matrix), sp
 and over today's kernel, the row-group padding (`inflation`) of the config's R, and the error
 against a float64 reference.
 
-Order of work, sized for a short lent session (it must finish in under 4 minutes on an H200):
+Order of work, sized for a short lent session (under 3 minutes on an H200 at the default budget, so
+that it fits `benchmarks/gpu_session.sh diagnose`'s 180-second step):
 1. compile and check: every variant and dtype runs once in a pool of worker processes (so the
    compiles run in parallel and land in Triton's on-disk cache, and a variant that hangs or
    fails there is dropped before any timing), on a small problem with a partial M-tile, empty
@@ -27,7 +29,10 @@ Order of work, sized for a short lent session (it must finish in under 4 minutes
 2. time problems in priority order (fp16 first, M = 2048 and 8192 first, densities 1.0 and 0.5
    first), each variant checked against the float64 reference right before it is timed; the CSV
    is rewritten after every problem, and timing stops at `--budget-s` (what was skipped is
-   printed and recorded in the CSV header).
+   printed and recorded in the CSV header); an interrupt (the session step's time limit sends
+   SIGINT) also stops it, and what was measured is still written, plotted and summarised.
+`--compile-only` runs step 1 and exits: run beforehand (or beside other GPU work), the compiles are
+in Triton's cache when the timed run repeats step 1.
 Outputs (`common.results_path`): `gpu_kernels_probe_<device>.csv`, one PNG per layout of
 stored-TFLOP/s over cuBLAS against density (best config per kernel, M = 2048), and a short table
 on stdout.
@@ -337,7 +342,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS_DIR)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: interpreter, tiny shapes, no timings")
-    parser.add_argument("--budget-s", type=float, default=200.0, help="stop timing new problems after this long")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop timing new problems after this long")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only compile and check every variant (fills Triton's cache), then exit")
     parser.add_argument("--compile-timeout-s", type=float, default=90.0, help="compile-and-check phase limit")
     parser.add_argument("--rep-ms", type=float, default=5.0, help="do_bench_cudagraph's replay time per timing")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
@@ -407,6 +414,9 @@ def main(argv=None) -> int:
     for name, note in dropped.items():
         print(f"  dropped {name}: {note}", flush=True)
 
+    if args.compile_only:
+        return 1 if bad else 0
+
     path = common.results_path(args.out, "gpu_kernels_probe", device, args.smoke)
     rows, skipped = [], 0
     for index, problem in enumerate(problems):
@@ -415,7 +425,12 @@ def main(argv=None) -> int:
             print(f"budget of {args.budget_s:.0f} s reached: {skipped} problems not timed", flush=True)
             break
         usable = [c for c in variants if (problem.dtype, tuple(c.as_list())) not in bad]
-        problem_rows = time_problem(problem, usable, device, args.rep_ms, args.smoke)
+        try:
+            problem_rows = time_problem(problem, usable, device, args.rep_ms, args.smoke)
+        except KeyboardInterrupt:  # the session's time limit: keep what was measured
+            skipped = len(problems) - index
+            print(f"interrupted: {skipped} problems not timed", flush=True)
+            break
         rows.extend(problem_rows)
         best = max((r for r in problem_rows if r["method"] not in ("cublas", "today")),
                    key=lambda r: r["stored_tflops_over_cublas"] if r["stored_tflops_over_cublas"] == r[
