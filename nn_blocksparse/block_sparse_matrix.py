@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .row_groups import ROWS_PER_GROUP_CHOICES, RowGroups, group_block_rows
+from .row_groups import INFLATION_ROWS_PER_GROUP, RowGroups, group_block_rows
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64)
 INDEX_DTYPE = torch.int32
@@ -192,9 +192,9 @@ class BlockSparseMatrix:
             self._row_groups[rows_per_group] = groups
         return groups
 
-    def grouping_inflation(self) -> tuple[tuple[int, float], ...]:
-        """`((R, inflation), ...)` for every R > 1: the padded work that grouping R block-rows costs."""
-        return tuple((r, self.row_groups(r).inflation) for r in ROWS_PER_GROUP_CHOICES if r > 1)
+    def grouping_inflation(self, rows_per_group=INFLATION_ROWS_PER_GROUP) -> tuple[tuple[int, float], ...]:
+        """`((R, inflation), ...)` for each R of `rows_per_group`: the padded work grouping R block-rows costs."""
+        return tuple((r, self.row_groups(r).inflation) for r in rows_per_group)
 
     def to_dense(self) -> torch.Tensor:
         return bsr_to_dense(self.values, self.row_offsets, self.col_indices, self.shape)

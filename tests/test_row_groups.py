@@ -66,11 +66,9 @@ def test_identical_patterns_are_grouped_without_padding():
     for rows in (2, 4):
         assert matrix.row_groups(rows).inflation == 1.0
         assert torch.equal(rebuild_from_groups(matrix, rows), weight)
-    # Groups of 8 hold both patterns: every member pads half of the 6 steps.
-    assert matrix.grouping_inflation() == ((2, 1.0), (4, 1.0), (8, 2.0))
-    # A dense matrix pads nothing when R divides its block-rows; a padded last group does cost (4
-    # block-rows in a group of 8: half the members are padding).
-    assert BlockSparseMatrix.from_dense(torch.randn(128, 64), 32).grouping_inflation() == ((2, 1.0), (4, 1.0), (8, 2.0))
+    assert matrix.grouping_inflation() == ((2, 1.0), (4, 1.0))
+    # A dense matrix pads nothing when R divides its block-rows; a padded last group does cost.
+    assert BlockSparseMatrix.from_dense(torch.randn(128, 64), 32).grouping_inflation() == ((2, 1.0), (4, 1.0))
     assert dict(BlockSparseMatrix.from_dense(torch.randn(96, 64), 32).grouping_inflation())[2] == pytest.approx(4 / 3)
 
 
