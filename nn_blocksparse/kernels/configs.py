@@ -30,6 +30,9 @@ GROUP_M_CHOICES = (8,)
 ROWS_PER_PROGRAM_CHOICES = (1, 2, 4)
 # Stored blocks one loop step multiplies (one program per block-row only): deeper steps, fewer of them.
 K_BLOCKS_CHOICES = (1, 2, 4)
+# SMs of the GPUs the heuristic is written for (A100: 108, H100 SXM: 132); the interpreter has none.
+DEFAULT_SM_COUNT = 108
+
 # The kernels a config can name (`kernel_variants.py`). The heuristic only ever picks "triton": the
 # others are chosen by a tuned table entry or an explicit config, after a GPU measured them.
 KERNEL_CHOICES = ("triton", "triton_swapped", "gluon_member", "gluon_member_ws", "gluon_wide", "gluon_wide_ws")
@@ -42,8 +45,6 @@ GLUON_STAGES_CHOICES = (2, 3, 4, 5, 6)
 # The swapped kernel (y^T = W x^T): `block_m` is its token tile (wgmma's N), R * bs its weight rows (M).
 SWAPPED_BLOCK_T_CHOICES = (64, 128, 256)
 SWAPPED_ROWS_PER_PROGRAM_CHOICES = (2, 4)
-# SMs of the GPUs the heuristic is written for (A100: 108, H100 SXM: 132); the interpreter has none.
-DEFAULT_SM_COUNT = 108
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,9 @@ class KernelConfig:
     kernel: str = "triton"
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNEL_CHOICES:
-            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {self.kernel!r}")
-        if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
-            raise ValueError(f"invalid launch configuration {self}")
-        if self.kernel == "triton":
-            self._check_triton()
-        else:
+        if self.kernel != "triton":  # the other kernels (kernel_variants.py) have their own rules
             self._check_variant()
-
-    def _check_triton(self) -> None:
+            return
         if self.block_m not in BLOCK_M_CHOICES:
             raise ValueError(f"block_m must be one of {BLOCK_M_CHOICES}, got {self.block_m}")
         if self.split_k not in SPLIT_K_CHOICES:
@@ -78,13 +72,29 @@ class KernelConfig:
             raise ValueError(f"k_blocks must be one of {K_BLOCKS_CHOICES}, got {self.k_blocks}")
         if self.k_blocks > 1 and self.rows_per_program > 1:
             raise ValueError("k_blocks > 1 needs rows_per_program = 1 (row groups step one block-column at a time)")
+        if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
+            raise ValueError(f"invalid launch configuration {self}")
+
+    def as_list(self) -> list:
+        """The tuned-table form: `[block_m, group_m, split_k, num_warps, num_stages, rows_per_program]`,
+        then `k_blocks` when above 1 or when a kernel name follows, then the kernel's name unless "triton"."""
+        values = [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
+        if self.kernel != "triton":
+            return values + [self.k_blocks, self.kernel]
+        return values + [self.k_blocks] if self.k_blocks > 1 else values
 
     def _check_variant(self) -> None:
         """The swapped and Gluon kernels walk row groups one block-column per step, unsplit."""
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {self.kernel!r}")
+        if self.group_m < 1 or self.num_stages < 1:
+            raise ValueError(f"invalid launch configuration {self}")
         if self.split_k != 1 or self.k_blocks != 1:
             raise ValueError(f"kernel {self.kernel!r} takes split_k = 1 and k_blocks = 1, got {self}")
         if self.kernel == "triton_swapped":
             block_m_choices, rows_choices = SWAPPED_BLOCK_T_CHOICES, SWAPPED_ROWS_PER_PROGRAM_CHOICES
+            if self.num_warps not in (1, 2, 4, 8):
+                raise ValueError(f"invalid launch configuration {self}")
         else:
             block_m_choices, rows_choices = GLUON_BLOCK_M_CHOICES, GLUON_ROWS_PER_PROGRAM_CHOICES
             if self.num_warps not in (4, 8) or self.block_m < 16 * self.num_warps:
@@ -102,14 +112,6 @@ class KernelConfig:
     @property
     def is_gluon(self) -> bool:
         return self.kernel in GLUON_KERNELS
-
-    def as_list(self) -> list:
-        """The tuned-table form: `[block_m, group_m, split_k, num_warps, num_stages, rows_per_program]`,
-        then `k_blocks` when above 1 or when a kernel name follows, then the kernel's name unless "triton"."""
-        values = [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
-        if self.kernel != "triton":
-            return values + [self.k_blocks, self.kernel]
-        return values + [self.k_blocks] if self.k_blocks > 1 else values
 
     @classmethod
     def from_list(cls, values) -> "KernelConfig":
@@ -270,8 +272,8 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
     rows_per_program = 1
     if row_groups_considered(dtype, m):
         for rows, inflation in sorted(grouping_inflation, reverse=True):
-            if rows not in ROWS_PER_PROGRAM_CHOICES:  # group sizes only the other kernels take
-                continue
+            if rows not in ROWS_PER_PROGRAM_CHOICES:
+                continue  # WIDE_ROWS_PER_PROGRAM: not measured yet
             block_m = _tile_launch(dtype, block_size, wanted_block_m, rows)[0]
             programs = math.ceil(m / block_m) * math.ceil(n_block_rows / rows)
             if inflation <= MAX_GROUPING_INFLATION and programs >= PROGRAMS_PER_SM * sm_count:
