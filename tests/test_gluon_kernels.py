@@ -194,6 +194,9 @@ def test_kernel_field_round_trips_and_is_validated():
                    KernelConfig(256, 8, 1, 8, 3, 2, kernel="triton_swapped")):
         assert config.as_list()[-1] == config.kernel and KernelConfig.from_list(config.as_list()) == config
     assert KernelConfig.from_list([64, 8, 1, 4, 3, 1]).kernel == "triton"
+    # As ints only (a launch table of ints): the kernel by its position.
+    wide = KernelConfig(128, 8, 1, 8, 4, 8, kernel="gluon_wide_ws")
+    assert KernelConfig(128, 8, 1, 8, 4, 8, 1, wide.kernel_index) == wide and KernelConfig().kernel_index == 0
     with pytest.raises(ValueError, match="kernel must be one of"):
         KernelConfig(kernel="cutlass")
     with pytest.raises(ValueError, match="split_k = 1"):

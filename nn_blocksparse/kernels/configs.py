@@ -59,6 +59,9 @@ class KernelConfig:
     kernel: str = "triton"
 
     def __post_init__(self) -> None:
+        if isinstance(self.kernel, int) and not isinstance(self.kernel, bool) and 0 <= self.kernel < len(KERNEL_CHOICES):
+            # By position in KERNEL_CHOICES (`kernel_index`): where a config travels as ints only.
+            object.__setattr__(self, "kernel", KERNEL_CHOICES[self.kernel])
         if self.kernel != "triton":  # the other kernels (kernel_variants.py) have their own rules
             self._check_variant()
             return
@@ -112,6 +115,11 @@ class KernelConfig:
     @property
     def is_gluon(self) -> bool:
         return self.kernel in GLUON_KERNELS
+
+    @property
+    def kernel_index(self) -> int:
+        """`kernel` as its position in KERNEL_CHOICES (0: "triton"); `KernelConfig(kernel=index)` reads it back."""
+        return KERNEL_CHOICES.index(self.kernel)
 
     @classmethod
     def from_list(cls, values) -> "KernelConfig":
