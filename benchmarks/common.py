@@ -34,8 +34,6 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-# Re-exported for scripts written against `common.random_block_sparse_weight`: the one generator is the library's.
-from nn_blocksparse.layouts import random_block_sparse_weight  # noqa: F401
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -48,6 +48,11 @@ _ROW_GROUP_TABLES = 5  # tensors per grouping, in RowGroups' field order
 
 # ---------------------------------------------------------------------------------- launch tables
 _CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(KernelConfig))
+
+
+def _config_ints(config: KernelConfig) -> list[int]:
+    """A config's fields as the ints a `SymInt[]` carries: the kernel by its `kernel_index`."""
+    return [config.kernel_index if name == "kernel" else getattr(config, name) for name in _CONFIG_FIELDS]
 _ENTRY = 1 + len(_CONFIG_FIELDS)  # one range: its last M bucket (as a power of two), then the config
 ANY_ROWS = 62  # the last range's bucket exponent: any M above the one before
 
@@ -62,9 +67,9 @@ def pack_launch_table(ranges: Sequence[tuple[int, KernelConfig]], symbolic: Kern
     last covering `ANY_ROWS`; `symbolic` serves an M the trace leaves symbolic."""
     if not ranges or ranges[-1][0] != ANY_ROWS or any(a[0] >= b[0] for a, b in zip(ranges, ranges[1:])):
         raise ValueError(f"ranges must ascend and end at ANY_ROWS ({ANY_ROWS}), got {[r for r, _ in ranges]}")
-    table = [getattr(symbolic, name) for name in _CONFIG_FIELDS]
+    table = _config_ints(symbolic)
     for last_exponent, config in ranges:
-        table += [last_exponent, *(getattr(config, name) for name in _CONFIG_FIELDS)]
+        table += [last_exponent, *_config_ints(config)]
     return table
 
 

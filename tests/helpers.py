@@ -1,13 +1,11 @@
 """Shared test helpers: per-dtype tolerances, the float64 reference, the CUDA skip mark.
 
-Random block-sparse weights come from `nn_blocksparse.layouts` (re-exported here for tests written
-against `helpers.random_block_sparse_weight`).
+Random block-sparse weights come from `nn_blocksparse.layouts`, the project's one layout generator.
 """
 
 import pytest
 import torch
 
-from nn_blocksparse.layouts import random_block_sparse_weight  # noqa: F401
 
 # GPU-only tests: they skip cleanly without CUDA, and a CPU twin (the interpreter) runs instead.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU twin runs the interpreter")

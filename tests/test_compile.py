@@ -14,7 +14,8 @@ import io
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight, requires_cuda
+from helpers import assert_close_to_reference, dense_reference, requires_cuda
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse import BlockSparseLinear
 from nn_blocksparse.attention import FusedSelfAttention
 

@@ -11,8 +11,7 @@ import threading
 
 import pytest
 import torch
-
-from helpers import random_block_sparse_weight
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse import BlockSparseLinear
 
 THREADS = 4

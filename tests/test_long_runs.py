@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import nn_blocksparse
-from helpers import random_block_sparse_weight
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse import BlockSparseLinear
 
 

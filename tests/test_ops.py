@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight, requires_cuda
+from helpers import assert_close_to_reference, dense_reference, requires_cuda
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse import ops
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.functional import launch_table, single_launch

@@ -250,6 +250,11 @@ def block_sparse_linear(
         raise ValueError("the launcher expects a 2-D x with unit stride along K")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if config.kernel != "triton":  # another kernel named by the config (kernel_variants.py)
+        from .kernel_variants import launch_variant
+
+        return launch_variant(x, values, row_offsets, col_indices, row_order, out_features, bias, activation, config,
+                              row_groups)
     rows_per_program = config.rows_per_program
     if rows_per_program == 1:
         # One block-row per program: the BSR tables are the steps (the kernel does not read
