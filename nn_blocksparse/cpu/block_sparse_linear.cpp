@@ -188,22 +188,35 @@ inline vf<4> sum4(vf<L> a, vf<L> b, vf<L> c, vf<L> d) {
   return fold_to_4<L>(segment_pair_sums<L>(ab, cd, lanes));
 }
 
+// ------------------------------------------------------------------------------ polynomials
+// c[0] + c[1] t + ... + c[N-1] t^(N-1) by Estrin's scheme: a dependency chain of about log2(N)
+// fused multiply-adds instead of Horner's N, so that GELU is bound by throughput, not FMA latency.
+constexpr int lower_power_of_two(int n) { return n <= 2 ? 1 : 2 * lower_power_of_two((n + 1) / 2); }
+template <int L, int P>
+inline vf<L> power(vf<L> t) {
+  if constexpr (P == 1) {
+    return t;
+  } else {
+    const vf<L> half = power<L, P / 2>(t);
+    return half * half;
+  }
+}
+template <int L, int N>
+inline vf<L> polynomial(vf<L> t, const float* c) {
+  if constexpr (N == 1) {
+    return splat<L>(c[0]);
+  } else {
+    constexpr int H = lower_power_of_two(N);
+    return fmadd<L>(polynomial<L, N - H>(t, c + H), power<L, H>(t), polynomial<L, H>(t, c));
+  }
+}
+
 // ------------------------------------------------------------------------------ GELU
 // gelu(v) = v/2 * (1 + erf(v/sqrt(2))), exact (erf) form, branch-free. erf(z) = z * P(z^2) for
 // |z| <= 1; above, erfc(|z|) is a polynomial in |z| - 2.46 on [1, 3.92] (erf rounds to +-1 past
 // 3.92). 1 + erf(z) for z < -1 is taken as erfc(|z|) directly, so large negative v keep their
 // relative accuracy. Coefficients: tools/fit_cpu_gelu.py (absolute error of erf within ~1e-7, the
-// rounding of z itself). Denormal results are flushed to zero.
-template <int L>
-inline vf<L> horner(vf<L> t, const float* c, int n) {
-  vf<L> r = splat<L>(c[n - 1]);
-  for (int j = n - 2; j >= 0; --j) r = fmadd<L>(r, t, splat<L>(c[j]));
-  return r;
-}
-template <int L>
-inline vf<L> select(vi<L> mask, vf<L> yes, vf<L> no) {
-  return as_f<L>((as_u<L>(yes) & (vu<L>)mask) | (as_u<L>(no) & ~(vu<L>)mask));
-}
+// rounding of z itself).
 template <int L>
 inline vf<L> gelu(vf<L> v) {
   static const float erf_small[6] = {1.1283791065216064f,   -0.37612324953079224f,  0.11280179023742676f,
@@ -215,19 +228,14 @@ inline vf<L> gelu(vf<L> v) {
       9.17150464374572e-06f};
   const vf<L> z = v * splat<L>(0.70710678118654752f);
   const vf<L> a = as_f<L>(as_u<L>(z) & 0x7FFFFFFFu);
-  const vi<L> negative = (vi<L>)(z < 0.0f);
   // |z| <= 1: 1 + erf(z) = 1 + z * P(z^2).
-  const vf<L> one_plus_small = fmadd<L>(z, horner<L>(z * z, erf_small, 6), splat<L>(1.0f));
-  // |z| > 1: erfc(|z|), clamped where it rounds to 0 against 1 (and is ~1e-8 at most).
-  const vf<L> clamped = select<L>((vi<L>)(a < 3.92f), a, splat<L>(3.92f));
-  vf<L> erfc = horner<L>(clamped - splat<L>(2.46f), erfc_large, 13);
-  erfc = select<L>((vi<L>)(a < 3.92f), erfc, splat<L>(0.0f));
-  // erfc is near 1e-8 only for |z| near 3.92: past it, 1 + erf is 0 (z < 0) or 2 (z > 0).
-  const vf<L> one_plus_large = select<L>(negative, erfc, splat<L>(2.0f) - erfc);
-  const vf<L> one_plus_erf = select<L>((vi<L>)(a <= 1.0f), one_plus_small, one_plus_large);
-  vf<L> out = splat<L>(0.5f) * v * one_plus_erf;
-  // NaN in, NaN out (the selects above would otherwise pick a finite branch).
-  return select<L>((vi<L>)(v == v), out, v);
+  const vf<L> one_plus_small = fmadd<L>(z, polynomial<L, 6>(z * z, erf_small), splat<L>(1.0f));
+  // |z| > 1: erfc(|z|), taken as 0 past 3.92 (where 1 + erf rounds to 2, and gelu(v) < 1e-7 |v| for
+  // v < 0); the polynomial's value out there, however large, is masked off.
+  const vf<L> erfc = as_f<L>(as_u<L>(polynomial<L, 13>(a - splat<L>(2.46f), erfc_large)) & (vu<L>)(a < 3.92f));
+  const vf<L> one_plus_large = z < 0.0f ? erfc : splat<L>(2.0f) - erfc;
+  // NaN propagates through the product with v; gelu(inf) = inf, gelu(-inf) = NaN (inf * 0), as torch.
+  return splat<L>(0.5f) * v * (a <= 1.0f ? one_plus_small : one_plus_large);
 }
 
 // ------------------------------------------------------------------------------ epilogue
@@ -312,22 +320,30 @@ template <int BS, int L, int MR>
 inline void tile_f32(const float* x, int64_t ldx, const float* w, const int32_t* cols, int64_t blocks,
                      const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink, int64_t n) {
   vf<L> acc[MR][4];
+  // The accumulators must stay in registers: every loop over them is unrolled (GCC for aarch64
+  // otherwise keeps the array in memory and stores it on every step).
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
     for (int n = 0; n < 4; ++n) acc[i][n] = vf<L>{};
   for (int64_t p = 0; p < blocks; ++p) {
     const float* xp = x + static_cast<int64_t>(cols[p]) * BS;
     const float* wp = w + p * BS * BS;
-#pragma GCC unroll 8
+#pragma GCC unroll 1
     for (int k = 0; k < BS; k += L) {
       vf<L> xv[MR];
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) xv[i] = load_f<L>(xp + i * ldx + k);
+#pragma GCC unroll 4
       for (int n = 0; n < 4; ++n) {
         const vf<L> wv = load_f<L>(wp + n * BS + k);
+#pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) acc[i][n] = fmadd<L>(xv[i], wv, acc[i][n]);
       }
     }
   }
   vf<4> sums[MR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) sums[i] = sum4<L>(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
   finish_tile<MR>(e, sink, sums, row, n_in_sink, n);
 }
@@ -337,36 +353,47 @@ template <int BS, int L, int MR>
 inline void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, const int32_t* cols, int64_t blocks,
                       const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink, int64_t n) {
   vf<L> acc[MR][4];
+  // The accumulators must stay in registers: every loop over them is unrolled (GCC for aarch64
+  // otherwise keeps the array in memory and stores it on every step).
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
     for (int n = 0; n < 4; ++n) acc[i][n] = vf<L>{};
   for (int64_t p = 0; p < blocks; ++p) {
     const uint16_t* xp = x + static_cast<int64_t>(cols[p]) * BS;
     const uint16_t* wp = w + p * BS * BS;
-#pragma GCC unroll 8
+#pragma GCC unroll 1
     for (int k = 0; k < BS; k += 2 * L) {
       vu<L> xv[MR];
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) xv[i] = load_u<L>(xp + i * ldx + k);
 #if NNBS_BF16_DOT
+#pragma GCC unroll 4
       for (int n = 0; n < 4; ++n) {
         const vu<L> wv = load_u<L>(wp + n * BS + k);
+#pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) acc[i][n] = dot_bf16<L>(acc[i][n], xv[i], wv);
       }
 #else
       // Split x's pairs once per step, not once per output feature.
       vf<L> x_even[MR], x_odd[MR];
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         x_even[i] = even_bf16<L>(xv[i]);
         x_odd[i] = odd_bf16<L>(xv[i]);
       }
+#pragma GCC unroll 4
       for (int n = 0; n < 4; ++n) {
         const vu<L> wv = load_u<L>(wp + n * BS + k);
         const vf<L> w_even = even_bf16<L>(wv), w_odd = odd_bf16<L>(wv);
+#pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) acc[i][n] = fmadd<L>(x_odd[i], w_odd, fmadd<L>(x_even[i], w_even, acc[i][n]));
       }
 #endif
     }
   }
   vf<4> sums[MR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) sums[i] = sum4<L>(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
   finish_tile<MR>(e, sink, sums, row, n_in_sink, n);
 }
@@ -410,14 +437,17 @@ inline void tail(const Problem<typename std::conditional<BF16, uint16_t, float>:
   }
 }
 
-// Rows of x per tile: as many accumulators as the registers hold next to MR + 1 operand vectors
-// (16 registers on AVX2, 32 on AVX-512 and NEON); the bf16 split keeps two registers per x vector.
+// Rows of x per tile: as many accumulators as the registers hold beside the MR + 1 operand vectors
+// (16 registers on AVX2, 32 on AVX-512 and NEON) without spilling in the inner loop (checked in the
+// compiler's output); the bf16 split keeps two registers per x vector.
 template <bool BF16>
 constexpr int rows_per_tile() {
 #if NNBS_VECTOR_LANES == 8
   return BF16 && !NNBS_BF16_DOT ? 2 : 3;
+#elif NNBS_VECTOR_LANES == 16
+  return BF16 ? (NNBS_BF16_DOT ? 6 : 4) : 5;
 #else
-  return BF16 && !NNBS_BF16_DOT ? 4 : 6;
+  return BF16 && !NNBS_BF16_DOT ? 4 : 5;
 #endif
 }
 
