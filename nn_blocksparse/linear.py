@@ -2,8 +2,9 @@
 
 Same forward signature and attributes as `nn.Linear` (`in_features`, `out_features`, `bias`,
 and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on CPU the
-pure-torch block-sparse path of `cpu_kernels` (its plan is built once and cached). Inference
-only: there is no backward through the Triton kernel.
+native kernel of `nn_blocksparse.cpu`, which reads the stored blocks themselves (no second copy:
+in-place changes of `values` are seen by the next call). On CPU, bf16 `values` also take fp32
+input (and give fp32 output). Inference only: there is no backward through the kernels.
 
 Saved with safetensors (`save` / `load`, or any state dict): no pickle anywhere. The number of
 stored blocks is part of the weights, so loading a state dict resizes the block buffers.
@@ -12,6 +13,7 @@ stored blocks is part of the weights, so loading a state dict resizes the block 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +21,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .block_sparse_matrix import INDEX_DTYPE, BlockSparseMatrix
-from .cpu_kernels import build_cpu_plan
 from .functional import BACKENDS, block_sparse_linear
 from .kernels import ACTIVATIONS
 
@@ -30,7 +31,7 @@ class BlockSparseLinear(nn.Module):
     """`y = act(x @ W^T + b)` with W `[out_features, in_features]` kept as nonzero blocks.
 
     `activation` (None or "gelu") is fused into the kernel epilogue; `backend` is "auto",
-    "triton" or "torch" (see `nn_blocksparse.functional`).
+    "triton" or "cpu" ("torch" is its deprecated old name; see `nn_blocksparse.functional`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 32,
@@ -40,6 +41,9 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            warnings.warn('backend="torch" is deprecated: it is now named "cpu"', DeprecationWarning, stacklevel=2)
+            backend = "cpu"
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = block_size
@@ -77,7 +81,6 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("row_offsets", matrix.row_offsets)
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("row_order", matrix.row_order)
-        self._cpu_plan = None
         self._matrix = None
 
     # ------------------------------------------------------------------ views
@@ -106,21 +109,12 @@ class BlockSparseLinear(nn.Module):
                 f"block_size={self.block_size}, density={self.density:.3f}, activation={self.activation}")
 
     # ------------------------------------------------------------------ forward
-    def cpu_plan(self):
-        if self._cpu_plan is None:
-            self._cpu_plan = build_cpu_plan(self.values, self.row_offsets, self.col_indices,
-                                            self.out_features, self.in_features, self.block_size)
-        return self._cpu_plan
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        plan = self.cpu_plan() if (self.backend == "torch" or
-                                   (self.backend == "auto" and input.device.type != "cuda")) else None
-        return block_sparse_linear(input, self.matrix, self.bias, self.activation, self.backend, cpu_plan=plan)
+        return block_sparse_linear(input, self.matrix, self.bias, self.activation, self.backend)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):
-        self._cpu_plan = None  # the plan holds tensors of the old device/dtype
-        self._matrix = None
+        self._matrix = None  # it holds the tensors of the old device/dtype
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -135,7 +129,6 @@ class BlockSparseLinear(nn.Module):
                     self.values = nn.Parameter(replacement, requires_grad=False)
                 else:
                     setattr(self, name, replacement)
-        self._cpu_plan = None
         self._matrix = None  # indices may be overwritten in place: derived row groups go too
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

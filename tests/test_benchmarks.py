@@ -125,9 +125,11 @@ def test_bench_cpu_quick(tmp_path):
     tag = common.device_tag(torch.device("cpu"))
     kernel_path = tmp_path / f"cpu_kernel_{tag}_quick.csv"
     rows = read(kernel_path, bench_kernel.KERNEL_COLUMNS)
-    assert common.read_csv(kernel_path)[0]["torch_threads"] == THREADS
-    check_kernel_rows(rows, bench_cpu.KERNEL_METHODS)
-    assert all(r["note"].startswith("strategy=") for r in rows if r["method"] == "ours")
+    environment = common.read_csv(kernel_path)[0]
+    assert environment["torch_threads"] == THREADS and environment["cpu"] and environment["cpu_native_isa"]
+    check_kernel_rows(rows, bench_cpu.kernel_methods())
+    isa = environment["cpu_native_isa"]
+    assert all(r["note"] == (f"isa={isa}" if isa != "none" else r["note"]) for r in rows if r["method"] == "ours")
     read(tmp_path / f"cpu_kernel_crossover_{tag}_quick.csv", bench_kernel.CROSSOVER_COLUMNS)
     e2e = read(tmp_path / f"cpu_e2e_{tag}_quick.csv", bench_e2e.E2E_COLUMNS)
     check_e2e_rows(e2e, ("dense", *bench_cpu.E2E_MODES))
@@ -143,7 +145,7 @@ def test_bench_cpu_bf16_kernels_quick(tmp_path):
     assert {r["dtype"] for r in rows} == {"bf16"}
     # bf16 outputs of O(1) differ from dense F.linear's by their rounding (2^-8 relative) and the
     # order of fp32 sums.
-    check_kernel_rows(rows, bench_cpu.KERNEL_METHODS, max_diff=0.05)
+    check_kernel_rows(rows, bench_cpu.kernel_methods(), max_diff=0.05)
     assert_png(tmp_path / f"cpu_kernel_speedup_m64_bf16_{tag}_quick.png")
 
 

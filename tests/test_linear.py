@@ -18,7 +18,7 @@ def make_linear(n=96, k=128, density=0.4, block_size=32, dtype=torch.float32, se
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
     device = kernel_device if backend == "triton" else torch.device("cpu")
     linear = make_linear(dtype=dtype).to(device)
@@ -30,22 +30,57 @@ def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
     assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), dtype)
 
 
-def test_auto_backend_on_cpu_uses_the_torch_path_and_caches_its_plan():
+def test_cpu_path_reads_the_stored_values_so_changes_are_never_stale():
+    # No second copy of the weights on CPU: in-place edits, deep copies, casts and state dicts are
+    # all seen by the next call.
+    import copy
+
     linear = make_linear()
     sparse = BlockSparseLinear.from_linear(linear)
     x = torch.randn(5, 128)
-    y = sparse(x)
-    plan = sparse._cpu_plan
-    assert plan is not None
-    sparse(x)
-    assert sparse._cpu_plan is plan  # built once
-    assert_close_to_reference(y, dense_reference(x, linear.weight, linear.bias), torch.float32)
-    sparse.to(torch.float16)
-    assert sparse._cpu_plan is None  # a cast invalidates it
-    assert sparse(x.half()).dtype == torch.float16
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
+    with torch.no_grad():
+        sparse.values.mul_(2.0)
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
+    twin = copy.deepcopy(sparse)
+    with torch.no_grad():
+        twin.values.zero_()
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), linear.bias.detach().expand(5, -1))
+        assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
+    sparse.load_state_dict(BlockSparseLinear.from_linear(linear).state_dict())
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
+        assert sparse.to(torch.float16)(x.half()).dtype == torch.float16
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_weights_take_fp32_input_on_cpu():
+    # Mixed precision: bf16 values and bias, fp32 x and y; x is rounded to bf16 inside the kernel.
+    linear = make_linear()
+    sparse = BlockSparseLinear.from_linear(linear, activation="gelu").to(torch.bfloat16)
+    x = torch.randn(3, 7, 128)
+    with torch.inference_mode():
+        y = sparse(x)
+    assert y.dtype == torch.float32 and y.shape == (3, 7, 96)
+    expected = dense_reference(x.bfloat16(), sparse.weight, sparse.bias, "gelu")
+    assert_close_to_reference(y, expected, torch.float32)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        sparse(x.half())
+
+
+def test_torch_backend_name_is_a_deprecated_alias_of_cpu():
+    with pytest.warns(DeprecationWarning, match="cpu"):
+        sparse = BlockSparseLinear.from_linear(make_linear(), backend="torch")
+    assert sparse.backend == "cpu"
+    x = torch.randn(4, 128)
+    with pytest.warns(DeprecationWarning, match="cpu"):
+        y = block_sparse_linear(x, sparse.matrix, sparse.bias, backend="torch")
+    torch.testing.assert_close(y, sparse(x))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gelu_is_fused(kernel_device, backend):
     device = kernel_device if backend == "triton" else torch.device("cpu")
     linear = make_linear().to(device)

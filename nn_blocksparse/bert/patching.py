@@ -11,11 +11,14 @@ The thin layer between transformers' BERT modules and the library's generic piec
   they pay. `dense_threshold` says where: a block density (a matrix denser than it stays a dense
   `nn.Linear`), or `"measure"`: time each matrix both ways on its own device and dtype
   (`nn_blocksparse.selection`) and keep the faster. The default `"auto"` measures on a GPU,
-  where the kernel only wins at low density (about 0.2 on an H200); on CPU it makes every matrix
-  block-sparse where the native CPU kernel builds (it beats MKL's dense GEMM at every density),
-  else those up to density 0.8. The block-sparse module's CPU plan falls back to dense by itself
-  where dense is faster.
+  where the kernel only wins at low density (about 0.2 on an H200); on CPU it asks the CPU
+  planner (`nn_blocksparse.cpu.use_block_sparse`: this machine's calibrated profile, or a
+  conservative default; never block-sparse without the native kernel).
   The choices, with the times measured, are kept in `model.nn_blocksparse_choices`.
+
+`weight_dtype=torch.bfloat16` (CPU, fp32 models): the block-sparse linears keep bf16 weights and
+biases and take the fp32 activations (rounded to bf16 inside the kernel, fp32 accumulation and
+output); layer norms, softmax, the residual stream and the dense `nn.Linear`s hybrid leaves stay fp32.
 
 Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
 (what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
@@ -37,10 +40,7 @@ from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads
 from ..selection import DEFAULT_ROWS, measure_block_sparse
 
 MODES = ("resize", "blocksparse", "hybrid")
-DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU, pure-torch CPU path: denser stays dense
-# With the native CPU kernel a BlockSparseLinear beats a dense nn.Linear (MKL) even at density 1.0
-# (2.1-2.5x on BERT-base shapes, 2 cores), so there "auto" makes every matrix block-sparse.
-NATIVE_DENSITY_THRESHOLD = 1.0
+WEIGHT_DTYPES = (None, torch.bfloat16)
 RESIZE_ALIGNMENT = 8  # resized FFN hidden sizes round up to this: 16-byte fp16 rows (resize.py)
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
 
@@ -91,8 +91,11 @@ def _is_exact_gelu(act_fn) -> bool:
 
 
 # ---------------------------------------------------------------------------------- patching
-def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None) -> nn.Module:
+def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None,
+                weight_dtype=None) -> nn.Module:
     if sparse:
+        if weight_dtype is not None:
+            weight = weight.to(weight_dtype)
         return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     return linear_from(weight, bias)
 
@@ -105,23 +108,25 @@ def _block_density(weight: torch.Tensor, block_size: int) -> float:
     return (blocks != 0).any(dim=3).any(dim=1).float().mean().item()
 
 
-def auto_density_threshold() -> float:
-    """hybrid's `dense_threshold="auto"` off the GPU: the block density above which a matrix stays dense."""
-    from ..kernels.cpu_block_sparse_linear import native_available
+def auto_density_threshold(dtype: torch.dtype = torch.float32, block_size: int = 32,
+                           weight_dtype: torch.dtype | None = None) -> float:
+    """hybrid's `dense_threshold="auto"` on CPU: the block density above which a matrix stays dense."""
+    from ..cpu import density_threshold
 
-    return NATIVE_DENSITY_THRESHOLD if native_available() else DENSITY_THRESHOLD
+    return density_threshold(weight_dtype or dtype, dtype, block_size)
 
 
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
                dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS,
-               ffn_multiple_of: int | None = None) -> nn.Module:
+               ffn_multiple_of: int | None = None, weight_dtype: torch.dtype | None = None) -> nn.Module:
     """Patch in place and return `model`. See the module docstring for the modes.
 
     Patch the model on the device and in the dtype it will run in: `"measure"` times there, with
     `measure_rows` tokens per call. `ffn_multiple_of`: resize and hybrid round each FFN's hidden
     size up to a multiple of it with all-zero neurons (exact; `resize.remove_neurons`); by default
     `RESIZE_ALIGNMENT` for resize and `block_size` for hybrid (so a resized FFN stays on the block
-    grid and may go block-sparse); "blocksparse" resizes nothing and ignores it.
+    grid and may go block-sparse); "blocksparse" resizes nothing and ignores it. `weight_dtype`:
+    see the module docstring.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -141,9 +146,15 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
     for layer in layers:
         if not hasattr(layer.attention.self, "query"):
             raise ValueError("this model is already patched")
+    parameter = next(model.parameters(), None)
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype is not None and parameter is not None and (
+            parameter.device.type != "cpu" or parameter.dtype != torch.float32):
+        raise ValueError(f"weight_dtype={weight_dtype} is for fp32 models on CPU (bf16 weights, fp32 activations); "
+                         f"this model is {parameter.dtype} on {parameter.device}")
 
     resize = mode in ("resize", "hybrid")
-    parameter = next(model.parameters(), None)
     measure = dense_threshold == "measure" or (
         dense_threshold == "auto" and parameter is not None and parameter.device.type == "cuda")
     choices = []
@@ -162,12 +173,17 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
         choice = {"layer": layer_index, "matrix": name, "shape": list(weight.shape),
                   "block_density": round(_block_density(weight, block_size), 4)}
         if measure and weight.numel():
-            timing = measure_block_sparse(weight, bias, activation, block_size, backend, rows=measure_rows)
+            timing = measure_block_sparse(weight, bias, activation, block_size, backend, rows=measure_rows,
+                                          weight_dtype=weight_dtype)
             choice.update(dense_ms=timing.dense_ms, block_sparse_ms=timing.block_sparse_ms,
                           block_sparse=timing.use_block_sparse)
+        elif isinstance(dense_threshold, str):
+            from ..cpu import use_block_sparse
+
+            choice["block_sparse"] = use_block_sparse(choice["block_density"], weight_dtype or weight.dtype,
+                                                      weight.dtype, block_size)
         else:
-            threshold = auto_density_threshold() if isinstance(dense_threshold, str) else dense_threshold
-            choice["block_sparse"] = choice["block_density"] <= threshold
+            choice["block_sparse"] = choice["block_density"] <= dense_threshold
         choices.append(choice)
         return choice["block_sparse"]
 
@@ -195,20 +211,23 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
                 qkv_weight = torch.cat([query.weight, key.weight, value.weight])
                 qkv_bias = torch.cat([query.bias, key.bias, value.bias]) if query.bias is not None else None
                 qkv_sparse = num_heads > 0 and sparse_for(qkv_weight, qkv_bias, layer_index, "qkv")
-                qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend)
+                qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend, weight_dtype=weight_dtype)
                 layer.attention.self = BertSelfAttentionAdapter(
                     FusedSelfAttention(qkv, num_heads, head_dim, attention.dropout.p))
             output_sparse = sparse_for(output.weight, output.bias, layer_index, "attention_output")
-            layer.attention.output.dense = _projection(output.weight, output.bias, output_sparse, block_size, backend)
+            layer.attention.output.dense = _projection(output.weight, output.bias, output_sparse, block_size, backend,
+                                                       weight_dtype=weight_dtype)
 
             fuse_gelu = _is_exact_gelu(layer.intermediate.intermediate_act_fn)
             inner_sparse = sparse_for(inner.weight, inner.bias, layer_index, "ffn_in", "gelu" if fuse_gelu else None)
             layer.intermediate.dense = _projection(inner.weight, inner.bias, inner_sparse, block_size, backend,
-                                                   activation="gelu" if (inner_sparse and fuse_gelu) else None)
+                                                   activation="gelu" if (inner_sparse and fuse_gelu) else None,
+                                                   weight_dtype=weight_dtype)
             if inner_sparse and fuse_gelu:
                 layer.intermediate.intermediate_act_fn = nn.Identity()
             outer_sparse = sparse_for(outer.weight, outer.bias, layer_index, "ffn_out")
-            layer.output.dense = _projection(outer.weight, outer.bias, outer_sparse, block_size, backend)
+            layer.output.dense = _projection(outer.weight, outer.bias, outer_sparse, block_size, backend,
+                                             weight_dtype=weight_dtype)
     model.train(model.training)  # new modules start in training mode: give them the model's (dropout!)
     model.nn_blocksparse_mode = mode
     model.nn_blocksparse_choices = choices
@@ -230,7 +249,8 @@ def heads_per_layer(model: nn.Module) -> list[int]:
 # ---------------------------------------------------------------------------------- save / load
 def _module_spec(module: nn.Module) -> dict:
     if isinstance(module, BlockSparseLinear):
-        return {"type": "block_sparse", **module.config_dict()}
+        return {"type": "block_sparse", **module.config_dict(),
+                "dtype": str(module.values.dtype).removeprefix("torch.")}
     if isinstance(module, nn.Linear):
         return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
@@ -239,9 +259,11 @@ def _module_spec(module: nn.Module) -> dict:
 
 def _module_from_spec(spec: dict, dtype: torch.dtype, backend: str) -> nn.Module:
     if spec["type"] == "block_sparse":
+        # Block-sparse weights may be kept in another dtype than the model (patch_bert's weight_dtype).
+        weight_dtype = {"bfloat16": torch.bfloat16}.get(spec.get("dtype"), dtype)
         return BlockSparseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                                  block_size=spec["block_size"], activation=spec["activation"], backend=backend,
-                                 dtype=dtype)
+                                 dtype=weight_dtype)
     if spec["type"] == "linear":
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
     raise ValueError(f"unknown module type {spec['type']!r} in patch.json")
