@@ -95,7 +95,7 @@ def test_arm_variants_pass_their_harness(variant, tmp_path):
 
 
 def test_isa_choice_follows_cpu_features_and_environment(monkeypatch):
-    monkeypatch.setattr(isa, "cpu_features", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    monkeypatch.setattr(isa, "cpu_features", lambda: frozenset({"avx2", "fma", "avx512f", "avx512vl"}))
     monkeypatch.setattr(isa, "machine", lambda: "x86_64")
     monkeypatch.setattr(isa.sys, "platform", "linux")
     monkeypatch.delenv(isa.NATIVE_ENV, raising=False)

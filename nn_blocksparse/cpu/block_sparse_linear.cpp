@@ -314,82 +314,67 @@ inline void store_buffer(const Epilogue& e, const float* buffer, int64_t rows, i
   }
 }
 
-// ------------------------------------------------------------------------------ micro-kernels
-// fp32: an MR x 4 tile, rows first_row.., features n0..n0+3 of block-row r.
-template <int BS, int L, int MR>
-inline void tile_f32(const float* x, int64_t ldx, const float* w, const int32_t* cols, int64_t blocks,
-                     const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink, int64_t n) {
-  vf<L> acc[MR][4];
-  // The accumulators must stay in registers: every loop over them is unrolled (GCC for aarch64
-  // otherwise keeps the array in memory and stores it on every step).
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int n = 0; n < 4; ++n) acc[i][n] = vf<L>{};
-  for (int64_t p = 0; p < blocks; ++p) {
-    const float* xp = x + static_cast<int64_t>(cols[p]) * BS;
-    const float* wp = w + p * BS * BS;
-#pragma GCC unroll 1
-    for (int k = 0; k < BS; k += L) {
-      vf<L> xv[MR];
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) xv[i] = load_f<L>(xp + i * ldx + k);
-#pragma GCC unroll 4
-      for (int n = 0; n < 4; ++n) {
-        const vf<L> wv = load_f<L>(wp + n * BS + k);
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) acc[i][n] = fmadd<L>(xv[i], wv, acc[i][n]);
-      }
-    }
-  }
-  vf<4> sums[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) sums[i] = sum4<L>(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-  finish_tile<MR>(e, sink, sums, row, n_in_sink, n);
-}
+// ------------------------------------------------------------------------------ micro-kernel
+// What x and W hold: fp32, or bf16 as uint16 bit patterns.
+template <bool BF16>
+using Element = typename std::conditional<BF16, uint16_t, float>::type;
 
-// bf16 x and W (uint16 bit patterns), read as 32-bit lanes of (k, k+1) pairs.
-template <int BS, int L, int MR>
-inline void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, const int32_t* cols, int64_t blocks,
-                      const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink, int64_t n) {
+// An MR x 4 tile: rows row.. of x (relative to the sink's first) against 4 output features of one
+// block-row, walking its `blocks` stored blocks. bf16 reads 32-bit lanes of (k, k+1) pairs.
+template <bool BF16, int BS, int L, int MR>
+inline void tile_kernel(const Element<BF16>* x, int64_t ldx, const Element<BF16>* w, const int32_t* cols,
+                        int64_t blocks, const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink,
+                        int64_t n) {
   vf<L> acc[MR][4];
   // The accumulators must stay in registers: every loop over them is unrolled (GCC for aarch64
-  // otherwise keeps the array in memory and stores it on every step).
+  // otherwise keeps the array in memory and stores it on every step). The k loop is not: interleaving
+  // its steps is what spills.
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int n = 0; n < 4; ++n) acc[i][n] = vf<L>{};
+    for (int j = 0; j < 4; ++j) acc[i][j] = vf<L>{};
   for (int64_t p = 0; p < blocks; ++p) {
-    const uint16_t* xp = x + static_cast<int64_t>(cols[p]) * BS;
-    const uint16_t* wp = w + p * BS * BS;
+    const Element<BF16>* xp = x + static_cast<int64_t>(cols[p]) * BS;
+    const Element<BF16>* wp = w + p * BS * BS;
 #pragma GCC unroll 1
-    for (int k = 0; k < BS; k += 2 * L) {
-      vu<L> xv[MR];
+    for (int k = 0; k < BS; k += BF16 ? 2 * L : L) {
+      if constexpr (!BF16) {
+        vf<L> xv[MR];
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) xv[i] = load_u<L>(xp + i * ldx + k);
-#if NNBS_BF16_DOT
+        for (int i = 0; i < MR; ++i) xv[i] = load_f<L>(xp + i * ldx + k);
 #pragma GCC unroll 4
-      for (int n = 0; n < 4; ++n) {
-        const vu<L> wv = load_u<L>(wp + n * BS + k);
+        for (int j = 0; j < 4; ++j) {
+          const vf<L> wv = load_f<L>(wp + j * BS + k);
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) acc[i][n] = dot_bf16<L>(acc[i][n], xv[i], wv);
-      }
-#else
-      // Split x's pairs once per step, not once per output feature.
-      vf<L> x_even[MR], x_odd[MR];
+          for (int i = 0; i < MR; ++i) acc[i][j] = fmadd<L>(xv[i], wv, acc[i][j]);
+        }
+      } else if constexpr (NNBS_BF16_DOT) {
+        vu<L> xv[MR];
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        x_even[i] = even_bf16<L>(xv[i]);
-        x_odd[i] = odd_bf16<L>(xv[i]);
-      }
+        for (int i = 0; i < MR; ++i) xv[i] = load_u<L>(xp + i * ldx + k);
 #pragma GCC unroll 4
-      for (int n = 0; n < 4; ++n) {
-        const vu<L> wv = load_u<L>(wp + n * BS + k);
-        const vf<L> w_even = even_bf16<L>(wv), w_odd = odd_bf16<L>(wv);
+        for (int j = 0; j < 4; ++j) {
+          const vu<L> wv = load_u<L>(wp + j * BS + k);
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) acc[i][n] = fmadd<L>(x_odd[i], w_odd, fmadd<L>(x_even[i], w_even, acc[i][n]));
+          for (int i = 0; i < MR; ++i) acc[i][j] = dot_bf16<L>(acc[i][j], xv[i], wv);
+        }
+      } else {
+        // Split x's pairs once per step, not once per output feature.
+        vf<L> x_even[MR], x_odd[MR];
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+          const vu<L> pairs = load_u<L>(xp + i * ldx + k);
+          x_even[i] = even_bf16<L>(pairs);
+          x_odd[i] = odd_bf16<L>(pairs);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const vu<L> wv = load_u<L>(wp + j * BS + k);
+          const vf<L> w_even = even_bf16<L>(wv), w_odd = odd_bf16<L>(wv);
+#pragma GCC unroll 16
+          for (int i = 0; i < MR; ++i) acc[i][j] = fmadd<L>(x_odd[i], w_odd, fmadd<L>(x_even[i], w_even, acc[i][j]));
+        }
       }
-#endif
     }
   }
   vf<4> sums[MR];
@@ -412,22 +397,16 @@ struct Problem {
 // Rows row.. of x against features n0..n0+3 of block-row r (n0 counted within the block-row); the
 // outputs go to the sink at (row - sink_row, n0).
 template <bool BF16, int BS, int L, int MR>
-inline void tile(const Problem<typename std::conditional<BF16, uint16_t, float>::type>& p, const Sink& sink,
-                 int64_t row, int64_t sink_row, int64_t r, int64_t n0) {
+inline void tile(const Problem<Element<BF16>>& p, const Sink& sink, int64_t row, int64_t sink_row, int64_t r,
+                 int64_t n0) {
   const int64_t start = p.row_offsets[r];
-  const int64_t blocks = p.row_offsets[r + 1] - start;
-  const auto* w = p.values + start * BS * BS + n0 * BS;
-  if constexpr (BF16)
-    tile_bf16<BS, L, MR>(p.x + row * p.ldx, p.ldx, w, p.col_indices + start, blocks, p.e, sink, row - sink_row, n0,
-                         r * BS + n0);
-  else
-    tile_f32<BS, L, MR>(p.x + row * p.ldx, p.ldx, w, p.col_indices + start, blocks, p.e, sink, row - sink_row, n0,
-                        r * BS + n0);
+  tile_kernel<BF16, BS, L, MR>(p.x + row * p.ldx, p.ldx, p.values + start * BS * BS + n0 * BS, p.col_indices + start,
+                               p.row_offsets[r + 1] - start, p.e, sink, row - sink_row, n0, r * BS + n0);
 }
 
 // The last rows % MR rows of a chunk, with a tile of exactly that height.
 template <bool BF16, int BS, int L, int R>
-inline void tail(const Problem<typename std::conditional<BF16, uint16_t, float>::type>& p, const Sink& sink, int rows,
+inline void tail(const Problem<Element<BF16>>& p, const Sink& sink, int rows,
                  int64_t row, int64_t sink_row, int64_t r, int64_t n0) {
   if constexpr (R > 0) {
     if (rows == R)
@@ -452,7 +431,7 @@ constexpr int rows_per_tile() {
 }
 
 template <bool BF16, int BS>
-void run(const Problem<typename std::conditional<BF16, uint16_t, float>::type>& p) {
+void run(const Problem<Element<BF16>>& p) {
   // One vector step covers L elements of k (fp32) or L pairs (bf16), at most one block row.
   constexpr int L = (BF16 ? BS / 2 : BS) < NNBS_VECTOR_LANES ? (BF16 ? BS / 2 : BS) : NNBS_VECTOR_LANES;
   constexpr int MR = rows_per_tile<BF16>();
@@ -487,7 +466,7 @@ void run(const Problem<typename std::conditional<BF16, uint16_t, float>::type>& 
 
 // Called by every thread of a parallel region: the tasks are shared out inside.
 template <bool BF16>
-void run_block_size(int64_t block_size, const Problem<typename std::conditional<BF16, uint16_t, float>::type>& p) {
+void run_block_size(int64_t block_size, const Problem<Element<BF16>>& p) {
   if (block_size == 16) run<BF16, 16>(p);
   else if (block_size == 32) run<BF16, 32>(p);
   else run<BF16, 64>(p);

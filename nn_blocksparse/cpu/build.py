@@ -42,7 +42,7 @@ ABI_VERSION = 2  # the .cpp's NNBS_ABI_VERSION
 COMMON_FLAGS = ("-O3", "-std=gnu++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
 ISA_FLAGS = {
     "avx512_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
-    "avx512": ("-mavx512f", "-mfma"),
+    "avx512": ("-mavx512f", "-mavx512vl", "-mfma"),  # VL: 256-bit code (bs 16 bf16) may use all 32 registers
     "avx2": ("-mavx2", "-mfma"),
     "neon_bf16": ("-march=armv8.2-a+bf16",),
     "neon": ("-march=armv8-a",),

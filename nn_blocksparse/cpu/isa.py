@@ -25,7 +25,7 @@ ARCHITECTURE = {"avx512_bf16": "x86_64", "avx512": "x86_64", "avx2": "x86_64", "
 # CPU features (as /proc/cpuinfo names them) each variant's instructions need.
 REQUIRED_FEATURES = {
     "avx512_bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"}),
-    "avx512": frozenset({"avx512f", "fma"}),
+    "avx512": frozenset({"avx512f", "avx512vl", "fma"}),
     "avx2": frozenset({"avx2", "fma"}),
     "neon_bf16": frozenset({"asimd", "bf16"}),
     "neon": frozenset({"asimd"}),
