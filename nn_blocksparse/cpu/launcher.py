@@ -28,12 +28,16 @@ _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of me
 
 
 def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:
-    """What keeps the kernel in bounds given validated indices: shapes, dtypes, layouts, devices."""
+    """What keeps the kernel in bounds given validated indices: shapes, dtypes, layouts, devices.
+
+    Written for the common case to cost a few attribute reads; the messages are built only on failure.
+    """
     if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
         raise ValueError(f"x2d must be a 2-D tensor [M, K], got {getattr(x2d, 'shape', type(x2d))}")
-    if not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[1] != values.shape[2]:
+    shape = values.shape if isinstance(values, torch.Tensor) else None
+    if shape is None or len(shape) != 3 or shape[1] != shape[2]:
         raise ValueError(f"values must be [nnz, bs, bs], got {getattr(values, 'shape', type(values))}")
-    block_size = values.shape[2]
+    block_size = shape[2]
     if block_size not in NATIVE_BLOCK_SIZES:
         raise ValueError(f"block size must be one of {NATIVE_BLOCK_SIZES}, got {block_size}")
     if x2d.shape[1] % block_size:
@@ -41,20 +45,21 @@ def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:
     for name, index in (("row_offsets", row_offsets), ("col_indices", col_indices)):
         if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 1:
             raise TypeError(f"{name} must be a 1-D int32 tensor, got {getattr(index, 'dtype', type(index))}")
-    if row_offsets.numel() < 1:
+    if row_offsets.shape[0] < 1:
         raise ValueError("row_offsets must hold N/bs + 1 >= 1 entries")
-    if col_indices.numel() != values.shape[0]:
-        raise ValueError(f"col_indices must have one entry per block ({values.shape[0]}), got {col_indices.numel()}")
-    if bias is not None:
-        n = (row_offsets.numel() - 1) * block_size
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
-    if activation not in ACTIVATIONS:
+    if col_indices.shape[0] != shape[0]:
+        raise ValueError(f"col_indices must have one entry per block ({shape[0]}), got {col_indices.shape[0]}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1
+                             or bias.shape[0] != (row_offsets.shape[0] - 1) * block_size):
+        raise ValueError(f"bias must have shape ({(row_offsets.shape[0] - 1) * block_size},), "
+                         f"got {tuple(getattr(bias, 'shape', ()))}")
+    if activation is not None and activation != "gelu":
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    tensors = [x2d, values, row_offsets, col_indices] + ([] if bias is None else [bias])
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError(f"block_sparse_linear_cpu runs on CPU tensors, got {[str(t.device) for t in tensors]}")
-    if not x2d.is_floating_point() or not values.is_floating_point():
+    if not (x2d.is_cpu and values.is_cpu and row_offsets.is_cpu and col_indices.is_cpu
+            and (bias is None or bias.is_cpu)):
+        devices = [str(t.device) for t in (x2d, values, row_offsets, col_indices, bias) if t is not None]
+        raise ValueError(f"block_sparse_linear_cpu runs on CPU tensors, got x2d, values, indices, bias on {devices}")
+    if not (x2d.is_floating_point() and values.is_floating_point()):
         raise TypeError(f"x2d and values must be floating point, got {x2d.dtype} and {values.dtype}")
 
 
