@@ -3,8 +3,8 @@
 Paths: the native kernel built for every ISA this CPU runs (`ours_<isa>`; AVX2 on an AVX2 machine,
 AVX2 and AVX-512 on an AVX-512 one: the same source at two vector widths), and the pure-torch
 reference. Modes: fp32; bf16 (x, W and y bf16); bf16 weights with fp32 x and y. Layouts: random
-with an empty block-row, dense, all-zero; block sizes 16/32/64; every tile-height tail and a chunk
-boundary in M; bias or not; GELU or not. The kernel's build, ISA choice and fallbacks are in
+with an empty block-row, dense, all-zero, block-rows long enough to be walked in segments; block
+sizes 16/32/64; every tile-height tail and a chunk boundary in M; bias or not; GELU or not. The kernel's build, ISA choice and fallbacks are in
 test_cpu_build.py, the ARM variants under qemu there too.
 
 Tolerances, relative to the output's scale (helpers.RELATIVE_TOLERANCE): fp32 1e-5; bf16 8e-3 (the
@@ -69,6 +69,10 @@ def test_every_path_mode_block_size_and_tail(path, mode, block_size):
     dense = BlockSparseMatrix.from_dense(random_block_sparse_weight(n, k, block_size, 1.0, seed=1).to(weight_dtype),
                                          block_size)
     check(path, mode, dense, 9, bias, "gelu")
+    # Block-rows long enough (K = 6144) to be walked in several segments.
+    long_rows = BlockSparseMatrix.from_dense(
+        random_block_sparse_weight(64, 6144, block_size, 0.8, seed=2).to(weight_dtype), block_size)
+    check(path, mode, long_rows, 7, torch.randn(64).to(weight_dtype), "gelu")
     empty = BlockSparseMatrix.from_dense(torch.zeros(n, k, dtype=weight_dtype), block_size)
     assert empty.nnz_blocks == 0
     y = check(path, mode, empty, 9, bias, None)

@@ -319,20 +319,32 @@ inline void store_buffer(const Epilogue& e, const float* buffer, int64_t rows, i
 template <bool BF16>
 using Element = typename std::conditional<BF16, uint16_t, float>::type;
 
+// Where a tile's walk starts and ends: a segment of its block-row's stored blocks, resumed from and
+// parked in `partial` (the MR x 4 accumulators, unreduced) between segments.
+struct Segment {
+  int64_t first_block, blocks;
+  void* partial;
+  bool resume, finish;
+};
+
 // An MR x 4 tile: rows row.. of x (relative to the sink's first) against 4 output features of one
-// block-row, walking its `blocks` stored blocks. bf16 reads 32-bit lanes of (k, k+1) pairs.
+// block-row, walking the segment's stored blocks. bf16 reads 32-bit lanes of (k, k+1) pairs.
 template <bool BF16, int BS, int L, int MR>
 inline void tile_kernel(const Element<BF16>* x, int64_t ldx, const Element<BF16>* w, const int32_t* cols,
-                        int64_t blocks, const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink,
+                        const Segment& segment, const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink,
                         int64_t n) {
   vf<L> acc[MR][4];
+  vf<L>* partial = static_cast<vf<L>*>(segment.partial);
   // The accumulators must stay in registers: every loop over them is unrolled (GCC for aarch64
   // otherwise keeps the array in memory and stores it on every step). The k loop is not: interleaving
   // its steps is what spills.
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[i][j] = vf<L>{};
+    for (int j = 0; j < 4; ++j) acc[i][j] = segment.resume ? partial[4 * i + j] : vf<L>{};
+  const int64_t blocks = segment.blocks;
+  cols += segment.first_block;
+  w += segment.first_block * BS * BS;
   for (int64_t p = 0; p < blocks; ++p) {
     const Element<BF16>* xp = x + static_cast<int64_t>(cols[p]) * BS;
     const Element<BF16>* wp = w + p * BS * BS;
@@ -377,6 +389,13 @@ inline void tile_kernel(const Element<BF16>* x, int64_t ldx, const Element<BF16>
       }
     }
   }
+  if (!segment.finish) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) partial[4 * i + j] = acc[i][j];
+    return;
+  }
   vf<4> sums[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) sums[i] = sum4<L>(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
@@ -397,22 +416,22 @@ struct Problem {
 // Rows row.. of x against features n0..n0+3 of block-row r (n0 counted within the block-row); the
 // outputs go to the sink at (row - sink_row, n0).
 template <bool BF16, int BS, int L, int MR>
-inline void tile(const Problem<Element<BF16>>& p, const Sink& sink, int64_t row, int64_t sink_row, int64_t r,
-                 int64_t n0) {
+inline void tile(const Problem<Element<BF16>>& p, const Sink& sink, const Segment& segment, int64_t row,
+                 int64_t sink_row, int64_t r, int64_t n0) {
   const int64_t start = p.row_offsets[r];
   tile_kernel<BF16, BS, L, MR>(p.x + row * p.ldx, p.ldx, p.values + start * BS * BS + n0 * BS, p.col_indices + start,
-                               p.row_offsets[r + 1] - start, p.e, sink, row - sink_row, n0, r * BS + n0);
+                               segment, p.e, sink, row - sink_row, n0, r * BS + n0);
 }
 
 // The last rows % MR rows of a chunk, with a tile of exactly that height.
 template <bool BF16, int BS, int L, int R>
-inline void tail(const Problem<Element<BF16>>& p, const Sink& sink, int rows,
-                 int64_t row, int64_t sink_row, int64_t r, int64_t n0) {
+inline void tail(const Problem<Element<BF16>>& p, const Sink& sink, const Segment& segment, int rows, int64_t row,
+                 int64_t sink_row, int64_t r, int64_t n0) {
   if constexpr (R > 0) {
     if (rows == R)
-      tile<BF16, BS, L, R>(p, sink, row, sink_row, r, n0);
+      tile<BF16, BS, L, R>(p, sink, segment, row, sink_row, r, n0);
     else
-      tail<BF16, BS, L, R - 1>(p, sink, rows, row, sink_row, r, n0);
+      tail<BF16, BS, L, R - 1>(p, sink, segment, rows, row, sink_row, r, n0);
   }
 }
 
@@ -435,9 +454,16 @@ void run(const Problem<Element<BF16>>& p) {
   // One vector step covers L elements of k (fp32) or L pairs (bf16), at most one block row.
   constexpr int L = (BF16 ? BS / 2 : BS) < NNBS_VECTOR_LANES ? (BF16 ? BS / 2 : BS) : NNBS_VECTOR_LANES;
   constexpr int MR = rows_per_tile<BF16>();
-  // Chunks of 8 tiles: enough tasks to balance the threads at M = 128, few enough that a task
+  // Tasks of 3 tiles of rows: enough to balance the threads at M = 128, few enough that a task
   // amortises its block-row's index loads.
   constexpr int64_t CHUNK = 3 * MR;
+  // A tile's x rows are read once per group of 4 output features (BS / 4 times): a long block-row
+  // is walked in segments whose x rows (about 12 KiB) stay in L1 meanwhile, the tile's accumulators
+  // parked between segments. Parked vectors come back unchanged, so the sums are the same as in one
+  // walk, bit for bit.
+  constexpr int64_t SEGMENT = (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS > 0
+                                  ? (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS
+                                  : 1;
   const int64_t chunks = (p.m + CHUNK - 1) / CHUNK;
   const int64_t tasks = p.block_rows * chunks;
 #pragma omp for schedule(dynamic, 1)
@@ -445,18 +471,29 @@ void run(const Problem<Element<BF16>>& p) {
     const int64_t r = task / chunks;
     const int64_t first = (task % chunks) * CHUNK;
     const int64_t end = first + CHUNK < p.m ? first + CHUNK : p.m;
+    const int64_t blocks = p.row_offsets[r + 1] - p.row_offsets[r];
     alignas(64) float buffer[CHUNK * BS];  // used with GELU only
+    alignas(64) vf<L> partial[CHUNK / MR][BS / 4][MR * 4];  // used by segmented walks only
     const int64_t y_element = first * p.e.ldy + r * BS;
     const Sink sink = p.e.gelu ? Sink{buffer, BS, false}
                                : Sink{p.e.y_bf16 ? static_cast<void*>(static_cast<uint16_t*>(p.e.y) + y_element)
                                                  : static_cast<void*>(static_cast<float*>(p.e.y) + y_element),
                                       p.e.ldy, p.e.y_bf16};
-    int64_t i = first;
-    for (; i + MR <= end; i += MR)
-      for (int64_t n0 = 0; n0 < BS; n0 += 4) tile<BF16, BS, L, MR>(p, sink, i, first, r, n0);
-    if (i < end)
-      for (int64_t n0 = 0; n0 < BS; n0 += 4)
-        tail<BF16, BS, L, MR - 1>(p, sink, static_cast<int>(end - i), i, first, r, n0);
+    // Segments outermost: a segment of the block-row's weights serves every tile of the task
+    // before the next one is read.
+    for (int64_t s = 0; s == 0 || s < blocks; s += SEGMENT) {  // once for an empty block-row
+      for (int64_t i = first; i < end; i += MR) {
+        const int rows = end - i < MR ? static_cast<int>(end - i) : MR;
+        for (int64_t n0 = 0; n0 < BS; n0 += 4) {
+          const Segment segment{s, blocks - s < SEGMENT ? blocks - s : SEGMENT, partial[(i - first) / MR][n0 / 4],
+                                s > 0, s + SEGMENT >= blocks};
+          if (rows == MR)
+            tile<BF16, BS, L, MR>(p, sink, segment, i, first, r, n0);
+          else
+            tail<BF16, BS, L, MR - 1>(p, sink, segment, rows, i, first, r, n0);
+        }
+      }
+    }
     if (p.e.gelu) {
       gelu_span(buffer, (end - first) * BS);
       store_buffer<BS>(p.e, buffer, end - first, first, r * BS);

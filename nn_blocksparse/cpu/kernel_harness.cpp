@@ -103,7 +103,7 @@ bool run_case(int kind, int bs, int64_t m, int64_t block_rows, int64_t block_col
     fail(what);
     return false;
   }
-  // fp32 accumulation of <= 256 terms of size ~1: 1e-5; a bf16 output adds its rounding (2^-8).
+  // fp32 accumulation of up to 6144 terms of size ~1/sqrt(K): 2e-5; a bf16 output adds its rounding (2^-8).
   const double tolerance = y_bf16 ? 1.0e-2 : 2.0e-5;
   for (int64_t j = 0; j < m * n; ++j) {
     const double actual = y_bf16 ? from_bf16(y16[j]) : y32[j];
@@ -149,6 +149,8 @@ int main() {
       }
       cases += run_case(kind, bs, 9, 2, 3, 1.0, true, true, 1, false);
       cases += run_case(kind, bs, 9, 2, 3, 0.0, true, false, 1, false);
+      // Long block-rows (K = 6144): walked in several segments.
+      cases += run_case(kind, bs, 7, 2, 6144 / bs, 0.8, true, kind == 1, 2, false);
     }
   // Bit-identical for any thread count.
   for (int kind = 0; kind < 3; ++kind) {
