@@ -13,7 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["nn_blocksparse", "nn_blocksparse.*"]),
-    package_data={"nn_blocksparse.kernels": ["tuned_configs.json", "cpu_block_sparse_linear.cpp"]},
+    package_data={"nn_blocksparse.kernels": ["tuned_configs.json"],
+                  "nn_blocksparse.cpu": ["block_sparse_linear.cpp", "kernel_harness.cpp"]},
     python_requires=">=3.10",
     entry_points={"console_scripts": ["nn-blocksparse = nn_blocksparse.cli:main"]},
     # torch is not pinned here: CPU machines install torch==2.13.0 first (see README), GPU

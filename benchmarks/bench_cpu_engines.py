@@ -19,8 +19,7 @@ pruned model, for every dtype, so bf16 variants are compared at their real accur
   `--threads`, `PERFORMANCE_HINT` LATENCY, `INFERENCE_PRECISION_HINT` f32 or bf16 by row;
   `openvino_precision` is what OpenVINO says it ran in (f32 where the CPU has no bf16 instructions);
 - `hybrid_bf16w` (bf16 rows): ours with bf16 weights and fp32 activations, norms, softmax and residual
-  (`patch_bert(..., weight_dtype=torch.bfloat16)` on the fp32 model) where `patch_bert` takes
-  `weight_dtype`; NaN and a note otherwise.
+  (`patch_bert(..., weight_dtype=torch.bfloat16)` on the fp32 model).
 
 Before anything is timed, every output is checked against the fp32 reference: beyond
 `TOLERANCE[dtype] * max(1, max |reference|)` the run stops with an error naming the method.
@@ -42,7 +41,6 @@ matter), the engines' versions and settings. Threads default to 2, the issue's s
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import sys
 import tempfile
@@ -79,30 +77,10 @@ CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
 
 
 # ---------------------------------------------------------------------------------- environment
-def native_isa() -> str:
-    """The ISA our native CPU kernel runs here, or why it does not (the pure-torch fallback runs then)."""
-    try:
-        from nn_blocksparse.cpu import native_isa as library_native_isa  # issue 19's CPU folder, once it lands
-    except ImportError:
-        from nn_blocksparse.kernels.cpu_block_sparse_linear import _cpu_flags, native_status
-
-        status = native_status()
-        if status != "ok":
-            return f"none ({status}; pure-torch fallback)"
-        return "avx512_bf16" if "avx512_bf16" in _cpu_flags() else "avx512"
-    return library_native_isa() or "none (pure-torch fallback)"
-
-
 def _cpu_flags_present() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = set()
-    for line in text.splitlines():
-        if line.lower().startswith(("flags", "features")):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    from nn_blocksparse.cpu.isa import cpu_features
+
+    flags = cpu_features()
     return " ".join(flag for flag in CPU_FLAGS_OF_INTEREST if flag in flags) or "none of " + ",".join(
         CPU_FLAGS_OF_INTEREST)
 
@@ -112,7 +90,6 @@ def engine_environment(args) -> dict[str, str]:
     record = {
         "cpu_flags": _cpu_flags_present(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "nn_blocksparse_native_isa": native_isa(),
         "threads": str(args.threads),
         **{name: engines.engine_version(name) for name in ("onnxruntime", "openvino", "onnx", "onnxscript")},
         "onnx_exporter": args.onnx_exporter,
@@ -165,12 +142,6 @@ def floor_ms(stored: int, heads: int, head_dim: int, batch: int, seq: int, gflop
 
 
 # ---------------------------------------------------------------------------------- variants
-def weight_dtype_supported() -> bool:
-    from nn_blocksparse.bert.patching import patch_bert
-
-    return "weight_dtype" in inspect.signature(patch_bert).parameters
-
-
 def torch_variants(model, dtype: torch.dtype) -> tuple[dict, dict[str, str]]:
     """(`{method: model}`, `{method: why it could not be built}`) of the torch methods in `dtype`.
 
@@ -181,13 +152,10 @@ def torch_variants(model, dtype: torch.dtype) -> tuple[dict, dict[str, str]]:
     if failures:  # without resize and hybrid there is nothing to compare
         raise RuntimeError(f"could not patch the model in {common.DTYPE_NAMES[dtype]}: {failures}")
     if dtype == torch.bfloat16:
-        if weight_dtype_supported():
-            extra, extra_failures = bench_e2e.build_variants(
-                model, specs={"hybrid_bf16w": {"mode": "hybrid", "weight_dtype": torch.bfloat16}}, block_size=BLOCK_SIZE)
-            variants["hybrid_bf16w"] = extra.get("hybrid_bf16w")
-            failures.update(extra_failures)
-        else:
-            failures["hybrid_bf16w"] = "patch_bert takes no weight_dtype (bf16 weights, fp32 activations) yet"
+        extra, extra_failures = bench_e2e.build_variants(
+            model, specs={"hybrid_bf16w": {"mode": "hybrid", "weight_dtype": torch.bfloat16}}, block_size=BLOCK_SIZE)
+        variants["hybrid_bf16w"] = extra.get("hybrid_bf16w")
+        failures.update(extra_failures)
     variants = {name: variant for name, variant in variants.items() if variant is not None}
     return variants, failures
 
@@ -358,7 +326,7 @@ def main(argv=None) -> int:
     with common.torch_threads(args.threads):
         environment = {**common.environment_record(CPU), **engine_environment(args)}
         print(f"bench_cpu_engines on {common.cpu_model()}, {torch.get_num_threads()} threads, "
-              f"ISA: torch {environment['torch_cpu_capability']}, ours {environment['nn_blocksparse_native_isa']}",
+              f"ISA: torch {environment['torch_cpu_capability']}, ours {environment['cpu_native_isa']}",
               flush=True)
         gemm = {dtype: gemm_rate(dtype, args.gemm_m, args.repeats, args.warmup)
                 for dtype in dict.fromkeys([torch.float32, *args.dtypes])}

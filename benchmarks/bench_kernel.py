@@ -17,7 +17,7 @@ permutation's or a row group's gain shows):
                columns) cut out beforehand, only the smaller dense matmul is timed;
 - `ours`:      `block_sparse_linear(x, matrix, backend="triton")` on CUDA (`note`: the launch config,
                block_m/group_m/split_k/num_warps/num_stages/rows_per_program); on CPU the CPU path of
-               `BlockSparseLinear` (its cached CPU plan; `note` records the plan's strategy);
+               `BlockSparseLinear` (`note`: the native ISA it ran, or why the reference ran);
 - `semi_structured`: what else a GPU user could pick at density 0.5: 2:4 sparsity
                (`torch.sparse.to_sparse_semi_structured`: cuSPARSELt where torch has it) on a 2:4
                weight of its own (element density 0.5), at target density 0.5 only;
@@ -26,7 +26,8 @@ permutation's or a row group's gain shows):
 Methods that cannot run a case get time NaN and the reason in `note`.
 
 CPU only (`bench_cpu` runs them): `dense_onednn`, the dense GEMM through oneDNN instead of MKL (the
-faster dense baseline on AMD CPUs), and `ours_torch`, our CPU path without its native kernel.
+faster dense baseline on AMD CPUs), `ours_<isa>` (the native kernel compiled for one ISA, for every
+ISA this CPU runs: `cpu_methods()`), and `reference`, the CPU path's pure-torch reference.
 
 Every method's output is checked once against dense (`max_abs_diff`; 2:4 against its own weight).
 `stored_tflops_over_cublas` is TFLOP/s on the blocks a method stores (the whole matrix for dense,
@@ -68,7 +69,14 @@ ALTERNATIVE_METHODS = ("semi_structured", "cusparse_bsr", "cusparse_blocked_ell"
 METHODS = CLASSIC_METHODS + ALTERNATIVE_METHODS
 LAYOUTS = ("random", "head_structured", "nn_pruning_like")
 HEAD_FEATURES = 64  # BERT-base's head size: the structured layouts' heads span 64 // block_size block-rows
-CPU_METHODS = ("dense_onednn", "ours_torch")  # CPU-only baselines, see their prepare_* functions
+CPU_METHODS = ("dense_onednn", "reference")  # CPU-only baselines, see their prepare_* functions; and ours_<isa>
+
+
+def cpu_methods() -> tuple[str, ...]:
+    """The CPU-only methods of this machine: `CPU_METHODS` and one `ours_<isa>` per ISA the CPU runs."""
+    from nn_blocksparse.cpu.isa import runnable_isas
+
+    return ("dense_onednn", *(f"ours_{isa}" for isa in runnable_isas()), "reference")
 
 BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # N x K; 2304 = fused QKV
 FULL_M = (128, 512, 2048, 8192)
@@ -178,10 +186,9 @@ def prepare_cusparse(x: torch.Tensor, weight: torch.Tensor, block_size: int, for
 
 
 def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
-    """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s CPU path, planned
-    before timing (`note`: the strategy its plan runs)."""
+    """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s CPU path (`note`:
+    the native ISA it runs, or why the reference runs)."""
     from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
-    from nn_blocksparse.cpu_kernels import build_cpu_plan
 
     if x.device.type == "cuda":
         from nn_blocksparse.functional import launch_config
@@ -191,14 +198,11 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
         # The launch configuration the library picks (tuned or heuristic), for reading the results.
         note = "config=" + "/".join(map(str, config.as_list()))
         return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)
-    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="torch")
-    with torch.no_grad():
-        module(x)  # plans the weight
-    # The strategy this call runs (the cost model is deterministic, so a second plan of the same
-    # weight says it): a sparse plan picks gather_bmm or gather_mm per number of rows.
-    n, k = weight.shape
-    plan = build_cpu_plan(module.values, module.row_offsets, module.col_indices, n, k, block_size)
-    return Method(run=lambda: module(x), note=f"strategy={plan.strategy_for(x.reshape(-1, k).shape[0])}")
+    from nn_blocksparse.cpu import native_isa, native_status
+
+    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="cpu")
+    note = f"isa={native_isa()}" if native_isa() else f"reference: {native_status()}"
+    return Method(run=lambda: module(x), note=note)
 
 
 def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
@@ -219,19 +223,33 @@ def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
     return Method(run=lambda: linear(x, onednn_weight, None, "none", [], ""))
 
 
-def prepare_ours_torch(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
-    """CPU: our pure-torch strategies only (the fallback where the native kernel cannot build)."""
+def prepare_ours_isa(x: torch.Tensor, weight: torch.Tensor, block_size: int, isa: str) -> Method:
+    """CPU: our native kernel compiled for `isa` (one this CPU runs), whatever ISA the process picked."""
     from nn_blocksparse import BlockSparseMatrix
-    from nn_blocksparse.cpu_kernels import build_cpu_plan, cpu_block_sparse_linear
+    from nn_blocksparse.cpu.build import NativeBuildError, library_for
+    from nn_blocksparse.cpu.launcher import native_block_sparse_linear
+
+    if x.device.type != "cpu":
+        return Method(run=None, note="CPU only")
+    try:
+        library = library_for(isa)
+    except NativeBuildError as error:
+        return Method(run=None, note=_error_note(error))
+    matrix = BlockSparseMatrix.from_dense(weight, block_size)
+    return Method(run=lambda: native_block_sparse_linear(library, x, matrix.values, matrix.row_offsets,
+                                                         matrix.col_indices, None, None), note=f"isa={isa}")
+
+
+def prepare_reference(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+    """CPU: the CPU path's pure-torch reference (what CPUs without a native variant run)."""
+    from nn_blocksparse import BlockSparseMatrix
+    from nn_blocksparse.cpu.reference import block_sparse_linear_reference
 
     if x.device.type != "cpu":
         return Method(run=None, note="CPU only")
     matrix = BlockSparseMatrix.from_dense(weight, block_size)
-    n, k = weight.shape
-    plan = build_cpu_plan(matrix.values, matrix.row_offsets, matrix.col_indices, n, k, block_size, native=False)
-    note = f"strategy={plan.strategy_for(x.reshape(-1, k).shape[0])}"
-    x2d = x.reshape(-1, k)
-    return Method(run=lambda: cpu_block_sparse_linear(x2d, plan).reshape(*x.shape[:-1], n), note=note)
+    return Method(run=lambda: block_sparse_linear_reference(x, matrix.values, matrix.row_offsets,
+                                                            matrix.col_indices, None, None))
 
 
 def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size: int, density: float = 1.0,
@@ -244,8 +262,10 @@ def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size:
         return prepare_dense(x, weight)
     if name == "dense_onednn":
         return prepare_dense_onednn(x, weight)
-    if name == "ours_torch":
-        return prepare_ours_torch(x, weight, block_size)
+    if name == "reference":
+        return prepare_reference(x, weight, block_size)
+    if name.startswith("ours_"):
+        return prepare_ours_isa(x, weight, block_size, name.removeprefix("ours_"))
     if name == "torch_bsr":
         return prepare_torch_bsr(x, weight, block_size)
     if name == "resize":
@@ -393,8 +413,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", help="e.g. fp16,bf16 (fp32 too)")
     parser.add_argument("--layouts", default="random", help=f"subset of {','.join(LAYOUTS)} (nn_blocksparse.layouts)")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"subset of {','.join(METHODS + CPU_METHODS)} ({', '.join(ALTERNATIVE_METHODS)}: GPU "
-                        f"only; {', '.join(CPU_METHODS)}: CPU only)")
+                        help=f"subset of {','.join(METHODS + CPU_METHODS)},ours_<isa> ({', '.join(ALTERNATIVE_METHODS)}: GPU "
+                        f"only; {', '.join(CPU_METHODS)}, ours_<isa>: CPU only)")
     parser.add_argument("--device", help="cuda (the default) or cpu (the torch path for ours); --quick: always cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")

@@ -42,13 +42,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # ---------------------------------------------------------------------------------- environment
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from nn_blocksparse.cpu import cpu_model as model
+
+    return model()
 
 
 def available_cores() -> int:
@@ -97,7 +93,7 @@ def environment_record(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "cpu_native_kernel": _native_kernel_status(),
+        **_native_kernel_record(),
     }
 
 
@@ -110,11 +106,11 @@ def load_average() -> str:
         return "unknown"
 
 
-def _native_kernel_status() -> str:
-    """Whether our native CPU kernel ran here ("ok"), else why not: the CPU numbers depend on it."""
-    from nn_blocksparse.kernels.cpu_block_sparse_linear import native_status
+def _native_kernel_record() -> dict[str, str]:
+    """Which native CPU kernel ran here (its ISA), else why none did: the CPU numbers depend on it."""
+    from nn_blocksparse.cpu import native_isa, native_status
 
-    return native_status()
+    return {"cpu_native_kernel": native_status(), "cpu_native_isa": native_isa() or "none"}
 
 
 # ---------------------------------------------------------------------------------- timing

@@ -95,9 +95,9 @@ def pruned_model_rows(model, source: str, modes=PATCH_MODES) -> list[dict]:
 
     rows = []
     for mode in modes:
-        plain = patch_bert(copy.deepcopy(model), mode=mode, dense_threshold=1.0, backend="torch")
+        plain = patch_bert(copy.deepcopy(model), mode=mode, dense_threshold=1.0, backend="cpu")
         for rows_per_group in ROWS_PER_GROUP:
-            permuted = patch_bert(copy.deepcopy(model), mode=mode, dense_threshold=1.0, backend="torch",
+            permuted = patch_bert(copy.deepcopy(model), mode=mode, dense_threshold=1.0, backend="cpu",
                                   permute_for_row_groups=rows_per_group)
             for role in ("qkv", "ffn_in"):
                 before, after = matrices(plain, role), matrices(permuted, role)

@@ -3,8 +3,11 @@
 Backends:
 - `"triton"`: the Triton kernel (compiled on CUDA tensors; Triton's interpreter on CPU tensors
   when the process runs with `TRITON_INTERPRET=1`, which is how the tests check the kernel on CPU);
-- `"torch"`: the CPU path (the fast path on CPU);
-- `"auto"`: Triton on CUDA, torch on CPU.
+- `"cpu"`: the CPU path, `nn_blocksparse.cpu` (the native kernel, else its pure-torch reference);
+  `"torch"` is its deprecated old name;
+- `"auto"`: Triton on CUDA, cpu on CPU.
+
+On CPU, bf16 weights also take fp32 x (bf16 weights, fp32 activations and output).
 
 Each backend is a `torch.library` op (`ops.py`), so the same call runs eagerly, under torch.compile
 and in torch.export. Every check here reads only shapes, dtypes and devices, and runs before any
@@ -28,7 +31,7 @@ from .kernels.configs import KernelConfig, row_groups_considered
 from .row_groups import RowGroups
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")  # "torch": deprecated name of "cpu"
 # Fixed per process, when Triton decorates the kernels (at import); read once so that a compiled
 # forward does not trace the cached function that answers it.
 _INTERPRETER = interpreter_enabled()
@@ -41,8 +44,10 @@ def check_inputs(x: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], 
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported dtypes are {SUPPORTED_DTYPES}")
-    if x.dtype != values.dtype:
-        raise TypeError(f"dtype mismatch: x is {x.dtype} but the block-sparse weight is {values.dtype}")
+    mixed = x.dtype == torch.float32 and values.dtype == torch.bfloat16 and x.device.type == "cpu"
+    if x.dtype != values.dtype and not mixed:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but the block-sparse weight is {values.dtype} "
+                        "(on CPU, bf16 weights also take fp32 x)")
     if x.device != values.device:
         raise ValueError(f"device mismatch: x is on {x.device} but the block-sparse weight is on {values.device}")
     n, k = shape
@@ -54,7 +59,7 @@ def check_inputs(x: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], 
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(getattr(bias, 'shape', ()))}")
-        if bias.dtype != x.dtype:
+        if bias.dtype not in (x.dtype, values.dtype):
             raise TypeError(f"dtype mismatch: bias is {bias.dtype} but x is {x.dtype}")
         if bias.device != x.device:
             raise ValueError(f"device mismatch: bias is on {bias.device} but x is on {x.device}")
@@ -65,10 +70,13 @@ def check_inputs(x: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        warnings.warn('backend="torch" is deprecated: it is now named "cpu"', DeprecationWarning, stacklevel=3)
+        backend = "cpu"
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "torch" and device.type != "cpu":
-        raise ValueError(f"the torch backend runs on CPU tensors, not on {device}: use backend 'triton' or 'auto'")
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f'backend="cpu" runs on CPU tensors, got {device}')
     if backend == "triton" and device.type != "cuda" and not _INTERPRETER:
         raise ValueError(
             f"the Triton backend needs CUDA tensors (got {device}); to run it on CPU tensors, start "
@@ -186,19 +194,24 @@ def block_sparse_linear_tensors(
     validated); `launch(rows)` gives the Triton backend its `Launch` for `rows` rows of x."""
     check_inputs(x, values, shape, bias, activation)
     backend = resolve_backend(backend, x.device)
+    if backend == "triton" and (x.dtype != values.dtype or (bias is not None and bias.dtype != x.dtype)):
+        raise TypeError(f"the Triton backend needs x, weight and bias of one dtype, got {x.dtype}, {values.dtype} "
+                        f"and {None if bias is None else bias.dtype}")
     n, k = shape
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         # Neither the kernel nor the CPU path records an autograd graph: rather than return an
         # output that silently blocks gradients, compute the same product densely.
         _warn_autograd_fallback()
-        return _apply_activation(F.linear(x, bsr_to_dense(values, row_offsets, col_indices, shape), bias), activation)
+        dense_bias = None if bias is None else bias.to(x.dtype)
+        dense = bsr_to_dense(values, row_offsets, col_indices, shape).to(x.dtype)
+        return _apply_activation(F.linear(x, dense, dense_bias), activation)
     if k == 0:  # no input features (a layer whose heads were all pruned): the product is the bias
-        y = x.new_zeros(*x.shape[:-1], n) if bias is None else bias.expand(*x.shape[:-1], n).clone()
+        y = x.new_zeros(*x.shape[:-1], n) if bias is None else bias.to(x.dtype).expand(*x.shape[:-1], n).clone()
         return _apply_activation(y, activation)
     x2d = x.reshape(-1, k)
-    if x2d.stride(1) != 1:
+    if x2d.shape[0] and x2d.stride(1) != 1:
         x2d = x2d.contiguous()  # the kernels want unit stride along K for vector loads
-    if backend == "torch":
+    if backend == "cpu":
         y2d = ops.linear_cpu(x2d, values, row_offsets, col_indices, bias, activation)
         return y2d.reshape(*x.shape[:-1], n)
 

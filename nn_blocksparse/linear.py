@@ -1,12 +1,14 @@
 """`BlockSparseLinear`: a drop-in `nn.Linear` whose weight is stored as nonzero blocks.
 
 Same forward signature and attributes as `nn.Linear` (`in_features`, `out_features`, `bias`,
-and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on CPU the
-CPU path. Both are `torch.library` ops (`ops.py`), and what the forward needs beyond the stored
-tensors (the Triton launch table and row groups) is derived at construction, load and `.to()`, so
-the forward reads no tensor data on the host: it compiles (`torch.compile(fullgraph=True)`, dynamic
-shapes) and exports. Inference only: there is no backward through the kernels (inputs that need
-gradients take a dense fallback).
+and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on
+CPU the native kernel of `nn_blocksparse.cpu`, which reads the stored blocks themselves (no
+second copy: in-place changes of `values` are seen by the next call); on CPU, bf16 `values` also
+take fp32 input (and give fp32 output). Both are `torch.library` ops (`ops.py`), and what the
+forward needs beyond the stored tensors (the Triton launch table and row groups) is derived at
+construction, load and `.to()`, so the forward reads no tensor data on the host: it compiles
+(`torch.compile(fullgraph=True)`, dynamic shapes) and exports. Inference only: there is no backward
+through the kernels (inputs that need gradients take a dense fallback).
 
 Saved with safetensors (`save` / `load`, or any state dict): no pickle anywhere. The number of
 stored blocks is part of the weights, so loading a state dict resizes the block buffers. The
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,7 +43,7 @@ class BlockSparseLinear(nn.Module):
     """`y = act(x @ W^T + b)` with W `[out_features, in_features]` kept as nonzero blocks.
 
     `activation` (None or "gelu") is fused into the kernel epilogue; `backend` is "auto",
-    "triton" or "torch" (see `nn_blocksparse.functional`).
+    "triton" or "cpu" ("torch" is its deprecated old name; see `nn_blocksparse.functional`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 32,
@@ -50,6 +53,9 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            warnings.warn('backend="torch" is deprecated: it is now named "cpu"', DeprecationWarning, stacklevel=2)
+            backend = "cpu"
         for name, features in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(features, bool) or not isinstance(features, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {features!r}")

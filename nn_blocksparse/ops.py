@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from ._cpu_shim import block_sparse_linear_cpu
+from .cpu import block_sparse_linear_cpu
 from .kernels import block_sparse_linear as triton_block_sparse_linear
 from .kernels.block_sparse_linear import interpreter_enabled
 from .kernels.configs import KernelConfig, m_bucket

@@ -3,9 +3,15 @@
 Random block-sparse weights come from `nn_blocksparse.layouts`, the project's one layout generator.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # GPU-only tests: they skip cleanly without CUDA, and a CPU twin (the interpreter) runs instead.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU twin runs the interpreter")
@@ -32,3 +38,9 @@ def dense_reference(x: torch.Tensor, weight: torch.Tensor, bias=None, activation
     if activation == "gelu":
         y = torch.nn.functional.gelu(y)
     return y
+
+
+def run_python(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`code` (dedented) in a fresh Python process at the repository root, with `env` added."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT, **env}, timeout=timeout)

@@ -19,7 +19,7 @@ def make_linear(n=96, k=128, density=0.4, block_size=32, dtype=torch.float32, se
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
     device = kernel_device if backend == "triton" else torch.device("cpu")
     linear = make_linear(dtype=dtype).to(device)
@@ -31,28 +31,57 @@ def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
     assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), dtype)
 
 
-def test_auto_backend_on_cpu_uses_the_cpu_op_and_builds_its_plan_once(monkeypatch):
-    from nn_blocksparse import _cpu_shim
+def test_cpu_path_reads_the_stored_values_so_changes_are_never_stale():
+    # No second copy of the weights on CPU: in-place edits, deep copies, casts and state dicts are
+    # all seen by the next call.
+    import copy
 
-    built = []
-    build = _cpu_shim.build_cpu_plan
-    monkeypatch.setattr(_cpu_shim, "build_cpu_plan", lambda *a, **k: built.append(1) or build(*a, **k))
     linear = make_linear()
     sparse = BlockSparseLinear.from_linear(linear)
     x = torch.randn(5, 128)
-    y = sparse(x)
-    sparse(x)
-    assert len(built) == 1  # planned once, on first use
-    assert_close_to_reference(y, dense_reference(x, linear.weight, linear.bias), torch.float32)
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
     with torch.no_grad():
-        sparse.values.mul_(2)  # an in-place change of the blocks is seen: planned again
-    assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
-    assert len(built) == 2
-    sparse.to(torch.float16)  # new tensors: a new plan
-    assert sparse(x.half()).dtype == torch.float16 and len(built) == 3
+        sparse.values.mul_(2.0)
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
+    twin = copy.deepcopy(sparse)
+    with torch.no_grad():
+        twin.values.zero_()
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), linear.bias.detach().expand(5, -1))
+        assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
+    sparse.load_state_dict(BlockSparseLinear.from_linear(linear).state_dict())
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
+        assert sparse.to(torch.float16)(x.half()).dtype == torch.float16
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_weights_take_fp32_input_on_cpu():
+    # Mixed precision: bf16 values and bias, fp32 x and y; x is rounded to bf16 inside the kernel.
+    linear = make_linear()
+    sparse = BlockSparseLinear.from_linear(linear, activation="gelu").to(torch.bfloat16)
+    x = torch.randn(3, 7, 128)
+    with torch.inference_mode():
+        y = sparse(x)
+    assert y.dtype == torch.float32 and y.shape == (3, 7, 96)
+    expected = dense_reference(x.bfloat16(), sparse.weight, sparse.bias, "gelu")
+    assert_close_to_reference(y, expected, torch.float32)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        sparse(x.half())
+
+
+def test_torch_backend_name_is_a_deprecated_alias_of_cpu():
+    with pytest.warns(DeprecationWarning, match="cpu"):
+        sparse = BlockSparseLinear.from_linear(make_linear(), backend="torch")
+    assert sparse.backend == "cpu"
+    x = torch.randn(4, 128)
+    with pytest.warns(DeprecationWarning, match="cpu"):
+        y = block_sparse_linear(x, sparse.matrix, sparse.bias, backend="torch")
+    torch.testing.assert_close(y, sparse(x))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gelu_is_fused(kernel_device, backend):
     device = kernel_device if backend == "triton" else torch.device("cpu")
     linear = make_linear().to(device)
@@ -291,7 +320,7 @@ def test_a_bad_state_dict_is_refused_before_anything_changes():
 
 
 def test_indices_modified_in_place_are_caught_before_the_kernel(kernel_device):
-    for backend, device in (("torch", torch.device("cpu")), ("triton", kernel_device)):
+    for backend, device in (("cpu", torch.device("cpu")), ("triton", kernel_device)):
         layer = BlockSparseLinear.from_linear(make_linear(density=0.5), backend=backend).to(device)
         x = torch.randn(3, 128, device=device)
         layer(x)
@@ -307,7 +336,7 @@ def test_a_loaded_layer_runs_on_both_backends(tmp_path, kernel_device):
     linear = make_linear(density=0.5)
     BlockSparseLinear.from_linear(linear).save(tmp_path / "layer.safetensors")
     x = torch.randn(4, 128)
-    for backend, device in (("torch", torch.device("cpu")), ("triton", kernel_device)):
+    for backend, device in (("cpu", torch.device("cpu")), ("triton", kernel_device)):
         layer = BlockSparseLinear.load(tmp_path / "layer.safetensors", device=device, backend=backend)
         assert layer.values.untyped_storage().resizable()
         assert_close_to_reference(layer(x.to(device)), dense_reference(x, linear.weight, linear.bias), torch.float32)

@@ -126,13 +126,13 @@ def test_hybrid_measure_keeps_the_faster_form_and_the_outputs(pruned_minilm, pad
 
 def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm, monkeypatch):
     model, _ = pruned_minilm
-    # "auto" on CPU: every matrix with the native CPU kernel (threshold 1.0), else block density 0.8.
+    # "auto" on CPU asks the CPU planner (its calibrated profile; tests/test_cpu_planner.py checks it).
+    import nn_blocksparse.cpu
     from nn_blocksparse.bert import patching
-    from nn_blocksparse.kernels.cpu_block_sparse_linear import native_available
 
-    assert patching.auto_density_threshold() == (1.0 if native_available() else 0.8)
+    assert patching.auto_density_threshold() == nn_blocksparse.cpu.density_threshold(torch.float32)
     for threshold in (1.0, 0.8):
-        monkeypatch.setattr(patching, "auto_density_threshold", lambda: threshold)
+        monkeypatch.setattr(nn_blocksparse.cpu, "use_block_sparse", lambda density, *args: density <= threshold)
         patched = patch_bert(copy.deepcopy(model), mode="hybrid")
         choices = patched.nn_blocksparse_choices
         assert choices and all("dense_ms" not in c and c["block_sparse"] == (c["block_density"] <= threshold)
@@ -149,6 +149,35 @@ def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm, monkeypatch)
     for mode in ("hybrid", "blocksparse"):  # refused up front, even where every matrix would stay dense
         with pytest.raises(ValueError, match="block_size must be one of"):
             patch_bert(copy.deepcopy(model), mode=mode, block_size=48, dense_threshold=0.0)
+
+
+def test_bf16_weights_with_fp32_activations(pruned_minilm, padded_batch, tmp_path):
+    # weight_dtype=bf16: block-sparse weights (and biases) bf16, everything else fp32: the error is
+    # the rounding of weights and of x inside the kernel, not of the residual stream.
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.5, weight_dtype=torch.bfloat16)
+    sparse = [m for m in patched.modules() if isinstance(m, BlockSparseLinear)]
+    dense = [m for m in patched.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert sparse and dense  # hybrid at 0.5 leaves both kinds
+    assert all(m.values.dtype == torch.bfloat16 for m in sparse)
+    assert all(m.weight.dtype == torch.float32 for m in dense)  # dense layers stay fp32
+    assert all(p.dtype == torch.float32 for m in patched.modules() if isinstance(m, torch.nn.LayerNorm)
+               for p in m.parameters())
+    output = reference_output(patched, padded_batch)
+    assert output.dtype == torch.float32
+    error = max_diff_on_real_tokens(output, reference, padded_batch)
+    # The whole model in bf16 is several times worse: its residual stream and norms round too.
+    bf16_model = patch_bert(copy.deepcopy(model).to(torch.bfloat16), mode="hybrid", dense_threshold=0.5)
+    bf16_error = max_diff_on_real_tokens(reference_output(bf16_model, padded_batch).float(), reference, padded_batch)
+    assert 0 < error < 0.05 and error < bf16_error / 2, (error, bf16_error)
+    loaded = load_patched_bert(save_patched_bert(patched, tmp_path / "bf16_weights"))
+    assert all(m.values.dtype == torch.bfloat16 for m in loaded.modules() if isinstance(m, BlockSparseLinear))
+    assert torch.equal(reference_output(loaded, padded_batch), output)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        patch_bert(copy.deepcopy(model), weight_dtype=torch.float16)
+    with pytest.raises(ValueError, match="fp32 models on CPU"):
+        patch_bert(copy.deepcopy(model).to(torch.bfloat16), weight_dtype=torch.bfloat16)
 
 
 def test_resize_fuses_nothing_and_keeps_transformers_attention(pruned_minilm):

@@ -11,10 +11,9 @@ The thin layer between transformers' BERT modules and the library's generic piec
   they pay. `dense_threshold` says where: a block density (a matrix denser than it stays a dense
   `nn.Linear`), or `"measure"`: time each matrix both ways on its own device and dtype
   (`nn_blocksparse.selection`) and keep the faster. The default `"auto"` measures on a GPU,
-  where the kernel only wins at low density (about 0.2 on an H200); on CPU it makes every matrix
-  block-sparse where the native CPU kernel builds (it beats MKL's dense GEMM at every density),
-  else those up to density 0.8. The block-sparse module's CPU plan falls back to dense by itself
-  where dense is faster.
+  where the kernel only wins at low density (about 0.2 on an H200); on CPU it asks the CPU
+  planner (`nn_blocksparse.cpu.use_block_sparse`: this machine's calibrated profile, or a
+  conservative default; never block-sparse without the native kernel).
   The choices, with the times measured, are kept in `model.nn_blocksparse_choices`.
 
 `permute_for_row_groups=R` (block-sparse and hybrid; off by default until a GPU has measured what it
@@ -24,12 +23,17 @@ gains) first reorders each layer's FFN neurons and attention heads / head dimens
 Layers whose attention is fused become `ThinBertLayer`s (`thin_layer.py`): in inference they call
 their modules directly instead of through transformers' module tree, bit-identically.
 
+`weight_dtype=torch.bfloat16` (CPU, fp32 models): the block-sparse linears keep bf16 weights and
+biases and take the fp32 activations (rounded to bf16 inside the kernel, fp32 accumulation and
+output); layer norms, softmax, the residual stream and the dense `nn.Linear`s hybrid leaves stay fp32.
+
 Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
 (what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import numbers
 import re
@@ -50,10 +54,7 @@ from ..selection import DEFAULT_ROWS, measure_block_sparse
 from .thin_layer import use_thin_layers
 
 MODES = ("resize", "blocksparse", "hybrid")
-DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU, pure-torch CPU path: denser stays dense
-# With the native CPU kernel a BlockSparseLinear beats a dense nn.Linear (MKL) even at density 1.0
-# (2.1-2.5x on BERT-base shapes, 2 cores), so there "auto" makes every matrix block-sparse.
-NATIVE_DENSITY_THRESHOLD = 1.0
+WEIGHT_DTYPES = (None, torch.bfloat16)
 RESIZE_ALIGNMENT = 8  # resized FFN hidden sizes round up to this: 16-byte fp16 rows (resize.py)
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
 PERMUTATION_ROWS_PER_GROUP = (2, 4, 8)  # the row-group widths patch_bert can reorder features for
@@ -111,8 +112,11 @@ def _is_exact_gelu(act_fn) -> bool:
 
 
 # ---------------------------------------------------------------------------------- patching
-def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None) -> nn.Module:
+def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None,
+                weight_dtype=None) -> nn.Module:
     if sparse:
+        if weight_dtype is not None:
+            weight = weight.to(weight_dtype)
         return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     return linear_from(weight, bias)
 
@@ -125,11 +129,12 @@ def _block_density(weight: torch.Tensor, block_size: int) -> float:
     return (blocks != 0).any(dim=3).any(dim=1).float().mean().item()
 
 
-def auto_density_threshold() -> float:
-    """hybrid's `dense_threshold="auto"` off the GPU: the block density above which a matrix stays dense."""
-    from ..kernels.cpu_block_sparse_linear import native_available
+def auto_density_threshold(dtype: torch.dtype = torch.float32, block_size: int = 32,
+                           weight_dtype: torch.dtype | None = None) -> float:
+    """hybrid's `dense_threshold="auto"` on CPU: the block density above which a matrix stays dense."""
+    from ..cpu import density_threshold
 
-    return NATIVE_DENSITY_THRESHOLD if native_available() else DENSITY_THRESHOLD
+    return density_threshold(weight_dtype or dtype, dtype, block_size)
 
 
 def _permuted_for_row_groups(query, key, value, output, inner, outer, num_heads: int, block_size: int,
@@ -170,6 +175,15 @@ def _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multi
     return int(ffn_multiple_of)
 
 
+def _check_weight_dtype(weight_dtype, parameter) -> None:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype is not None and parameter is not None and (
+            parameter.device.type != "cpu" or parameter.dtype != torch.float32):
+        raise ValueError(f"weight_dtype={weight_dtype} is for fp32 models on CPU (bf16 weights, fp32 activations); "
+                         f"this model is {parameter.dtype} on {parameter.device}")
+
+
 def _refuse_patched(model: nn.Module) -> None:
     """A second patch (even resize then blocksparse) would mix the modes layer by layer: refused."""
     mode = getattr(model, "nn_blocksparse_mode", None)
@@ -184,8 +198,8 @@ class _SparseChoice:
     """Whether each matrix becomes block-sparse (the mode's rule); hybrid records why in `choices`."""
 
     def __init__(self, mode: str, block_size: int, backend: str, dense_threshold, measure_rows: int,
-                 device: torch.device | None) -> None:
-        self.mode, self.block_size, self.backend = mode, block_size, backend
+                 device: torch.device | None, weight_dtype: torch.dtype | None) -> None:
+        self.mode, self.block_size, self.backend, self.weight_dtype = mode, block_size, backend, weight_dtype
         self.dense_threshold, self.measure_rows = dense_threshold, measure_rows
         self.measure = dense_threshold == "measure" or (
             dense_threshold == "auto" and device is not None and device.type == "cuda")
@@ -207,12 +221,17 @@ class _SparseChoice:
         choice = {"layer": layer_index, "matrix": name, "shape": list(weight.shape),
                   "block_density": round(_block_density(weight, block_size), 4)}
         if self.measure and weight.numel():
-            timing = measure_block_sparse(weight, bias, activation, block_size, self.backend, rows=self.measure_rows)
+            timing = measure_block_sparse(weight, bias, activation, block_size, self.backend, rows=self.measure_rows,
+                                          weight_dtype=self.weight_dtype)
             choice.update(dense_ms=timing.dense_ms, block_sparse_ms=timing.block_sparse_ms,
                           block_sparse=timing.use_block_sparse)
+        elif isinstance(self.dense_threshold, str):
+            from ..cpu import use_block_sparse
+
+            choice["block_sparse"] = use_block_sparse(choice["block_density"], self.weight_dtype or weight.dtype,
+                                                      weight.dtype, block_size)
         else:
-            threshold = auto_density_threshold() if isinstance(self.dense_threshold, str) else self.dense_threshold
-            choice["block_sparse"] = choice["block_density"] <= threshold
+            choice["block_sparse"] = choice["block_density"] <= self.dense_threshold
         self.choices.append(choice)
         return choice["block_sparse"]
 
@@ -231,7 +250,8 @@ class _LayerPlan:
 
 
 def _plan_layer(layer: nn.Module, layer_index: int, mode: str, ffn_multiple_of: int, sparse_for: _SparseChoice,
-                block_size: int, backend: str, permute_for_row_groups: int | None) -> _LayerPlan:
+                block_size: int, backend: str, permute_for_row_groups: int | None,
+                weight_dtype: torch.dtype | None) -> _LayerPlan:
     """Build the layer's new modules without touching the layer."""
     attention = layer.attention.self
     head_dim = attention.attention_head_size
@@ -257,19 +277,20 @@ def _plan_layer(layer: nn.Module, layer_index: int, mode: str, ffn_multiple_of: 
         qkv_weight = torch.cat([query.weight, key.weight, value.weight])
         qkv_bias = torch.cat([query.bias, key.bias, value.bias]) if query.bias is not None else None
         qkv_sparse = num_heads > 0 and sparse_for(qkv_weight, qkv_bias, layer_index, "qkv")
-        qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend)
+        qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend, weight_dtype=weight_dtype)
         fused_attention = BertSelfAttentionAdapter(FusedSelfAttention(qkv, num_heads, head_dim, attention.dropout.p))
     output_sparse = sparse_for(output.weight, output.bias, layer_index, "attention_output")
-    attention_output = _projection(output.weight, output.bias, output_sparse, block_size, backend)
+    attention_output = _projection(output.weight, output.bias, output_sparse, block_size, backend,
+                                   weight_dtype=weight_dtype)
 
     fuse_gelu = _is_exact_gelu(layer.intermediate.intermediate_act_fn)
     inner_sparse = sparse_for(inner.weight, inner.bias, layer_index, "ffn_in", "gelu" if fuse_gelu else None)
     gelu_fused = inner_sparse and fuse_gelu
     intermediate = _projection(inner.weight, inner.bias, inner_sparse, block_size, backend,
-                               activation="gelu" if gelu_fused else None)
+                               activation="gelu" if gelu_fused else None, weight_dtype=weight_dtype)
     outer_sparse = sparse_for(outer.weight, outer.bias, layer_index, "ffn_out")
     return _LayerPlan(bert_attention, fused_attention, attention_output, intermediate, gelu_fused,
-                      _projection(outer.weight, outer.bias, outer_sparse, block_size, backend))
+                      _projection(outer.weight, outer.bias, outer_sparse, block_size, backend, weight_dtype=weight_dtype))
 
 
 def _move_hooks(old: nn.Module, new: nn.Module) -> None:
@@ -317,14 +338,16 @@ def _record(model: nn.Module, mode: str, choices: list[dict]) -> None:
 
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
                dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS,
-               ffn_multiple_of: int | None = None, permute_for_row_groups: int | None = None) -> nn.Module:
+               ffn_multiple_of: int | None = None, permute_for_row_groups: int | None = None,
+               weight_dtype: torch.dtype | None = None) -> nn.Module:
     """Patch in place and return `model`. See the module docstring for the modes.
 
     Patch the model on the device and in the dtype it will run in: `"measure"` times there, with
     `measure_rows` tokens per call. `ffn_multiple_of`: resize and hybrid round each FFN's hidden
     size up to a multiple of it with all-zero neurons (exact; `resize.remove_neurons`); by default
     `RESIZE_ALIGNMENT` for resize and `block_size` for hybrid (so a resized FFN stays on the block
-    grid and may go block-sparse); "blocksparse" resizes nothing and ignores it.
+    grid and may go block-sparse); "blocksparse" resizes nothing and ignores it. `weight_dtype`:
+    see the module docstring.
 
     All or nothing: every layer's new modules are built (and every check made, e.g. that the block
     size divides every matrix in "blocksparse" mode) before the first one is put in place. A model
@@ -336,11 +359,12 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
     layers = bert_layers(model)
     _refuse_patched(model)
     parameter = next(model.parameters(), None)
+    _check_weight_dtype(weight_dtype, parameter)
     sparse_for = _SparseChoice(mode, block_size, backend, dense_threshold, measure_rows,
-                               parameter.device if parameter is not None else None)
+                               parameter.device if parameter is not None else None, weight_dtype)
     with torch.no_grad():
-        plans = [_plan_layer(layer, index, mode, ffn_multiple_of, sparse_for, block_size, backend, permute_for_row_groups)
-                 for index, layer in enumerate(layers)]
+        plans = [_plan_layer(layer, index, mode, ffn_multiple_of, sparse_for, block_size, backend, permute_for_row_groups,
+                             weight_dtype) for index, layer in enumerate(layers)]
     for layer, plan in zip(layers, plans):
         _apply_layer(layer, plan)
     _record(model, mode, sparse_for.choices)
@@ -362,7 +386,8 @@ def heads_per_layer(model: nn.Module) -> list[int]:
 # ---------------------------------------------------------------------------------- save / load
 def _module_spec(module: nn.Module) -> dict:
     if isinstance(module, BlockSparseLinear):
-        return {"type": "block_sparse", **module.config_dict()}
+        return {"type": "block_sparse", **module.config_dict(),
+                "dtype": str(module.values.dtype).removeprefix("torch.")}
     if isinstance(module, nn.Linear):
         return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
@@ -371,9 +396,11 @@ def _module_spec(module: nn.Module) -> dict:
 
 def _module_from_spec(spec: dict, dtype: torch.dtype, backend: str) -> nn.Module:
     if spec["type"] == "block_sparse":
+        # Block-sparse weights may be kept in another dtype than the model (patch_bert's weight_dtype).
+        weight_dtype = _DTYPES_BY_NAME[spec["dtype"]] if "dtype" in spec else dtype
         return BlockSparseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                                  block_size=spec["block_size"], activation=spec["activation"], backend=backend,
-                                 dtype=dtype)
+                                 dtype=weight_dtype)
     if spec["type"] == "linear":
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
     raise ValueError(f"unknown module type {spec['type']!r} in patch.json")
@@ -487,17 +514,23 @@ _LAYER_FIELDS = {"attention": dict, "attention_output": dict, "intermediate": di
 _LINEAR_FIELDS = {"type": str, "in_features": int, "out_features": int, "bias": bool}
 _BLOCK_SPARSE_FIELDS = {**_LINEAR_FIELDS, "block_size": int, "activation": (str, type(None))}
 _MODULE_FIELDS = {"linear": _LINEAR_FIELDS, "block_sparse": _BLOCK_SPARSE_FIELDS}
+# A block-sparse module's weight dtype, where patch_bert's weight_dtype made it differ from the model's.
+_OPTIONAL_MODULE_FIELDS = {"linear": {}, "block_sparse": {"dtype": str}}
 _ATTENTION_FIELDS = {"fused": {"type": str, "num_heads": int, "head_dim": int, "qkv": dict},
                      "bert": {"type": str, "num_heads": int, "query": dict, "key": dict, "value": dict}}
 
 
-def _check_fields(obj, fields: dict, where: str) -> None:
-    """`obj` is a JSON object with exactly `fields`, each of its type (bool is not an int)."""
+def _check_fields(obj, fields: dict, where: str, optional: dict | None = None) -> None:
+    """`obj` is a JSON object with exactly `fields` (and any of `optional`), each of its type (bool is not an int)."""
+    optional = optional or {}
     if not isinstance(obj, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(obj).__name__}")
-    if set(obj) != set(fields):
-        raise ValueError(f"{where} must have the fields {sorted(fields)}, got {sorted(obj)}")
-    for name, kind in fields.items():
+    if not set(fields) <= set(obj) <= set(fields) | set(optional):
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        raise ValueError(f"{where} must have the fields {sorted(fields)}{extra}, got {sorted(obj)}")
+    for name, kind in {**fields, **optional}.items():
+        if name not in obj:
+            continue
         value = obj[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise TypeError(f"{where}.{name} must be {getattr(kind, '__name__', 'a string or null')}, "
@@ -534,13 +567,16 @@ def _read_patch_json(path: Path) -> dict:
     return patch
 
 
-def _check_module_spec(spec, where: str, in_features: int | None, out_features: int, shapes: dict, tensor: str,
-                       weights: Path, activation_allowed: bool = False) -> None:
+def _check_module_spec(spec, where: str, in_features: int | None, out_features: int, tensor: str, *, shapes: dict,
+                       weights: Path, model_dtype: str, activation_allowed: bool = False) -> None:
     """One module spec: fields, sizes against the config, and its tensors' shapes in the weights file."""
     kind = spec.get("type") if isinstance(spec, dict) else None
     if kind not in _MODULE_FIELDS:
         raise ValueError(f"{where}.type must be one of {sorted(_MODULE_FIELDS)}, got {kind!r:.60}")
-    _check_fields(spec, _MODULE_FIELDS[kind], where)
+    _check_fields(spec, _MODULE_FIELDS[kind], where, _OPTIONAL_MODULE_FIELDS[kind])
+    if spec.get("dtype", model_dtype) not in (model_dtype, *(["bfloat16"] if model_dtype == "float32" else [])):
+        raise ValueError(f"{where}.dtype must be the model's ({model_dtype}) or, in an fp32 model, bfloat16 "
+                         f"(patch_bert's weight_dtype), got {spec['dtype']!r:.60}")
     n, k = spec["out_features"], spec["in_features"]
     for name, value, expected in (("in_features", k, in_features), ("out_features", n, out_features)):
         if expected is not None and value != expected:
@@ -573,6 +609,7 @@ def _check_against_config(patch: dict, config, shapes: dict, prefix: str, weight
     if hidden % heads:
         raise ValueError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
     head_dim = hidden // heads
+    check_module = functools.partial(_check_module_spec, shapes=shapes, weights=weights, model_dtype=patch["dtype"])
     for name, rows in (("word", config.vocab_size), ("position", config.max_position_embeddings),
                        ("token_type", config.type_vocab_size)):
         key = f"{prefix}embeddings.{name}_embeddings.weight"
@@ -599,20 +636,19 @@ def _check_against_config(patch: dict, config, shapes: dict, prefix: str, weight
             if attention["head_dim"] != head_dim:
                 raise ValueError(f"{where}.attention.head_dim is {attention['head_dim']}, the config makes it "
                                  f"{head_dim}")
-            _check_module_spec(attention["qkv"], f"{where}.attention.qkv", hidden, 3 * width, shapes,
-                               f"{tensor}attention.self.attention.qkv", weights)
+            check_module(attention["qkv"], f"{where}.attention.qkv", hidden, 3 * width,
+                         f"{tensor}attention.self.attention.qkv")
         else:
             for name in ("query", "key", "value"):
-                _check_module_spec(attention[name], f"{where}.attention.{name}", hidden, width, shapes,
-                                   f"{tensor}attention.self.{name}", weights)
-        _check_module_spec(spec["attention_output"], f"{where}.attention_output", width, hidden, shapes,
-                           f"{tensor}attention.output.dense", weights)
+                check_module(attention[name], f"{where}.attention.{name}", hidden, width,
+                             f"{tensor}attention.self.{name}")
+        check_module(spec["attention_output"], f"{where}.attention_output", width, hidden,
+                     f"{tensor}attention.output.dense")
         intermediate = spec["intermediate"]
-        _check_module_spec(intermediate, f"{where}.intermediate", hidden, None, shapes,
-                           f"{tensor}intermediate.dense", weights, activation_allowed=True)
+        check_module(intermediate, f"{where}.intermediate", hidden, None, f"{tensor}intermediate.dense",
+                     activation_allowed=True)
         fused = intermediate["type"] == "block_sparse" and intermediate["activation"] == "gelu"
         if spec["intermediate_activation_fused"] != fused:
             raise ValueError(f"{where}.intermediate_activation_fused is {spec['intermediate_activation_fused']}, "
                              f"but the intermediate module {'fuses' if fused else 'does not fuse'} GELU")
-        _check_module_spec(spec["output"], f"{where}.output", intermediate["out_features"], hidden, shapes,
-                           f"{tensor}output.dense", weights)
+        check_module(spec["output"], f"{where}.output", intermediate["out_features"], hidden, f"{tensor}output.dense")
