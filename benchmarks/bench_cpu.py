@@ -9,10 +9,12 @@ restored on exit).
 1. Kernel: `y = x @ W^T` at BERT-base shapes (768x768, 3072x768, 768x3072, 2304x768), M 128 and 512,
    block density 1.0/0.6/0.36/0.1 (random seeded layouts), 32x32 blocks: `dense` (`F.linear`, MKL),
    `dense_onednn` (the same GEMM through oneDNN, which runs AVX-512 where MKL does not),
-   `torch_bsr` (`F.linear` on `W.to_sparse_bsr`), `ours_torch` (our pure-torch strategies only) and
-   `ours` (`BlockSparseLinear`'s CPU path: the native kernel where it builds; `note` holds the CPU
-   plan's strategy). Same rows and columns as `bench_kernel` (`KERNEL_COLUMNS`); speedups are
-   against `dense`.
+   `torch_bsr` (`F.linear` on `W.to_sparse_bsr`), `ours` (`BlockSparseLinear`'s CPU path: the
+   native kernel of the ISA this process picked, `note`), `ours_<isa>` (the native kernel compiled
+   for each ISA this CPU runs, e.g. `ours_avx2` beside `ours_avx512` on an AVX-512 machine) and
+   `reference` (the CPU path's pure-torch reference, what CPUs without a native variant run).
+   Same rows and columns as `bench_kernel` (`KERNEL_COLUMNS`); speedups are against `dense`. The
+   CSV header records the CPU model, the native ISA and the threads.
 2. End to end: pruned MiniLM at batch x seq 1x128 and 8x128, pruned BERT-base at 1x128: dense vs
    resize vs hybrid (`E2E_COLUMNS` of `bench_e2e`).
 
@@ -30,7 +32,9 @@ import torch
 from . import bench_e2e, bench_kernel, common
 
 CPU = torch.device("cpu")
-KERNEL_METHODS = ("dense", "dense_onednn", "torch_bsr", "ours_torch", "ours")
+def kernel_methods() -> tuple[str, ...]:
+    """The kernel part's methods on this machine (one `ours_<isa>` per ISA the CPU runs)."""
+    return ("dense", "dense_onednn", "torch_bsr", "ours", *bench_kernel.cpu_methods()[1:])
 E2E_MODES = ("resize", "hybrid")
 
 FULL_SHAPES = ((768, 768), (3072, 768), (768, 3072), (2304, 768))
@@ -51,7 +55,7 @@ def run_kernels(shapes, ms, densities, repeats: int, warmup: int, dtype: torch.d
              for (n, k), m, density in product(shapes, ms, densities)]
     rows = []
     for index, case in enumerate(cases, 1):
-        case_rows = bench_kernel.run_case(case, CPU, KERNEL_METHODS, warmup=warmup, repeats=repeats)
+        case_rows = bench_kernel.run_case(case, CPU, kernel_methods(), warmup=warmup, repeats=repeats)
         rows.extend(case_rows)
         timings = "  ".join(f"{r['method']} {r['time_ms']:.3f}ms ({r['speedup_vs_dense']:.2f}x)" for r in case_rows)
         print(f"[{index}/{len(cases)}] {case.shape} M={case.m} d={case_rows[0]['density']:.2f}: {timings}  "
@@ -68,7 +72,7 @@ def run_e2e(plan, repeats: int, warmup: int, dtype: torch.dtype = torch.float32)
 
 
 def parse_args(argv=None):
-    parser = common.base_parser("CPU: block-sparse torch path vs dense and torch BSR; pruned models end to end",
+    parser = common.base_parser("CPU: the block-sparse CPU path vs dense and torch BSR; pruned models end to end",
                                 default_threads=common.available_cores())
     parser.add_argument("--shapes", help="N x K list (default: BERT-base shapes)")
     parser.add_argument("--m", help="rows of x, e.g. 128,512")
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
     with common.torch_threads(args.threads):
         environment = common.environment_record(CPU)  # after set_num_threads: records the threads used
         warmup = 1 if args.quick else 3
-        print(f"bench_cpu on {common.cpu_model()}, {torch.get_num_threads()} threads", flush=True)
+        print(f"bench_cpu on {common.cpu_model()}, native ISA {environment['cpu_native_isa']}, "
+              f"{torch.get_num_threads()} threads", flush=True)
         written = []
         suffix = "" if args.dtype == torch.float32 else "_" + common.DTYPE_NAMES[args.dtype]
         if not args.skip_kernel:

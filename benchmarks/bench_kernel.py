@@ -1,11 +1,14 @@
-"""Kernel benchmark (issue 5.1): `y = x @ W^T` with a block-sparse W, four ways side by side.
+"""Kernel benchmark (issues 5.1, 16.4): `y = x @ W^T` with a block-sparse W, every way side by side.
 
     python -m benchmarks.bench_kernel [--out DIR] [--quick] [--shapes 768x768,...] [--m 128,...]
         [--densities 1.0,0.5,...] [--block-sizes 16,32,64] [--dtypes fp16,bf16]
-        [--methods dense,torch_bsr,resize,ours] [--device cuda|cpu] [--threads N] [--repeats N]
-        [--rep-ms 100] [--cuda-graph] [--seed 0]
+        [--layouts random,head_structured,nn_pruning_like] [--methods dense,torch_bsr,resize,ours,...]
+        [--device cuda|cpu] [--threads N] [--repeats N] [--rep-ms 100] [--cuda-graph] [--seed 0]
 
-For every (shape N x K, M, block density, block size, dtype), on one random seeded block layout:
+For every (shape N x K, M, block density, block size, dtype, layout), on one seeded block layout
+(`nn_blocksparse.layouts`: `random` by default; `head_structured`, heads of 64 features sharing
+their columns; `nn_pruning_like`, whole heads removed and random blocks in the rest, so that a
+permutation's or a row group's gain shows):
 
 - `dense`:     `F.linear(x, W)` on the full matrix (cuBLAS on GPU), the baseline;
 - `torch_bsr`: `F.linear(x, W.to_sparse_bsr((bs, bs)))` (torch's Triton BSR kernels on CUDA, MKL
@@ -14,12 +17,22 @@ For every (shape N x K, M, block density, block size, dtype), on one random seed
                columns) cut out beforehand, only the smaller dense matmul is timed;
 - `ours`:      `block_sparse_linear(x, matrix, backend="triton")` on CUDA (`note`: the launch config,
                block_m/group_m/split_k/num_warps/num_stages/rows_per_program); on CPU the CPU path of
-               `BlockSparseLinear` (its cached CPU plan; `note` records the plan's strategy).
+               `BlockSparseLinear` (`note`: the native ISA it ran, or why the reference ran);
+- `semi_structured`: what else a GPU user could pick at density 0.5: 2:4 sparsity
+               (`torch.sparse.to_sparse_semi_structured`: cuSPARSELt where torch has it) on a 2:4
+               weight of its own (element density 0.5), at target density 0.5 only;
+- `cusparse_bsr`, `cusparse_blocked_ell`: cuSPARSE's block-sparse SpMM (`benchmarks.cusparse_spmm`,
+               which says why neither torch nor CuPy reaches it in fp16), where its probe passes.
+Methods that cannot run a case get time NaN and the reason in `note`.
 
 CPU only (`bench_cpu` runs them): `dense_onednn`, the dense GEMM through oneDNN instead of MKL (the
-faster dense baseline on AMD CPUs), and `ours_torch`, our CPU path without its native kernel.
+faster dense baseline on AMD CPUs), `ours_<isa>` (the native kernel compiled for one ISA, for every
+ISA this CPU runs: `cpu_methods()`), and `reference`, the CPU path's pure-torch reference.
 
-Every method's output is checked once against dense (`max_abs_diff`). Full run: BERT-base
+Every method's output is checked once against dense (`max_abs_diff`; 2:4 against its own weight).
+`stored_tflops_over_cublas` is TFLOP/s on the blocks a method stores (the whole matrix for dense,
+the kept rows and columns for resize, half the elements for 2:4) over dense's TFLOP/s on the whole
+matrix: 1.0 means the stored blocks run at cuBLAS speed. Full run: BERT-base
 shapes, M 128..8192, densities 1.0..0.05, block sizes 16/32/64, fp16 and bf16 on the GPU.
 `--quick`: CPU, fp32, 128x128 and 256x128, M=64, densities 1.0/0.5/0.1, bs 32 (seconds).
 
@@ -42,14 +55,28 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.layouts import random_block_sparse_weight
+
 from . import common
 
-KERNEL_COLUMNS = ["shape", "n", "k", "m", "target_density", "density", "nnz_blocks", "block_size", "dtype",
-                  "method", "time_ms", "tflops", "speedup_vs_dense", "ideal_speedup", "max_abs_diff", "note"]
-CROSSOVER_COLUMNS = ["shape", "m", "block_size", "dtype", "crossover_density", "crossover_density_torch_bsr",
+KERNEL_COLUMNS = ["shape", "layout", "n", "k", "m", "target_density", "density", "nnz_blocks", "block_size", "dtype",
+                  "method", "time_ms", "tflops", "stored_tflops_over_cublas", "speedup_vs_dense", "ideal_speedup",
+                  "max_abs_diff", "note"]
+CROSSOVER_COLUMNS = ["shape", "layout", "m", "block_size", "dtype", "crossover_density", "crossover_density_torch_bsr",
                      "crossover_density_resize", "lowest_density", "speedup_at_lowest_density"]
-METHODS = ("dense", "torch_bsr", "resize", "ours")
-CPU_METHODS = ("dense_onednn", "ours_torch")  # CPU-only baselines, see their prepare_* functions
+CLASSIC_METHODS = ("dense", "torch_bsr", "resize", "ours")
+ALTERNATIVE_METHODS = ("semi_structured", "cusparse_bsr", "cusparse_blocked_ell")  # GPU only (NaN with a reason elsewhere)
+METHODS = CLASSIC_METHODS + ALTERNATIVE_METHODS
+LAYOUTS = ("random", "head_structured", "nn_pruning_like")
+HEAD_FEATURES = 64  # BERT-base's head size: the structured layouts' heads span 64 // block_size block-rows
+CPU_METHODS = ("dense_onednn", "reference")  # CPU-only baselines, see their prepare_* functions; and ours_<isa>
+
+
+def cpu_methods() -> tuple[str, ...]:
+    """The CPU-only methods of this machine: `CPU_METHODS` and one `ours_<isa>` per ISA the CPU runs."""
+    from nn_blocksparse.cpu.isa import runnable_isas
+
+    return ("dense_onednn", *(f"ours_{isa}" for isa in runnable_isas()), "reference")
 
 BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # N x K; 2304 = fused QKV
 FULL_M = (128, 512, 2048, 8192)
@@ -72,6 +99,7 @@ class KernelCase:
     density: float  # target; the layout keeps round(density * blocks) blocks
     block_size: int
     dtype: torch.dtype
+    layout: str = "random"
 
     @property
     def shape(self) -> str:
@@ -85,6 +113,8 @@ class Method:
     run: Callable[[], torch.Tensor] | None
     output: Callable[[], torch.Tensor] | None = None
     note: str = ""
+    stored_flop: float | None = None  # FLOPs on what the method stores; None: the nonzero blocks
+    reference: torch.Tensor | None = None  # what the output should equal, when not dense x @ W^T
 
 
 def _error_note(error: Exception, prefix: str = "unsupported") -> str:
@@ -92,7 +122,7 @@ def _error_note(error: Exception, prefix: str = "unsupported") -> str:
 
 
 def prepare_dense(x: torch.Tensor, weight: torch.Tensor) -> Method:
-    return Method(run=lambda: F.linear(x, weight))
+    return Method(run=lambda: F.linear(x, weight), stored_flop=2.0 * x.shape[0] * weight.numel())
 
 
 def prepare_torch_bsr(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
@@ -119,11 +149,45 @@ def prepare_resize(x: torch.Tensor, weight: torch.Tensor) -> Method:
         return y
 
     note = f"kept {len(kept_rows)}x{len(kept_cols)} of {weight.shape[0]}x{weight.shape[1]}"
-    return Method(run=lambda: F.linear(small_x, small_weight), output=full_output, note=note)
+    return Method(run=lambda: F.linear(small_x, small_weight), output=full_output, note=note,
+                  stored_flop=2.0 * x.shape[0] * small_weight.numel())
+
+
+def prepare_semi_structured(x: torch.Tensor, weight: torch.Tensor, density: float, seed: int) -> Method:
+    """2:4 sparsity at its one density: a weight of its own (the case's values, every row 2:4-masked)."""
+    from nn_blocksparse.layouts import two_to_four_mask
+
+    if density != 0.5:
+        return Method(run=None, note="unsupported: 2:4 sparsity is element density 0.5 only")
+    n, k = weight.shape
+    full = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+    masked = (full * two_to_four_mask(n, k, seed=seed)).to(device=x.device, dtype=x.dtype)
+    try:
+        sparse = torch.sparse.to_sparse_semi_structured(masked)
+        F.linear(x, sparse)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
+        return Method(run=None, note=_error_note(error))
+    return Method(run=lambda: F.linear(x, sparse), note=type(sparse).__name__, stored_flop=1.0 * x.shape[0] * n * k,
+                  reference=F.linear(x, masked))
+
+
+def prepare_cusparse(x: torch.Tensor, weight: torch.Tensor, block_size: int, format_name: str) -> Method:
+    """cuSPARSE's BSR or Blocked-ELL SpMM, where its child-process probe passed on this machine."""
+    from . import cusparse_spmm
+
+    status = cusparse_spmm.probe()[format_name]
+    if status != "ok":
+        return Method(run=None, note=f"unsupported: cuSPARSE {format_name}: {status}"[:200])
+    try:
+        product = cusparse_spmm.prepare(format_name, x, weight, block_size)
+    except cusparse_spmm.CusparseError as error:
+        return Method(run=None, note=_error_note(error))
+    return Method(run=product.run, note=f"{product.padded_blocks} blocks multiplied")
 
 
 def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
-    """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s torch path, plan prebuilt."""
+    """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s CPU path (`note`:
+    the native ISA it runs, or why the reference runs)."""
     from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
 
     if x.device.type == "cuda":
@@ -134,11 +198,11 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
         # The launch configuration the library picks (tuned or heuristic), for reading the results.
         note = "config=" + "/".join(map(str, config.as_list()))
         return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)
-    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="torch")
-    plan = module.cpu_plan()
-    # The strategy this call runs: a sparse plan picks gather_bmm or gather_mm per number of rows.
-    strategy = plan.strategy_for(x.reshape(-1, x.shape[-1]).shape[0])
-    return Method(run=lambda: module(x), note=f"strategy={strategy}")
+    from nn_blocksparse.cpu import native_isa, native_status
+
+    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="cpu")
+    note = f"isa={native_isa()}" if native_isa() else f"reference: {native_status()}"
+    return Method(run=lambda: module(x), note=note)
 
 
 def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
@@ -159,27 +223,49 @@ def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
     return Method(run=lambda: linear(x, onednn_weight, None, "none", [], ""))
 
 
-def prepare_ours_torch(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
-    """CPU: our pure-torch strategies only (the fallback where the native kernel cannot build)."""
-    from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
-    from nn_blocksparse.cpu_kernels import build_cpu_plan
+def prepare_ours_isa(x: torch.Tensor, weight: torch.Tensor, block_size: int, isa: str) -> Method:
+    """CPU: our native kernel compiled for `isa` (one this CPU runs), whatever ISA the process picked."""
+    from nn_blocksparse import BlockSparseMatrix
+    from nn_blocksparse.cpu.build import NativeBuildError, library_for
+    from nn_blocksparse.cpu.launcher import native_block_sparse_linear
+
+    if x.device.type != "cpu":
+        return Method(run=None, note="CPU only")
+    try:
+        library = library_for(isa)
+    except NativeBuildError as error:
+        return Method(run=None, note=_error_note(error))
+    matrix = BlockSparseMatrix.from_dense(weight, block_size)
+    return Method(run=lambda: native_block_sparse_linear(library, x, matrix.values, matrix.row_offsets,
+                                                         matrix.col_indices, None, None), note=f"isa={isa}")
+
+
+def prepare_reference(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+    """CPU: the CPU path's pure-torch reference (what CPUs without a native variant run)."""
+    from nn_blocksparse import BlockSparseMatrix
+    from nn_blocksparse.cpu.reference import block_sparse_linear_reference
 
     if x.device.type != "cpu":
         return Method(run=None, note="CPU only")
     matrix = BlockSparseMatrix.from_dense(weight, block_size)
-    n, k = weight.shape
-    plan = build_cpu_plan(matrix.values, matrix.row_offsets, matrix.col_indices, n, k, block_size, native=False)
-    note = f"strategy={plan.strategy_for(x.reshape(-1, k).shape[0])}"
-    return Method(run=lambda: block_sparse_linear(x, matrix, backend="torch", cpu_plan=plan), note=note)
+    return Method(run=lambda: block_sparse_linear_reference(x, matrix.values, matrix.row_offsets,
+                                                            matrix.col_indices, None, None))
 
 
-def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size: int, density: float = 1.0,
+                   seed: int = 0) -> Method:
+    if name == "semi_structured":
+        return prepare_semi_structured(x, weight, density, seed)
+    if name in ("cusparse_bsr", "cusparse_blocked_ell"):
+        return prepare_cusparse(x, weight, block_size, name.removeprefix("cusparse_"))
     if name == "dense":
         return prepare_dense(x, weight)
     if name == "dense_onednn":
         return prepare_dense_onednn(x, weight)
-    if name == "ours_torch":
-        return prepare_ours_torch(x, weight, block_size)
+    if name == "reference":
+        return prepare_reference(x, weight, block_size)
+    if name.startswith("ours_"):
+        return prepare_ours_isa(x, weight, block_size, name.removeprefix("ours_"))
     if name == "torch_bsr":
         return prepare_torch_bsr(x, weight, block_size)
     if name == "resize":
@@ -190,9 +276,17 @@ def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size:
 
 
 def case_inputs(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, W) of one case: a seeded random block layout of the case's density, seeded random x."""
-    weight = common.random_block_sparse_weight(case.n, case.k, case.block_size, case.density, seed=seed,
-                                               dtype=case.dtype, device=device)
+    """(x, W) of one case: a seeded block layout of the case's kind and density, seeded random x."""
+    from nn_blocksparse.layouts import block_sparse_weight, make_layout
+
+    if case.layout == "random":  # one generator for layout and values, as every earlier run drew them
+        weight = random_block_sparse_weight(case.n, case.k, case.block_size, case.density, seed=seed,
+                                            dtype=case.dtype, device=device)
+    else:
+        bs = case.block_size
+        layout = make_layout(case.layout, case.n // bs, case.k // bs, case.density, seed=seed,
+                             rows_per_head=max(1, HEAD_FEATURES // bs))
+        weight = block_sparse_weight(layout, bs, seed=seed, dtype=case.dtype, device=device)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(case.m, case.k, generator=generator).to(device=device, dtype=case.dtype)
     return x, weight
@@ -211,14 +305,15 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
         reference = F.linear(x, weight)
         rows, dense_ms = [], float("nan")
         for name in ("dense", *[m for m in methods if m != "dense"]):
-            time_value, diff = float("nan"), float("nan")
+            time_value, diff, stored_flop = float("nan"), float("nan"), useful_flop
             try:  # a failing method (e.g. a Triton compile error) becomes NaN with the error in `note`
-                method = prepare_method(name, x, weight, case.block_size)
+                method = prepare_method(name, x, weight, case.block_size, case.density, seed)
                 note = method.note
+                stored_flop = method.stored_flop or useful_flop
                 if method.run is not None:
                     output = (method.output or method.run)()
                     common.synchronize(device)
-                    diff = common.max_abs_diff(output, reference)
+                    diff = common.max_abs_diff(output, reference if method.reference is None else method.reference)
                     time_value = common.time_ms(method.run, device, warmup=warmup, repeats=repeats,
                                                 cuda_warmup_ms=cuda_rep_ms / 4, cuda_rep_ms=cuda_rep_ms,
                                                 cuda_graph=cuda_graph)
@@ -226,24 +321,28 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
                 note = _error_note(error, "failed")
             if name == "dense":
                 dense_ms = time_value
+            cublas_tflops = 2.0 * case.m * case.n * case.k / (dense_ms * 1e-3) / 1e12
             rows.append({
-                "shape": case.shape, "n": case.n, "k": case.k, "m": case.m, "target_density": case.density,
-                "density": density, "nnz_blocks": nnz_blocks, "block_size": case.block_size,
-                "dtype": common.DTYPE_NAMES[case.dtype], "method": name, "time_ms": time_value,
-                "tflops": useful_flop / (time_value * 1e-3) / 1e12, "speedup_vs_dense": dense_ms / time_value,
-                "ideal_speedup": 1.0 / density, "max_abs_diff": diff, "note": note,
+                "shape": case.shape, "layout": case.layout, "n": case.n, "k": case.k, "m": case.m,
+                "target_density": case.density, "density": density, "nnz_blocks": nnz_blocks,
+                "block_size": case.block_size, "dtype": common.DTYPE_NAMES[case.dtype], "method": name,
+                "time_ms": time_value, "tflops": useful_flop / (time_value * 1e-3) / 1e12,
+                "stored_tflops_over_cublas": stored_flop / (time_value * 1e-3) / 1e12 / cublas_tflops,
+                "speedup_vs_dense": dense_ms / time_value, "ideal_speedup": 1.0 / density, "max_abs_diff": diff,
+                "note": note,
             })
     return [row for row in rows if row["method"] in methods]
 
 
 # ---------------------------------------------------------------------------------- summary
 def crossover_rows(rows: list[dict]) -> list[dict]:
-    """Per shape/M/bs/dtype: the largest (actual) density at which each method beats dense."""
+    """Per shape/layout/M/bs/dtype: the largest (actual) density at which each method beats dense."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["shape"], int(row["m"]), int(row["block_size"]), row["dtype"]), []).append(row)
+        key = (row["shape"], row.get("layout", "random"), int(row["m"]), int(row["block_size"]), row["dtype"])
+        groups.setdefault(key, []).append(row)
     summary = []
-    for (shape, m, block_size, dtype), group in groups.items():
+    for (shape, layout, m, block_size, dtype), group in groups.items():
         def crossover(method: str) -> float:
             wins = [float(r["density"]) for r in group if r["method"] == method and float(r["speedup_vs_dense"]) > 1.0]
             return max(wins) if wins else float("nan")
@@ -251,7 +350,7 @@ def crossover_rows(rows: list[dict]) -> list[dict]:
         ours = [r for r in group if r["method"] == "ours"]
         lowest = min(ours, key=lambda r: float(r["density"])) if ours else None
         summary.append({
-            "shape": shape, "m": m, "block_size": block_size, "dtype": dtype,
+            "shape": shape, "layout": layout, "m": m, "block_size": block_size, "dtype": dtype,
             "crossover_density": crossover("ours"), "crossover_density_torch_bsr": crossover("torch_bsr"),
             "crossover_density_resize": crossover("resize"),
             "lowest_density": float(lowest["density"]) if lowest else float("nan"),
@@ -262,9 +361,10 @@ def crossover_rows(rows: list[dict]) -> list[dict]:
 
 def print_crossover(summary: list[dict]) -> None:
     print("\ncrossover density (largest density where ours beats dense; nan: never)")
-    print(f"{'shape':>10} {'M':>6} {'bs':>3} {'dtype':>5} {'ours':>6} {'bsr':>6} {'resize':>6}  speedup@lowest")
+    print(f"{'shape':>10} {'layout':>15} {'M':>6} {'bs':>3} {'dtype':>5} {'ours':>6} {'bsr':>6} {'resize':>6}  "
+          "speedup@lowest")
     for row in summary:
-        print(f"{row['shape']:>10} {row['m']:>6} {row['block_size']:>3} {row['dtype']:>5} "
+        print(f"{row['shape']:>10} {row.get('layout', 'random'):>15} {row['m']:>6} {row['block_size']:>3} {row['dtype']:>5} "
               f"{row['crossover_density']:>6.2f} {row['crossover_density_torch_bsr']:>6.2f} "
               f"{row['crossover_density_resize']:>6.2f}  {row['speedup_at_lowest_density']:.2f}x "
               f"at {row['lowest_density']:.2f}")
@@ -273,8 +373,10 @@ def print_crossover(summary: list[dict]) -> None:
 IDEAL_LABEL = "ideal 1/density"
 
 
-def plot_speedup_vs_density(rows: list[dict], path_for_m: Callable[[int], object], title_prefix: str) -> list:
-    """One PNG per M: a panel per shape, a line per method; the plotted dtype/bs prefer fp16 and 32."""
+def plot_speedup_vs_density(rows: list[dict], path_for_m: Callable[[int], object], title_prefix: str,
+                            layout: str = "random") -> list:
+    """One PNG per M for one layout: a panel per shape, a line per method; the plotted dtype/bs prefer fp16 and 32."""
+    rows = [r for r in rows if r.get("layout", "random") == layout]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     sizes = list(dict.fromkeys(int(r["block_size"]) for r in rows))
     dtype = "fp16" if "fp16" in dtypes else dtypes[0]
@@ -309,8 +411,10 @@ def parse_args(argv=None):
     parser.add_argument("--densities", help="block densities, e.g. 1.0,0.5,0.1")
     parser.add_argument("--block-sizes", help="e.g. 16,32,64")
     parser.add_argument("--dtypes", help="e.g. fp16,bf16 (fp32 too)")
+    parser.add_argument("--layouts", default="random", help=f"subset of {','.join(LAYOUTS)} (nn_blocksparse.layouts)")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"subset of {','.join(METHODS + CPU_METHODS)} (the last two on CPU only)")
+                        help=f"subset of {','.join(METHODS + CPU_METHODS)},ours_<isa> ({', '.join(ALTERNATIVE_METHODS)}: GPU "
+                        f"only; {', '.join(CPU_METHODS)}, ours_<isa>: CPU only)")
     parser.add_argument("--device", help="cuda (the default) or cpu (the torch path for ours); --quick: always cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
@@ -328,6 +432,10 @@ def parse_args(argv=None):
         list(QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES)
     args.dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
     args.methods = common.parse_list(args.methods)
+    args.layouts = common.parse_list(args.layouts)
+    for name in args.layouts:
+        if name not in LAYOUTS:
+            parser.error(f"unknown layout {name!r}; choose from {LAYOUTS}")
     for name in args.methods:
         if name not in METHODS + CPU_METHODS:
             parser.error(f"unknown method {name!r}; choose from {METHODS + CPU_METHODS}")
@@ -351,9 +459,9 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     device = args.device
-    cases = [KernelCase(n, k, m, density, bs, common.DTYPES[dtype])
-             for dtype, bs, (n, k), m, density in product(args.dtypes, args.block_sizes, args.shapes, args.m,
-                                                          args.densities)]
+    cases = [KernelCase(n, k, m, density, bs, common.DTYPES[dtype], layout)
+             for layout, dtype, bs, (n, k), m, density in product(args.layouts, args.dtypes, args.block_sizes,
+                                                                  args.shapes, args.m, args.densities)]
     print(f"bench_kernel on {common.device_name(device)}: {len(cases)} cases x {len(args.methods)} methods")
     rows = []
     environment = {**common.environment_record(device), "timing": common.timing_name(args.cuda_graph)}
@@ -368,7 +476,7 @@ def run(args) -> int:
                              repeats=args.repeats, cuda_rep_ms=args.rep_ms, cuda_graph=graph)
         rows.extend(case_rows)
         timings = "  ".join(f"{r['method']} {r['time_ms']:.4f}ms ({r['speedup_vs_dense']:.2f}x)" for r in case_rows)
-        print(f"[{index}/{len(cases)}] {case.shape} M={case.m} d={case_rows[0]['density']:.2f} "
+        print(f"[{index}/{len(cases)}] {case.shape} {case.layout} M={case.m} d={case_rows[0]['density']:.2f} "
               f"bs={case.block_size} {case_rows[0]['dtype']}: {timings}", flush=True)
         # Rewritten after every case: a run stopped at a time limit keeps what it measured.
         common.write_csv(csv_path, rows, KERNEL_COLUMNS, environment)
@@ -376,8 +484,12 @@ def run(args) -> int:
     summary = crossover_rows(rows)
     print_crossover(summary)
     summary_path = common.write_csv(path("kernel_crossover"), summary, CROSSOVER_COLUMNS, environment)
-    plots = plot_speedup_vs_density(rows, lambda m: path(f"kernel_speedup_m{m}", ".png"),
-                                    f"{common.device_name(device)}, {common.timing_name(graph)} timing")
+    plots = []
+    for layout in args.layouts:  # the random layout keeps the plots' historical names
+        suffix = "" if layout == "random" else f"_{layout}"
+        plots += plot_speedup_vs_density(rows, lambda m: path(f"kernel_speedup_m{m}{suffix}", ".png"),
+                                         f"{common.device_name(device)}, {common.timing_name(graph)} timing, "
+                                         f"{layout} layout", layout)
     print("\nwrote", csv_path, summary_path, *plots, sep="\n  ")
     return 0
 

@@ -1,4 +1,6 @@
-"""What every benchmark shares: environment record, timing, CSV files, plots, random block layouts.
+"""What every benchmark shares: environment record, timing, CSV files, plots.
+
+Random block layouts and weights come from `nn_blocksparse.layouts` (one meaning of density everywhere).
 
 CSV format: the environment record comes first, one `# key: value` comment line per entry
 (device, GPU and CPU model, library versions, threads, date, command line), then an ordinary
@@ -32,6 +34,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -39,13 +42,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # ---------------------------------------------------------------------------------- environment
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from nn_blocksparse.cpu import cpu_model as model
+
+    return model()
 
 
 def available_cores() -> int:
@@ -94,15 +93,24 @@ def environment_record(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "cpu_native_kernel": _native_kernel_status(),
+        **_native_kernel_record(),
     }
 
 
-def _native_kernel_status() -> str:
-    """Whether our native CPU kernel ran here ("ok"), else why not: the CPU numbers depend on it."""
-    from nn_blocksparse.kernels.cpu_block_sparse_linear import native_status
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("0.05 0.10 0.08"; "unknown" off Linux): CPU timings from a
+    machine that was not quiet before and after the run are noise."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
-    return native_status()
+
+def _native_kernel_record() -> dict[str, str]:
+    """Which native CPU kernel ran here (its ISA), else why none did: the CPU numbers depend on it."""
+    from nn_blocksparse.cpu import native_isa, native_status
+
+    return {"cpu_native_kernel": native_status(), "cpu_native_isa": native_isa() or "none"}
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -136,23 +144,14 @@ def max_abs_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (actual.float() - reference.float()).abs().max().item()
 
 
-# ---------------------------------------------------------------------------------- weights
-def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, seed: int = 0,
-                               dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-    """Dense `[n, k]` weight keeping exactly `round(density * blocks)` (at least one) random blocks.
+# fp16 operands and outputs with fp32 accumulation: the output's rounding alone is ~3e-4 relative.
+FP16_RELATIVE_TOLERANCE = 2e-3
 
-    The layout is a prefix of one seeded permutation, so at equal seed a sparser layout's blocks
-    are a subset of a denser one's.
-    """
-    rows, cols = n // block_size, k // block_size
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(rows * cols, generator=generator)
-    count = min(rows * cols, max(1, round(density * rows * cols)))
-    keep = torch.zeros(rows * cols, dtype=torch.bool)
-    keep[order[:count]] = True
-    mask = keep.view(rows, cols).repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    weight = torch.randn(n, k, generator=generator) / math.sqrt(k)
-    return (weight * mask).to(device=device, dtype=dtype)
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """||actual - reference|| / ||reference|| (Frobenius, float64): NaN, never small, if any output is NaN."""
+    reference = reference.double()
+    return ((actual.double() - reference).norm() / reference.norm().clamp_min(1e-300)).item()
 
 
 # ---------------------------------------------------------------------------------- CSV

@@ -25,6 +25,19 @@
 #   benchmarks/gpu_session.sh align   the resized FFN padding sweep (bench_ffn_alignment, graph-timed
 #                                     and eager), and the heuristic timed against a fresh M = 512
 #                                     tuning into a scratch table (limits: 4.5 min; took 2 on an H200)
+#   benchmarks/gpu_session.sh compile torch.compile on the GPU: the GPU twins of the op and compile
+#                                     tests, then BERT-base compiled dense / resize / hybrid graph-timed,
+#                                     beside reduce-overhead and CudaGraphForward serving (limits:
+#                                     6.9 min; not yet run on a GPU)
+#   benchmarks/gpu_session.sh diagnose  issues 15 and 16 in one call: install; the kernel GPU tests
+#                                     while tools/gpu_diagnosis.py (and tools/gpu_kernels_probe.py,
+#                                     where it has --compile-only) compile in the background; the
+#                                     diagnosis (every variant beside cuBLAS, torch BSR, 2:4, cuSPARSE;
+#                                     ncu where it reads counters); then the new kernels' probe, if
+#                                     that script is there. Step limits add up to 8 min: give the call
+#                                     timeout_s=600 (docs/gpu.md)
+#   benchmarks/gpu_session.sh layouts  bench_kernel on random, head-structured and nn_pruning-like
+#                                     layouts beside torch BSR, 2:4 and cuSPARSE (graph-timed, ~3 min)
 #
 # Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
 # ./run.sh aot to check its entries for spills.
@@ -112,10 +125,42 @@ tune() {  # the package table on the benchmark grid's shapes (fp16, 32x32 blocks
         --out nn_blocksparse/kernels/tuned_configs.json --log "$WORK/tune_cudagraph.csv"
 }
 
+CLASSIC_METHODS=dense,torch_bsr,resize,ours  # what the timed grids compared before 2:4 and cuSPARSE joined
+
 kernel_grid() {  # the issue-6 grid: BERT-base shapes, fp16, 32x32 blocks, dense cuBLAS / torch BSR /
                  # resize / ours (the package's tuned table), as CUDA-graph replays
     step 60 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 5 --cuda-graph
+        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --methods "$CLASSIC_METHODS" --rep-ms 5 --cuda-graph
+}
+
+DIAGNOSIS_LIMIT=180  # tools/gpu_diagnosis.py keeps to its --budget-s, a little under this
+PROBE=tools/gpu_kernels_probe.py
+
+diagnose_part() {  # after install: 90 + 180 + 180 s of step limits (with install's 30: 8 min)
+    # Compiling is CPU work: the diagnosis's variants (and the probe's kernels, where it can) compile in
+    # the background while the GPU tests run. A background job ignores SIGINT, so it gets TERM at its limit.
+    echo "=== [limit 90s, in the background, log in diag_compile.log] gpu_diagnosis --compile-only" | tee -a "$LOG"
+    timeout --kill-after=5 90 "$PYTHON" tools/gpu_diagnosis.py --compile-only --workers 10 \
+        > "$OUT/diag_compile.log" 2>&1 &
+    local compile=$!
+    local probe_compile=
+    if [ -f "$PROBE" ] && grep -q -- "--compile-only" "$PROBE"; then
+        timeout --kill-after=5 90 "$PYTHON" "$PROBE" --compile-only > "$OUT/probe_compile.log" 2>&1 &
+        probe_compile=$!
+    fi
+    local parallel=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+    step 80 "$PYTHON" -m pytest -q "${parallel[@]}" -p no:cacheprovider tests/test_kernel.py tests/test_row_groups.py \
+        -k "not bert_shape"
+    wait "$compile"
+    echo "=== diagnosis compile exit $?: $(tail -n 1 "$OUT/diag_compile.log")" | tee -a "$LOG"
+    [ -n "$probe_compile" ] && { wait "$probe_compile"; echo "=== probe compile exit $?" | tee -a "$LOG"; }
+    step "$DIAGNOSIS_LIMIT" "$PYTHON" tools/gpu_diagnosis.py --no-compile --out "$WORK" --budget-s $((DIAGNOSIS_LIMIT - 10))
+    if [ -f "$PROBE" ]; then
+        step 180 "$PYTHON" "$PROBE" --out "$WORK"
+    else
+        echo "=== $PROBE is not in this checkout: skipped" | tee -a "$LOG"
+    fi
 }
 
 kernel_part() {  # tests, tuning and the kernel benchmark (~5 min on an H200)
@@ -142,7 +187,7 @@ serve_part() {  # BERT-base end to end (graph-timed first), the graph check, the
     step 50 "$PYTHON" -m benchmarks.graph_check --out "$WORK" --profile
     e2e_eager 45
     step 60 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK" --dtypes fp16 --block-sizes 32 --shapes "$SHAPES" \
-        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --rep-ms 50
+        --m "$BENCH_M" --densities "$BENCH_DENSITIES" --methods "$CLASSIC_METHODS" --rep-ms 50
 }
 
 case "${1:-}" in
@@ -181,6 +226,18 @@ case "${1:-}" in
         step 100 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK/extra" --dtypes bf16,fp16 --block-sizes 16,32,64 \
             --shapes 768x768,3072x768 --m 2048 --densities 1.0,0.5,0.36 --methods dense,torch_bsr,ours --rep-ms 50
         ;;
+    diagnose)
+        install
+        diagnose_part
+        ;;
+    layouts)  # issue 16.4: the layouts a permutation helps, beside every sparse alternative
+        install
+        step 60 "$PYTHON" -m benchmarks.warm_triton_cache --sets bench,torch_bsr --shapes "$SHAPES" --m 2048,8192 \
+            --densities 1.0,0.75,0.5,0.36 --workers 14
+        step 120 "$PYTHON" -m benchmarks.bench_kernel --out "$WORK/layouts" --dtypes fp16 --block-sizes 32 \
+            --shapes "$SHAPES" --m 2048,8192 --densities 1.0,0.75,0.5,0.36 \
+            --layouts random,head_structured,nn_pruning_like --rep-ms 5 --cuda-graph
+        ;;
     align)
         install
         step 60 "$PYTHON" -m benchmarks.warm_triton_cache --sets tune,e2e --workers 14
@@ -191,8 +248,13 @@ case "${1:-}" in
             --m 512 --densities 0.1,0.36,0.5,0.75,1.0 --stages 3 --warmup-ms 1 --rep-ms 2 --cuda-graph --fresh \
             --out "$WORK/tuned_m512_scratch.json" --log "$WORK/tune_m512_heuristic.csv"
         ;;
+    compile)
+        install
+        step 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_compile.py -k "not minilm"
+        step 240 "$PYTHON" -m benchmarks.bench_compile --device cuda --out "$WORK" --rep-ms 100
+        ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra|align}" >&2
+        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra|align|compile|diagnose|layouts}" >&2
         exit 2
         ;;
 esac

@@ -28,6 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.layouts import random_block_sparse_weight
+
 from . import common
 
 COLUMNS = ["shape", "m", "density", "dtype", "path", "host_us_per_call", "note"]
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
 
     device, dtype = torch.device("cuda"), torch.float16
     n, k = common.parse_shape(args.shape)
-    weight = common.random_block_sparse_weight(n, k, 32, args.density, seed=0, dtype=dtype, device=device)
+    weight = random_block_sparse_weight(n, k, 32, args.density, seed=0, dtype=dtype, device=device)
     x = torch.randn(args.m, k, device=device, dtype=dtype)
     matrix = BlockSparseMatrix.from_dense(weight, 32)
     module = BlockSparseLinear.from_dense(weight, None, 32, backend="triton")

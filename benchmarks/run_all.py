@@ -5,8 +5,9 @@
 With CUDA: `bench_kernel` and `bench_e2e` in full on the GPU, each timed eagerly and again as
 CUDA-graph replays (files named after the GPU, e.g. `kernel_nvidia-h100-80gb-hbm3.csv` and
 `kernel_cudagraph_nvidia-h100-80gb-hbm3.csv`), `bench_ffn_alignment` as graph replays,
-`launch_overhead`, and `bench_cpu` in full on the host CPU. Without CUDA: `bench_cpu` in full, and
-`bench_kernel`, `bench_e2e` and `bench_ffn_alignment` with `--quick` (CPU smoke runs, `_quick` files).
+`launch_overhead`, `bench_compile` on the GPU, and `bench_cpu` in full on the host CPU. Without
+CUDA: `bench_cpu` and `bench_compile` in full, and `bench_kernel`, `bench_e2e` and
+`bench_ffn_alignment` with `--quick` (CPU smoke runs, `_quick` files).
 `tune_kernel` is not part of it: it takes hours and rewrites the package's tuned table.
 A failing benchmark does not stop the others; the exit status is 1 if any failed.
 """
@@ -30,15 +31,17 @@ def plan(has_cuda: bool, out: Path, threads: int | None = None) -> list[tuple[st
         gpu = [(name, ["--out", str(out), *graph]) for name in ("bench_kernel", "bench_e2e")
                for graph in ([], ["--cuda-graph"])]
         return [*gpu, ("bench_ffn_alignment", ["--out", str(out), "--cuda-graph"]),
-                ("launch_overhead", ["--out", str(out)]), ("bench_cpu", cpu_args)]
-    return [("bench_cpu", cpu_args), ("bench_kernel", ["--quick", "--out", str(out)]),
+                ("launch_overhead", ["--out", str(out)]), ("bench_compile", ["--out", str(out), "--device", "cuda"]),
+                ("bench_cpu", cpu_args)]
+    return [("bench_cpu", cpu_args), ("bench_compile", cpu_args), ("bench_kernel", ["--quick", "--out", str(out)]),
             ("bench_e2e", ["--quick", "--out", str(out)]), ("bench_ffn_alignment", ["--quick", "--out", str(out)])]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="run every benchmark this machine can run")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS_DIR)
-    parser.add_argument("--threads", type=int, help="threads for bench_cpu (default: all available cores)")
+    parser.add_argument("--threads", type=int, help="threads for bench_cpu and CPU bench_compile (default: all "
+                        "available cores)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     args = parser.parse_args(argv)
     steps = plan(torch.cuda.is_available(), args.out, args.threads)

@@ -2,14 +2,18 @@
 
     python -m benchmarks.tune_kernel [--out FILE] [--quick] [--dtypes fp16,bf16] [--block-sizes 16,32,64]
         [--shapes 768x768,...] [--m 16,32,...] [--densities 0.05,0.1,...] [--resume] [--fresh]
-        [--warmup-ms 5] [--rep-ms 20] [--log CSV] [--stages 2,3,4] [--cuda-graph]
+        [--warmup-ms 5] [--rep-ms 20] [--log CSV] [--stages 2,3,4] [--cuda-graph] [--kernels triton|all|...]
 
 For each (dtype, block size, BERT-base shape N x K, M bucket 16..8192, block density) it builds a
 random seeded layout with that density, then times every candidate `KernelConfig`
 (`BLOCK_M_CHOICES` x `SPLIT_K_CHOICES` x `ROWS_PER_PROGRAM_CHOICES` x num_warps {4, 8} x num_stages
 {2, 3, 4}, group_m 8) with `triton.testing.do_bench` (median; `--cuda-graph`: CUDA-graph replays,
 the kernels' own GPU time, which is what the table should rank where eager launch overhead
-swamps microsecond kernels). Candidates that cannot help are
+swamps microsecond kernels). `--kernels all` (or a list) also times the other kernels a config can
+name (`KernelConfig.kernel`: the swapped Triton kernel, and on an sm90 GPU the Gluon member-MMA and
+wide-MMA kernels, software-pipelined or warp-specialised) at their candidate configs
+(`configs.variant_candidate_configs`), so a tuned entry picks one where it wins; the log gets a
+best-time column per kernel. Candidates that cannot help are
 skipped: BLOCK_M above the M bucket, SPLIT_K above the longest block-row, row groups together
 with split-K or with tiles past the spill limit. A candidate that fails to compile or launch (e.g. out
 of shared memory) or gives a wrong result is dropped. The fastest is stored under
@@ -42,6 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.layouts import random_block_sparse_weight
+
 from . import common
 from .bench_kernel import BERT_BASE_SHAPES
 
@@ -58,20 +64,35 @@ QUICK_SHAPES = ((768, 768), (3072, 768))
 QUICK_M = (128, 2048)
 QUICK_DENSITIES = (0.35, 1.0)
 QUICK_STAGES = (3,)  # a third of the candidates: --quick must fit a short GPU session
+# The kernels besides the default Triton one that a config can name (`configs.KERNEL_CHOICES`).
+VARIANT_KERNELS = ("triton_swapped", "gluon_member", "gluon_member_ws", "gluon_wide", "gluon_wide_ws")
 
+# The log's per-family columns: the Triton kernel with one block-row per program stepping one block
+# or several blocks at a time (`k_blocks`), with row groups; then each other kernel (`--kernels`).
+FAMILIES = {"best_one_block_ms": lambda c: c.kernel == "triton" and c.rows_per_program == 1 and c.k_blocks == 1,
+            "best_k_blocks_ms": lambda c: c.kernel == "triton" and c.k_blocks > 1,
+            "best_row_groups_ms": lambda c: c.kernel == "triton" and c.rows_per_program > 1,
+            **{f"best_{name}_ms": (lambda c, name=name: c.kernel == name) for name in VARIANT_KERNELS}}
 LOG_COLUMNS = ["key", "dtype", "block_size", "n", "k", "m", "density", "best_config", "best_ms", "heuristic_config",
-               "heuristic_ms", "speedup_vs_heuristic", "dense_ms", "configs_timed", "configs_failed",
-               "best_one_block_ms", "best_k_blocks_ms", "best_row_groups_ms"]
-# The log's per-family columns: one block-row per program stepping one block or several blocks at a
-# time (`k_blocks`), and row groups.
-FAMILIES = {"best_one_block_ms": lambda c: c.rows_per_program == 1 and c.k_blocks == 1,
-            "best_k_blocks_ms": lambda c: c.k_blocks > 1,
-            "best_row_groups_ms": lambda c: c.rows_per_program > 1}
+               "heuristic_ms", "speedup_vs_heuristic", "dense_ms", "configs_timed", "configs_failed", *FAMILIES]
 # Relative to max |reference|: fp32 accumulation, so only the output rounding differs from cuBLAS.
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-3}
 
 
-def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, stages=NUM_STAGES_CHOICES):
+def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, stages=NUM_STAGES_CHOICES,
+                      kernels=("triton",), arch: str | None = None):
+    """Configs to time: the Triton kernel's grid below, then the other `kernels`' candidates
+    (`configs.variant_candidate_configs`; the Gluon ones only where `arch` is "sm90") with tiles no taller than M."""
+    from nn_blocksparse.kernels.configs import m_bucket, variant_candidate_configs
+
+    if "triton" in kernels:
+        yield from _triton_candidates(dtype, block_size, m, longest_block_row, stages)
+    for config in variant_candidate_configs(dtype, block_size, arch):
+        if config.kernel in kernels and config.block_m <= max(m_bucket(m), 64):
+            yield config
+
+
+def _triton_candidates(dtype, block_size: int, m: int, longest_block_row: int, stages):
     from nn_blocksparse.kernels.configs import (BLOCK_M_CHOICES, K_BLOCKS_CHOICES, MAX_STEP_DEPTH,
                                                 MAX_X_TILE_BY_WARPS, ROWS_PER_PROGRAM_CHOICES, SPLIT_K_CHOICES,
                                                 KernelConfig, launch_tile_limit, m_bucket)
@@ -100,12 +121,12 @@ def candidate_configs(dtype, block_size: int, m: int, longest_block_row: int, st
 
 
 def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms, seed=0,
-                 stages=NUM_STAGES_CHOICES, cuda_graph=False) -> dict:
+                 stages=NUM_STAGES_CHOICES, cuda_graph=False, kernels=("triton",)) -> dict:
     """Time every candidate on one problem; returns the log row (with `best` / `key` for the table)."""
     from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
-    from nn_blocksparse.kernels.configs import DEFAULT_SM_COUNT, heuristic_config, table_key
+    from nn_blocksparse.kernels.configs import DEFAULT_SM_COUNT, device_arch, heuristic_config, table_key
 
-    weight = common.random_block_sparse_weight(n, k, block_size, density, seed=seed, dtype=dtype, device=device)
+    weight = random_block_sparse_weight(n, k, block_size, density, seed=seed, dtype=dtype, device=device)
     matrix = BlockSparseMatrix.from_dense(weight, block_size)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
     reference = F.linear(x.float(), weight.float())
@@ -130,7 +151,8 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
                               cuda_graph=cuda_graph)
 
     with torch.inference_mode():
-        times = {tuple(c.as_list()): (c, measure(c)) for c in candidate_configs(dtype, block_size, m, longest_row, stages)}
+        candidates = candidate_configs(dtype, block_size, m, longest_row, stages, kernels, device_arch(device))
+        times = {tuple(c.as_list()): (c, measure(c)) for c in candidates}
         sm_count = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
                     else DEFAULT_SM_COUNT)
         heuristic = heuristic_config(dtype, block_size, m, matrix.block_rows, matrix.nnz_blocks, sm_count,
@@ -171,8 +193,9 @@ def save_table(table: dict, path: Path) -> None:
     configs = {arch: dict(sorted(entries.items())) for arch, entries in sorted(table["configs"].items())}
     temporary = path.with_suffix(path.suffix + ".tmp")
     text = json.dumps({**table, "configs": configs}, indent=1)
-    # one line per entry: "key": [block_m, group_m, split_k, num_warps, num_stages, rows_per_program]
-    text = re.sub(r"\[\s+([-\d.,\s]*?)\s+\]",
+    # one line per entry: "key": [block_m, group_m, split_k, num_warps, num_stages, rows_per_program(, k_blocks,
+    # "kernel")]
+    text = re.sub(r"\[\s+([-\d.,\s]*?(?:\"[a-z_]+\")?)\s+\]",
                   lambda match: "[" + ", ".join(v.strip() for v in match.group(1).split(",")) + "]", text)
     temporary.write_text(text + "\n")
     os.replace(temporary, path)
@@ -196,6 +219,9 @@ def parse_args(argv=None):
     parser.add_argument("--log", type=Path, help="CSV log (default: benchmarks/results/tune_<device>[_quick].csv)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", help="num_stages candidates (default 2,3,4; --quick: 3)")
+    parser.add_argument("--kernels", default="triton",
+                        help="kernels whose configs to time: 'triton' (the default kernel, the default), 'all' (every "
+                        f"kernel this GPU runs: {', '.join(VARIANT_KERNELS)}; the gluon_* ones on sm90 only), or a list")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time CUDA-graph replays (the kernels' GPU time) instead of eager calls, whose "
                         "launch overhead dominates microsecond problems")
@@ -215,6 +241,10 @@ def parse_args(argv=None):
     args.m = common.parse_list(args.m, int) if args.m else list(QUICK_M if quick else M_BUCKETS)
     args.densities = common.parse_list(args.densities, float) if args.densities else \
         list(QUICK_DENSITIES if quick else DENSITY_GRID)
+    args.kernels = ("triton", *VARIANT_KERNELS) if args.kernels == "all" else tuple(common.parse_list(args.kernels))
+    for name in args.kernels:
+        if name not in ("triton", *VARIANT_KERNELS):
+            parser.error(f"unknown kernel {name!r}; choose from triton, {', '.join(VARIANT_KERNELS)} or all")
     if args.resume and args.fresh:
         parser.error("--resume and --fresh contradict each other")
     return args
@@ -260,7 +290,7 @@ def main(argv=None) -> int:
             if args.resume and key in entries:
                 continue
             row = tune_problem(dtype, block_size, n, k, m, density, device, args.warmup_ms, args.rep_ms, args.seed,
-                               args.stages, args.cuda_graph and device.type == "cuda")
+                               args.stages, args.cuda_graph and device.type == "cuda", args.kernels)
             best = row.pop("best")
             if best is not None:
                 entries[row["key"]] = best.as_list()

@@ -3,6 +3,8 @@
 Core (no transformers needed): `BlockSparseMatrix`, `block_sparse_linear`, `BlockSparseLinear`.
 BERT layer (imports transformers on first use): `patch_bert`, `load_pruned_bert`,
 `save_patched_bert`, `load_patched_bert`, `prune_like_nn_pruning`.
+Question answering on any BERT QA model, patched or not: `nn_blocksparse.qa.QuestionAnswerer`.
+The `nn-blocksparse` command (patch, qa, inspect, demo, bench): `nn_blocksparse.cli`.
 """
 
 from .block_sparse_matrix import BlockSparseMatrix

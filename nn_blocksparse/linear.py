@@ -1,36 +1,49 @@
 """`BlockSparseLinear`: a drop-in `nn.Linear` whose weight is stored as nonzero blocks.
 
 Same forward signature and attributes as `nn.Linear` (`in_features`, `out_features`, `bias`,
-and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on CPU the
-pure-torch block-sparse path of `cpu_kernels` (its plan is built once and cached). Inference
-only: there is no backward through the Triton kernel.
+and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on
+CPU the native kernel of `nn_blocksparse.cpu`, which reads the stored blocks themselves (no
+second copy: in-place changes of `values` are seen by the next call); on CPU, bf16 `values` also
+take fp32 input (and give fp32 output). Both are `torch.library` ops (`ops.py`), and what the
+forward needs beyond the stored tensors (the Triton launch table and row groups) is derived at
+construction, load and `.to()`, so the forward reads no tensor data on the host: it compiles
+(`torch.compile(fullgraph=True)`, dynamic shapes) and exports. Inference only: there is no backward
+through the kernels (inputs that need gradients take a dense fallback).
 
 Saved with safetensors (`save` / `load`, or any state dict): no pickle anywhere. The number of
-stored blocks is part of the weights, so loading a state dict resizes the block buffers.
+stored blocks is part of the weights, so loading a state dict resizes the block buffers. The
+weight is a validated `BlockSparseMatrix` (`check_block_sparse_matrix`), built at construction,
+`load`, `load_state_dict` and `.to()`; a file or state dict that fails validation is refused
+before anything is changed. The forward only reads that matrix.
 """
 
 from __future__ import annotations
 
 import json
+import numbers
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .block_sparse_matrix import INDEX_DTYPE, BlockSparseMatrix
-from .cpu_kernels import build_cpu_plan
-from .functional import BACKENDS, block_sparse_linear
+from .block_sparse_matrix import BlockSparseMatrix, check_block_sparse_matrix
+from .functional import BACKENDS, Launch, block_sparse_linear_tensors, launch_table
 from .kernels import ACTIVATIONS
 
 _BLOCK_TENSORS = ("values", "row_offsets", "col_indices", "row_order")
+_METADATA_KEY = "nn_blocksparse.BlockSparseLinear"
+# The fields of a saved layer's metadata and the types they must have.
+_CONFIG_FIELDS = {"in_features": int, "out_features": int, "bias": bool, "block_size": int,
+                  "activation": (str, type(None))}
 
 
 class BlockSparseLinear(nn.Module):
     """`y = act(x @ W^T + b)` with W `[out_features, in_features]` kept as nonzero blocks.
 
     `activation` (None or "gelu") is fused into the kernel epilogue; `backend` is "auto",
-    "triton" or "torch" (see `nn_blocksparse.functional`).
+    "triton" or "cpu" ("torch" is its deprecated old name; see `nn_blocksparse.functional`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 32,
@@ -40,15 +53,19 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            warnings.warn('backend="torch" is deprecated: it is now named "cpu"', DeprecationWarning, stacklevel=2)
+            backend = "cpu"
+        for name, features in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(features, bool) or not isinstance(features, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {features!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = block_size
         self.activation = activation
         self.backend = backend
         # An all-zero weight until blocks are set: a valid matrix, every block-row empty.
-        empty = BlockSparseMatrix.from_dense(
-            torch.zeros(out_features, in_features, device=device, dtype=dtype or torch.float32), block_size
-        )
+        empty = BlockSparseMatrix.empty((out_features, in_features), block_size, dtype or torch.float32, device)
         self._set_matrix(empty)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=empty.dtype),
                                  requires_grad=False) if bias else None
@@ -77,20 +94,31 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("row_offsets", matrix.row_offsets)
         self.register_buffer("col_indices", matrix.col_indices)
         self.register_buffer("row_order", matrix.row_order)
-        self._cpu_plan = None
+        self._matrix = matrix
+        self._prepare()
+
+    def _block_tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in _BLOCK_TENSORS)
+
+    def _refresh_matrix(self) -> None:
+        """Validate this module's tensors as a new matrix (after a load or a move); derived tables go."""
         self._matrix = None
+        self._matrix = BlockSparseMatrix(*self._block_tensors(), (self.out_features, self.in_features),
+                                         self.block_size)
+        self._prepare()
 
     # ------------------------------------------------------------------ views
     @property
     def matrix(self) -> BlockSparseMatrix:
-        """The weight as a `BlockSparseMatrix` over this module's tensors (kept, with its row groups)."""
-        tensors = (self.values, self.row_offsets, self.col_indices, self.row_order)
+        """The weight as a validated `BlockSparseMatrix` over this module's tensors, kept with its row
+        groups. Validated again only where a tensor was replaced or an index modified in place."""
         cached = self._matrix
-        if cached is None or any(a is not b for a, b in zip(tensors, (cached.values, cached.row_offsets,
-                                                                       cached.col_indices, cached.row_order))):
-            cached = BlockSparseMatrix(*tensors, (self.out_features, self.in_features), self.block_size)
-            self._matrix = cached
-        return cached
+        if cached is None or any(a is not b for a, b in zip(self._block_tensors(),
+                                                             (cached.values, *cached._indices()))):
+            self._refresh_matrix()
+        elif cached.check_unchanged():
+            self._prepare()  # the launch table's row groups came from the old indices
+        return self._matrix
 
     @property
     def weight(self) -> torch.Tensor:
@@ -106,25 +134,63 @@ class BlockSparseLinear(nn.Module):
                 f"block_size={self.block_size}, density={self.density:.3f}, activation={self.activation}")
 
     # ------------------------------------------------------------------ forward
-    def cpu_plan(self):
-        if self._cpu_plan is None:
-            self._cpu_plan = build_cpu_plan(self.values, self.row_offsets, self.col_indices,
-                                            self.out_features, self.in_features, self.block_size)
-        return self._cpu_plan
+    def _prepare(self) -> None:
+        """Derive what the forward needs beyond the validated matrix, for its device and dtype: for
+        the Triton backend, the launch table and row groups (`functional.launch_table`)."""
+        device = self.values.device
+        self._launch = None
+        if device.type in ("cuda", "cpu") and (self.backend == "triton" or
+                                               (self.backend == "auto" and device.type == "cuda")):
+            self._launch = launch_table(self._matrix, self.values.dtype, device)
+
+    def _launch_for(self, rows: int) -> Launch:
+        if self._launch is None:
+            raise ValueError(f"this layer's weight is on {self.values.device}, where the Triton backend does not run")
+        return self._launch  # the table serves every M
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        plan = self.cpu_plan() if (self.backend == "torch" or
-                                   (self.backend == "auto" and input.device.type != "cuda")) else None
-        return block_sparse_linear(input, self.matrix, self.bias, self.activation, self.backend, cpu_plan=plan)
+        if not torch.compiler.is_compiling():
+            # Eagerly, tensors replaced by assignment or indices modified in place are validated
+            # (and derived from) again. A trace (torch.compile, torch.export) stands its own tensors
+            # in for the stored ones: what was validated and prepared for those holds.
+            self.matrix  # noqa: B018 - the property revalidates
+        return block_sparse_linear_tensors(input, self.values, self.row_offsets, self.col_indices, self.row_order,
+                                           (self.out_features, self.in_features), self.bias, self.activation,
+                                           self.backend, self._launch_for)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):
-        self._cpu_plan = None  # the plan holds tensors of the old device/dtype
-        self._matrix = None
-        return super()._apply(fn, *args, **kwargs)
+        result = super()._apply(fn, *args, **kwargs)
+        self._refresh_matrix()  # new tensors (device, dtype): validated again, derived tables redone
+        return result
+
+    def _check_incoming(self, state_dict, prefix: str) -> None:
+        """Refuse (before anything is copied) block tensors or a bias that do not form a valid weight
+        with the tensors they replace (a partial load keeps the others)."""
+        where = prefix.rstrip(".") or "BlockSparseLinear"
+        incoming = {name: state_dict.get(prefix + name) for name in _BLOCK_TENSORS}
+        if any(tensor is not None for tensor in incoming.values()):
+            device = self.values.device
+            candidate = [tensor if tensor is None or not isinstance(tensor, torch.Tensor) else tensor.to(device)
+                         for tensor in incoming.values()]
+            candidate = [current if tensor is None else tensor
+                         for tensor, current in zip(candidate, self._block_tensors())]
+            try:
+                check_block_sparse_matrix(*candidate, (self.out_features, self.in_features), self.block_size)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{where}: {err}") from None
+        bias = state_dict.get(prefix + "bias")
+        if bias is not None and self.bias is not None:
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+                raise TypeError(f"{where}: bias must be a floating point "
+                                f"tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"{where}: bias must have shape "
+                                 f"({self.out_features},), got {tuple(bias.shape)}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self._check_incoming(state_dict, prefix)
         # The stored block count differs from one weight to the next: adopt the incoming shapes.
         for name in _BLOCK_TENSORS:
             incoming = state_dict.get(prefix + name)
@@ -135,12 +201,9 @@ class BlockSparseLinear(nn.Module):
                     self.values = nn.Parameter(replacement, requires_grad=False)
                 else:
                     setattr(self, name, replacement)
-        self._cpu_plan = None
-        self._matrix = None  # indices may be overwritten in place: derived row groups go too
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if self.row_offsets.dtype != INDEX_DTYPE:
-            error_msgs.append(f"{prefix}row_offsets must be {INDEX_DTYPE}")
+        self._refresh_matrix()  # indices overwritten in place: derived tables go too
 
     def config_dict(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features,
@@ -149,20 +212,59 @@ class BlockSparseLinear(nn.Module):
     def save(self, path: str | Path) -> None:
         """Write weights and shape metadata to one `.safetensors` file."""
         tensors = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"nn_blocksparse.BlockSparseLinear": json.dumps(self.config_dict())})
+        save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(self.config_dict())})
 
     @classmethod
     def load(cls, path: str | Path, device=None, backend: str = "auto") -> "BlockSparseLinear":
-        from safetensors import safe_open
+        """Read a file written by `save`. The file is validated whole on the CPU (metadata fields and
+        types, tensor names, the block tensors by `check_block_sparse_matrix`, the bias) before any
+        module is built: a crafted or corrupted file raises `ValueError`/`TypeError` naming the problem."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "nn_blocksparse.BlockSparseLinear" not in metadata:
-            raise ValueError(f"{path} is not a BlockSparseLinear file (no nn_blocksparse metadata)")
-        config = json.loads(metadata["nn_blocksparse.BlockSparseLinear"])
-        tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                config = _config_from_metadata(f.metadata() or {}, path)
+                expected = set(_BLOCK_TENSORS) | ({"bias"} if config["bias"] else set())
+                if set(f.keys()) != expected:
+                    raise ValueError(f"{path}: expected the tensors {sorted(expected)}, got {sorted(f.keys())}")
+                # Copied into memory of our own: safetensors' tensors have storage that cannot be resized,
+                # which Triton's interpreter (among others) needs.
+                tensors = {name: f.get_tensor(name).clone() for name in sorted(expected)}
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        shape = (config["out_features"], config["in_features"])
+        try:
+            matrix = BlockSparseMatrix(*(tensors[name] for name in _BLOCK_TENSORS), shape, config["block_size"])
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{path}: {err}") from None
+        bias = tensors.get("bias")
+        if bias is not None and (bias.dtype != matrix.dtype or tuple(bias.shape) != (shape[0],)):
+            raise ValueError(f"{path}: bias must be {matrix.dtype} of shape ({shape[0]},) like values, got "
+                             f"{bias.dtype} of shape {tuple(bias.shape)}")
         module = cls(config["in_features"], config["out_features"], bias=config["bias"],
                      block_size=config["block_size"], activation=config["activation"], backend=backend,
-                     device=device, dtype=tensors["values"].dtype)
-        module.load_state_dict(tensors)
-        return module
+                     dtype=matrix.dtype)
+        module._set_matrix(matrix)
+        if bias is not None:
+            module.bias = nn.Parameter(bias, requires_grad=False)
+        return module.to(device) if device is not None else module
+
+
+def _config_from_metadata(metadata: dict, path) -> dict:
+    """The layer configuration stored in a `BlockSparseLinear` file, its fields and types checked."""
+    if _METADATA_KEY not in metadata:
+        raise ValueError(f"{path} is not a BlockSparseLinear file (no nn_blocksparse metadata)")
+    try:
+        config = json.loads(metadata[_METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {_METADATA_KEY} metadata is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or set(config) != set(_CONFIG_FIELDS):
+        fields = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: the {_METADATA_KEY} metadata must have the fields {sorted(_CONFIG_FIELDS)}, "
+                         f"got {fields}")
+    for name, kind in _CONFIG_FIELDS.items():
+        value = config[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"{path}: metadata field {name!r} must be {getattr(kind, '__name__', 'str or null')}, "
+                            f"got {value!r:.60}")
+    return config

@@ -29,6 +29,8 @@ import torch.nn as nn
 
 def _rows_are_zero(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """[groups] bool: group g of rows (weight split evenly by rows) is all zero."""
+    if groups == 0:  # a layer with every head pruned: reshape(0, -1) would be ambiguous
+        return torch.zeros(0, dtype=torch.bool, device=weight.device)
     return (weight.reshape(groups, -1) == 0).all(dim=1)
 
 
@@ -52,6 +54,8 @@ def prunable_heads(value: nn.Linear, output: nn.Linear, num_heads: int) -> list[
 def remove_heads(query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.Linear, num_heads: int,
                  heads: list[int]) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
     """New Q, K, V, O without `heads`; the constant each removed head added goes into O's bias."""
+    if not heads:
+        return query, key, value, output
     head_dim = query.out_features // num_heads
     kept = [h for h in range(num_heads) if h not in set(heads)]
     kept_features = torch.tensor([h * head_dim + i for h in kept for i in range(head_dim)], dtype=torch.long,

@@ -70,12 +70,14 @@ def median_call_ms(fn: Callable[[], object], device: torch.device, warmup: int =
 def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
                          block_size: int = 32, backend: str = "auto", rows: int = DEFAULT_ROWS,
                          margin: float = DEFAULT_MARGIN, warmup: int = 3, repeats: int = 20,
-                         timer: Callable[[Callable[[], object], torch.device], float] | None = None) -> Measurement:
+                         timer: Callable[[Callable[[], object], torch.device], float] | None = None,
+                         weight_dtype: torch.dtype | None = None) -> Measurement:
     """Time `act(x @ weight^T + bias)` as a `BlockSparseLinear` and as a dense `nn.Linear` (+ activation).
 
     `x` is `[rows, in_features]` random, on the weight's device and in its dtype. `timer(fn,
     device)` replaces `median_call_ms` (tests); it is called for the dense form first. Block-sparse
-    is chosen when its time is below `(1 - margin)` x the dense time.
+    is chosen when its time is below `(1 - margin)` x the dense time. `weight_dtype` (CPU: bf16)
+    keeps the block-sparse form's weights in that dtype, fed the same `x` (mixed precision).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -87,7 +89,8 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     timer = timer or (lambda fn, dev: median_call_ms(fn, dev, warmup, repeats))
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
-    sparse = BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
+    sparse_weight = weight if weight_dtype is None else weight.to(weight_dtype)
+    sparse = BlockSparseLinear.from_dense(sparse_weight, bias, block_size, activation=activation, backend=backend)
     dense = linear_from(weight, bias)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, weight.shape[1], generator=generator).to(device=device, dtype=weight.dtype)

@@ -1,7 +1,17 @@
-"""Shared test helpers: random block-sparse weights and per-dtype tolerances."""
+"""Shared test helpers: per-dtype tolerances, the float64 reference, the CUDA skip mark.
+
+Random block-sparse weights come from `nn_blocksparse.layouts`, the project's one layout generator.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # GPU-only tests: they skip cleanly without CUDA, and a CPU twin (the interpreter) runs instead.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU twin runs the interpreter")
@@ -9,18 +19,6 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # Tolerances relative to the output's scale (max |reference|): fp32 accumulate everywhere, so
 # the error is the rounding of inputs/outputs to the dtype, not the length of the sum.
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def random_block_sparse_weight(n: int, k: int, block_size: int, density: float, seed: int = 0,
-                               dtype: torch.dtype = torch.float32, empty_block_rows=()) -> torch.Tensor:
-    """A dense `[n, k]` weight whose `block_size` blocks are kept with probability `density`."""
-    generator = torch.Generator().manual_seed(seed)
-    keep = torch.rand(n // block_size, k // block_size, generator=generator) < density
-    for row in empty_block_rows:
-        keep[row] = False
-    mask = keep.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    weight = torch.randn(n, k, generator=generator) / k**0.5
-    return (weight * mask).to(dtype)
 
 
 def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
@@ -40,3 +38,9 @@ def dense_reference(x: torch.Tensor, weight: torch.Tensor, bias=None, activation
     if activation == "gelu":
         y = torch.nn.functional.gelu(y)
     return y
+
+
+def run_python(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`code` (dedented) in a fresh Python process at the repository root, with `env` added."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT, **env}, timeout=timeout)

@@ -19,7 +19,9 @@ def run_without_interpreter(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_launchable_config_compiles_for_sm80_and_sm90_without_spills():
-    result = run_without_interpreter("-m", "nn_blocksparse.aot", "--epilogues", "widest")
+    # The default kernel's every config; the other kernels' representative subset is in
+    # test_gluon_kernels.py (all of them: `python -m nn_blocksparse.aot`, minutes).
+    result = run_without_interpreter("-m", "nn_blocksparse.aot", "--epilogues", "widest", "--kernels", "triton")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("sm")]
     assert any(line.startswith("sm80") for line in lines) and any(line.startswith("sm90") for line in lines)
@@ -45,3 +47,17 @@ def test_aot_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-m", "nn_blocksparse.aot"], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "TRITON_INTERPRET" in result.stderr
+
+
+def test_dense_walk_variant_compiles_without_spills():
+    """The measurement variant of tools/gpu_diagnosis.py (block-columns from the step) on its widest tile."""
+    script = (
+        "import torch; from nn_blocksparse.aot import compile_main_kernel;"
+        "from nn_blocksparse.kernels.configs import KernelConfig;"
+        "r = compile_main_kernel(90, torch.float16, 32, False, None, KernelConfig(64, 8, 1, 8, 3, 8), 'tf32',"
+        " dense_walk=True); print(r.ok and 'dense walk' in r.kernel, r.registers)"
+    )
+    result = run_without_interpreter("-c", script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ok, registers = result.stdout.split()
+    assert ok == "True" and int(registers) > 0

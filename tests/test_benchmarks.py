@@ -21,8 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_cpu, bench_e2e, bench_ffn_alignment, bench_kernel, common, graph_check,  # noqa: E402
-                        launch_overhead, run_all, tune_kernel, warm_triton_cache)
+from benchmarks import (bench_compile, bench_cpu, bench_cpu_engines, bench_e2e, bench_ffn_alignment,  # noqa: E402
+                        bench_kernel, common, engines, graph_check, launch_overhead, profile_cpu_hybrid, run_all,
+                        tune_kernel, warm_triton_cache)
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -52,10 +53,15 @@ def number(value: str) -> float:
     return float(value) if value not in ("", None) else math.nan
 
 
+# Without a GPU (the alternatives), or where the CPU lacks the ISA (oneDNN's bf16 inner product
+# without AVX-512) or torch lacks the kernel (CPU BSR in bf16).
+MAY_BE_UNSUPPORTED = {"torch_bsr", "dense_onednn", *bench_kernel.ALTERNATIVE_METHODS}
+
+
 def check_kernel_rows(rows: list[dict], methods, max_diff: float = MAX_KERNEL_DIFF) -> None:
     assert {r["method"] for r in rows} == set(methods)
     for row in rows:
-        if row["method"] == "torch_bsr" and math.isnan(number(row["time_ms"])):
+        if row["method"] in MAY_BE_UNSUPPORTED and math.isnan(number(row["time_ms"])):
             assert row["note"].startswith("unsupported"), row  # allowed, but only with the reason
             continue
         assert number(row["time_ms"]) > 0, row
@@ -64,6 +70,10 @@ def check_kernel_rows(rows: list[dict], methods, max_diff: float = MAX_KERNEL_DI
         assert 0 < number(row["density"]) <= 1
         assert number(row["ideal_speedup"]) == pytest.approx(1 / number(row["density"]), rel=1e-4)
     assert all(number(r["speedup_vs_dense"]) == 1.0 for r in rows if r["method"] == "dense")
+    for row in rows:  # stored-block TFLOP/s over cuBLAS's: the speedup scaled by what the method stores
+        if row["method"] in ("ours", "torch_bsr") and number(row["time_ms"]) > 0:
+            expected = number(row["speedup_vs_dense"]) * number(row["density"])
+            assert number(row["stored_tflops_over_cublas"]) == pytest.approx(expected, rel=1e-3), row
 
 
 def check_e2e_rows(rows: list[dict], methods) -> None:
@@ -88,6 +98,21 @@ def test_bench_kernel_quick(tmp_path):
     summary = read(tmp_path / f"kernel_crossover_{tag}_quick.csv", bench_kernel.CROSSOVER_COLUMNS)
     assert len(summary) == 2  # one per shape (one M, bs, dtype)
     assert_png(tmp_path / f"kernel_speedup_m64_{tag}_quick.png")
+
+
+def test_bench_kernel_structured_layouts(tmp_path):
+    argv = ["--quick", "--threads", THREADS, "--out", str(tmp_path), "--layouts", "head_structured,nn_pruning_like",
+            "--shapes", "256x128", "--densities", "0.5", "--methods", "dense,ours"]
+    assert bench_kernel.main(argv) == 0
+    tag = common.device_tag(torch.device("cpu"))
+    rows = read(tmp_path / f"kernel_{tag}_quick.csv", bench_kernel.KERNEL_COLUMNS)
+    check_kernel_rows(rows, ("dense", "ours"))
+    assert {r["layout"] for r in rows} == {"head_structured", "nn_pruning_like"}
+    assert all(number(r["density"]) == 0.5 for r in rows)  # both layouts hit the density exactly
+    summary = read(tmp_path / f"kernel_crossover_{tag}_quick.csv", bench_kernel.CROSSOVER_COLUMNS)
+    assert {r["layout"] for r in summary} == {"head_structured", "nn_pruning_like"}
+    for layout in ("head_structured", "nn_pruning_like"):
+        assert_png(tmp_path / f"kernel_speedup_m64_{layout}_{tag}_quick.png")
 
 
 def test_bench_e2e_quick(tmp_path):
@@ -118,6 +143,27 @@ def test_bench_ffn_alignment_quick(tmp_path):
     assert_png(tmp_path / f"ffn_alignment_{tag}_quick.png")
 
 
+def test_bench_compile_quick(tmp_path):
+    assert bench_compile.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    tag = common.device_tag(torch.device("cpu"))
+    path = tmp_path / f"compile_e2e_{tag}_quick.csv"
+    rows = read(path, bench_compile.COLUMNS)
+    assert "backend='eager'" in common.read_csv(path)[0]["compile"]
+    assert [(r["method"], r["execution"]) for r in rows] == [
+        (method, execution) for method in ("dense", *bench_compile.MODES) for execution in ("eager", "compiled")]
+    for row in rows:
+        assert row["model"] == "minilm" and row["layers"] == "1" and (row["batch"], row["seq"]) == ("1", "32")
+        assert number(row["time_ms"]) > 0 and number(row["max_abs_diff"]) <= MAX_MODEL_DIFF, row
+        assert number(row["speedup_vs_dense_eager"]) > 0 and number(row["speedup_vs_resize"]) > 0, row
+        assert number(row["compile_s"]) >= 0, row
+    assert {number(r["speedup_vs_eager"]) for r in rows if r["execution"] == "eager"} == {1.0}
+    assert all(number(r["speedup_vs_resize"]) == 1.0 for r in rows if r["method"] == "resize")
+    assert re.fullmatch(r"block-sparse \d+ of \d+ matrices", rows[-1]["note"])
+    assert_png(tmp_path / f"compile_e2e_{tag}_quick.png")
+    with pytest.raises(SystemExit):
+        bench_compile.parse_args(["--executions", "reduce_overhead"])  # CUDA only
+
+
 def test_bench_cpu_quick(tmp_path):
     threads_before = torch.get_num_threads()
     assert bench_cpu.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
@@ -125,9 +171,11 @@ def test_bench_cpu_quick(tmp_path):
     tag = common.device_tag(torch.device("cpu"))
     kernel_path = tmp_path / f"cpu_kernel_{tag}_quick.csv"
     rows = read(kernel_path, bench_kernel.KERNEL_COLUMNS)
-    assert common.read_csv(kernel_path)[0]["torch_threads"] == THREADS
-    check_kernel_rows(rows, bench_cpu.KERNEL_METHODS)
-    assert all(r["note"].startswith("strategy=") for r in rows if r["method"] == "ours")
+    environment = common.read_csv(kernel_path)[0]
+    assert environment["torch_threads"] == THREADS and environment["cpu"] and environment["cpu_native_isa"]
+    check_kernel_rows(rows, bench_cpu.kernel_methods())
+    isa = environment["cpu_native_isa"]
+    assert all(r["note"] == (f"isa={isa}" if isa != "none" else r["note"]) for r in rows if r["method"] == "ours")
     read(tmp_path / f"cpu_kernel_crossover_{tag}_quick.csv", bench_kernel.CROSSOVER_COLUMNS)
     e2e = read(tmp_path / f"cpu_e2e_{tag}_quick.csv", bench_e2e.E2E_COLUMNS)
     check_e2e_rows(e2e, ("dense", *bench_cpu.E2E_MODES))
@@ -143,8 +191,130 @@ def test_bench_cpu_bf16_kernels_quick(tmp_path):
     assert {r["dtype"] for r in rows} == {"bf16"}
     # bf16 outputs of O(1) differ from dense F.linear's by their rounding (2^-8 relative) and the
     # order of fp32 sums.
-    check_kernel_rows(rows, bench_cpu.KERNEL_METHODS, max_diff=0.05)
+    check_kernel_rows(rows, bench_cpu.kernel_methods(), max_diff=0.05)
     assert_png(tmp_path / f"cpu_kernel_speedup_m64_bf16_{tag}_quick.png")
+
+
+def test_bench_cpu_engines_quick(tmp_path):
+    """Runs with whichever engines are installed; a missing one leaves NaN and says why in `note`."""
+    threads_before = torch.get_num_threads()
+    assert bench_cpu_engines.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads_before
+    path = tmp_path / f"cpu_engines_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    (row,) = read(path, bench_cpu_engines.COLUMNS)
+    environment = common.read_csv(path)[0]
+    assert {"torch_cpu_capability", "cpu_native_isa", "cpu_flags", "onnxruntime", "openvino",
+            "loadavg_before", "loadavg_after"} <= set(environment)
+    assert environment["threads"] == environment["torch_threads"] == THREADS
+    assert (row["model"], row["batch"], row["seq"], row["dtype"]) == ("minilm", "1", "128", "fp32")
+    for method in bench_cpu_engines.TORCH_METHODS:
+        assert number(row[f"{method}_ms"]) > 0 and number(row[f"{method}_max_abs_diff"]) <= MAX_MODEL_DIFF, row
+    for engine in engines.ENGINES:
+        if engines.engine_unavailable(engine) is None:  # installed: it must have run, and agree with torch
+            assert number(row[f"{engine}_ms"]) > 0 and number(row[f"{engine}_max_abs_diff"]) <= MAX_MODEL_DIFF, row
+        else:
+            assert math.isnan(number(row[f"{engine}_ms"])) and f"{engine}: " in row["note"], row
+    if engines.engine_unavailable("openvino") is None:
+        assert row["openvino_precision"] == "f32"  # fp32 rows ask for f32 explicitly
+    assert math.isnan(number(row["hybrid_bf16w_ms"]))  # a bf16 column: fp32 rows leave it empty
+    # The floor is hybrid's stored encoder linear FLOPs plus attention FLOPs at the measured GEMM rate.
+    stored, heads = int(row["hybrid_linear_weights_stored"]), int(row["heads"])
+    flops = 2 * 128 * stored + 4 * 128 * 128 * 32 * heads  # MiniLM: head size 32
+    assert number(row["floor_ms"]) == pytest.approx(flops / (number(row["gemm_gflops"]) * 1e6), rel=1e-4)
+    assert stored < int(row["resize_linear_weights_stored"]) and number(row["floor_ms"]) < number(row["resize_floor_ms"])
+    assert number(row["hybrid_over_floor"]) == pytest.approx(number(row["hybrid_ms"]) / number(row["floor_ms"]),
+                                                             rel=1e-4)
+    assert number(row["hybrid_speedup_vs_resize"]) == pytest.approx(
+        number(row["resize_ms"]) / number(row["hybrid_ms"]), rel=1e-4)
+    assert re.fullmatch(r"(dense|dense_onednn) fp32", row["gemm_method"])
+    assert re.fullmatch(r"block-sparse \d+ of \d+ matrices", row["hybrid_plan"])
+    assert_png(path.with_suffix(".png"))
+
+
+def test_engines_missing_are_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # "import onnxruntime" now fails, as if not installed
+    reason = engines.engine_unavailable("onnxruntime")
+    assert "onnxruntime" in reason and "pip install" in reason
+    args = bench_cpu_engines.parse_args(["--quick", "--engines", "onnxruntime"])
+    built, skipped = bench_cpu_engines.build_engines(None, {}, args, Path("unused"))
+    assert built == {} and skipped == {"onnxruntime": reason}
+    with pytest.raises(ValueError, match="engine must be one of"):
+        engines.engine_unavailable("tensorrt")
+    assert bench_cpu_engines.parse_args(["--engines", "none"]).engines == []
+
+
+def test_bench_cpu_engines_arguments():
+    quick = bench_cpu_engines.parse_args(["--quick"])
+    assert (quick.models, quick.sizes, quick.dtypes, quick.threads) == (["minilm"], [(1, 128)], [torch.float32], 2)
+    full = bench_cpu_engines.parse_args([])
+    assert full.models == ["minilm", "bert-base"] and full.sizes == [(1, 128), (8, 128)]
+    assert full.dtypes == [torch.float32, torch.bfloat16] and full.engines == list(engines.ENGINES)
+    for bad in (["--engines", "tensorrt"], ["--dtypes", "fp16"], ["--models", "gpt2"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            bench_cpu_engines.parse_args(bad)
+
+
+def test_bench_cpu_engines_bf16_row_fills_the_bf16_weights_column():
+    """A tiny pruned BERT through one bf16 row: hybrid_bf16w keeps fp32 activations, so it is closer to
+    the fp32 reference than the all-bf16 hybrid."""
+    from transformers import BertConfig, BertModel
+
+    from nn_blocksparse.bert import prune_like_nn_pruning
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2,
+                        vocab_size=1100)
+    model = BertModel(config).eval()
+    prune_like_nn_pruning(model, seed=0)
+    args = bench_cpu_engines.parse_args(["--quick", "--repeats", "1", "--warmup", "0"])
+    inputs = bench_e2e.random_inputs(1, 32, config.vocab_size, torch.device("cpu"))
+    with torch.inference_mode():
+        reference = model(**inputs).last_hidden_state
+
+    variants, failures = bench_cpu_engines.torch_variants(model, torch.bfloat16)
+    assert set(variants) == {"dense", "resize", "hybrid", "hybrid_bf16w"} and not failures
+    assert next(variants["hybrid_bf16w"].parameters()).dtype == torch.float32  # the embeddings stay fp32
+    row = bench_cpu_engines.run_case("tiny", variants, failures, {}, {}, torch.bfloat16, 1, 32, reference,
+                                     (100.0, "dense"), args)
+    scale = max(1.0, reference.abs().max().item())
+    assert row["hybrid_bf16w_ms"] > 0 and 0 < row["hybrid_bf16w_max_abs_diff"] <= 0.05 * scale
+    assert 0 < row["hybrid_max_abs_diff"] <= 0.05 * scale  # real bf16
+    assert row["hybrid_bf16w_max_abs_diff"] < row["hybrid_max_abs_diff"]
+    assert row["dtype"] == "bf16" and row["note"] == ""
+
+
+def test_bench_cpu_engines_refuses_to_time_a_wrong_answer():
+    reference = torch.ones(2, 3) * 4
+    assert bench_cpu_engines.check_accuracy("x", reference + 1e-4, reference, torch.float32) == pytest.approx(1e-4, rel=1e-2)
+    with pytest.raises(RuntimeError, match="openvino .fp32. differs"):
+        bench_cpu_engines.check_accuracy("openvino", reference + 0.01, reference, torch.float32)
+    bench_cpu_engines.check_accuracy("openvino", reference + 0.1, reference, torch.bfloat16)  # within 5e-2 x 4
+    with pytest.raises(RuntimeError):
+        bench_cpu_engines.check_accuracy("x", reference * float("nan"), reference, torch.float32)
+
+
+def test_profile_cpu_hybrid_quick(tmp_path):
+    assert profile_cpu_hybrid.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    path = tmp_path / f"cpu_hybrid_profile_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    rows = read(path, profile_cpu_hybrid.COLUMNS)
+    assert {"loadavg_before", "loadavg_after"} <= set(common.read_csv(path)[0])
+    assert {row["method"] for row in rows} == {"hybrid", profile_cpu_hybrid.PLAIN_LAYERS}
+    for method in ("hybrid", profile_cpu_hybrid.PLAIN_LAYERS):
+        method_rows = [row for row in rows if row["method"] == method]
+        calls = {row["category"]: number(row["calls_per_forward"]) for row in method_rows}
+        assert set(calls) <= set(profile_cpu_hybrid.CATEGORIES)
+        # MiniLM: 6 layers x (fused QKV, attention output, FFN in, FFN out), one attention each, two
+        # layer norms each (the embeddings' own runs inside their labelled range).
+        assert calls.get("linear_blocksparse", 0) + calls.get("linear_dense", 0) == 24
+        assert calls["attention"] == 6 and calls["layer_norm"] == 12 and calls["residual_add"] == 12
+        assert calls["embeddings"] == calls["attention_mask"] == calls["pooler"] == 1
+        # Thin layers skip the eval-mode dropouts that transformers' BertLayer.forward still dispatches.
+        assert calls.get("dropout", 0) == (0 if method == "hybrid" else 12)
+        assert "copies" not in calls  # none around the fused QKV or SDPA: views only
+        forward = number(method_rows[0]["forward_ms_profiled"])
+        assert sum(number(row["ms_per_forward"]) for row in method_rows) == pytest.approx(forward, rel=1e-4)  # CSV: 6 digits
+        assert all(number(row["ms_per_forward"]) >= 0 for row in method_rows
+                   if row["category"] not in ("python_and_dispatch",))
 
 
 def test_crossover_is_the_largest_density_where_ours_beats_dense():
@@ -171,24 +341,19 @@ def test_csv_round_trip_keeps_the_environment(tmp_path):
         common.write_csv(tmp_path / "y.csv", [{"c": 1}], ["a"], environment)
 
 
-def test_random_block_layout_has_the_requested_density():
-    weight = common.random_block_sparse_weight(256, 128, 32, 0.36, seed=3)
-    blocks = weight.reshape(8, 32, 4, 32).ne(0).any(dim=3).any(dim=1)
-    assert int(blocks.sum()) == round(0.36 * 32)
-    sparser = common.random_block_sparse_weight(256, 128, 32, 0.1, seed=3)
-    assert not (sparser.ne(0) & weight.eq(0)).any()  # nested layouts at equal seed
-
-
 def test_run_all_plan():
     gpu = run_all.plan(True, Path("out"))
     assert [name for name, _ in gpu] == ["bench_kernel", "bench_kernel", "bench_e2e", "bench_e2e",
-                                         "bench_ffn_alignment", "launch_overhead", "bench_cpu"]
-    assert [("--cuda-graph" in argv) for _, argv in gpu] == [False, True, False, True, True, False, False]
+                                         "bench_ffn_alignment", "launch_overhead", "bench_compile", "bench_cpu"]
+    assert [("--cuda-graph" in argv) for _, argv in gpu] == [False, True, False, True, True, False, False, False]
     assert all("--quick" not in argv for _, argv in gpu)
+    assert ("bench_compile", ["--out", "out", "--device", "cuda"]) in gpu
     cpu = run_all.plan(False, Path("out"), threads=2)
-    assert cpu[0] == ("bench_cpu", ["--out", "out", "--threads", "2"])
-    assert all("--quick" in argv for name, argv in cpu[1:])
-    assert [name for name, _ in cpu] == ["bench_cpu", "bench_kernel", "bench_e2e", "bench_ffn_alignment"]
+    assert cpu[:2] == [("bench_cpu", ["--out", "out", "--threads", "2"]),
+                       ("bench_compile", ["--out", "out", "--threads", "2"])]
+    assert all("--quick" in argv for name, argv in cpu[2:])
+    assert [name for name, _ in cpu] == ["bench_cpu", "bench_compile", "bench_kernel", "bench_e2e",
+                                         "bench_ffn_alignment"]
 
 
 def test_tune_kernel_arguments_and_candidates():
@@ -232,6 +397,7 @@ def test_gpu_scripts_exit_with_status_2_without_cuda(tmp_path):
     assert bench_kernel.main(["--out", str(tmp_path)]) == 2
     assert bench_e2e.main(["--out", str(tmp_path)]) == 2
     assert bench_ffn_alignment.main(["--out", str(tmp_path)]) == 2
+    assert bench_compile.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
     assert warm_triton_cache.main(["--sets", "bench"]) == 2
     assert launch_overhead.main([]) == 2
     assert graph_check.main([]) == 2

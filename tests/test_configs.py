@@ -90,6 +90,17 @@ def test_heuristic_groups_rows_only_where_padding_is_small_and_the_grid_stays_fu
     assert heuristic_config(torch.float16, 32, 4096, 24, 24 * 24).rows_per_program == 1
 
 
+def test_the_256_wide_row_group_launches_only_when_asked_for():
+    """R = 8 compiles without spills (the AOT check covers it) but no GPU has timed it yet."""
+    wide = KernelConfig(block_m=64, num_warps=8, rows_per_program=8)
+    assert wide in launchable_configs(torch.float16, 32)
+    free = ((2, 1.0), (4, 1.0), (8, 1.0))
+    chosen = heuristic_config(torch.float16, 32, 16384, 96, 96 * 24, 132, free)
+    assert chosen.rows_per_program == 4  # 8 would have the grid too, but stays out of the heuristic's choice
+    with pytest.raises(ValueError, match="rows_per_program"):
+        KernelConfig(rows_per_program=16)
+
+
 def test_select_config_reads_the_layout_of_a_real_matrix():
     from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 
@@ -106,6 +117,55 @@ def test_invalid_configs_are_refused():
         KernelConfig(split_k=3)
     with pytest.raises(ValueError, match="rows_per_program"):
         KernelConfig(rows_per_program=3)
+    with pytest.raises(ValueError, match="group_m must be one of"):
+        KernelConfig(group_m=2**30)  # GROUP_M * groups would overflow the kernel's int32 program ids
+    with pytest.raises(ValueError, match="num_stages must be in"):
+        KernelConfig(num_stages=100)
+    with pytest.raises(ValueError, match="num_warps"):
+        KernelConfig(num_warps=3)
+
+
+def test_the_shipped_tuned_table_passes_its_checks():
+    import json
+
+    table = json.loads(configs.TUNED_TABLE_PATH.read_text())
+    assert configs.check_tuned_table(table) == table["configs"] and table["configs"]
+
+
+GOOD_KEY = "fp16/bs32/n768/k3072/m128/d0.35"
+
+
+@pytest.mark.parametrize("arch, key, values, message", [
+    ("sm90", GOOD_KEY, [64, 8, 1, 4], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [64, 8, 1, 4, 3, 1, 2, 9], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [64, 8, 1, 4, "3"], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [64, 8, 1, 4, True], "a list of 5 to 7 ints"),
+    ("sm90", GOOD_KEY, [48, 8, 1, 4, 3], "block_m must be one of"),
+    ("sm90", GOOD_KEY, [64, 8, 2, 4, 3, 2, 2], "k_blocks > 1 needs rows_per_program = 1"),
+    ("sm90", "fp16/bs32/n768/k3072/m128", [64, 8, 1, 4, 3], "the key must read"),
+    ("sm90", "fp64/bs32/n768/k3072/m128/d0.35", [64, 8, 1, 4, 3], "the key must read"),
+    ("sm90", "fp16/bs24/n768/k3072/m128/d0.35", [64, 8, 1, 4, 3], "block size 24 must be a power of two"),
+    ("sm90", "fp16/bs32/n770/k3072/m128/d0.35", [64, 8, 1, 4, 3], "dividing n = 770"),
+    ("sm90", "fp16/bs32/n768/k3072/m100/d0.35", [64, 8, 1, 4, 3], "m = 100 is not an M bucket"),
+    ("sm90", "fp16/bs32/n768/k3072/m128/d1.50", [64, 8, 1, 4, 3], "density 1.50 is outside"),
+    ("gpu0", GOOD_KEY, [64, 8, 1, 4, 3], "must be a GPU architecture"),
+])
+def test_a_bad_tuned_entry_is_refused_at_load_naming_it(tmp_path, arch, key, values, message):
+    import json
+
+    table = {"configs": {arch: {"fp16/bs32/n768/k768/m128/d0.50": [64, 8, 1, 4, 3], key: values}}}
+    file = tmp_path / "tuned.json"
+    file.write_text(json.dumps(table))
+    try:
+        with pytest.raises(ValueError, match=message) as error:
+            configs.load_tuned_table(str(file))
+    finally:
+        configs.load_tuned_table.cache_clear()
+    if arch == "sm90":
+        assert f"bad entry sm90/{key}" in str(error.value) and str(file) in str(error.value)
+    file.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        configs.load_tuned_table(str(file))
 
 
 def test_table_entries_round_trip_and_old_five_entry_rows_mean_one_row_per_program():
@@ -119,11 +179,11 @@ def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
     best configs step several blocks at a time on 32-64-row tiles (M = 512 too: the
     tune_heuristic_m*_cudagraph logs time these picks); at M = 2048 one block at a time, and row
     groups only with a full grid at the full tile."""
-    from benchmarks import common
     from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
+    from nn_blocksparse.layouts import random_block_sparse_weight
 
     def heuristic_for(n, k, m, density):
-        weight = common.random_block_sparse_weight(n, k, 32, density, seed=0, dtype=torch.float16)
+        weight = random_block_sparse_weight(n, k, 32, density, seed=0, dtype=torch.float16)
         matrix = BlockSparseMatrix.from_dense(weight, 32)
         return heuristic_config(torch.float16, 32, m, matrix.block_rows, matrix.nnz_blocks, 132,
                                 matrix.grouping_inflation()).as_list()

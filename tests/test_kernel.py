@@ -3,17 +3,18 @@
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, dense_reference, random_block_sparse_weight, requires_cuda
+from helpers import assert_close_to_reference, dense_reference, requires_cuda
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.functional import block_sparse_linear
 from nn_blocksparse.kernels import block_sparse_linear as launch_kernel
 from nn_blocksparse.kernels.configs import KernelConfig, launchable_configs
+from nn_blocksparse.layouts import random_block_sparse_weight
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_case(device, n, k, block_size, density, m, dtype, seed=0, empty_block_rows=()):
-    weight = random_block_sparse_weight(n, k, block_size, density, seed, dtype, empty_block_rows).to(device)
+    weight = random_block_sparse_weight(n, k, block_size, density, seed, dtype, empty_block_rows=empty_block_rows).to(device)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(m, k, generator=generator).to(dtype).to(device)
     bias = torch.randn(n, generator=generator).to(dtype).to(device)
@@ -221,3 +222,20 @@ def test_every_launchable_config_small_shape(kernel_device, dtype, block_size):
 def test_every_launchable_config_bert_shape_on_gpu(dtype, block_size):
     """GPU only (too slow for the interpreter): a BERT-sized problem through every config."""
     _check_every_launchable_config(torch.device("cuda"), 768, 768, 1000, dtype, block_size)
+
+
+@pytest.mark.parametrize("config", [KernelConfig(block_m=16, split_k=2, num_warps=4, num_stages=2),
+                                    KernelConfig(block_m=16, num_warps=4, num_stages=2, k_blocks=2),
+                                    KernelConfig(block_m=16, num_warps=4, num_stages=2, rows_per_program=8)])
+def test_dense_walk_computes_what_the_index_tables_do(kernel_device, config):
+    """The measurement variant that skips the index loads (dense layouts only), against the reference."""
+    x, weight, bias = make_case(kernel_device, 160, 96, 32, 1.0, 21, torch.float16, seed=3)  # 5 block-rows: a partial group
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    groups = matrix.row_groups(config.rows_per_program) if config.rows_per_program > 1 else None
+    args = (x, matrix.values, matrix.row_offsets, matrix.col_indices, matrix.row_order, 160, bias, "gelu", config, groups)
+    walked = launch_kernel(*args, dense_walk=True)
+    assert_close_to_reference(walked, dense_reference(x, weight, bias, "gelu"), torch.float16)
+    sparse = BlockSparseMatrix.from_dense(make_case(kernel_device, 160, 96, 32, 0.5, 21, torch.float16)[1], 32)
+    with pytest.raises(ValueError, match="dense_walk"):
+        launch_kernel(x, sparse.values, sparse.row_offsets, sparse.col_indices, sparse.row_order, 160, None, None,
+                      KernelConfig(block_m=16), dense_walk=True)

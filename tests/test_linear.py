@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import RELATIVE_TOLERANCE, assert_close_to_reference, dense_reference, random_block_sparse_weight
+from helpers import RELATIVE_TOLERANCE, assert_close_to_reference, dense_reference
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse import BlockSparseLinear, block_sparse_linear
 from nn_blocksparse.cuda_graph import capture_graph
 from nn_blocksparse.kernels.configs import KernelConfig
@@ -18,7 +19,7 @@ def make_linear(n=96, k=128, density=0.4, block_size=32, dtype=torch.float32, se
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
     device = kernel_device if backend == "triton" else torch.device("cpu")
     linear = make_linear(dtype=dtype).to(device)
@@ -30,22 +31,57 @@ def test_from_linear_matches_nn_linear(kernel_device, dtype, backend):
     assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), dtype)
 
 
-def test_auto_backend_on_cpu_uses_the_torch_path_and_caches_its_plan():
+def test_cpu_path_reads_the_stored_values_so_changes_are_never_stale():
+    # No second copy of the weights on CPU: in-place edits, deep copies, casts and state dicts are
+    # all seen by the next call.
+    import copy
+
     linear = make_linear()
     sparse = BlockSparseLinear.from_linear(linear)
     x = torch.randn(5, 128)
-    y = sparse(x)
-    plan = sparse._cpu_plan
-    assert plan is not None
-    sparse(x)
-    assert sparse._cpu_plan is plan  # built once
-    assert_close_to_reference(y, dense_reference(x, linear.weight, linear.bias), torch.float32)
-    sparse.to(torch.float16)
-    assert sparse._cpu_plan is None  # a cast invalidates it
-    assert sparse(x.half()).dtype == torch.float16
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
+    with torch.no_grad():
+        sparse.values.mul_(2.0)
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
+    twin = copy.deepcopy(sparse)
+    with torch.no_grad():
+        twin.values.zero_()
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), linear.bias.detach().expand(5, -1))
+        assert_close_to_reference(sparse(x), dense_reference(x, 2 * linear.weight, linear.bias), torch.float32)
+    sparse.load_state_dict(BlockSparseLinear.from_linear(linear).state_dict())
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
+        assert sparse.to(torch.float16)(x.half()).dtype == torch.float16
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_weights_take_fp32_input_on_cpu():
+    # Mixed precision: bf16 values and bias, fp32 x and y; x is rounded to bf16 inside the kernel.
+    linear = make_linear()
+    sparse = BlockSparseLinear.from_linear(linear, activation="gelu").to(torch.bfloat16)
+    x = torch.randn(3, 7, 128)
+    with torch.inference_mode():
+        y = sparse(x)
+    assert y.dtype == torch.float32 and y.shape == (3, 7, 96)
+    expected = dense_reference(x.bfloat16(), sparse.weight, sparse.bias, "gelu")
+    assert_close_to_reference(y, expected, torch.float32)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        sparse(x.half())
+
+
+def test_torch_backend_name_is_a_deprecated_alias_of_cpu():
+    with pytest.warns(DeprecationWarning, match="cpu"):
+        sparse = BlockSparseLinear.from_linear(make_linear(), backend="torch")
+    assert sparse.backend == "cpu"
+    x = torch.randn(4, 128)
+    with pytest.warns(DeprecationWarning, match="cpu"):
+        y = block_sparse_linear(x, sparse.matrix, sparse.bias, backend="torch")
+    torch.testing.assert_close(y, sparse(x))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gelu_is_fused(kernel_device, backend):
     device = kernel_device if backend == "triton" else torch.device("cpu")
     linear = make_linear().to(device)
@@ -191,3 +227,116 @@ def test_replays_in_a_cuda_graph(m):
         graph.replay()
         torch.cuda.synchronize()
     assert_close_to_reference(y, dense_reference(new_x, linear.weight, linear.bias, "gelu"), torch.float16)
+
+
+def _saved_layer(tmp_path, **overrides):
+    """A saved layer's tensors and metadata, with `overrides` applied, written to a new file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    layer = BlockSparseLinear.from_linear(make_linear(density=0.6), activation="gelu")
+    tensors = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    metadata = {"nn_blocksparse.BlockSparseLinear": json.dumps(layer.config_dict())}
+    for name, value in overrides.items():
+        if name == "metadata":
+            metadata = value
+        elif value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value(tensors[name]) if callable(value) else value
+    file = tmp_path / "layer.safetensors"
+    save_file(tensors, str(file), metadata=metadata)
+    return layer, file
+
+
+def _with(index, value):
+    def transform(tensor):
+        tensor[index] = value
+        return tensor
+    return transform
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"col_indices": _with(0, 4)}, ValueError, r"col_indices\[0\] = 4 is outside \[0, 4\)"),
+    ({"row_offsets": _with(1, 10**5)}, ValueError, "row_offsets must be non-decreasing"),
+    ({"row_order": _with(0, 7)}, ValueError, r"row_order\[0\] = 7 is outside"),
+    ({"row_order": lambda t: t.to(torch.int64)}, TypeError, "row_order must be torch.int32"),
+    ({"values": lambda t: t.to(torch.int16)}, TypeError, "values must be a floating point"),
+    ({"bias": lambda t: t[:-1]}, ValueError, "bias must be torch.float32 of shape"),
+    ({"bias": None}, ValueError, "expected the tensors"),
+    ({"extra": torch.zeros(2)}, ValueError, "expected the tensors"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": "{not json"}}, ValueError, "not valid JSON"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": "[1, 2]"}}, ValueError, "must have the fields"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 128}'}}, ValueError, "must have the fields"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": "128", "out_features": 96, "bias": true, '
+                   '"block_size": 32, "activation": null}'}}, TypeError, "'in_features' must be int"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 1099511627776, "out_features": 96, '
+                   '"bias": true, "block_size": 32, "activation": null}'}}, ValueError, "32-bit offsets"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 128, "out_features": 96, "bias": true, '
+                   '"block_size": 32, "activation": "relu"}'}}, ValueError, "activation must be one of"),
+    ({"metadata": {"nn_blocksparse.BlockSparseLinear": '{"in_features": 128, "out_features": 192, "bias": true, '
+                   '"block_size": 32, "activation": null}'}}, ValueError, "row_offsets must be 1-D with 7 entries"),
+    ({"metadata": {}}, ValueError, "not a BlockSparseLinear file"),
+])
+def test_a_crafted_file_is_refused_naming_the_field(tmp_path, overrides, error, message):
+    _, file = _saved_layer(tmp_path, **overrides)
+    with pytest.raises(error, match=message):
+        BlockSparseLinear.load(file)
+
+
+def test_a_truncated_or_foreign_file_is_refused(tmp_path):
+    _, file = _saved_layer(tmp_path)
+    data = file.read_bytes()
+    for cut in (4, 40, len(data) // 2, len(data) - 1):
+        file.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            BlockSparseLinear.load(file)
+    file.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        BlockSparseLinear.load(file)
+
+
+def test_a_bad_state_dict_is_refused_before_anything_changes():
+    layer = BlockSparseLinear.from_linear(make_linear(density=0.5))
+    x = torch.randn(3, 128)
+    before = layer(x)
+    good = BlockSparseLinear.from_linear(make_linear(density=0.8, seed=1)).state_dict()
+    for name, value, error, message in (
+            ("col_indices", _with(-1, 9), ValueError, r"col_indices\[\d+\] = 9 is outside"),
+            ("row_offsets", lambda t: t.to(torch.int64), TypeError, "row_offsets must be torch.int32"),
+            ("row_order", lambda t: t.flip(0)[:-1], ValueError, "row_order must be 1-D"),
+            ("values", lambda t: t[:-1], ValueError, "col_indices must be 1-D"),
+            ("bias", lambda t: t.int(), TypeError, "bias must be a floating point"),
+            ("bias", lambda t: t[:3], ValueError, r"bias must have shape \(96,\)")):
+        state = dict(good)
+        state[name] = value(state[name].clone())
+        with pytest.raises(error, match=message):
+            layer.load_state_dict(state)
+        assert torch.equal(layer(x), before)  # nothing was copied
+    # Only values, same block count: a valid partial load.
+    layer.load_state_dict({"values": layer.values * 2}, strict=False)
+    assert_close_to_reference(layer(x), 2 * (before - layer.bias) + layer.bias, torch.float32)
+
+
+def test_indices_modified_in_place_are_caught_before_the_kernel(kernel_device):
+    for backend, device in (("cpu", torch.device("cpu")), ("triton", kernel_device)):
+        layer = BlockSparseLinear.from_linear(make_linear(density=0.5), backend=backend).to(device)
+        x = torch.randn(3, 128, device=device)
+        layer(x)
+        with torch.no_grad():
+            layer.col_indices[0] = 1000
+        with pytest.raises(ValueError, match=r"col_indices\[0\] = 1000 is outside"):
+            layer(x)
+
+
+def test_a_loaded_layer_runs_on_both_backends(tmp_path, kernel_device):
+    """Loaded tensors are the layer's own memory (safetensors' buffers cannot be resized, which
+    the Triton interpreter needs)."""
+    linear = make_linear(density=0.5)
+    BlockSparseLinear.from_linear(linear).save(tmp_path / "layer.safetensors")
+    x = torch.randn(4, 128)
+    for backend, device in (("cpu", torch.device("cpu")), ("triton", kernel_device)):
+        layer = BlockSparseLinear.load(tmp_path / "layer.safetensors", device=device, backend=backend)
+        assert layer.values.untyped_storage().resizable()
+        assert_close_to_reference(layer(x.to(device)), dense_reference(x, linear.weight, linear.bias), torch.float32)

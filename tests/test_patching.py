@@ -62,6 +62,36 @@ def test_patched_outputs_match_unpatched_pruned_model(pruned_minilm, padded_batc
         assert sparse_layers
 
 
+def _padded_products(model, rows_per_group: int) -> int:
+    """Block products the block-sparse matrices of `model` cost grouped `rows_per_group` block-rows at a time."""
+    return sum(m.matrix.row_groups(rows_per_group).step_count * rows_per_group
+               for m in model.modules() if isinstance(m, BlockSparseLinear))
+
+
+@pytest.mark.parametrize("mode, rows_per_group", [("blocksparse", 8), ("hybrid", 2)])
+def test_permuted_for_row_groups_matches_the_unpatched_model(pruned_minilm, padded_batch, mode, rows_per_group):
+    """Heads, head dimensions and FFN neurons reordered at patch time: the same outputs, no more padding."""
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    plain = patch_bert(copy.deepcopy(model), mode=mode)
+    permuted = patch_bert(copy.deepcopy(model), mode=mode, permute_for_row_groups=rows_per_group)
+    output = reference_output(permuted, padded_batch)
+    assert (output - reference).abs().max().item() < MAX_ABS_DIFF
+    moved = [not torch.equal(a.attention.self.attention.qkv.weight, b.attention.self.attention.qkv.weight)
+             for a, b in zip(plain.encoder.layer, permuted.encoder.layer)]
+    assert any(moved)  # the features really moved
+    assert _padded_products(permuted, rows_per_group) <= _padded_products(plain, rows_per_group)
+
+
+def test_permute_for_row_groups_refuses_what_it_cannot_do():
+    tiny = transformers.BertModel(transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                                                          intermediate_size=128))
+    with pytest.raises(ValueError, match="permute_for_row_groups"):
+        patch_bert(tiny, mode="resize", permute_for_row_groups=2)  # resize leaves nothing block-sparse
+    with pytest.raises(ValueError, match="permute_for_row_groups"):
+        patch_bert(tiny, mode="hybrid", permute_for_row_groups=3)
+
+
 def test_hybrid_on_the_triton_kernel(pruned_minilm, padded_batch, kernel_device):
     """The same check with every block-sparse matmul on the Triton kernel (interpreter on CPU)."""
     model, _ = pruned_minilm
@@ -96,13 +126,13 @@ def test_hybrid_measure_keeps_the_faster_form_and_the_outputs(pruned_minilm, pad
 
 def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm, monkeypatch):
     model, _ = pruned_minilm
-    # "auto" on CPU: every matrix with the native CPU kernel (threshold 1.0), else block density 0.8.
+    # "auto" on CPU asks the CPU planner (its calibrated profile; tests/test_cpu_planner.py checks it).
+    import nn_blocksparse.cpu
     from nn_blocksparse.bert import patching
-    from nn_blocksparse.kernels.cpu_block_sparse_linear import native_available
 
-    assert patching.auto_density_threshold() == (1.0 if native_available() else 0.8)
+    assert patching.auto_density_threshold() == nn_blocksparse.cpu.density_threshold(torch.float32)
     for threshold in (1.0, 0.8):
-        monkeypatch.setattr(patching, "auto_density_threshold", lambda: threshold)
+        monkeypatch.setattr(nn_blocksparse.cpu, "use_block_sparse", lambda density, *args: density <= threshold)
         patched = patch_bert(copy.deepcopy(model), mode="hybrid")
         choices = patched.nn_blocksparse_choices
         assert choices and all("dense_ms" not in c and c["block_sparse"] == (c["block_density"] <= threshold)
@@ -119,6 +149,35 @@ def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm, monkeypatch)
     for mode in ("hybrid", "blocksparse"):  # refused up front, even where every matrix would stay dense
         with pytest.raises(ValueError, match="block_size must be one of"):
             patch_bert(copy.deepcopy(model), mode=mode, block_size=48, dense_threshold=0.0)
+
+
+def test_bf16_weights_with_fp32_activations(pruned_minilm, padded_batch, tmp_path):
+    # weight_dtype=bf16: block-sparse weights (and biases) bf16, everything else fp32: the error is
+    # the rounding of weights and of x inside the kernel, not of the residual stream.
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.5, weight_dtype=torch.bfloat16)
+    sparse = [m for m in patched.modules() if isinstance(m, BlockSparseLinear)]
+    dense = [m for m in patched.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert sparse and dense  # hybrid at 0.5 leaves both kinds
+    assert all(m.values.dtype == torch.bfloat16 for m in sparse)
+    assert all(m.weight.dtype == torch.float32 for m in dense)  # dense layers stay fp32
+    assert all(p.dtype == torch.float32 for m in patched.modules() if isinstance(m, torch.nn.LayerNorm)
+               for p in m.parameters())
+    output = reference_output(patched, padded_batch)
+    assert output.dtype == torch.float32
+    error = max_diff_on_real_tokens(output, reference, padded_batch)
+    # The whole model in bf16 is several times worse: its residual stream and norms round too.
+    bf16_model = patch_bert(copy.deepcopy(model).to(torch.bfloat16), mode="hybrid", dense_threshold=0.5)
+    bf16_error = max_diff_on_real_tokens(reference_output(bf16_model, padded_batch).float(), reference, padded_batch)
+    assert 0 < error < 0.05 and error < bf16_error / 2, (error, bf16_error)
+    loaded = load_patched_bert(save_patched_bert(patched, tmp_path / "bf16_weights"))
+    assert all(m.values.dtype == torch.bfloat16 for m in loaded.modules() if isinstance(m, BlockSparseLinear))
+    assert torch.equal(reference_output(loaded, padded_batch), output)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        patch_bert(copy.deepcopy(model), weight_dtype=torch.float16)
+    with pytest.raises(ValueError, match="fp32 models on CPU"):
+        patch_bert(copy.deepcopy(model).to(torch.bfloat16), weight_dtype=torch.bfloat16)
 
 
 def test_resize_fuses_nothing_and_keeps_transformers_attention(pruned_minilm):
@@ -199,3 +258,193 @@ def test_clear_errors():
         patch_bert(small)
     with pytest.raises(ValueError, match="patch.json"):
         load_patched_bert(minilm_path())
+
+
+def small_bert(intermediate_size=128, layers=2, **config):
+    torch.manual_seed(0)
+    config = {"num_attention_heads": 2, **config}
+    return transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=layers, hidden_size=64, intermediate_size=intermediate_size, vocab_size=100,
+        max_position_embeddings=32, **config)).eval()
+
+
+def test_patching_is_all_or_nothing():
+    """blocksparse on an FFN the block size does not divide: refused before layer 0 is touched."""
+    model = small_bert(intermediate_size=96 + 16)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="block_size 32 does not divide the ffn_in weight of layer 0"):
+        patch_bert(model, mode="blocksparse")
+    assert [type(m) for m in model.modules()] == modules_before
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert not hasattr(model, "nn_blocksparse_mode")
+    patch_bert(model, mode="blocksparse", block_size=16)  # the model is still patchable
+
+
+@pytest.mark.parametrize("mode", ["resize", "blocksparse", "hybrid"])
+def test_a_layer_with_every_head_pruned_patches_in_every_mode(mode, tmp_path):
+    """nn_pruning checkpoints may prune all heads of a layer (load_pruned_bert's NoHeadsSelfAttention):
+    that layer's attention then adds only the output bias, patched or not."""
+    from nn_blocksparse.bert import load_pruned_bert, save_pruned_bert
+
+    model = small_bert(num_attention_heads=4)
+    with torch.no_grad():
+        attention = model.encoder.layer[1].attention
+        for linear in (attention.self.query, attention.self.key, attention.self.value):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        attention.output.dense.weight.zero_()
+    loaded = load_pruned_bert(save_pruned_bert(model, tmp_path / "no_heads"))
+    assert heads_per_layer(loaded) == [4, 0]
+    batch = {"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    batch["attention_mask"][1, 4:] = 0
+    with torch.inference_mode():
+        reference = model(**batch).last_hidden_state
+        patched = patch_bert(loaded, mode=mode, block_size=16)
+        assert heads_per_layer(patched)[1] == 0
+        assert (patched(**batch).last_hidden_state - reference).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("first, second", [("resize", "blocksparse"), ("resize", "resize"), ("hybrid", "resize"),
+                                           ("blocksparse", "hybrid")])
+def test_any_second_patch_is_refused(first, second):
+    model = patch_bert(small_bert(), mode=first)
+    with pytest.raises(ValueError, match=f"already patched \\(mode '{first}'\\)"):
+        patch_bert(model, mode=second)
+    qa = patch_bert(transformers.BertForQuestionAnswering(small_bert().config).eval(), mode=first)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_bert(qa.bert, mode=second)  # its encoder, too
+
+
+def test_save_pretrained_is_refused_pointing_to_save_patched_bert(tmp_path):
+    qa = patch_bert(transformers.BertForQuestionAnswering(small_bert().config).eval(), mode="hybrid")
+    for model in (qa, qa.bert, copy.deepcopy(qa)):
+        with pytest.raises(ValueError, match="save_patched_bert"):
+            model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    small_bert().save_pretrained(tmp_path / "plain")  # unpatched models are untouched
+
+
+@pytest.mark.parametrize("mode", ["blocksparse", "hybrid"])
+def test_output_attentions_returns_the_attention_probabilities(mode):
+    """Reference: transformers' eager attention, on the unpatched model (all heads: blocksparse keeps
+    them) or on the resized one (hybrid's heads). Head 1 of layer 0 is pruned (zero V rows)."""
+    model = small_bert(num_attention_heads=4)
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.value.weight[16:32] = 0
+    model.set_attn_implementation("eager")
+    batch = {"input_ids": torch.randint(0, 100, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    batch["attention_mask"][1, 5:] = 0
+    with torch.inference_mode():
+        model(**batch, output_attentions=True)  # recorder hooks installed before patching: they follow
+        reference_model = model if mode == "blocksparse" else patch_bert(copy.deepcopy(model), mode="resize")
+        reference = reference_model(**batch, output_attentions=True).attentions
+        patched = patch_bert(copy.deepcopy(model), mode=mode, block_size=16, dense_threshold=1.0)
+        attentions = patched(**batch, output_attentions=True).attentions
+        fresh = patch_bert(small_bert(num_attention_heads=4), mode=mode, block_size=16)  # hooks installed later
+        fresh_attentions = fresh(**batch, output_attentions=True).attentions
+    assert len(attentions) == len(fresh_attentions) == len(reference) == 2
+    assert [a.shape[1] for a in attentions] == heads_per_layer(patched) == ([4, 4] if mode == "blocksparse" else [3, 4])
+    for ours, again, expected in zip(attentions, fresh_attentions, reference):
+        assert ours.shape == expected.shape == (3, ours.shape[1], 9, 9)
+        assert (ours - expected).abs().max().item() < 1e-6
+        assert again.shape[1] == 4 and torch.allclose(again.sum(-1), torch.ones(()))
+
+
+def _saved_small(tmp_path, mode="hybrid"):
+    model = patch_bert(small_bert(), mode=mode, dense_threshold=1.0) if mode == "hybrid" else patch_bert(
+        small_bert(), mode=mode)
+    folder = save_patched_bert(model, tmp_path / mode)
+    return model, folder
+
+
+def _edit_patch(folder, edit):
+    import json
+
+    patch = json.loads((folder / "patch.json").read_text())
+    edit(patch)
+    (folder / "patch.json").write_text(json.dumps(patch))
+
+
+def _set_path(*keys, value):
+    def edit(patch):
+        target = patch
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return edit
+
+
+CRAFTED_PATCHES = [
+    (_set_path("model_class", value="BertTokenizer"), ValueError, "unsupported model class"),
+    (_set_path("model_class", value="os.system"), ValueError, "unsupported model class"),
+    (_set_path("dtype", value="float64"), ValueError, "patch.json dtype must be one of"),
+    (_set_path("dtype", value="__class__"), ValueError, "patch.json dtype must be one of"),
+    (_set_path("mode", value="turbo"), ValueError, "patch.json mode must be one of"),
+    (_set_path("layers", value={}), TypeError, "patch.json.layers must be list"),
+    (lambda p: p["layers"].pop(), ValueError, "describes 1 layers, the config 2"),
+    (_set_path("layers", 0, "attention", "num_heads", value=3), ValueError, r"num_heads must be in \[0, 2\]"),
+    (_set_path("layers", 0, "attention", "num_heads", value=True), TypeError, "num_heads must be int"),
+    (_set_path("layers", 0, "attention", "head_dim", value=16), ValueError, "head_dim is 16, the config makes it 32"),
+    (_set_path("layers", 0, "attention", "type", value="flash"), ValueError, "attention.type must be one of"),
+    (_set_path("layers", 0, "attention", "qkv", "out_features", value=96), ValueError,
+     r"layers\[0\].attention.qkv.out_features is 96, the config makes it 192"),
+    (_set_path("layers", 0, "attention", "qkv", "block_size", value=48), ValueError, "block_size must be one of"),
+    (_set_path("layers", 0, "attention", "qkv", "activation", value="gelu"), ValueError,
+     r"qkv.activation must be one of \(None,\)"),
+    (_set_path("layers", 0, "attention", "qkv", "type", value="conv"), ValueError, "qkv.type must be one of"),
+    (_set_path("layers", 1, "intermediate", "out_features", value=10**9), ValueError,
+     "intermediate.dense.row_offsets has shape"),
+    (_set_path("layers", 1, "output", "in_features", value=64), ValueError,
+     "output.in_features is 64, the config makes it 128"),
+    (_set_path("layers", 1, "intermediate_activation_fused", value=False), ValueError,
+     "intermediate_activation_fused is False, but the intermediate module fuses GELU"),
+    (_set_path("layers", 1, "attention_output", "bias", value=False), ValueError, "make the tensors|does not fit"),
+    (lambda p: p["layers"][0].pop("output"), ValueError, r"layers\[0\] must have the fields"),
+    (lambda p: p.update(format="nn_blocksparse.patched_bert/9"), ValueError, "unsupported patch format"),
+]
+
+
+@pytest.mark.parametrize("edit, error, message", CRAFTED_PATCHES, ids=[case[2][:40] for case in CRAFTED_PATCHES])
+def test_a_crafted_patch_json_is_refused_naming_the_field(tmp_path, edit, error, message):
+    _, folder = _saved_small(tmp_path)
+    _edit_patch(folder, edit)
+    with pytest.raises(error, match=message):
+        load_patched_bert(folder)
+
+
+def test_crafted_weights_and_config_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, folder = _saved_small(tmp_path)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.inference_mode():
+        assert torch.equal(load_patched_bert(folder)(ids).last_hidden_state, model(ids).last_hidden_state)
+    original = load_file(str(folder / "model.safetensors"))
+    tensors = {name: tensor.clone() for name, tensor in original.items()}
+    tensors["encoder.layer.0.attention.self.attention.qkv.col_indices"][0] = 7
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"qkv: col_indices\[0\] = 7 is outside \[0, 2\)"):
+        load_patched_bert(folder)
+    tensors = dict(original)
+    tensors["encoder.layer.1.output.dense.row_offsets"] = tensors["encoder.layer.1.output.dense.row_offsets"].long()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(TypeError, match="row_offsets must be torch.int32"):
+        load_patched_bert(folder)
+    tensors = dict(original)
+    del tensors["pooler.dense.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="(?s)does not fit patch.json.*pooler.dense.bias"):
+        load_patched_bert(folder)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_patched_bert(folder)
+    save_file(original, str(folder / "model.safetensors"))
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"vocab_size": 100', '"vocab_size": 1000000000'))
+    with pytest.raises(ValueError, match="word_embeddings.weight has shape"):
+        load_patched_bert(folder)
+    (folder / "config.json").write_text(config)
+    (folder / "patch.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_patched_bert(folder)

@@ -500,3 +500,42 @@ def test_save_removes_heads_by_weights_only(tmp_path):
     batch = _small_batch()
     with torch.no_grad():
         assert _max_abs_diff(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state) < FP32_TOLERANCE
+
+
+def test_error_crafted_files(small_folder, tmp_path):
+    weights = small_folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_pruned_bert(small_folder)
+    weights.unlink()
+    (small_folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../outside.safetensors"}}))
+    with pytest.raises(ValueError, match="weight_map must map tensor names to file names in"):
+        load_pruned_bert(small_folder)
+    (small_folder / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ValueError, match="is not a shard index"):
+        load_pruned_bert(small_folder)
+    (small_folder / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_pruned_bert(small_folder)
+    (small_folder / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="only BERT checkpoints"):
+        load_pruned_bert(small_folder)
+
+
+def test_error_one_dimensional_projection(small_folder):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(small_folder / "model.safetensors"))
+    state["encoder.layer.0.attention.self.query.weight"] = state["encoder.layer.0.attention.self.query.weight"][0]
+    save_file(state, str(small_folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="query.weight must be 2-D"):
+        load_pruned_bert(small_folder)
+
+
+def test_a_patched_model_is_not_saved_in_this_format(tmp_path):
+    from nn_blocksparse.bert import patch_bert
+
+    model = patch_bert(_small_pruned(BertModel), mode="resize")
+    with pytest.raises(ValueError, match="save_patched_bert"):
+        save_pruned_bert(model, tmp_path / "out")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import random_block_sparse_weight
+from nn_blocksparse.layouts import random_block_sparse_weight
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix
 from nn_blocksparse.row_groups import group_block_rows
 
@@ -31,10 +31,10 @@ def rebuild_from_groups(matrix: BlockSparseMatrix, rows_per_group: int) -> torch
     return dense
 
 
-@pytest.mark.parametrize("rows_per_group", [1, 2, 4])
+@pytest.mark.parametrize("rows_per_group", [1, 2, 4, 8])
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.7, 1.0])
 def test_groups_cover_every_block_once(rows_per_group, density):
-    # 7 block-rows: the last group of 2 or 4 is padded.
+    # 7 block-rows: the last group of 2, 4 or 8 is padded.
     weight = random_block_sparse_weight(7 * 16, 10 * 16, 16, density, seed=int(density * 10))
     matrix = BlockSparseMatrix.from_dense(weight, 16)
     assert torch.equal(rebuild_from_groups(matrix, rows_per_group), weight)

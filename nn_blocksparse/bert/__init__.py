@@ -3,7 +3,10 @@
 - `patching`: `patch_bert(model, mode)`, `save_patched_bert` / `load_patched_bert`;
 - `pruned_checkpoint`: `load_pruned_bert` for nn_pruning checkpoints that transformers 5 can no
   longer load (fewer heads in some layers), and `save_pruned_bert` to write that format;
-- `pruning`: `prune_like_nn_pruning`, a seeded generator of nn_pruning-style pruned models;
+- `pruning`: `prune_like_nn_pruning`, a seeded generator of nn_pruning-style pruned models, and
+  the bundled MiniLM (as an encoder, or under a span head for question answering);
+- `sparsity`: every matrix's block layout (`matrix_layouts`) and one picture of them with the
+  heads per layer (`plot_sparsity`);
 - `graph_capture`: `skip_absent_attention_mask`, so a forward captured in a CUDA graph keeps
   flash attention (transformers otherwise builds a full mask while capturing), and
   `CudaGraphForward`, a captured forward to serve with.
@@ -12,10 +15,11 @@
 from .graph_capture import CudaGraphForward, skip_absent_attention_mask
 from .patching import MODES, heads_per_layer, load_patched_bert, patch_bert, save_patched_bert
 from .pruned_checkpoint import load_pruned_bert, save_pruned_bert
-from .pruning import PruningReport, load_minilm, minilm_path, prune_like_nn_pruning, random_bert_base
+from .pruning import (PruningReport, load_bert_for_question_answering, load_minilm,
+                      load_minilm_for_question_answering, minilm_path, prune_like_nn_pruning, random_bert_base)
 
 __all__ = [
-    "CudaGraphForward", "MODES", "PruningReport", "heads_per_layer", "load_minilm", "load_patched_bert", "load_pruned_bert",
-    "minilm_path", "patch_bert", "prune_like_nn_pruning", "random_bert_base", "save_patched_bert",
-    "save_pruned_bert", "skip_absent_attention_mask",
+    "CudaGraphForward", "MODES", "PruningReport", "heads_per_layer", "load_bert_for_question_answering", "load_minilm",
+    "load_minilm_for_question_answering", "load_patched_bert", "load_pruned_bert", "minilm_path", "patch_bert",
+    "prune_like_nn_pruning", "random_bert_base", "save_patched_bert", "save_pruned_bert", "skip_absent_attention_mask",
 ]

@@ -11,11 +11,21 @@ The thin layer between transformers' BERT modules and the library's generic piec
   they pay. `dense_threshold` says where: a block density (a matrix denser than it stays a dense
   `nn.Linear`), or `"measure"`: time each matrix both ways on its own device and dtype
   (`nn_blocksparse.selection`) and keep the faster. The default `"auto"` measures on a GPU,
-  where the kernel only wins at low density (about 0.2 on an H200); on CPU it makes every matrix
-  block-sparse where the native CPU kernel builds (it beats MKL's dense GEMM at every density),
-  else those up to density 0.8. The block-sparse module's CPU plan falls back to dense by itself
-  where dense is faster.
+  where the kernel only wins at low density (about 0.2 on an H200); on CPU it asks the CPU
+  planner (`nn_blocksparse.cpu.use_block_sparse`: this machine's calibrated profile, or a
+  conservative default; never block-sparse without the native kernel).
   The choices, with the times measured, are kept in `model.nn_blocksparse_choices`.
+
+`permute_for_row_groups=R` (block-sparse and hybrid; off by default until a GPU has measured what it
+gains) first reorders each layer's FFN neurons and attention heads / head dimensions, exactly
+(`nn_blocksparse.permutation`), so that R consecutive block-rows share block-columns.
+
+Layers whose attention is fused become `ThinBertLayer`s (`thin_layer.py`): in inference they call
+their modules directly instead of through transformers' module tree, bit-identically.
+
+`weight_dtype=torch.bfloat16` (CPU, fp32 models): the block-sparse linears keep bf16 weights and
+biases and take the fp32 activations (rounded to bf16 inside the kernel, fp32 accumulation and
+output); layer norms, softmax, the residual stream and the dense `nn.Linear`s hybrid leaves stay fp32.
 
 Saved patched models are a folder: `config.json` (the transformers config), `patch.json`
 (what replaced what, so the structure can be rebuilt) and `model.safetensors`. No pickle.
@@ -23,38 +33,49 @@ Saved patched models are a folder: `config.json` (the transformers config), `pat
 
 from __future__ import annotations
 
+import functools
 import json
 import numbers
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from ..attention import FusedSelfAttention
 from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
+from ..functional import BACKENDS, SUPPORTED_DTYPES
 from ..linear import BlockSparseLinear
+from ..permutation import attention_feature_permutation, ffn_feature_permutation
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
+from .thin_layer import use_thin_layers
 
 MODES = ("resize", "blocksparse", "hybrid")
-DENSITY_THRESHOLD = 0.8  # hybrid's "auto" off the GPU, pure-torch CPU path: denser stays dense
-# With the native CPU kernel a BlockSparseLinear beats a dense nn.Linear (MKL) even at density 1.0
-# (2.1-2.5x on BERT-base shapes, 2 cores), so there "auto" makes every matrix block-sparse.
-NATIVE_DENSITY_THRESHOLD = 1.0
+WEIGHT_DTYPES = (None, torch.bfloat16)
 RESIZE_ALIGNMENT = 8  # resized FFN hidden sizes round up to this: 16-byte fp16 rows (resize.py)
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
+PERMUTATION_ROWS_PER_GROUP = (2, 4, 8)  # the row-group widths patch_bert can reorder features for
 
 
-class BertSelfAttentionAdapter(nn.Module):
-    """Stands in for `BertSelfAttention`: BERT's call signature around a `FusedSelfAttention`."""
+class BertSelfAttentionAdapter(BertSelfAttention):
+    """Stands in for `BertSelfAttention`: BERT's call signature around a `FusedSelfAttention`.
+
+    A subclass so that transformers' output recorder finds it: with `output_attentions=True` it
+    returns the attention probabilities (computed explicitly), as `BertSelfAttention` does.
+    """
 
     def __init__(self, attention: FusedSelfAttention) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # BertSelfAttention.__init__ would build the separate Q/K/V projections
         self.attention = attention
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
         if encoder_hidden_states is not None or cache is not None or kwargs.get("past_key_values") is not None:
             raise ValueError("patched BERT attention is encoder self-attention only (no cross-attention or cache)")
+        if kwargs.get("output_attentions"):
+            return self.attention(hidden_states, attention_mask, return_probabilities=True)
         return self.attention(hidden_states, attention_mask), None
 
 
@@ -91,8 +112,11 @@ def _is_exact_gelu(act_fn) -> bool:
 
 
 # ---------------------------------------------------------------------------------- patching
-def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None) -> nn.Module:
+def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None,
+                weight_dtype=None) -> nn.Module:
     if sparse:
+        if weight_dtype is not None:
+            weight = weight.to(weight_dtype)
         return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     return linear_from(weight, bias)
 
@@ -105,113 +129,245 @@ def _block_density(weight: torch.Tensor, block_size: int) -> float:
     return (blocks != 0).any(dim=3).any(dim=1).float().mean().item()
 
 
-def auto_density_threshold() -> float:
-    """hybrid's `dense_threshold="auto"` off the GPU: the block density above which a matrix stays dense."""
-    from ..kernels.cpu_block_sparse_linear import native_available
+def auto_density_threshold(dtype: torch.dtype = torch.float32, block_size: int = 32,
+                           weight_dtype: torch.dtype | None = None) -> float:
+    """hybrid's `dense_threshold="auto"` on CPU: the block density above which a matrix stays dense."""
+    from ..cpu import density_threshold
 
-    return NATIVE_DENSITY_THRESHOLD if native_available() else DENSITY_THRESHOLD
+    return density_threshold(weight_dtype or dtype, dtype, block_size)
+
+
+def _permuted_for_row_groups(query, key, value, output, inner, outer, num_heads: int, block_size: int,
+                             rows_per_group: int):
+    """The layer's linears with heads and FFN neurons reordered (exactly) for row groups of `rows_per_group`."""
+    def rows(linear, order):
+        return linear_from(linear.weight[order], None if linear.bias is None else linear.bias[order])
+
+    order = attention_feature_permutation(query.weight, key.weight, value.weight, num_heads, block_size, rows_per_group)
+    query, key, value = rows(query, order), rows(key, order), rows(value, order)
+    output = linear_from(output.weight[:, order], output.bias)
+    order = ffn_feature_permutation(inner.weight, block_size, rows_per_group)
+    return query, key, value, output, rows(inner, order), linear_from(outer.weight[:, order], outer.bias)
+
+
+def _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multiple_of,
+                           permute_for_row_groups) -> int:
+    """Every argument of `patch_bert` checked; returns the FFN multiple to resize to."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "resize" and (isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES):
+        # Checked up front: hybrid would otherwise only fail on the first matrix it makes block-sparse.
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if ffn_multiple_of is None:
+        ffn_multiple_of = block_size if mode == "hybrid" else RESIZE_ALIGNMENT
+    if isinstance(ffn_multiple_of, bool) or not isinstance(ffn_multiple_of, numbers.Integral) or ffn_multiple_of < 1:
+        raise ValueError(f"ffn_multiple_of must be a positive int, got {ffn_multiple_of!r}")
+    valid = (dense_threshold in ("auto", "measure") if isinstance(dense_threshold, str)
+             else isinstance(dense_threshold, numbers.Real) and 0.0 <= dense_threshold <= 1.0)
+    if not valid:
+        raise ValueError(f"dense_threshold must be a block density in [0, 1], 'auto' or 'measure', "
+                         f"got {dense_threshold!r}")
+    if permute_for_row_groups not in (None, *PERMUTATION_ROWS_PER_GROUP) or (permute_for_row_groups and mode == "resize"):
+        raise ValueError(f"permute_for_row_groups must be None or one of {PERMUTATION_ROWS_PER_GROUP} (block-sparse "
+                         f"and hybrid modes), got {permute_for_row_groups!r} with mode {mode!r}")
+    return int(ffn_multiple_of)
+
+
+def _check_weight_dtype(weight_dtype, parameter) -> None:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype is not None and parameter is not None and (
+            parameter.device.type != "cpu" or parameter.dtype != torch.float32):
+        raise ValueError(f"weight_dtype={weight_dtype} is for fp32 models on CPU (bf16 weights, fp32 activations); "
+                         f"this model is {parameter.dtype} on {parameter.device}")
+
+
+def _refuse_patched(model: nn.Module) -> None:
+    """A second patch (even resize then blocksparse) would mix the modes layer by layer: refused."""
+    mode = getattr(model, "nn_blocksparse_mode", None)
+    patched = any(isinstance(m, (BlockSparseLinear, BertSelfAttentionAdapter)) or
+                  getattr(m, "nn_blocksparse_mode", None) is not None for m in model.modules())
+    if mode is not None or patched:
+        raise ValueError(f"this model is already patched{f' (mode {mode!r})' if mode else ''}: patch_bert "
+                         "patches an unpatched model once; start again from the original model")
+
+
+class _SparseChoice:
+    """Whether each matrix becomes block-sparse (the mode's rule); hybrid records why in `choices`."""
+
+    def __init__(self, mode: str, block_size: int, backend: str, dense_threshold, measure_rows: int,
+                 device: torch.device | None, weight_dtype: torch.dtype | None) -> None:
+        self.mode, self.block_size, self.backend, self.weight_dtype = mode, block_size, backend, weight_dtype
+        self.dense_threshold, self.measure_rows = dense_threshold, measure_rows
+        self.measure = dense_threshold == "measure" or (
+            dense_threshold == "auto" and device is not None and device.type == "cuda")
+        self.choices: list[dict] = []
+
+    def __call__(self, weight: torch.Tensor, bias, layer_index: int, name: str, activation=None) -> bool:
+        block_size = self.block_size
+        if self.mode == "resize":
+            return False
+        if weight.shape[0] % block_size or weight.shape[1] % block_size:
+            if self.mode == "hybrid":
+                # Off the block grid (hybrid pads resized FFNs onto it; this is a model whose own
+                # sizes the block size does not divide): it stays a dense nn.Linear.
+                return False
+            raise ValueError(f"block_size {block_size} does not divide the {name} weight of layer {layer_index}, "
+                             f"of shape {tuple(weight.shape)}")
+        if self.mode == "blocksparse":
+            return True
+        choice = {"layer": layer_index, "matrix": name, "shape": list(weight.shape),
+                  "block_density": round(_block_density(weight, block_size), 4)}
+        if self.measure and weight.numel():
+            timing = measure_block_sparse(weight, bias, activation, block_size, self.backend, rows=self.measure_rows,
+                                          weight_dtype=self.weight_dtype)
+            choice.update(dense_ms=timing.dense_ms, block_sparse_ms=timing.block_sparse_ms,
+                          block_sparse=timing.use_block_sparse)
+        elif isinstance(self.dense_threshold, str):
+            from ..cpu import use_block_sparse
+
+            choice["block_sparse"] = use_block_sparse(choice["block_density"], self.weight_dtype or weight.dtype,
+                                                      weight.dtype, block_size)
+        else:
+            choice["block_sparse"] = choice["block_density"] <= self.dense_threshold
+        self.choices.append(choice)
+        return choice["block_sparse"]
+
+
+@dataclass
+class _LayerPlan:
+    """The modules one layer gets. `bert_attention` (query, key, value, heads) keeps transformers'
+    attention on resized projections; otherwise `fused_attention` replaces it."""
+
+    bert_attention: tuple[nn.Linear, nn.Linear, nn.Linear, int] | None
+    fused_attention: BertSelfAttentionAdapter | None
+    attention_output: nn.Module
+    intermediate: nn.Module
+    gelu_fused: bool
+    output: nn.Module
+
+
+def _plan_layer(layer: nn.Module, layer_index: int, mode: str, ffn_multiple_of: int, sparse_for: _SparseChoice,
+                block_size: int, backend: str, permute_for_row_groups: int | None,
+                weight_dtype: torch.dtype | None) -> _LayerPlan:
+    """Build the layer's new modules without touching the layer."""
+    attention = layer.attention.self
+    head_dim = attention.attention_head_size
+    query, key, value = attention.query, attention.key, attention.value
+    output = layer.attention.output.dense
+    num_heads = query.out_features // head_dim
+    inner, outer = layer.intermediate.dense, layer.output.dense
+    if mode in ("resize", "hybrid"):
+        removed = prunable_heads(value, output, num_heads)
+        query, key, value, output = remove_heads(query, key, value, output, num_heads, removed)
+        num_heads -= len(removed)
+        # Aligned hidden sizes keep cuBLAS on its fast kernels (resize.py).
+        inner, outer = remove_neurons(inner, outer, prunable_neurons(inner, outer),
+                                      layer.intermediate.intermediate_act_fn, multiple_of=ffn_multiple_of)
+    if permute_for_row_groups:
+        query, key, value, output, inner, outer = _permuted_for_row_groups(
+            query, key, value, output, inner, outer, num_heads, block_size, permute_for_row_groups)
+
+    bert_attention = fused_attention = None
+    if mode == "resize" and num_heads > 0:
+        bert_attention = (query, key, value, num_heads)
+    else:
+        qkv_weight = torch.cat([query.weight, key.weight, value.weight])
+        qkv_bias = torch.cat([query.bias, key.bias, value.bias]) if query.bias is not None else None
+        qkv_sparse = num_heads > 0 and sparse_for(qkv_weight, qkv_bias, layer_index, "qkv")
+        qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend, weight_dtype=weight_dtype)
+        fused_attention = BertSelfAttentionAdapter(FusedSelfAttention(qkv, num_heads, head_dim, attention.dropout.p))
+    output_sparse = sparse_for(output.weight, output.bias, layer_index, "attention_output")
+    attention_output = _projection(output.weight, output.bias, output_sparse, block_size, backend,
+                                   weight_dtype=weight_dtype)
+
+    fuse_gelu = _is_exact_gelu(layer.intermediate.intermediate_act_fn)
+    inner_sparse = sparse_for(inner.weight, inner.bias, layer_index, "ffn_in", "gelu" if fuse_gelu else None)
+    gelu_fused = inner_sparse and fuse_gelu
+    intermediate = _projection(inner.weight, inner.bias, inner_sparse, block_size, backend,
+                               activation="gelu" if gelu_fused else None, weight_dtype=weight_dtype)
+    outer_sparse = sparse_for(outer.weight, outer.bias, layer_index, "ffn_out")
+    return _LayerPlan(bert_attention, fused_attention, attention_output, intermediate, gelu_fused,
+                      _projection(outer.weight, outer.bias, outer_sparse, block_size, backend, weight_dtype=weight_dtype))
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Forward hooks registered on a replaced module (transformers' output recorders among them) follow it."""
+    for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+        getattr(new, name).update(getattr(old, name))
+
+
+def _apply_layer(layer: nn.Module, plan: _LayerPlan) -> None:
+    """Put the planned modules in place (attribute assignments only: nothing here can fail halfway)."""
+    attention = layer.attention.self
+    if plan.bert_attention is not None:
+        attention.query, attention.key, attention.value, num_heads = plan.bert_attention
+        attention.num_attention_heads = num_heads
+        attention.all_head_size = num_heads * attention.attention_head_size
+    else:
+        _move_hooks(attention, plan.fused_attention)
+        layer.attention.self = plan.fused_attention
+    layer.attention.output.dense = plan.attention_output
+    layer.intermediate.dense = plan.intermediate
+    if plan.gelu_fused:
+        layer.intermediate.intermediate_act_fn = nn.Identity()
+    layer.output.dense = plan.output
+    use_thin_layers([layer])
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise ValueError("save_pretrained cannot save a patched model (from_pretrained would rebuild the unpatched "
+                     "structure and fail on the patched tensors): use nn_blocksparse.save_patched_bert(model, path) "
+                     "and load_patched_bert(path)")
+
+
+def _record(model: nn.Module, mode: str, choices: list[dict]) -> None:
+    model.train(model.training)  # new modules start in training mode: give them the model's (dropout!)
+    model.nn_blocksparse_mode = mode
+    model.nn_blocksparse_choices = choices
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.nn_blocksparse_mode = mode  # so the encoder of a head model is also known as patched
+            module.save_pretrained = _refuse_save_pretrained  # also what push_to_hub calls
 
 
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
                dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS,
-               ffn_multiple_of: int | None = None) -> nn.Module:
+               ffn_multiple_of: int | None = None, permute_for_row_groups: int | None = None,
+               weight_dtype: torch.dtype | None = None) -> nn.Module:
     """Patch in place and return `model`. See the module docstring for the modes.
 
     Patch the model on the device and in the dtype it will run in: `"measure"` times there, with
     `measure_rows` tokens per call. `ffn_multiple_of`: resize and hybrid round each FFN's hidden
     size up to a multiple of it with all-zero neurons (exact; `resize.remove_neurons`); by default
     `RESIZE_ALIGNMENT` for resize and `block_size` for hybrid (so a resized FFN stays on the block
-    grid and may go block-sparse); "blocksparse" resizes nothing and ignores it.
+    grid and may go block-sparse); "blocksparse" resizes nothing and ignores it. `weight_dtype`:
+    see the module docstring.
+
+    All or nothing: every layer's new modules are built (and every check made, e.g. that the block
+    size divides every matrix in "blocksparse" mode) before the first one is put in place. A model
+    is patched once: a second `patch_bert` on it is refused. The patched model refuses
+    `save_pretrained`; `save_patched_bert` saves it.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "resize" and block_size not in SUPPORTED_BLOCK_SIZES:
-        # Checked up front: hybrid would otherwise only fail on the first matrix it makes block-sparse.
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
-    if ffn_multiple_of is None:
-        ffn_multiple_of = block_size if mode == "hybrid" else RESIZE_ALIGNMENT
-    if isinstance(ffn_multiple_of, bool) or not isinstance(ffn_multiple_of, numbers.Integral) or ffn_multiple_of < 1:
-        raise ValueError(f"ffn_multiple_of must be a positive int, got {ffn_multiple_of!r}")
-    valid = (dense_threshold in ("auto", "measure") if isinstance(dense_threshold, str)
-             else 0.0 <= dense_threshold <= 1.0)
-    if not valid:
-        raise ValueError(f"dense_threshold must be a block density in [0, 1], 'auto' or 'measure', "
-                         f"got {dense_threshold!r}")
+    ffn_multiple_of = _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multiple_of,
+                                             permute_for_row_groups)
     layers = bert_layers(model)
-    for layer in layers:
-        if not hasattr(layer.attention.self, "query"):
-            raise ValueError("this model is already patched")
-
-    resize = mode in ("resize", "hybrid")
+    _refuse_patched(model)
     parameter = next(model.parameters(), None)
-    measure = dense_threshold == "measure" or (
-        dense_threshold == "auto" and parameter is not None and parameter.device.type == "cuda")
-    choices = []
-
-    def sparse_for(weight: torch.Tensor, bias, layer_index: int, name: str, activation=None) -> bool:
-        if mode == "resize":
-            return False
-        if weight.shape[0] % block_size or weight.shape[1] % block_size:
-            if mode == "hybrid":
-                # Off the block grid (hybrid pads resized FFNs onto it; this is a model whose own
-                # sizes the block size does not divide): it stays a dense nn.Linear.
-                return False
-            raise ValueError(f"block_size {block_size} does not divide a weight of shape {tuple(weight.shape)}")
-        if mode == "blocksparse":
-            return True
-        choice = {"layer": layer_index, "matrix": name, "shape": list(weight.shape),
-                  "block_density": round(_block_density(weight, block_size), 4)}
-        if measure and weight.numel():
-            timing = measure_block_sparse(weight, bias, activation, block_size, backend, rows=measure_rows)
-            choice.update(dense_ms=timing.dense_ms, block_sparse_ms=timing.block_sparse_ms,
-                          block_sparse=timing.use_block_sparse)
-        else:
-            threshold = auto_density_threshold() if isinstance(dense_threshold, str) else dense_threshold
-            choice["block_sparse"] = choice["block_density"] <= threshold
-        choices.append(choice)
-        return choice["block_sparse"]
-
+    _check_weight_dtype(weight_dtype, parameter)
+    sparse_for = _SparseChoice(mode, block_size, backend, dense_threshold, measure_rows,
+                               parameter.device if parameter is not None else None, weight_dtype)
     with torch.no_grad():
-        for layer_index, layer in enumerate(layers):
-            attention = layer.attention.self
-            head_dim = attention.attention_head_size
-            query, key, value = attention.query, attention.key, attention.value
-            output = layer.attention.output.dense
-            num_heads = query.out_features // head_dim
-            inner, outer = layer.intermediate.dense, layer.output.dense
-            if resize:
-                removed = prunable_heads(value, output, num_heads)
-                query, key, value, output = remove_heads(query, key, value, output, num_heads, removed)
-                num_heads -= len(removed)
-                # Aligned hidden sizes keep cuBLAS on its fast kernels (resize.py).
-                inner, outer = remove_neurons(inner, outer, prunable_neurons(inner, outer),
-                                              layer.intermediate.intermediate_act_fn, multiple_of=int(ffn_multiple_of))
-
-            if mode == "resize" and num_heads > 0:
-                attention.query, attention.key, attention.value = query, key, value
-                attention.num_attention_heads = num_heads
-                attention.all_head_size = num_heads * head_dim
-            else:
-                qkv_weight = torch.cat([query.weight, key.weight, value.weight])
-                qkv_bias = torch.cat([query.bias, key.bias, value.bias]) if query.bias is not None else None
-                qkv_sparse = num_heads > 0 and sparse_for(qkv_weight, qkv_bias, layer_index, "qkv")
-                qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend)
-                layer.attention.self = BertSelfAttentionAdapter(
-                    FusedSelfAttention(qkv, num_heads, head_dim, attention.dropout.p))
-            output_sparse = sparse_for(output.weight, output.bias, layer_index, "attention_output")
-            layer.attention.output.dense = _projection(output.weight, output.bias, output_sparse, block_size, backend)
-
-            fuse_gelu = _is_exact_gelu(layer.intermediate.intermediate_act_fn)
-            inner_sparse = sparse_for(inner.weight, inner.bias, layer_index, "ffn_in", "gelu" if fuse_gelu else None)
-            layer.intermediate.dense = _projection(inner.weight, inner.bias, inner_sparse, block_size, backend,
-                                                   activation="gelu" if (inner_sparse and fuse_gelu) else None)
-            if inner_sparse and fuse_gelu:
-                layer.intermediate.intermediate_act_fn = nn.Identity()
-            outer_sparse = sparse_for(outer.weight, outer.bias, layer_index, "ffn_out")
-            layer.output.dense = _projection(outer.weight, outer.bias, outer_sparse, block_size, backend)
-    model.train(model.training)  # new modules start in training mode: give them the model's (dropout!)
-    model.nn_blocksparse_mode = mode
-    model.nn_blocksparse_choices = choices
+        plans = [_plan_layer(layer, index, mode, ffn_multiple_of, sparse_for, block_size, backend, permute_for_row_groups,
+                             weight_dtype) for index, layer in enumerate(layers)]
+    for layer, plan in zip(layers, plans):
+        _apply_layer(layer, plan)
+    _record(model, mode, sparse_for.choices)
     return model
 
 
@@ -230,7 +386,8 @@ def heads_per_layer(model: nn.Module) -> list[int]:
 # ---------------------------------------------------------------------------------- save / load
 def _module_spec(module: nn.Module) -> dict:
     if isinstance(module, BlockSparseLinear):
-        return {"type": "block_sparse", **module.config_dict()}
+        return {"type": "block_sparse", **module.config_dict(),
+                "dtype": str(module.values.dtype).removeprefix("torch.")}
     if isinstance(module, nn.Linear):
         return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
@@ -239,9 +396,11 @@ def _module_spec(module: nn.Module) -> dict:
 
 def _module_from_spec(spec: dict, dtype: torch.dtype, backend: str) -> nn.Module:
     if spec["type"] == "block_sparse":
+        # Block-sparse weights may be kept in another dtype than the model (patch_bert's weight_dtype).
+        weight_dtype = _DTYPES_BY_NAME[spec["dtype"]] if "dtype" in spec else dtype
         return BlockSparseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                                  block_size=spec["block_size"], activation=spec["activation"], backend=backend,
-                                 dtype=dtype)
+                                 dtype=weight_dtype)
     if spec["type"] == "linear":
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
     raise ValueError(f"unknown module type {spec['type']!r} in patch.json")
@@ -284,44 +443,212 @@ def save_patched_bert(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> nn.Module:
-    """Rebuild a model saved by `save_patched_bert`; weights load strictly, without pickle."""
+    """Rebuild a model saved by `save_patched_bert`; weights load strictly, without pickle.
+
+    The folder is checked before anything is built: `patch.json` field by field (types, the model
+    class and dtype from allowlists, head counts and every module's sizes against `config.json`),
+    then those sizes against the tensor shapes recorded in `model.safetensors`; the block-sparse
+    tensors are validated as they load. Anything wrong raises `ValueError`/`TypeError` naming it.
+    """
     import transformers
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
+    from .pruned_checkpoint import _skip_weight_init
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = Path(path)
-    patch_file = path / "patch.json"
-    if not patch_file.exists():
-        raise ValueError(f"{path} has no patch.json: not a model saved by save_patched_bert")
-    patch = json.loads(patch_file.read_text())
-    if patch.get("format") != PATCH_FORMAT:
-        raise ValueError(f"unsupported patch format {patch.get('format')!r}, expected {PATCH_FORMAT!r}")
-    class_name = patch["model_class"]
-    if not (class_name.startswith("Bert") and hasattr(transformers, class_name)):
-        raise ValueError(f"patch.json names an unsupported model class {class_name!r}")
-    dtype = getattr(torch, patch["dtype"])
+    patch = _read_patch_json(path)
     config = transformers.BertConfig.from_pretrained(path)
-    model = getattr(transformers, class_name)(config).to(dtype)
-    layers = bert_layers(model)
-    if len(layers) != len(patch["layers"]):
-        raise ValueError(f"patch.json describes {len(patch['layers'])} layers, the config {len(layers)}")
-    for layer, spec in zip(layers, patch["layers"]):
-        attention_spec = spec["attention"]
-        attention = layer.attention.self
-        if attention_spec["type"] == "fused":
-            layer.attention.self = BertSelfAttentionAdapter(FusedSelfAttention(
-                _module_from_spec(attention_spec["qkv"], dtype, backend), attention_spec["num_heads"],
-                attention_spec["head_dim"], attention.dropout.p))
-        else:
-            for name in ("query", "key", "value"):
-                setattr(attention, name, _module_from_spec(attention_spec[name], dtype, backend))
-            attention.num_attention_heads = attention_spec["num_heads"]
-            attention.all_head_size = attention_spec["num_heads"] * attention.attention_head_size
-        layer.attention.output.dense = _module_from_spec(spec["attention_output"], dtype, backend)
-        layer.intermediate.dense = _module_from_spec(spec["intermediate"], dtype, backend)
-        if spec["intermediate_activation_fused"]:
-            layer.intermediate.intermediate_act_fn = nn.Identity()
-        layer.output.dense = _module_from_spec(spec["output"], dtype, backend)
-    load_model(model, str(path / "model.safetensors"), strict=True)
-    model.nn_blocksparse_mode = patch["mode"]
+    weights = path / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, FileNotFoundError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
+    model_class = getattr(transformers, patch["model_class"])
+    prefix = "" if model_class is transformers.BertModel else "bert."
+    _check_against_config(patch, config, shapes, prefix, weights)
+
+    dtype = _DTYPES_BY_NAME[patch["dtype"]]
+    with _skip_weight_init():  # every tensor comes from the file
+        model = model_class(config).to(dtype)
+        for index, (layer, spec) in enumerate(zip(bert_layers(model), patch["layers"])):
+            if spec["intermediate_activation_fused"] and not _is_exact_gelu(layer.intermediate.intermediate_act_fn):
+                raise ValueError(f"patch.json layers[{index}] fuses GELU, but the config's hidden_act is "
+                                 f"{config.hidden_act!r}")
+            _apply_layer(layer, _plan_from_spec(spec, layer, dtype, backend))
+    try:
+        load_model(model, str(weights), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(f"{weights} does not fit patch.json: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{weights}: {err}") from None
+    if patch["mode"] is not None:
+        _record(model, patch["mode"], [])
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def _plan_from_spec(spec: dict, layer: nn.Module, dtype: torch.dtype, backend: str) -> _LayerPlan:
+    """The empty modules a checked layer spec describes (the weights load into them)."""
+    attention_spec = spec["attention"]
+    bert_attention = fused_attention = None
+    if attention_spec["type"] == "fused":
+        fused_attention = BertSelfAttentionAdapter(FusedSelfAttention(
+            _module_from_spec(attention_spec["qkv"], dtype, backend), attention_spec["num_heads"],
+            attention_spec["head_dim"], layer.attention.self.dropout.p))
+    else:
+        bert_attention = (*(_module_from_spec(attention_spec[name], dtype, backend)
+                            for name in ("query", "key", "value")), attention_spec["num_heads"])
+    return _LayerPlan(bert_attention, fused_attention, _module_from_spec(spec["attention_output"], dtype, backend),
+                      _module_from_spec(spec["intermediate"], dtype, backend), spec["intermediate_activation_fused"],
+                      _module_from_spec(spec["output"], dtype, backend))
+
+
+# ---------------------------------------------------------------------------------- patch.json checks
+_DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
+_LAYER_FIELDS = {"attention": dict, "attention_output": dict, "intermediate": dict,
+                 "intermediate_activation_fused": bool, "output": dict}
+_LINEAR_FIELDS = {"type": str, "in_features": int, "out_features": int, "bias": bool}
+_BLOCK_SPARSE_FIELDS = {**_LINEAR_FIELDS, "block_size": int, "activation": (str, type(None))}
+_MODULE_FIELDS = {"linear": _LINEAR_FIELDS, "block_sparse": _BLOCK_SPARSE_FIELDS}
+# A block-sparse module's weight dtype, where patch_bert's weight_dtype made it differ from the model's.
+_OPTIONAL_MODULE_FIELDS = {"linear": {}, "block_sparse": {"dtype": str}}
+_ATTENTION_FIELDS = {"fused": {"type": str, "num_heads": int, "head_dim": int, "qkv": dict},
+                     "bert": {"type": str, "num_heads": int, "query": dict, "key": dict, "value": dict}}
+
+
+def _check_fields(obj, fields: dict, where: str, optional: dict | None = None) -> None:
+    """`obj` is a JSON object with exactly `fields` (and any of `optional`), each of its type (bool is not an int)."""
+    optional = optional or {}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(obj).__name__}")
+    if not set(fields) <= set(obj) <= set(fields) | set(optional):
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        raise ValueError(f"{where} must have the fields {sorted(fields)}{extra}, got {sorted(obj)}")
+    for name, kind in {**fields, **optional}.items():
+        if name not in obj:
+            continue
+        value = obj[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"{where}.{name} must be {getattr(kind, '__name__', 'a string or null')}, "
+                            f"got {value!r:.60}")
+        if kind is int and value < 0:
+            raise ValueError(f"{where}.{name} must be >= 0, got {value}")
+
+
+def _read_patch_json(path: Path) -> dict:
+    """`patch.json`, its top-level fields checked (the layers are checked against the config)."""
+    import transformers
+
+    patch_file = path / "patch.json"
+    if not patch_file.is_file():
+        raise ValueError(f"{path} has no patch.json: not a model saved by save_patched_bert")
+    try:
+        patch = json.loads(patch_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{patch_file} is not valid JSON ({err})") from None
+    if not isinstance(patch, dict) or patch.get("format") != PATCH_FORMAT:
+        found = patch.get("format") if isinstance(patch, dict) else patch
+        raise ValueError(f"unsupported patch format {found!r:.60}, expected {PATCH_FORMAT!r}")
+    _check_fields(patch, {"format": str, "model_class": str, "mode": (str, type(None)), "dtype": str, "layers": list},
+                  "patch.json")
+    class_name = patch["model_class"]
+    # A name checked before transformers is asked for it, and the answer checked to be a BERT model.
+    model_class = getattr(transformers, class_name, None) if re.fullmatch(r"Bert[A-Za-z]*", class_name) else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.BertPreTrainedModel)):
+        raise ValueError(f"patch.json names an unsupported model class {class_name!r:.60}")
+    if patch["mode"] is not None and patch["mode"] not in MODES:
+        raise ValueError(f"patch.json mode must be one of {MODES} or null, got {patch['mode']!r:.60}")
+    if patch["dtype"] not in _DTYPES_BY_NAME:
+        raise ValueError(f"patch.json dtype must be one of {sorted(_DTYPES_BY_NAME)}, got {patch['dtype']!r:.60}")
+    return patch
+
+
+def _check_module_spec(spec, where: str, in_features: int | None, out_features: int, tensor: str, *, shapes: dict,
+                       weights: Path, model_dtype: str, activation_allowed: bool = False) -> None:
+    """One module spec: fields, sizes against the config, and its tensors' shapes in the weights file."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in _MODULE_FIELDS:
+        raise ValueError(f"{where}.type must be one of {sorted(_MODULE_FIELDS)}, got {kind!r:.60}")
+    _check_fields(spec, _MODULE_FIELDS[kind], where, _OPTIONAL_MODULE_FIELDS[kind])
+    if spec.get("dtype", model_dtype) not in (model_dtype, *(["bfloat16"] if model_dtype == "float32" else [])):
+        raise ValueError(f"{where}.dtype must be the model's ({model_dtype}) or, in an fp32 model, bfloat16 "
+                         f"(patch_bert's weight_dtype), got {spec['dtype']!r:.60}")
+    n, k = spec["out_features"], spec["in_features"]
+    for name, value, expected in (("in_features", k, in_features), ("out_features", n, out_features)):
+        if expected is not None and value != expected:
+            raise ValueError(f"{where}.{name} is {value}, the config makes it {expected}")
+    wanted = {}
+    if kind == "linear":
+        wanted["weight"] = (n, k)
+    else:
+        block_size = spec["block_size"]
+        if block_size not in SUPPORTED_BLOCK_SIZES or n % block_size or k % block_size:
+            raise ValueError(f"{where}.block_size must be one of {SUPPORTED_BLOCK_SIZES} and divide "
+                             f"{n} x {k}, got {block_size}")
+        allowed = ("gelu", None) if activation_allowed else (None,)
+        if spec["activation"] not in allowed:
+            raise ValueError(f"{where}.activation must be one of {allowed}, got {spec['activation']!r:.60}")
+        wanted.update(row_offsets=(n // block_size + 1,), row_order=(n // block_size,))
+    if spec["bias"]:
+        wanted["bias"] = (n,)
+    for name, shape in wanted.items():
+        key = f"{tensor}.{name}"
+        if key not in shapes:
+            raise ValueError(f"{weights} has no tensor {key}, which {where} needs")
+        if shapes[key] != shape:
+            raise ValueError(f"{weights}: {key} has shape {shapes[key]}, but {where} makes it {shape}")
+
+
+def _check_against_config(patch: dict, config, shapes: dict, prefix: str, weights: Path) -> None:
+    """Every layer spec against the config and the weights file, before any module is built."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    if hidden % heads:
+        raise ValueError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    head_dim = hidden // heads
+    check_module = functools.partial(_check_module_spec, shapes=shapes, weights=weights, model_dtype=patch["dtype"])
+    for name, rows in (("word", config.vocab_size), ("position", config.max_position_embeddings),
+                       ("token_type", config.type_vocab_size)):
+        key = f"{prefix}embeddings.{name}_embeddings.weight"
+        if shapes.get(key) != (rows, hidden):
+            raise ValueError(f"{weights}: {key} has shape {shapes.get(key)}, config.json makes it {(rows, hidden)}")
+    layers = patch["layers"]
+    if len(layers) != config.num_hidden_layers:
+        raise ValueError(f"patch.json describes {len(layers)} layers, the config {config.num_hidden_layers}")
+    for index, spec in enumerate(layers):
+        where = f"patch.json layers[{index}]"
+        tensor = f"{prefix}encoder.layer.{index}."
+        _check_fields(spec, _LAYER_FIELDS, where)
+        attention = spec["attention"]
+        kind = attention.get("type")
+        if kind not in _ATTENTION_FIELDS:
+            raise ValueError(f"{where}.attention.type must be one of {sorted(_ATTENTION_FIELDS)}, got {kind!r:.60}")
+        _check_fields(attention, _ATTENTION_FIELDS[kind], f"{where}.attention")
+        num_heads = attention["num_heads"]
+        if not (0 if kind == "fused" else 1) <= num_heads <= heads:
+            raise ValueError(f"{where}.attention.num_heads must be in [{0 if kind == 'fused' else 1}, {heads}] "
+                             f"(the config's heads), got {num_heads}")
+        width = num_heads * head_dim
+        if kind == "fused":
+            if attention["head_dim"] != head_dim:
+                raise ValueError(f"{where}.attention.head_dim is {attention['head_dim']}, the config makes it "
+                                 f"{head_dim}")
+            check_module(attention["qkv"], f"{where}.attention.qkv", hidden, 3 * width,
+                         f"{tensor}attention.self.attention.qkv")
+        else:
+            for name in ("query", "key", "value"):
+                check_module(attention[name], f"{where}.attention.{name}", hidden, width,
+                             f"{tensor}attention.self.{name}")
+        check_module(spec["attention_output"], f"{where}.attention_output", width, hidden,
+                     f"{tensor}attention.output.dense")
+        intermediate = spec["intermediate"]
+        check_module(intermediate, f"{where}.intermediate", hidden, None, f"{tensor}intermediate.dense",
+                     activation_allowed=True)
+        fused = intermediate["type"] == "block_sparse" and intermediate["activation"] == "gelu"
+        if spec["intermediate_activation_fused"] != fused:
+            raise ValueError(f"{where}.intermediate_activation_fused is {spec['intermediate_activation_fused']}, "
+                             f"but the intermediate module {'fuses' if fused else 'does not fuse'} GELU")
+        check_module(spec["output"], f"{where}.output", intermediate["out_features"], hidden, f"{tensor}output.dense")

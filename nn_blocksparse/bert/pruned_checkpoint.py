@@ -156,7 +156,14 @@ def _normalize_pruned_heads(raw: Mapping | None, num_layers: int, num_heads: int
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Read ``model.safetensors`` (preferred) or ``pytorch_model.bin``, sharded variants included."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(file), device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
 
     def read_bin(file: Path) -> dict[str, torch.Tensor]:
         # weights_only=True: a .bin is a pickle, and only tensors/containers may be unpickled.
@@ -171,16 +178,24 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         return dict(loaded)
 
     def read_sharded(index_file: Path, read_shard) -> dict[str, torch.Tensor]:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index_file} is not a shard index ({{\"weight_map\": {{name: file}}}}): {err!r}") from None
+        shards = set(weight_map.values()) if isinstance(weight_map, Mapping) else None
+        # Shards are files of this folder: a name with a path in it could read files elsewhere.
+        if shards is None or not all(isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")
+                                     for f in shards):
+            raise ValueError(f"{index_file}: weight_map must map tensor names to file names in {folder}")
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(shards):
             state.update(read_shard(folder / shard))
         return state
 
     if (folder / SAFETENSORS_FILE).is_file():
-        return load_file(str(folder / SAFETENSORS_FILE), device="cpu")
+        return read_safetensors(folder / SAFETENSORS_FILE)
     if (folder / SAFETENSORS_INDEX_FILE).is_file():
-        return read_sharded(folder / SAFETENSORS_INDEX_FILE, lambda f: load_file(str(f), device="cpu"))
+        return read_sharded(folder / SAFETENSORS_INDEX_FILE, read_safetensors)
     if (folder / PYTORCH_BIN_FILE).is_file():
         return read_bin(folder / PYTORCH_BIN_FILE)
     if (folder / PYTORCH_BIN_INDEX_FILE).is_file():
@@ -231,6 +246,8 @@ def _checkpoint_head_count(state_dict, prefix: str, layer: int, head_dim: int, h
     if query_key not in state_dict or output_key not in state_dict:
         return None
     pruned_note = f" (config.json pruned_heads for this layer: {sorted(pruned)})" if pruned is not None else ""
+    if state_dict[query_key].dim() != 2:
+        raise ValueError(f"layer {layer}: {query_key} must be 2-D, got shape {tuple(state_dict[query_key].shape)}")
     width = state_dict[query_key].shape[0]
     if pruned is not None:
         expected_heads = num_heads - len(pruned)
@@ -267,6 +284,8 @@ def _checkpoint_ffn_width(state_dict, prefix: str, layer: int, hidden: int) -> i
     out_weight = state_dict.get(f"{layer_prefix}output.dense.weight")
     if in_weight is None or out_weight is None:
         return None
+    if in_weight.dim() != 2:
+        raise ValueError(f"layer {layer}: intermediate.dense.weight must be 2-D, got shape {tuple(in_weight.shape)}")
     width = in_weight.shape[0]
     in_bias = state_dict.get(f"{layer_prefix}intermediate.dense.bias")
     if (tuple(in_weight.shape) != (width, hidden) or tuple(out_weight.shape) != (hidden, width)
@@ -389,8 +408,12 @@ def load_pruned_bert(path: str | os.PathLike, task: str = "base", **from_pretrai
     config_file = folder / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"no {CONFIG_FILE} in {folder}")
-    raw_config = json.loads(config_file.read_text())
-    if raw_config.get("model_type") != "bert":
+    try:
+        raw_config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err})") from None
+    if not isinstance(raw_config, dict) or raw_config.get("model_type") != "bert":
+        raw_config = raw_config if isinstance(raw_config, dict) else {}
         raise ValueError(
             f"{config_file} has model_type={raw_config.get('model_type')!r}; only BERT checkpoints "
             f"(model_type 'bert') are supported"
@@ -574,6 +597,9 @@ def save_pruned_bert(model: nn.Module, path: str | os.PathLike, safe_serializati
     ``safe_serialization=False``, to ``pytorch_model.bin`` (``torch.save`` of a plain dict of tensors).
     Returns the folder path.
     """
+    if getattr(model, "nn_blocksparse_mode", None) is not None:
+        raise ValueError("save_pruned_bert writes unpatched models in the transformers 4 format; this model is "
+                         "patched: save it with save_patched_bert")
     base = _base_bert(model)
     config = model.config
     num_heads, hidden = config.num_attention_heads, config.hidden_size

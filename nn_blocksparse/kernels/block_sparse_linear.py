@@ -1,7 +1,7 @@
 """Triton kernels for `y = act(x @ W^T + b)` with W block-sparse (BSR by block-rows), and their launcher.
 
 Work split: one program owns a `[BLOCK_M, R * bs]` tile of y, i.e. `BLOCK_M` rows of x against
-`R` block-rows of W (`ROWS_PER_PROGRAM`, 1, 2 or 4), and walks only their nonzero blocks. With
+`R` block-rows of W (`ROWS_PER_PROGRAM`, 1, 2, 4 or 8), and walks only their nonzero blocks. With
 R = 1 it walks one block-row's stored blocks: for each block (r, c) it loads the `[BLOCK_M, bs]`
 slice of x at block-column c and the `bs x bs` block, and accumulates on tensor cores in fp32.
 A zero block costs nothing: no load, no FLOP, which is the whole point.
@@ -20,6 +20,10 @@ A zero block costs nothing: no load, no FLOP, which is the whole point.
   one group are dealt round-robin to `SPLIT_K` programs that write fp32 partial sums; a
   second small kernel adds them and applies the epilogue. Deterministic (no atomics).
 - Epilogue: optional bias and exact (erf) GELU, fused, computed in fp32 before the cast.
+- Dense walk (`DENSE_WALK`, measurement only): on a fully dense layout a group's steps are its
+  block-columns in order, so the kernel can take the block-column from the step number instead of
+  loading it (and each member's block index from its block-row): the same work without the per-step
+  index loads, which is what `tools/gpu_diagnosis.py` times to price them.
 
 This file knows nothing of `nn.Module`, BERT or `BlockSparseMatrix`: it takes raw tensors.
 Inputs are assumed validated (see `nn_blocksparse.functional`); the launcher only re-checks
@@ -60,6 +64,7 @@ def _block_sparse_linear_kernel(
     SPLIT_K: tl.constexpr,
     K_BLOCKS: tl.constexpr,  # R = 1: stored blocks multiplied per loop step (one K_BLOCKS * bs deep dot)
     UPCAST_OPERANDS: tl.constexpr,  # interpreter only: its bf16 tl.dot returns garbage
+    DENSE_WALK: tl.constexpr = False,  # dense layouts only: block-columns from the step, no index loads
 ):
     """With ROWS_PER_PROGRAM == 1 a group is one block-row: steps are its stored blocks
     (`step_offsets`/`step_cols`/`group_order` are the BSR `row_offsets`/`col_indices`/`row_order`)
@@ -114,7 +119,10 @@ def _block_sparse_linear_kernel(
         for step in range(first_step + split * K_BLOCKS, end_step, SPLIT_K * K_BLOCKS):
             steps = step + sub_block
             valid_k = steps < end_step
-            cols = tl.load(step_cols_ptr + steps, mask=valid_k, other=0)
+            if DENSE_WALK:
+                cols = steps - first_step
+            else:
+                cols = tl.load(step_cols_ptr + steps, mask=valid_k, other=0)
             x_tile = tl.load(x_row_starts + (cols * BLOCK_SIZE + within_k)[None, :] * stride_xk,
                              mask=mask_m[:, None] & valid_k[None, :], other=0.0)
             w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_blocks_t, mask=valid_k[:, None],
@@ -125,12 +133,19 @@ def _block_sparse_linear_kernel(
             acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
     else:
         for step in range(first_step + split, end_step, SPLIT_K):
-            block_col = tl.load(step_cols_ptr + step)
+            if DENSE_WALK:
+                block_col = step - first_step
+            else:
+                block_col = tl.load(step_cols_ptr + step)
             x_tile = tl.load(x_rows + block_col * BLOCK_SIZE * stride_xk, mask=mask_m[:, None], other=0.0)
             if ROWS_PER_PROGRAM == 1:
                 w_tile = tl.load(values_ptr + step * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t)
             else:
-                blocks = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member)
+                if DENSE_WALK:
+                    # Block-row r of a dense layout holds its blocks at r * block_cols + column.
+                    blocks = tl.where(member_rows >= 0, member_rows * (end_step - first_step) + block_col, -1)
+                else:
+                    blocks = tl.load(step_blocks_ptr + step * ROWS_PER_PROGRAM + member)
                 w_tile = tl.load(values_ptr + blocks[None, :] * (BLOCK_SIZE * BLOCK_SIZE) + w_block_t,
                                  mask=(blocks >= 0)[None, :], other=0.0)
             if UPCAST_OPERANDS:
@@ -190,6 +205,16 @@ def interpreter_enabled() -> bool:
     return isinstance(_block_sparse_linear_kernel, InterpretedFunction)
 
 
+def _launchable(kernel):
+    """`kernel`, wrapped so that `torch.library.triton_op` tracing records its launch (torch >= 2.6).
+
+    Outside such a trace the wrapper launches the kernel as is; the interpreter's kernels cannot be
+    traced, so they are never wrapped.
+    """
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap_triton is None or interpreter_enabled() else wrap_triton(kernel)
+
+
 def input_precision_for(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's own TF32 switch, so ours matches what dense F.linear would do."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -208,13 +233,15 @@ def block_sparse_linear(
     activation: str | None,
     config: KernelConfig,
     row_groups=None,
+    dense_walk: bool = False,
 ) -> torch.Tensor:
     """Launch `y = act(x @ W^T + b)`; x is `[M, K]` with unit stride along K.
 
     `config.rows_per_program > 1` needs `row_groups`: the index tables of the BSR weight grouped
     that many block-rows at a time (any object with the int32 tensors `group_rows`,
     `step_offsets`, `step_cols`, `step_blocks`, `group_order` and `rows_per_group`, such as
-    `nn_blocksparse.row_groups.RowGroups`).
+    `nn_blocksparse.row_groups.RowGroups`). `dense_walk` (a measurement of the index loads' cost,
+    see the module docstring) needs a layout that stores every block.
 
     On a CUDA device the compiled kernel runs; in a process started with `TRITON_INTERPRET=1`,
     Triton's interpreter runs the very same kernel source on CPU tensors (slow, for tests).
@@ -223,6 +250,11 @@ def block_sparse_linear(
         raise ValueError("the launcher expects a 2-D x with unit stride along K")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if config.kernel != "triton":  # another kernel named by the config (kernel_variants.py)
+        from .kernel_variants import launch_variant
+
+        return launch_variant(x, values, row_offsets, col_indices, row_order, out_features, bias, activation, config,
+                              row_groups)
     rows_per_program = config.rows_per_program
     if rows_per_program == 1:
         # One block-row per program: the BSR tables are the steps (the kernel does not read
@@ -237,6 +269,9 @@ def block_sparse_linear(
     step_offsets, step_cols, step_blocks, group_rows, group_order = steps
     block_size = values.shape[-1]
     m = x.shape[0]
+    if dense_walk and values.shape[0] != (row_offsets.shape[0] - 1) * (x.shape[1] // block_size):
+        raise ValueError(f"dense_walk needs a layout that stores every block, got {values.shape[0]} blocks of "
+                         f"{(row_offsets.shape[0] - 1) * (x.shape[1] // block_size)}")
     n_groups = group_order.shape[0]
     out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
     if m == 0 or out_features == 0:
@@ -254,7 +289,7 @@ def block_sparse_linear(
     else:
         target = torch.empty((split_k, m, out_features), dtype=torch.float32, device=x.device)
         stride_split = target.stride(0)
-    _block_sparse_linear_kernel[grid](
+    _launchable(_block_sparse_linear_kernel)[grid](
         x, values, step_offsets, step_cols, step_blocks, group_rows, group_order, bias_arg, target,
         m, n_groups,
         x.stride(0), x.stride(1), target.stride(-2), target.stride(-1), stride_split,
@@ -268,13 +303,14 @@ def block_sparse_linear(
         SPLIT_K=split_k,
         K_BLOCKS=config.k_blocks,
         UPCAST_OPERANDS=x.dtype == torch.bfloat16 and interpreter_enabled(),
+        DENSE_WALK=dense_walk,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if split_k > 1:
         reduce_block_m, reduce_block_n = REDUCE_TILE
         reduce_grid = (triton.cdiv(m, reduce_block_m), triton.cdiv(out_features, reduce_block_n))
-        _split_k_reduce_kernel[reduce_grid](
+        _launchable(_split_k_reduce_kernel)[reduce_grid](
             target, bias_arg, out,
             m, out_features,
             target.stride(0), target.stride(1), out.stride(0),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,13 +26,34 @@ TUNED_TABLE_PATH = Path(__file__).with_name("tuned_configs.json")
 
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 SPLIT_K_CHOICES = (1, 2, 4, 8)
-GROUP_M_CHOICES = (8,)
+# M-tiles swept together per group (launch order): 8 is what the tuner and the heuristic use; 1 (plain
+# order) is there to be measured against it (tools/gpu_diagnosis.py).
+GROUP_M_CHOICES = (1, 8)
 # Block-rows one program covers (its output tile is ROWS_PER_PROGRAM * bs wide); see row_groups.py.
+# The tuner and the heuristic choose among ROWS_PER_PROGRAM_CHOICES. WIDE_ROWS_PER_PROGRAM (a 256-wide
+# tile with 32x32 blocks) launches too, from an explicit config, and the AOT check compiles it, but no
+# GPU has timed it yet (tools/gpu_diagnosis.py does), so neither the tuner nor the heuristic picks it.
 ROWS_PER_PROGRAM_CHOICES = (1, 2, 4)
+WIDE_ROWS_PER_PROGRAM = (8,)
 # Stored blocks one loop step multiplies (one program per block-row only): deeper steps, fewer of them.
 K_BLOCKS_CHOICES = (1, 2, 4)
+NUM_WARPS_CHOICES = (1, 2, 4, 8)
+MAX_NUM_STAGES = 8
 # SMs of the GPUs the heuristic is written for (A100: 108, H100 SXM: 132); the interpreter has none.
 DEFAULT_SM_COUNT = 108
+
+# The kernels a config can name (`kernel_variants.py`). The heuristic only ever picks "triton": the
+# others are chosen by a tuned table entry or an explicit config, after a GPU measured them.
+KERNEL_CHOICES = ("triton", "triton_swapped", "gluon_member", "gluon_member_ws", "gluon_wide", "gluon_wide_ws")
+GLUON_KERNELS = ("gluon_member", "gluon_member_ws", "gluon_wide", "gluon_wide_ws")
+# Gluon tiles: one warpgroup's wgmma is 64 rows tall (8 warps: two warpgroups, 128 rows); row groups of
+# up to 8 block-rows; ring stages of shared memory.
+GLUON_BLOCK_M_CHOICES = (64, 128)
+GLUON_ROWS_PER_PROGRAM_CHOICES = (2, 4, 8)
+GLUON_STAGES_CHOICES = (2, 3, 4, 5, 6)
+# The swapped kernel (y^T = W x^T): `block_m` is its token tile (wgmma's N), R * bs its weight rows (M).
+SWAPPED_BLOCK_T_CHOICES = (64, 128, 256)
+SWAPPED_ROWS_PER_PROGRAM_CHOICES = (2, 4)
 
 
 @dataclass(frozen=True)
@@ -43,30 +65,88 @@ class KernelConfig:
     num_stages: int = 3
     rows_per_program: int = 1
     k_blocks: int = 1
+    kernel: str = "triton"
 
     def __post_init__(self) -> None:
+        if isinstance(self.kernel, int) and not isinstance(self.kernel, bool) and 0 <= self.kernel < len(KERNEL_CHOICES):
+            # By position in KERNEL_CHOICES (`kernel_index`): where a config travels as ints only.
+            object.__setattr__(self, "kernel", KERNEL_CHOICES[self.kernel])
+        if self.kernel != "triton":  # the other kernels (kernel_variants.py) have their own rules
+            self._check_variant()
+            return
         if self.block_m not in BLOCK_M_CHOICES:
             raise ValueError(f"block_m must be one of {BLOCK_M_CHOICES}, got {self.block_m}")
         if self.split_k not in SPLIT_K_CHOICES:
             raise ValueError(f"split_k must be one of {SPLIT_K_CHOICES}, got {self.split_k}")
-        if self.rows_per_program not in ROWS_PER_PROGRAM_CHOICES:
-            raise ValueError(f"rows_per_program must be one of {ROWS_PER_PROGRAM_CHOICES}, got {self.rows_per_program}")
+        if self.rows_per_program not in ROWS_PER_PROGRAM_CHOICES + WIDE_ROWS_PER_PROGRAM:
+            raise ValueError(f"rows_per_program must be one of {ROWS_PER_PROGRAM_CHOICES + WIDE_ROWS_PER_PROGRAM}, "
+                             f"got {self.rows_per_program}")
         if self.k_blocks not in K_BLOCKS_CHOICES:
             raise ValueError(f"k_blocks must be one of {K_BLOCKS_CHOICES}, got {self.k_blocks}")
         if self.k_blocks > 1 and self.rows_per_program > 1:
             raise ValueError("k_blocks > 1 needs rows_per_program = 1 (row groups step one block-column at a time)")
-        if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
-            raise ValueError(f"invalid launch configuration {self}")
+        if self.group_m not in GROUP_M_CHOICES:
+            raise ValueError(f"group_m must be one of {GROUP_M_CHOICES}, got {self.group_m}")
+        if self.num_warps not in NUM_WARPS_CHOICES:
+            raise ValueError(f"num_warps must be one of {NUM_WARPS_CHOICES}, got {self.num_warps}")
+        if not 1 <= self.num_stages <= MAX_NUM_STAGES:
+            raise ValueError(f"num_stages must be in [1, {MAX_NUM_STAGES}], got {self.num_stages}")
 
-    def as_list(self) -> list[int]:
+    def as_list(self) -> list:
+        """The tuned-table form: `[block_m, group_m, split_k, num_warps, num_stages, rows_per_program]`,
+        then `k_blocks` when above 1 or when a kernel name follows, then the kernel's name unless "triton"."""
         values = [self.block_m, self.group_m, self.split_k, self.num_warps, self.num_stages, self.rows_per_program]
+        if self.kernel != "triton":
+            return values + [self.k_blocks, self.kernel]
         return values + [self.k_blocks] if self.k_blocks > 1 else values
+
+    def _check_variant(self) -> None:
+        """The swapped and Gluon kernels walk row groups one block-column per step, unsplit."""
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {self.kernel!r}")
+        if self.group_m < 1 or self.num_stages < 1:
+            raise ValueError(f"invalid launch configuration {self}")
+        if self.split_k != 1 or self.k_blocks != 1:
+            raise ValueError(f"kernel {self.kernel!r} takes split_k = 1 and k_blocks = 1, got {self}")
+        if self.kernel == "triton_swapped":
+            block_m_choices, rows_choices = SWAPPED_BLOCK_T_CHOICES, SWAPPED_ROWS_PER_PROGRAM_CHOICES
+            if self.num_warps not in (1, 2, 4, 8):
+                raise ValueError(f"invalid launch configuration {self}")
+        else:
+            block_m_choices, rows_choices = GLUON_BLOCK_M_CHOICES, GLUON_ROWS_PER_PROGRAM_CHOICES
+            if self.num_warps not in (4, 8) or self.block_m < 16 * self.num_warps:
+                raise ValueError(f"kernel {self.kernel!r} needs 4 warps, or 8 with block_m = 128 (one warpgroup "
+                                 f"per 64 rows), got num_warps = {self.num_warps}, block_m = {self.block_m}")
+            if self.num_stages not in GLUON_STAGES_CHOICES:
+                raise ValueError(f"kernel {self.kernel!r}: num_stages must be one of {GLUON_STAGES_CHOICES}, "
+                                 f"got {self.num_stages}")
+        if self.block_m not in block_m_choices:
+            raise ValueError(f"kernel {self.kernel!r}: block_m must be one of {block_m_choices}, got {self.block_m}")
+        if self.rows_per_program not in rows_choices:
+            raise ValueError(f"kernel {self.kernel!r}: rows_per_program must be one of {rows_choices}, "
+                             f"got {self.rows_per_program}")
+
+    @property
+    def is_gluon(self) -> bool:
+        return self.kernel in GLUON_KERNELS
+
+    @property
+    def kernel_index(self) -> int:
+        """`kernel` as its position in KERNEL_CHOICES (0: "triton"); `KernelConfig(kernel=index)` reads it back."""
+        return KERNEL_CHOICES.index(self.kernel)
 
     @classmethod
     def from_list(cls, values) -> "KernelConfig":
         """From `as_list()`; shorter lists come from older tables: 5 entries mean one row per
-        program, 6 one block per step."""
-        return cls(*[int(v) for v in values])
+        program, 6 one block per step, 7 the Triton kernel; a trailing name picks another kernel."""
+        values = list(values) if isinstance(values, (list, tuple)) else values
+        kernel = values.pop() if isinstance(values, list) and values and isinstance(values[-1], str) else "triton"
+        if (not isinstance(values, list) or not 5 <= len(values) <= 7
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in values)):
+            raise ValueError("a launch configuration is a list of 5 to 7 ints [block_m, group_m, split_k, "
+                             f"num_warps, num_stages(, rows_per_program(, k_blocks))] and an optional kernel "
+                             f"name, got {values!r:.80}")
+        return cls(*values, kernel=kernel)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -85,19 +165,61 @@ def table_key(dtype: torch.dtype, block_size: int, n: int, k: int, m: int, densi
     return f"{DTYPE_NAMES[dtype]}/bs{block_size}/n{n}/k{k}/m{m_bucket(m)}/d{density_bucket(density):.2f}"
 
 
+_KEY_PATTERN = re.compile(r"(?P<dtype>fp32|fp16|bf16)/bs(?P<bs>\d+)/n(?P<n>\d+)/k(?P<k>\d+)/m(?P<m>\d+)/d(?P<d>\d\.\d\d)")
+_ARCH_PATTERN = re.compile(r"sm\d{2,3}|interpreter")
+
+
 def _parse_key(key: str) -> dict:
     dtype, bs, n, k, m, d = key.split("/")
     return {"prefix": "/".join((dtype, bs, n, k)), "m": int(m[1:]), "density": float(d[1:])}
 
 
+def _check_entry(key, values) -> None:
+    """Raise `ValueError` unless `key: values` is a tuned entry `tuned_config` can look up and launch."""
+    match = _KEY_PATTERN.fullmatch(key) if isinstance(key, str) else None
+    if match is None:
+        raise ValueError("the key must read <fp32|fp16|bf16>/bs<block size>/n<N>/k<K>/m<M>/d<density>, "
+                         "e.g. fp16/bs32/n768/k3072/m128/d0.35")
+    bs, n, k, m = (int(match[name]) for name in ("bs", "n", "k", "m"))
+    if bs < 16 or bs & (bs - 1) or n % bs or k % bs:
+        raise ValueError(f"block size {bs} must be a power of two >= 16 dividing n = {n} and k = {k}")
+    if m != m_bucket(m):
+        raise ValueError(f"m = {m} is not an M bucket (a power of two >= 16)")
+    if not 0.0 <= float(match["d"]) <= 1.0:
+        raise ValueError(f"density {match['d']} is outside [0, 1]")
+    KernelConfig.from_list(values)
+
+
+def check_tuned_table(table, source: str = "tuned table") -> dict:
+    """The `configs` of a tuned table, every entry checked; a `ValueError` names the first bad one."""
+    configs = table.get("configs", {}) if isinstance(table, dict) else None
+    if not isinstance(configs, dict):
+        raise ValueError(f"{source}: expected an object {{\"configs\": {{arch: {{key: [...]}}}}}}")
+    for arch, entries in configs.items():
+        if not _ARCH_PATTERN.fullmatch(arch) or not isinstance(entries, dict):
+            raise ValueError(f"{source}: {arch!r:.40} must be a GPU architecture (sm80, sm90, ...) mapping keys "
+                             "to launch configurations")
+        for key, values in entries.items():
+            try:
+                _check_entry(key, values)
+            except ValueError as err:
+                raise ValueError(f"{source}: bad entry {arch}/{key!s:.80}: {err}") from None
+    return configs
+
+
 @lru_cache(maxsize=1)
 def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
     """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program(, k_blocks)]}}`;
-    empty if no table."""
+    empty if no table. Every entry is checked here (`check_tuned_table`): a bad one is refused
+    with a `ValueError` naming it, before anything is launched."""
     p = Path(path)
     if not p.exists():
         return {}
-    return json.loads(p.read_text()).get("configs", {})
+    try:
+        table = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: not valid JSON ({err})") from None
+    return check_tuned_table(table, str(p))
 
 
 # Row groups (rows_per_program > 1) widen the output tile to R * bs, which is what dense GEMMs do to
@@ -219,6 +341,8 @@ def heuristic_config(dtype: torch.dtype, block_size: int, m: int, n_block_rows: 
     rows_per_program = 1
     if row_groups_considered(dtype, m):
         for rows, inflation in sorted(grouping_inflation, reverse=True):
+            if rows not in ROWS_PER_PROGRAM_CHOICES:
+                continue  # WIDE_ROWS_PER_PROGRAM: not measured yet
             block_m = _tile_launch(dtype, block_size, wanted_block_m, rows)[0]
             programs = math.ceil(m / block_m) * math.ceil(n_block_rows / rows)
             if inflation <= MAX_GROUPING_INFLATION and programs >= PROGRAMS_PER_SM * sm_count:
@@ -301,10 +425,62 @@ def select_config(dtype: torch.dtype, block_size: int, n: int, k: int, m: int, n
     return heuristic_config(dtype, block_size, m, n_block_rows, nnz_blocks, sm_count, grouping_inflation)
 
 
-def launchable_configs(dtype: torch.dtype, block_size: int) -> list[KernelConfig]:
-    """Every configuration `select_config` may return for this dtype and block size."""
-    configs = set()
-    for block_m, rows_per_program in itertools.product(BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES):
+# The other kernels' candidates (what the tuner tries and the AOT check compiles): fp32 accumulators
+# of at most this many registers per thread (more spills with the A tile and addresses beside them),
+# shared memory within what an H100/H200 block may take, ring depths and row-group sizes worth timing.
+MAX_ACCUMULATOR_REGISTERS = 128
+MAX_SWAPPED_ACCUMULATOR_REGISTERS = 64
+MAX_SHARED_BYTES = 200 * 1024
+VARIANT_DTYPES = (torch.float16, torch.bfloat16)
+GLUON_CANDIDATE_ROWS = (4, 8)
+GLUON_CANDIDATE_STAGES = (3, 4)
+SWAPPED_CANDIDATE_STAGES = (3,)
+
+
+def _gluon_shared_bytes(kernel: str, block_m: int, rows: int, block_size: int, stages: int) -> int:
+    """Shared memory of a Gluon tile: ring stages of an x tile and R blocks each (16-bit elements), and the epilogue's."""
+    ring = stages * (block_m * block_size + rows * block_size * block_size) * 2
+    if kernel.startswith("gluon_member"):
+        return ring + rows * block_m * block_size * 2  # the output tiles the TMA stores read
+    return max(ring, rows * block_m * block_size * 4)  # the fp32 epilogue staging reuses the ring
+
+
+def variant_candidate_configs(dtype: torch.dtype, block_size: int, arch: str | None = None) -> list[KernelConfig]:
+    """The swapped kernel's candidates, and the Gluon kernels' too when `arch` is "sm90" (they run nowhere
+    else); none for fp32. Tiles whose accumulators or shared memory exceed the limits above are left out."""
+    if dtype not in VARIANT_DTYPES:
+        return []
+    configs = []
+    for rows, block_t, stages in itertools.product(SWAPPED_ROWS_PER_PROGRAM_CHOICES, SWAPPED_BLOCK_T_CHOICES,
+                                                   SWAPPED_CANDIDATE_STAGES):
+        # Its pointer tensors take as many registers again as the accumulator and the operand tiles.
+        # The AOT report under Triton 3.6 and 3.9: 4 warps hold one 64-row MMA (a [64, 128]
+        # accumulator with [64, 32] and [32, 128] operands, 254 registers) but spill on 128 weight
+        # rows or 64-wide blocks' [128, 64] operands; 8 warps hold up to 128 rows; 256 rows spill.
+        # So: at most 128 weight rows, 8 warps past one 64-row MMA or a [64, 128] tile, and 64
+        # accumulator registers per thread at most.
+        weight_rows, tile = rows * block_size, rows * block_size * block_t
+        num_warps = 4 if weight_rows <= 64 and tile <= 64 * 128 and block_size <= 32 else 8
+        if weight_rows <= 128 and tile // (32 * num_warps) <= MAX_SWAPPED_ACCUMULATOR_REGISTERS:
+            configs.append(KernelConfig(block_t, 8, 1, num_warps, stages, rows, kernel="triton_swapped"))
+    if arch == "sm90":
+        for kernel, rows, block_m, num_warps, stages in itertools.product(
+                GLUON_KERNELS, GLUON_CANDIDATE_ROWS, GLUON_BLOCK_M_CHOICES, (4, 8), GLUON_CANDIDATE_STAGES):
+            if (block_m < 16 * num_warps or block_m * rows * block_size // (32 * num_warps) > MAX_ACCUMULATOR_REGISTERS
+                    or _gluon_shared_bytes(kernel, block_m, rows, block_size, stages) > MAX_SHARED_BYTES
+                    or (kernel.startswith("gluon_wide") and rows * block_size > 256)):
+                continue
+            configs.append(KernelConfig(block_m, 8, 1, num_warps, stages, rows, kernel=kernel))
+    return configs
+
+
+def launchable_configs(dtype: torch.dtype, block_size: int, arch: str | None = None) -> list[KernelConfig]:
+    """Every configuration `select_config` may return for this dtype and block size; given an `arch`
+    ("sm80", "sm90": what the AOT check compiles for), also the other kernels' candidates
+    (`variant_candidate_configs`: the swapped kernel's for both, the Gluon ones for sm90 only). Tuned
+    Gluon entries count only for sm90, the one architecture they compile for."""
+    configs = set(variant_candidate_configs(dtype, block_size, arch)) if arch is not None else set()
+    for block_m, rows_per_program in itertools.product(BLOCK_M_CHOICES, ROWS_PER_PROGRAM_CHOICES + WIDE_ROWS_PER_PROGRAM):
         if rows_per_program > 1 and dtype == torch.float32:
             continue
         block_m, num_warps, num_stages = _tile_launch(dtype, block_size, block_m, rows_per_program)
@@ -315,11 +491,12 @@ def launchable_configs(dtype: torch.dtype, block_size: int) -> list[KernelConfig
         if k_blocks > 1:
             configs.add(KernelConfig(block_m, 8, split_k, K_BLOCKS_WARPS, K_BLOCKS_STAGES, k_blocks=k_blocks))
     prefix = f"{DTYPE_NAMES[dtype]}/bs{block_size}/"
-    for entries in load_tuned_table().values():
+    for table_arch, entries in load_tuned_table().items():
         for key, values in entries.items():
-            if key.startswith(prefix):
-                configs.add(KernelConfig.from_list(values))
-    return sorted(configs, key=lambda c: c.as_list())
+            config = KernelConfig.from_list(values) if key.startswith(prefix) else None
+            if config is not None and (not config.is_gluon or table_arch == arch == "sm90"):
+                configs.add(config)
+    return sorted(configs, key=lambda c: [str(v) for v in c.as_list()])
 
 
 def config_dict(config: KernelConfig) -> dict:

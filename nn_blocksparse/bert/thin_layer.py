@@ -1,0 +1,59 @@
+"""`ThinBertLayer`: a patched `BertLayer` whose inference forward calls its parts directly.
+
+transformers' `BertLayer.forward` goes through seven module calls (`BertAttention`, the
+self-attention adapter, `BertSelfOutput`, `BertIntermediate`, `BertOutput`, two dropouts),
+keyword-deprecation wrappers and `apply_chunking_to_forward` before it reaches the modules that do
+the work. That Python is forward time no kernel can cut, and the faster the linears, the larger its
+share (`benchmarks/profile_cpu_hybrid.py` measures it, beside `hybrid_plain_layers`). So a patched
+layer calls the same modules, in the same order on the same tensors (the output is bit-identical),
+directly:
+
+    context = fused_attention(x, mask)
+    x = LayerNorm_1(attention_output(context) + x)
+    y = LayerNorm_2(ffn_out(act(ffn_in(x))) + x)
+
+Only where nothing else is asked of the layer: in eval mode (dropout is the identity), without
+cross-attention, cache, feed-forward chunking or `output_attentions`. Anything else runs
+transformers' own forward.
+The layer keeps its modules, so its state dict, `isinstance(layer, BertLayer)` and hooks on the
+layer itself (transformers' `output_hidden_states`) and on the modules that do the work (linears,
+layer norms, the fused attention) are unchanged; hooks on the containers it skips
+(`BertAttention`, the self-attention adapter, `BertSelfOutput`, `BertIntermediate`, `BertOutput`,
+the dropouts) do not fire.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from transformers.models.bert.modeling_bert import BertLayer
+
+
+class ThinBertLayer(BertLayer):
+    """A `BertLayer` whose self-attention is a `BertSelfAttentionAdapter` (see the module docstring)."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+        if (self.training or encoder_hidden_states is not None or args or self.chunk_size_feed_forward
+                or kwargs.get("output_attentions")  # the adapter computes the probabilities, hooks record them
+                or any(kwargs.get(name) is not None for name in ("encoder_attention_mask", "cache", "past_key_values"))):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
+        attention_output = self.attention.output
+        context = self.attention.self.attention(hidden_states, attention_mask)
+        hidden_states = attention_output.LayerNorm(attention_output.dense(context) + hidden_states)
+        intermediate = self.intermediate.intermediate_act_fn(self.intermediate.dense(hidden_states))
+        return self.output.LayerNorm(self.output.dense(intermediate) + hidden_states)
+
+
+def use_thin_layers(layers: list[nn.Module]) -> None:
+    """Make every plain `BertLayer` of `layers` whose self-attention is the fused adapter a `ThinBertLayer`."""
+    from .patching import BertSelfAttentionAdapter
+
+    for layer in layers:
+        if type(layer) is BertLayer and isinstance(layer.attention.self, BertSelfAttentionAdapter):
+            layer.__class__ = ThinBertLayer
+
+
+def use_transformers_layers(layers: list[nn.Module]) -> None:
+    """Undo `use_thin_layers`: the layers run transformers' own `BertLayer.forward` again (to compare)."""
+    for layer in layers:
+        if type(layer) is ThinBertLayer:
+            layer.__class__ = BertLayer

@@ -1,0 +1,22 @@
+"""The CPU path of nn_blocksparse: one native kernel for every x86-64 and ARM server, calibrated per machine.
+
+- `block_sparse_linear_cpu(x2d, values, row_offsets, col_indices, bias, activation)`: the forward,
+  a pure function of the stored BSR tensors (`launcher.py`): the native kernel
+  (`block_sparse_linear.cpp`, one source compiled per ISA by `build.py`), else the pure-torch
+  reference (`reference.py`).
+- `native_isa()` / `native_status()`: the ISA in use ("avx512_bf16", "avx512", "avx2", "neon_bf16",
+  "neon") or None, and why (`isa.py`: CPU features, `NN_BLOCKSPARSE_ISA`, `NN_BLOCKSPARSE_NATIVE`).
+- `density_threshold(...)` / `use_block_sparse(...)`: whether block-sparse beats dense `F.linear`
+  here, from this machine's calibrated profile (`planner.py`), written by
+  `python -m nn_blocksparse.cpu.calibrate` (`calibrate.py`).
+
+Knows nothing of `nn.Module` or BERT.
+"""
+
+from .build import native_isa, native_status
+from .isa import cpu_model
+from .launcher import block_sparse_linear_cpu
+from .planner import density_threshold, use_block_sparse
+
+__all__ = ["block_sparse_linear_cpu", "cpu_model", "density_threshold", "native_isa", "native_status",
+           "use_block_sparse"]

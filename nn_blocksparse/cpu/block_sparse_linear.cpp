@@ -1,0 +1,598 @@
+// Native CPU kernel for `y = act(x @ W^T + b)` with W block-sparse, read in its stored BSR format.
+//
+// ONE source for every instruction set: `build.py` compiles it once per ISA with that ISA's -m
+// flags (AVX-512, AVX-512 + BF16, AVX2 + FMA, NEON, NEON + BF16), so the code a test runs on an
+// AVX2 machine is the code an AVX-512 machine runs at another vector width. Only three primitives
+// differ per ISA (the fused multiply-add, the bf16 pair dot product, and nothing else); the rest is
+// GCC/Clang vector extensions, templated on the lane count L.
+//
+// Format (exactly as `BlockSparseMatrix` stores it, no second copy): `values [nnz, bs, bs]`
+// row-major (the block (r, c) holds W[r*bs + n, c*bs + k] at [n][k]), int32 `row_offsets [N/bs + 1]`
+// and `col_indices [nnz]`. Indices are trusted: the caller validated them against K = x's width.
+//
+// Micro-kernel: vectors run along k, the reduction axis, so that both operands are read where they
+// lie, unit-stride: L consecutive x[i, k..] and L consecutive W[n, k..] of a stored block. An
+// MR x 4 tile of y (MR rows of x, 4 output features) keeps MR*4 vector accumulators for the whole
+// walk over its block-row's stored blocks; per vector step it loads MR vectors of x and 4 of W for
+// 4*MR FMAs (the instruction mix of a broadcast kernel, without packing x or W). The tile's
+// partial sums are reduced across lanes once at the end (in-segment pairwise adds, then halving),
+// and the epilogue (bias, GELU, rounding) runs on the 4 outputs. bf16 reads (k, k+1) pairs as one
+// 32-bit lane: the layout AVX512_BF16's vdpbf16ps and ARM's BFDOT multiply, so the hardware dot
+// products need no repacking either; without them the pair is split into two fp32 values.
+//
+// Work split: (block-row, chunk of rows of x) tasks dealt dynamically to OpenMP threads. Each output
+// is summed by one thread in a fixed order, so results are bit-identical for any thread count. The
+// library links libgomp.so.1, which resolves to the one torch already loaded: these are torch's
+// own OpenMP threads, not a second team competing for the cores.
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define NNBS_VECTOR_LANES 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NNBS_VECTOR_LANES 8
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define NNBS_VECTOR_LANES 4
+#else
+#error "block_sparse_linear.cpp needs AVX-512, AVX2 + FMA or aarch64 NEON (see build.py's flags)"
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define NNBS_BF16_DOT 1  // vdpbf16ps
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define NNBS_BF16_DOT 1  // bfdot
+#else
+#define NNBS_BF16_DOT 0
+#endif
+
+#ifndef NNBS_ISA
+#define NNBS_ISA "unknown"
+#endif
+#ifndef NNBS_BUILD_KEY
+#define NNBS_BUILD_KEY "unkeyed"
+#endif
+#define NNBS_ABI_VERSION 2
+
+namespace nnbs {
+
+// ------------------------------------------------------------------------------ vector helpers
+template <int L>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * L)));
+  typedef uint32_t u __attribute__((vector_size(4 * L)));
+  typedef int32_t i __attribute__((vector_size(4 * L)));
+};
+template <int L>
+using vf = typename Vec<L>::f;
+template <int L>
+using vu = typename Vec<L>::u;
+template <int L>
+using vi = typename Vec<L>::i;
+typedef uint16_t u16x4 __attribute__((vector_size(8)));
+
+template <int L>
+inline vf<L> load_f(const float* p) {
+  vf<L> v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int L>
+inline vu<L> load_u(const void* p) {
+  vu<L> v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int L>
+inline vf<L> splat(float s) {
+  return vf<L>{} + s;
+}
+template <int L>
+inline vf<L> as_f(vu<L> v) {
+  return (vf<L>)v;
+}
+template <int L>
+inline vu<L> as_u(vf<L> v) {
+  return (vu<L>)v;
+}
+
+// a * b + c, rounded once.
+template <int L>
+inline vf<L> fmadd(vf<L> a, vf<L> b, vf<L> c) {
+#if defined(__aarch64__)
+  static_assert(L == 4, "NEON vectors hold 4 floats");
+  return (vf<L>)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+#else
+  if constexpr (L == 4) return _mm_fmadd_ps(a, b, c);
+  else if constexpr (L == 8) return _mm256_fmadd_ps(a, b, c);
+#if NNBS_VECTOR_LANES >= 16
+  else return _mm512_fmadd_ps(a, b, c);
+#else
+  else static_assert(L <= 8, "AVX2 vectors hold 8 floats");
+#endif
+#endif
+}
+
+// The bf16 pair in each 32-bit lane as fp32: the low half is element k, the high half k + 1.
+template <int L>
+inline vf<L> even_bf16(vu<L> pairs) {
+  return as_f<L>(pairs << 16);
+}
+template <int L>
+inline vf<L> odd_bf16(vu<L> pairs) {
+  return as_f<L>(pairs & 0xFFFF0000u);
+}
+
+// acc + a[2j] * b[2j] + a[2j+1] * b[2j+1] per 32-bit lane j (a, b: bf16 pairs).
+template <int L>
+inline vf<L> dot_bf16(vf<L> acc, vu<L> a, vu<L> b) {
+#if NNBS_BF16_DOT && defined(__aarch64__)
+  return (vf<L>)vbfdotq_f32((float32x4_t)acc, (bfloat16x8_t)a, (bfloat16x8_t)b);
+#elif NNBS_BF16_DOT
+  if constexpr (L == 8) return (vf<L>)_mm256_dpbf16_ps((__m256)acc, (__m256bh)a, (__m256bh)b);
+  else return (vf<L>)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+#else
+  return fmadd<L>(odd_bf16<L>(a), odd_bf16<L>(b), fmadd<L>(even_bf16<L>(a), even_bf16<L>(b), acc));
+#endif
+}
+
+// fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN. Bits in the low 16 of each lane.
+template <int L>
+inline vu<L> round_to_bf16(vf<L> v) {
+  const vu<L> bits = as_u<L>(v);
+  const vu<L> rounded = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;
+  const vu<L> is_nan = (vu<L>)((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  return (is_nan & ((bits >> 16) | 0x40u)) | (~is_nan & rounded);
+}
+
+// ------------------------------------------------------------------------------ lane reductions
+// Pairwise sums inside each 4-lane segment: segment s of the result is
+// (a[4s] + a[4s+1], a[4s+2] + a[4s+3], b[4s] + b[4s+1], b[4s+2] + b[4s+3]).
+template <int L, std::size_t... J>
+inline vf<L> segment_pair_sums(vf<L> a, vf<L> b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, ((J % 4 < 2) ? (J / 4 * 4 + 2 * (J % 4)) : (L + J / 4 * 4 + 2 * (J % 4 - 2)))...) +
+         __builtin_shufflevector(a, b, ((J % 4 < 2) ? (J / 4 * 4 + 2 * (J % 4) + 1) : (L + J / 4 * 4 + 2 * (J % 4 - 2) + 1))...);
+}
+template <int L, std::size_t... J>
+inline vf<L / 2> low_half(vf<L> v, std::index_sequence<J...>) {
+  return __builtin_shufflevector(v, v, J...);
+}
+template <int L, std::size_t... J>
+inline vf<L / 2> high_half(vf<L> v, std::index_sequence<J...>) {
+  return __builtin_shufflevector(v, v, (L / 2 + J)...);
+}
+template <int L>
+inline vf<4> fold_to_4(vf<L> v) {
+  if constexpr (L == 4) {
+    return v;
+  } else {
+    constexpr auto half = std::make_index_sequence<L / 2>();
+    return fold_to_4<L / 2>(low_half<L>(v, half) + high_half<L>(v, half));
+  }
+}
+// (sum of a, sum of b, sum of c, sum of d): always the same order of additions.
+template <int L>
+inline vf<4> sum4(vf<L> a, vf<L> b, vf<L> c, vf<L> d) {
+  constexpr auto lanes = std::make_index_sequence<L>();
+  const vf<L> ab = segment_pair_sums<L>(a, b, lanes);
+  const vf<L> cd = segment_pair_sums<L>(c, d, lanes);
+  return fold_to_4<L>(segment_pair_sums<L>(ab, cd, lanes));
+}
+
+// ------------------------------------------------------------------------------ polynomials
+// c[0] + c[1] t + ... + c[N-1] t^(N-1) by Estrin's scheme: a dependency chain of about log2(N)
+// fused multiply-adds instead of Horner's N, so that GELU is bound by throughput, not FMA latency.
+constexpr int lower_power_of_two(int n) { return n <= 2 ? 1 : 2 * lower_power_of_two((n + 1) / 2); }
+template <int L, int P>
+inline vf<L> power(vf<L> t) {
+  if constexpr (P == 1) {
+    return t;
+  } else {
+    const vf<L> half = power<L, P / 2>(t);
+    return half * half;
+  }
+}
+template <int L, int N>
+inline vf<L> polynomial(vf<L> t, const float* c) {
+  if constexpr (N == 1) {
+    return splat<L>(c[0]);
+  } else {
+    constexpr int H = lower_power_of_two(N);
+    return fmadd<L>(polynomial<L, N - H>(t, c + H), power<L, H>(t), polynomial<L, H>(t, c));
+  }
+}
+
+// ------------------------------------------------------------------------------ GELU
+// gelu(v) = v/2 * (1 + erf(v/sqrt(2))), exact (erf) form, branch-free. erf(z) = z * P(z^2) for
+// |z| <= 1; above, erfc(|z|) is a polynomial in |z| - 2.46 on [1, 3.92] (erf rounds to +-1 past
+// 3.92). 1 + erf(z) for z < -1 is taken as erfc(|z|) directly, so large negative v keep their
+// relative accuracy. Coefficients: tools/fit_cpu_gelu.py (absolute error of erf within ~1e-7, the
+// rounding of z itself).
+template <int L>
+inline vf<L> gelu(vf<L> v) {
+  static const float erf_small[6] = {1.1283791065216064f,   -0.37612324953079224f,  0.11280179023742676f,
+                                     -0.02671128138899803f, 0.004917518701404333f, -0.0005631292006000876f};
+  static const float erfc_large[13] = {
+      0.0005033272318542004f,  -0.002656205091625452f, 0.0065357377752661705f, -0.009832863695919514f,
+      0.009905017912387848f,   -0.006798057351261377f, 0.0029630237258970737f, -0.00046167458640411496f,
+      -0.0003905983758158982f, 0.00030141667230054736f, -5.192761818761937e-05f, -2.5371689844178036e-05f,
+      9.17150464374572e-06f};
+  const vf<L> z = v * splat<L>(0.70710678118654752f);
+  const vf<L> a = as_f<L>(as_u<L>(z) & 0x7FFFFFFFu);
+  // |z| <= 1: 1 + erf(z) = 1 + z * P(z^2).
+  const vf<L> one_plus_small = fmadd<L>(z, polynomial<L, 6>(z * z, erf_small), splat<L>(1.0f));
+  // |z| > 1: erfc(|z|), taken as 0 past 3.92 (where 1 + erf rounds to 2, and gelu(v) < 1e-7 |v| for
+  // v < 0); the polynomial's value out there, however large, is masked off.
+  const vf<L> erfc = as_f<L>(as_u<L>(polynomial<L, 13>(a - splat<L>(2.46f), erfc_large)) & (vu<L>)(a < 3.92f));
+  const vf<L> one_plus_large = z < 0.0f ? erfc : splat<L>(2.0f) - erfc;
+  // NaN propagates through the product with v; gelu(inf) = inf, gelu(-inf) = NaN (inf * 0), as torch.
+  return splat<L>(0.5f) * v * (a <= 1.0f ? one_plus_small : one_plus_large);
+}
+
+// ------------------------------------------------------------------------------ epilogue
+struct Epilogue {
+  const void* bias;  // N values, or null
+  bool bias_bf16;
+  bool gelu;
+  void* y;  // [M, ldy]
+  int64_t ldy;
+  bool y_bf16;
+};
+
+// Where a task's tiles put their outputs: y itself, or, with GELU, the task's fp32 buffer (GELU then
+// runs over the whole buffer at once: one tile's few vectors would wait on its polynomials' latency).
+struct Sink {
+  void* origin;  // output (first row of the task, first feature of its block-row)
+  int64_t ld;
+  bool bf16;
+};
+
+// y[row + i, n .. n + 3] = sums[i] + bias[n .. n + 3] for an MR x 4 tile (rows relative to the sink's).
+template <int MR>
+inline void finish_tile(const Epilogue& e, const Sink& sink, const vf<4>* sums, int64_t row, int64_t n_in_sink,
+                        int64_t n) {
+  vf<4> bias = {};
+  if (e.bias) {
+    if (e.bias_bf16) {
+      u16x4 raw;
+      memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n, sizeof raw);
+      bias = as_f<4>(__builtin_convertvector(raw, vu<4>) << 16);
+    } else {
+      bias = load_f<4>(static_cast<const float*>(e.bias) + n);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const vf<4> v = sums[i] + bias;
+    const int64_t at = (row + i) * sink.ld + n_in_sink;
+    if (sink.bf16) {
+      const u16x4 rounded = __builtin_convertvector(round_to_bf16<4>(v), u16x4);
+      memcpy(static_cast<uint16_t*>(sink.origin) + at, &rounded, sizeof rounded);
+    } else {
+      memcpy(static_cast<float*>(sink.origin) + at, &v, sizeof v);
+    }
+  }
+}
+
+// GELU over `count` (a multiple of 4) contiguous values, two vectors at a time.
+inline void gelu_span(float* v, int64_t count) {
+  constexpr int L = NNBS_VECTOR_LANES;
+  int64_t j = 0;
+  for (; j + 2 * L <= count; j += 2 * L) {
+    const vf<L> a = gelu<L>(load_f<L>(v + j)), b = gelu<L>(load_f<L>(v + j + L));
+    memcpy(v + j, &a, sizeof a);
+    memcpy(v + j + L, &b, sizeof b);
+  }
+  for (; j < count; j += 4) {
+    const vf<4> a = gelu<4>(load_f<4>(v + j));
+    memcpy(v + j, &a, sizeof a);
+  }
+}
+
+// The task's buffered outputs (rows x BS, GELU applied) into y.
+template <int BS>
+inline void store_buffer(const Epilogue& e, const float* buffer, int64_t rows, int64_t first_row, int64_t first_n) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* src = buffer + i * BS;
+    if (e.y_bf16) {
+      uint16_t* dst = static_cast<uint16_t*>(e.y) + (first_row + i) * e.ldy + first_n;
+      for (int j = 0; j < BS; j += 4) {
+        const u16x4 rounded = __builtin_convertvector(round_to_bf16<4>(load_f<4>(src + j)), u16x4);
+        memcpy(dst + j, &rounded, sizeof rounded);
+      }
+    } else {
+      memcpy(static_cast<float*>(e.y) + (first_row + i) * e.ldy + first_n, src, BS * sizeof(float));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ micro-kernel
+// What x and W hold: fp32, or bf16 as uint16 bit patterns.
+template <bool BF16>
+using Element = typename std::conditional<BF16, uint16_t, float>::type;
+
+// Where a tile's walk starts and ends: a segment of its block-row's stored blocks, resumed from and
+// parked in `partial` (the MR x 4 accumulators, unreduced) between segments.
+struct Segment {
+  int64_t first_block, blocks;
+  void* partial;
+  bool resume, finish;
+};
+
+// An MR x 4 tile: rows row.. of x (relative to the sink's first) against 4 output features of one
+// block-row, walking the segment's stored blocks. bf16 reads 32-bit lanes of (k, k+1) pairs.
+template <bool BF16, int BS, int L, int MR>
+inline void tile_kernel(const Element<BF16>* x, int64_t ldx, const Element<BF16>* w, const int32_t* cols,
+                        const Segment& segment, const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink,
+                        int64_t n) {
+  vf<L> acc[MR][4];
+  vf<L>* partial = static_cast<vf<L>*>(segment.partial);
+  // The accumulators must stay in registers: every loop over them is unrolled (GCC for aarch64
+  // otherwise keeps the array in memory and stores it on every step). The k loop is not: interleaving
+  // its steps is what spills.
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[i][j] = segment.resume ? partial[4 * i + j] : vf<L>{};
+  const int64_t blocks = segment.blocks;
+  cols += segment.first_block;
+  w += segment.first_block * BS * BS;
+  for (int64_t p = 0; p < blocks; ++p) {
+    const Element<BF16>* xp = x + static_cast<int64_t>(cols[p]) * BS;
+    const Element<BF16>* wp = w + p * BS * BS;
+#pragma GCC unroll 1
+    for (int k = 0; k < BS; k += BF16 ? 2 * L : L) {
+      if constexpr (!BF16) {
+        vf<L> xv[MR];
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) xv[i] = load_f<L>(xp + i * ldx + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const vf<L> wv = load_f<L>(wp + j * BS + k);
+#pragma GCC unroll 16
+          for (int i = 0; i < MR; ++i) acc[i][j] = fmadd<L>(xv[i], wv, acc[i][j]);
+        }
+      } else if constexpr (NNBS_BF16_DOT) {
+        vu<L> xv[MR];
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) xv[i] = load_u<L>(xp + i * ldx + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const vu<L> wv = load_u<L>(wp + j * BS + k);
+#pragma GCC unroll 16
+          for (int i = 0; i < MR; ++i) acc[i][j] = dot_bf16<L>(acc[i][j], xv[i], wv);
+        }
+      } else {
+        // Split x's pairs once per step, not once per output feature.
+        vf<L> x_even[MR], x_odd[MR];
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+          const vu<L> pairs = load_u<L>(xp + i * ldx + k);
+          x_even[i] = even_bf16<L>(pairs);
+          x_odd[i] = odd_bf16<L>(pairs);
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const vu<L> wv = load_u<L>(wp + j * BS + k);
+          const vf<L> w_even = even_bf16<L>(wv), w_odd = odd_bf16<L>(wv);
+#pragma GCC unroll 16
+          for (int i = 0; i < MR; ++i) acc[i][j] = fmadd<L>(x_odd[i], w_odd, fmadd<L>(x_even[i], w_even, acc[i][j]));
+        }
+      }
+    }
+  }
+  if (!segment.finish) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) partial[4 * i + j] = acc[i][j];
+    return;
+  }
+  vf<4> sums[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) sums[i] = sum4<L>(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+  finish_tile<MR>(e, sink, sums, row, n_in_sink, n);
+}
+
+template <typename T>
+struct Problem {
+  int64_t m, block_rows;
+  const T* x;
+  int64_t ldx;
+  const T* values;
+  const int32_t* row_offsets;
+  const int32_t* col_indices;
+  Epilogue e;
+};
+
+// Rows row.. of x against features n0..n0+3 of block-row r (n0 counted within the block-row); the
+// outputs go to the sink at (row - sink_row, n0).
+template <bool BF16, int BS, int L, int MR>
+inline void tile(const Problem<Element<BF16>>& p, const Sink& sink, const Segment& segment, int64_t row,
+                 int64_t sink_row, int64_t r, int64_t n0) {
+  const int64_t start = p.row_offsets[r];
+  tile_kernel<BF16, BS, L, MR>(p.x + row * p.ldx, p.ldx, p.values + start * BS * BS + n0 * BS, p.col_indices + start,
+                               segment, p.e, sink, row - sink_row, n0, r * BS + n0);
+}
+
+// The last rows % MR rows of a chunk, with a tile of exactly that height.
+template <bool BF16, int BS, int L, int R>
+inline void tail(const Problem<Element<BF16>>& p, const Sink& sink, const Segment& segment, int rows, int64_t row,
+                 int64_t sink_row, int64_t r, int64_t n0) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      tile<BF16, BS, L, R>(p, sink, segment, row, sink_row, r, n0);
+    else
+      tail<BF16, BS, L, R - 1>(p, sink, segment, rows, row, sink_row, r, n0);
+  }
+}
+
+// Rows of x per tile: as many accumulators as the registers hold beside the MR + 1 operand vectors
+// (16 registers on AVX2, 32 on AVX-512 and NEON) without spilling in the inner loop (checked in the
+// compiler's output); the bf16 split keeps two registers per x vector.
+template <bool BF16>
+constexpr int rows_per_tile() {
+#if NNBS_VECTOR_LANES == 8
+  return BF16 && !NNBS_BF16_DOT ? 2 : 3;
+#elif NNBS_VECTOR_LANES == 16
+  return BF16 ? (NNBS_BF16_DOT ? 6 : 4) : 5;
+#else
+  return BF16 && !NNBS_BF16_DOT ? 4 : 5;
+#endif
+}
+
+template <bool BF16, int BS>
+void run(const Problem<Element<BF16>>& p) {
+  // One vector step covers L elements of k (fp32) or L pairs (bf16), at most one block row.
+  constexpr int L = (BF16 ? BS / 2 : BS) < NNBS_VECTOR_LANES ? (BF16 ? BS / 2 : BS) : NNBS_VECTOR_LANES;
+  constexpr int MR = rows_per_tile<BF16>();
+  // Tasks of 3 tiles of rows: enough to balance the threads at M = 128, few enough that a task
+  // amortises its block-row's index loads.
+  constexpr int64_t CHUNK = 3 * MR;
+  // A tile's x rows are read once per group of 4 output features (BS / 4 times): a long block-row
+  // is walked in segments whose x rows (about 12 KiB) stay in L1 meanwhile, the tile's accumulators
+  // parked between segments. Parked vectors come back unchanged, so the sums are the same as in one
+  // walk, bit for bit.
+  constexpr int64_t SEGMENT = (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS > 0
+                                  ? (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS
+                                  : 1;
+  const int64_t chunks = (p.m + CHUNK - 1) / CHUNK;
+  const int64_t tasks = p.block_rows * chunks;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t r = task / chunks;
+    const int64_t first = (task % chunks) * CHUNK;
+    const int64_t end = first + CHUNK < p.m ? first + CHUNK : p.m;
+    const int64_t blocks = p.row_offsets[r + 1] - p.row_offsets[r];
+    alignas(64) float buffer[CHUNK * BS];  // used with GELU only
+    alignas(64) vf<L> partial[CHUNK / MR][BS / 4][MR * 4];  // used by segmented walks only
+    const int64_t y_element = first * p.e.ldy + r * BS;
+    const Sink sink = p.e.gelu ? Sink{buffer, BS, false}
+                               : Sink{p.e.y_bf16 ? static_cast<void*>(static_cast<uint16_t*>(p.e.y) + y_element)
+                                                 : static_cast<void*>(static_cast<float*>(p.e.y) + y_element),
+                                      p.e.ldy, p.e.y_bf16};
+    // Segments outermost: a segment of the block-row's weights serves every tile of the task
+    // before the next one is read.
+    for (int64_t s = 0; s == 0 || s < blocks; s += SEGMENT) {  // once for an empty block-row
+      for (int64_t i = first; i < end; i += MR) {
+        const int rows = end - i < MR ? static_cast<int>(end - i) : MR;
+        for (int64_t n0 = 0; n0 < BS; n0 += 4) {
+          const Segment segment{s, blocks - s < SEGMENT ? blocks - s : SEGMENT, partial[(i - first) / MR][n0 / 4],
+                                s > 0, s + SEGMENT >= blocks};
+          if (rows == MR)
+            tile<BF16, BS, L, MR>(p, sink, segment, i, first, r, n0);
+          else
+            tail<BF16, BS, L, MR - 1>(p, sink, segment, rows, i, first, r, n0);
+        }
+      }
+    }
+    if (p.e.gelu) {
+      gelu_span(buffer, (end - first) * BS);
+      store_buffer<BS>(p.e, buffer, end - first, first, r * BS);
+    }
+  }
+}
+
+// Called by every thread of a parallel region: the tasks are shared out inside.
+template <bool BF16>
+void run_block_size(int64_t block_size, const Problem<Element<BF16>>& p) {
+  if (block_size == 16) run<BF16, 16>(p);
+  else if (block_size == 32) run<BF16, 32>(p);
+  else run<BF16, 64>(p);
+}
+
+// fp32 rows of x to bf16 (round to nearest even), for bf16 weights with fp32 activations.
+inline void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out) {
+  constexpr int L = NNBS_VECTOR_LANES;
+  typedef uint16_t u16xL __attribute__((vector_size(2 * L)));
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    const float* src = x + i * ldx;
+    uint16_t* dst = out + i * k;
+    int64_t j = 0;
+    for (; j + L <= k; j += L) {
+      const u16xL packed = __builtin_convertvector(round_to_bf16<L>(load_f<L>(src + j)), u16xL);
+      memcpy(dst + j, &packed, sizeof packed);
+    }
+    for (; j < k; ++j) {
+      vf<4> one = {src[j], 0.0f, 0.0f, 0.0f};
+      dst[j] = static_cast<uint16_t>(round_to_bf16<4>(one)[0]);
+    }
+  }
+}
+
+}  // namespace nnbs
+
+// Dtype codes shared with the launcher (build.py).
+enum { NNBS_NONE = 0, NNBS_F32 = 1, NNBS_BF16 = 2 };
+// Return codes.
+enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4 };
+
+// y [m, ldy] = act(x [m, ldx] @ W^T + bias) for W [block_rows * bs, k] in BSR; activation 0 (none)
+// or 1 (gelu). Dtypes (x, W -> y): fp32, fp32 -> fp32; bf16, bf16 -> bf16; fp32, bf16 -> fp32 (x
+// rounded to bf16 first, fp32 accumulation). Bias fp32 or bf16 (or null).
+extern "C" int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t block_rows, int64_t k,
+                                        const void* x, int64_t ldx, int32_t x_dtype, const void* values,
+                                        int32_t w_dtype, const int32_t* row_offsets, const int32_t* col_indices,
+                                        const void* bias, int32_t bias_dtype, int32_t activation, void* y,
+                                        int64_t ldy, int32_t y_dtype, int32_t threads) {
+  using namespace nnbs;
+  if (block_size != 16 && block_size != 32 && block_size != 64) return NNBS_BAD_BLOCK_SIZE;
+  if (activation != 0 && activation != 1) return NNBS_BAD_ACTIVATION;
+  const bool fp32 = x_dtype == NNBS_F32 && w_dtype == NNBS_F32 && y_dtype == NNBS_F32;
+  const bool bf16 = x_dtype == NNBS_BF16 && w_dtype == NNBS_BF16 && y_dtype == NNBS_BF16;
+  const bool mixed = x_dtype == NNBS_F32 && w_dtype == NNBS_BF16 && y_dtype == NNBS_F32;
+  const bool bias_ok = bias == nullptr || bias_dtype == NNBS_F32 || bias_dtype == NNBS_BF16;
+  if (!(fp32 || bf16 || mixed) || !bias_ok) return NNBS_BAD_DTYPES;
+  if (m <= 0 || block_rows <= 0) return NNBS_OK;
+  const Epilogue e{bias, bias_dtype == NNBS_BF16, activation == 1, y, ldy, y_dtype == NNBS_BF16};
+  const int t = threads > 0 ? threads : 1;
+  if (fp32) {
+    const Problem<float> p{m, block_rows, static_cast<const float*>(x), ldx, static_cast<const float*>(values),
+                           row_offsets, col_indices, e};
+#pragma omp parallel num_threads(t)
+    run_block_size<false>(block_size, p);
+    return NNBS_OK;
+  }
+  uint16_t* converted = nullptr;
+  if (mixed) {
+    converted = static_cast<uint16_t*>(malloc(static_cast<size_t>(m) * static_cast<size_t>(k) * sizeof(uint16_t)));
+    if (!converted) return NNBS_NO_MEMORY;
+  }
+  const Problem<uint16_t> p{m, block_rows, mixed ? converted : static_cast<const uint16_t*>(x), mixed ? k : ldx,
+                            static_cast<const uint16_t*>(values), row_offsets, col_indices, e};
+#pragma omp parallel num_threads(t)
+  {
+    if (mixed) rows_to_bf16(static_cast<const float*>(x), ldx, m, k, converted);  // ends in a barrier
+    run_block_size<true>(block_size, p);
+  }
+  free(converted);
+  return NNBS_OK;
+}
+
+// GELU of n fp32 values with the epilogue's own code (tests check it against float64).
+extern "C" void nnbs_gelu(const float* in, float* out, int64_t n) {
+  const int64_t whole = n / 4 * 4;
+  memmove(out, in, whole * sizeof(float));
+  nnbs::gelu_span(out, whole);
+  for (int64_t j = whole; j < n; ++j) {
+    nnbs::vf<4> v = {in[j], 0.0f, 0.0f, 0.0f};
+    out[j] = nnbs::gelu<4>(v)[0];
+  }
+}
+
+// What the launcher checks after loading: the ABI, the ISA this copy was compiled for, and the key
+// of its source, flags and compiler (a cached library that is not exactly the one asked for is
+// rebuilt, never used).
+extern "C" int nnbs_abi_version(void) { return NNBS_ABI_VERSION; }
+extern "C" const char* nnbs_isa(void) { return NNBS_ISA; }
+extern "C" const char* nnbs_build_key(void) { return NNBS_BUILD_KEY; }
+extern "C" int nnbs_has_bf16_dot(void) { return NNBS_BF16_DOT; }

@@ -1,0 +1,118 @@
+"""Calibrate the CPU planner: time the native kernel against dense `F.linear` here, write the profile.
+
+    python -m nn_blocksparse.cpu.calibrate [--out PATH] [--threads N] [--rows 256] [--repeats 5] [--quick]
+
+For the native ISA in use (`NN_BLOCKSPARSE_ISA` to calibrate another) and torch's thread count
+(`--threads`), each compute mode ("fp32", "bf16", "bf16_weights"), block size (16/32/64) and block
+density (0.1/0.3/0.6/1.0) is timed on random layouts at both BERT FFN shapes (768x3072 and
+3072x768, `--rows` rows of x), against dense `F.linear` on the same inputs (fp32 for the modes
+with fp32 activations, bf16 for "bf16"); the profile keeps the lower of the two shapes' speedups.
+About ten seconds on two cores; `--quick` (block size 32, densities 0.3 and 1.0, one shape) about
+one. Writes into the profile file (`planner.profile_path()`, or `--out`), replacing the entry of
+the same CPU model, ISA and thread count. Run it on a quiet machine: its numbers decide which
+matrices `patch_bert(mode="hybrid")` makes block-sparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..block_sparse_matrix import BlockSparseMatrix
+from ..selection import median_call_ms
+from .build import native_isa, native_status
+from .isa import cpu_model
+from .launcher import block_sparse_linear_cpu
+from .planner import BLOCK_SIZES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
+
+SHAPES = ((768, 3072), (3072, 768))  # N x K
+DENSITIES = (0.1, 0.3, 0.6, 1.0)
+ROWS = 256
+_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+           "bf16_weights": (torch.float32, torch.bfloat16)}  # (activations, weights)
+CPU = torch.device("cpu")
+
+
+def _random_matrix(n: int, k: int, block_size: int, density: float, dtype: torch.dtype,
+                   seed: int) -> BlockSparseMatrix:
+    """Exactly round(density * blocks) (at least one) seeded random blocks, values ~ N(0, 1/K)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = (n // block_size) * (k // block_size)
+    keep = torch.zeros(blocks, dtype=torch.bool)
+    keep[torch.randperm(blocks, generator=generator)[: max(1, round(density * blocks))]] = True
+    mask = keep.view(n // block_size, k // block_size).repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    weight = torch.randn(n, k, generator=generator) / k**0.5 * mask
+    return BlockSparseMatrix.from_dense(weight.to(dtype), block_size)
+
+
+def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=BLOCK_SIZES, modes=MODES,
+              repeats: int = 5, timer=None, log=print) -> Profile:
+    """Measure this machine and return its `Profile` (not written; see `main`).
+
+    `timer(fn) -> milliseconds` replaces the median of `repeats` calls (tests).
+    """
+    isa = native_isa()
+    if isa is None:
+        raise RuntimeError(f"no native CPU kernel to calibrate: {native_status()}")
+    timer = timer or (lambda fn: median_call_ms(fn, CPU, warmup=1, repeats=repeats))
+    measurements, details = [], []
+    with torch.inference_mode():
+        for mode in modes:
+            activation_dtype, weight_dtype = _DTYPES[mode]
+            for block_size in block_sizes:
+                for density in densities:
+                    speedups = []
+                    for n, k in shapes:
+                        matrix = _random_matrix(n, k, block_size, density, weight_dtype, seed=n + k + block_size)
+                        dense_weight = matrix.to_dense().to(activation_dtype)
+                        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(activation_dtype)
+                        dense_ms = timer(lambda: F.linear(x, dense_weight))
+                        native_ms = timer(lambda: block_sparse_linear_cpu(
+                            x, matrix.values, matrix.row_offsets, matrix.col_indices, None, None))
+                        speedups.append(dense_ms / native_ms)
+                        details.append({"mode": mode, "block_size": block_size, "density": round(matrix.density, 4),
+                                        "n": n, "k": k, "rows": rows, "dense_ms": round(dense_ms, 4),
+                                        "native_ms": round(native_ms, 4)})
+                    measurements.append(Measurement(mode, block_size, density, min(speedups)))
+                    log(f"  {mode:>12} bs={block_size:<2} density {density:.2f}: {min(speedups):.2f}x dense")
+    return Profile(cpu_model(), isa, torch.get_num_threads(), tuple(measurements),
+                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   details={"torch": torch.__version__, "timings": details})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nn_blocksparse.cpu.calibrate", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help=f"profile file (default {profile_path()})")
+    parser.add_argument("--threads", type=int, help="torch threads to calibrate for (default: torch's)")
+    parser.add_argument("--rows", type=int, default=ROWS, help=f"rows of x per call (default {ROWS})")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
+    parser.add_argument("--quick", action="store_true", help="block size 32, densities 0.3 and 1.0, one shape")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    if args.rows < 1 or args.repeats < 1:
+        parser.error("--rows and --repeats must be at least 1")
+    if native_isa() is None:
+        print(f"no native CPU kernel here ({native_status()}): nothing to calibrate", file=sys.stderr)
+        return 1
+    print(f"calibrating {native_isa()} on {cpu_model()}, {torch.get_num_threads()} threads", flush=True)
+    quick = dict(shapes=SHAPES[:1], densities=(0.3, 1.0), block_sizes=(32,)) if args.quick else {}
+    profile = calibrate(rows=args.rows, repeats=args.repeats, **quick)
+    path = write_profile(profile, args.out)
+    for mode in MODES:
+        thresholds = ", ".join(f"bs {bs}: {threshold_for(mode, bs, profile):.2f}"
+                               for bs in sorted({m.block_size for m in profile.measurements}))
+        print(f"block-sparse up to density ({mode}): {thresholds}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+// A self-contained test of block_sparse_linear.cpp, for machines where Python and torch cannot run
+// it: the test suite cross-compiles this for aarch64 and runs it under qemu-aarch64 (it also runs
+// natively). It includes the kernel source itself, so it checks exactly what the library compiles.
+//
+// Every case is compared against a double-precision reference of the same problem (x and W rounded
+// to bf16 first where the kernel computes in bf16); GELU against erfc in double. Prints one line per
+// failure and "ok <cases>" at the end; the exit status is the number of failures (capped at 100).
+
+#include "block_sparse_linear.cpp"
+
+#include <math.h>
+#include <stdio.h>
+
+#include <vector>
+
+#include <omp.h>
+
+namespace {
+
+uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+double uniform() {  // [-1, 1)
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return static_cast<double>(rng_state >> 11) / 4503599627370496.0 - 1.0;
+}
+
+uint16_t to_bf16(float f) {
+  nnbs::vf<4> v = {f, 0.0f, 0.0f, 0.0f};
+  return static_cast<uint16_t>(nnbs::round_to_bf16<4>(v)[0]);
+}
+float from_bf16(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+double gelu_reference(double v) { return 0.5 * v * erfc(-v / sqrt(2.0)); }
+
+int failures = 0;
+void fail(const char* what) {
+  ++failures;
+  printf("FAIL %s\n", what);
+}
+
+// kind 0: fp32; 1: bf16 x and W; 2: fp32 x, bf16 W.
+bool run_case(int kind, int bs, int64_t m, int64_t block_rows, int64_t block_cols, double density, bool bias_on,
+              bool gelu, int threads, bool empty_row) {
+  const int64_t n = block_rows * bs, k = block_cols * bs;
+  std::vector<int32_t> row_offsets(block_rows + 1, 0), cols;
+  for (int64_t r = 0; r < block_rows; ++r) {
+    for (int64_t c = 0; c < block_cols; ++c)
+      if (!(empty_row && r == 1) && (uniform() + 1.0) / 2.0 < density) cols.push_back(static_cast<int32_t>(c));
+    row_offsets[r + 1] = static_cast<int32_t>(cols.size());
+  }
+  const int64_t nnz = static_cast<int64_t>(cols.size());
+  const double scale = 1.0 / sqrt(static_cast<double>(k));
+  std::vector<float> w32(nnz * bs * bs), x32(m * k), bias32(n);
+  for (auto& v : w32) v = static_cast<float>(uniform() * scale * 1.7);
+  for (auto& v : x32) v = static_cast<float>(uniform() * 1.7);
+  for (auto& v : bias32) v = static_cast<float>(uniform());
+  std::vector<uint16_t> w16(w32.size()), x16(x32.size());
+  const bool weights_bf16 = kind != 0;
+  for (size_t j = 0; j < w32.size(); ++j) {
+    w16[j] = to_bf16(w32[j]);
+    if (weights_bf16) w32[j] = from_bf16(w16[j]);
+  }
+  for (size_t j = 0; j < x32.size(); ++j) {
+    x16[j] = to_bf16(x32[j]);
+    if (kind != 0) x32[j] = from_bf16(x16[j]);  // the values the kernel multiplies
+  }
+  // Reference in double from the (rounded) operands.
+  std::vector<double> expected(m * n, 0.0);
+  for (int64_t r = 0; r < block_rows; ++r)
+    for (int32_t b = row_offsets[r]; b < row_offsets[r + 1]; ++b)
+      for (int64_t i = 0; i < m; ++i)
+        for (int nn = 0; nn < bs; ++nn) {
+          double s = 0.0;
+          for (int kk = 0; kk < bs; ++kk)
+            s += static_cast<double>(x32[i * k + cols[b] * bs + kk]) * w32[(b * bs + nn) * bs + kk];
+          expected[i * n + r * bs + nn] += s;
+        }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double v = expected[i * n + j] + (bias_on ? bias32[j] : 0.0);
+      expected[i * n + j] = gelu ? gelu_reference(v) : v;
+    }
+  const bool y_bf16 = kind == 1;
+  std::vector<float> y32(m * n, -7.0f);
+  std::vector<uint16_t> y16(m * n, 0);
+  const void* x = kind == 1 ? static_cast<const void*>(x16.data()) : static_cast<const void*>(x32.data());
+  const void* w = weights_bf16 ? static_cast<const void*>(w16.data()) : static_cast<const void*>(w32.data());
+  const int code = nnbs_block_sparse_linear(
+      bs, m, block_rows, k, x, k, kind == 1 ? NNBS_BF16 : NNBS_F32, w, weights_bf16 ? NNBS_BF16 : NNBS_F32,
+      row_offsets.data(), cols.data(), bias_on ? bias32.data() : nullptr, bias_on ? NNBS_F32 : NNBS_NONE, gelu ? 1 : 0,
+      y_bf16 ? static_cast<void*>(y16.data()) : static_cast<void*>(y32.data()), n, y_bf16 ? NNBS_BF16 : NNBS_F32,
+      threads);
+  char what[200];
+  snprintf(what, sizeof what, "kind=%d bs=%d m=%lld n=%lld k=%lld density=%.2f bias=%d gelu=%d threads=%d", kind, bs,
+           static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k), density, bias_on, gelu,
+           threads);
+  if (code != NNBS_OK) {
+    fail(what);
+    return false;
+  }
+  // fp32 accumulation of up to 6144 terms of size ~1/sqrt(K): 2e-5; a bf16 output adds its rounding (2^-8).
+  const double tolerance = y_bf16 ? 1.0e-2 : 2.0e-5;
+  for (int64_t j = 0; j < m * n; ++j) {
+    const double actual = y_bf16 ? from_bf16(y16[j]) : y32[j];
+    if (!(fabs(actual - expected[j]) <= tolerance * (1.0 + fabs(expected[j])))) {
+      printf("  y[%lld] = %.8g, expected %.8g\n", static_cast<long long>(j), actual, expected[j]);
+      fail(what);
+      return false;
+    }
+  }
+  return true;
+}
+
+void check_gelu() {
+  // Absolute error within 2.5e-7 * max(1, |v|): the rounding of fp32 at the input's scale.
+  std::vector<float> in, out;
+  for (int j = -200000; j <= 200000; ++j) in.push_back(static_cast<float>(j) * 1.0e-4f);
+  in.push_back(-30.0f);
+  in.push_back(30.0f);
+  out.resize(in.size());
+  nnbs_gelu(in.data(), out.data(), static_cast<int64_t>(in.size()));
+  for (size_t j = 0; j < in.size(); ++j) {
+    const double expected = gelu_reference(in[j]);
+    if (!(fabs(out[j] - expected) <= 2.5e-7 * fmax(1.0, fabs(in[j])))) {
+      printf("  gelu(%.8g) = %.10g, expected %.10g\n", in[j], out[j], expected);
+      fail("gelu");
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  int cases = 0;
+  printf("isa %s, bf16 dot %d\n", nnbs_isa(), nnbs_has_bf16_dot());
+  check_gelu();
+  ++cases;
+  for (int kind = 0; kind < 3; ++kind)
+    for (int bs : {16, 32, 64}) {
+      // Every tail height (M = 1 .. 13) and a chunk boundary (M = 53), empty rows, dense, empty.
+      for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 13, 53}) {
+        cases += run_case(kind, bs, m, 3, 4, 0.6, m % 2 == 1, m % 3 == 0, 2, true);
+      }
+      cases += run_case(kind, bs, 9, 2, 3, 1.0, true, true, 1, false);
+      cases += run_case(kind, bs, 9, 2, 3, 0.0, true, false, 1, false);
+      // Long block-rows (K = 6144): walked in several segments.
+      cases += run_case(kind, bs, 7, 2, 6144 / bs, 0.8, true, kind == 1, 2, false);
+    }
+  // Bit-identical for any thread count.
+  for (int kind = 0; kind < 3; ++kind) {
+    const int bs = 32;
+    const int64_t m = 37, block_rows = 4, block_cols = 5, n = block_rows * bs, k = block_cols * bs;
+    std::vector<int32_t> row_offsets = {0, 3, 3, 8, 10}, cols = {0, 2, 4, 0, 1, 2, 3, 4, 1, 3};
+    std::vector<float> w32(cols.size() * bs * bs), x32(m * k);
+    for (auto& v : w32) v = static_cast<float>(uniform());
+    for (auto& v : x32) v = static_cast<float>(uniform());
+    std::vector<uint16_t> w16(w32.size()), x16(x32.size());
+    for (size_t j = 0; j < w32.size(); ++j) w16[j] = to_bf16(w32[j]);
+    for (size_t j = 0; j < x32.size(); ++j) x16[j] = to_bf16(x32[j]);
+    std::vector<float> first(m * n), again(m * n);
+    for (int threads : {1, 2, 3}) {
+      std::vector<float>& y = threads == 1 ? first : again;
+      nnbs_block_sparse_linear(bs, m, block_rows, k, kind == 1 ? static_cast<const void*>(x16.data()) : x32.data(), k,
+                               kind == 1 ? NNBS_BF16 : NNBS_F32,
+                               kind == 0 ? static_cast<const void*>(w32.data()) : w16.data(),
+                               kind == 0 ? NNBS_F32 : NNBS_BF16, row_offsets.data(), cols.data(), nullptr, NNBS_NONE,
+                               1, y.data(), n, kind == 1 ? NNBS_BF16 : NNBS_F32, threads);
+      if (threads > 1 && memcmp(first.data(), again.data(), (kind == 1 ? 2 : 4) * m * n) != 0) fail("thread counts");
+      ++cases;
+    }
+  }
+  if (nnbs_block_sparse_linear(48, 1, 1, 48, nullptr, 48, NNBS_F32, nullptr, NNBS_F32, nullptr, nullptr, nullptr,
+                               NNBS_NONE, 0, nullptr, 48, NNBS_F32, 1) != NNBS_BAD_BLOCK_SIZE)
+    fail("block size 48 accepted");
+  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_BF16, nullptr, NNBS_F32, nullptr, nullptr, nullptr,
+                               NNBS_NONE, 0, nullptr, 32, NNBS_F32, 1) != NNBS_BAD_DTYPES)
+    fail("bf16 x with fp32 W accepted");
+  printf("%s %d\n", failures ? "failed" : "ok", cases);
+  return failures > 100 ? 100 : failures;
+}

@@ -1,0 +1,107 @@
+"""`block_sparse_linear_cpu`: the CPU block-sparse linear, one pure function of the stored tensors.
+
+It takes W exactly as `BlockSparseMatrix` stores it and keeps nothing between calls (no plan, no
+packed copy of the weights, no cache keyed by shapes), so an in-place change of `values` is seen by
+the next call, and another module can register it as a `torch.library` op. After the first call
+has chosen and built the native kernel it takes no lock and allocates only the output; it branches
+on dtypes and shapes, never on tensor values.
+
+Dtypes (x, values -> y): fp32, fp32 -> fp32; bf16, bf16 -> bf16; fp32, bf16 -> fp32 (bf16 weights
+with fp32 activations: x rounded to bf16, fp32 accumulation, fp32 out) run the native kernel where
+there is one; every other combination (fp16) and CPUs without a native variant run the pure-torch
+reference (`reference.py`), which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .build import native_library
+from .reference import block_sparse_linear_reference
+
+NATIVE_BLOCK_SIZES = (16, 32, 64)
+ACTIVATIONS = (None, "gelu")
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2}
+_NATIVE_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
+_MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory converting x to bf16",
+             4: "unsupported activation"}
+
+
+def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:
+    """What keeps the kernel in bounds given validated indices: shapes, dtypes, layouts, devices.
+
+    Written for the common case to cost a few attribute reads; the messages are built only on failure.
+    """
+    if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
+        raise ValueError(f"x2d must be a 2-D tensor [M, K], got {getattr(x2d, 'shape', type(x2d))}")
+    shape = values.shape if isinstance(values, torch.Tensor) else None
+    if shape is None or len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"values must be [nnz, bs, bs], got {getattr(values, 'shape', type(values))}")
+    block_size = shape[2]
+    if block_size not in NATIVE_BLOCK_SIZES:
+        raise ValueError(f"block size must be one of {NATIVE_BLOCK_SIZES}, got {block_size}")
+    if x2d.shape[1] % block_size:
+        raise ValueError(f"block size {block_size} must divide K = {x2d.shape[1]}")
+    for name, index in (("row_offsets", row_offsets), ("col_indices", col_indices)):
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D int32 tensor, got {getattr(index, 'dtype', type(index))}")
+    if row_offsets.shape[0] < 1:
+        raise ValueError("row_offsets must hold N/bs + 1 >= 1 entries")
+    if col_indices.shape[0] != shape[0]:
+        raise ValueError(f"col_indices must have one entry per block ({shape[0]}), got {col_indices.shape[0]}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1
+                             or bias.shape[0] != (row_offsets.shape[0] - 1) * block_size):
+        raise ValueError(f"bias must have shape ({(row_offsets.shape[0] - 1) * block_size},), "
+                         f"got {tuple(getattr(bias, 'shape', ()))}")
+    if activation is not None and activation != "gelu":
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not (x2d.is_cpu and values.is_cpu and row_offsets.is_cpu and col_indices.is_cpu
+            and (bias is None or bias.is_cpu)):
+        devices = [str(t.device) for t in (x2d, values, row_offsets, col_indices, bias) if t is not None]
+        raise ValueError(f"block_sparse_linear_cpu runs on CPU tensors, got x2d, values, indices, bias on {devices}")
+    if not (x2d.is_floating_point() and values.is_floating_point()):
+        raise TypeError(f"x2d and values must be floating point, got {x2d.dtype} and {values.dtype}")
+
+
+def block_sparse_linear_cpu(x2d: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
+                            col_indices: torch.Tensor, bias: torch.Tensor | None = None,
+                            activation: str | None = None) -> torch.Tensor:
+    """`act(x2d @ W^T + bias)` -> a new `[M, N]` tensor in x2d's dtype, W `[N, K]` stored as BSR blocks.
+
+    `x2d [M, K]` has unit stride along K; `values [nnz, bs, bs]`, int32 `row_offsets [N/bs + 1]` and
+    `col_indices [nnz]` are exactly `BlockSparseMatrix`'s, already validated for a `[N, K]` matrix
+    (this checks shapes, dtypes and layouts, not index contents); `bias` is `[N]` or None;
+    `activation` is None or "gelu" (exact erf form, fused into the kernel's epilogue). Inference
+    only: no autograd graph is recorded.
+    """
+    _check(x2d, values, row_offsets, col_indices, bias, activation)
+    library = native_library()
+    if library is None or (x2d.dtype, values.dtype) not in _NATIVE_DTYPES or (
+            bias is not None and bias.dtype not in _DTYPE_CODES):
+        return block_sparse_linear_reference(x2d, values, row_offsets, col_indices, bias, activation)
+    return native_block_sparse_linear(library, x2d, values, row_offsets, col_indices, bias, activation)
+
+
+def native_block_sparse_linear(library, x2d: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
+                               col_indices: torch.Tensor, bias: torch.Tensor | None,
+                               activation: str | None) -> torch.Tensor:
+    """`block_sparse_linear_cpu` on a given `NativeLibrary` (`build.library_for(isa)`), inputs checked."""
+    m, k = x2d.shape
+    block_size = values.shape[2]
+    n = (row_offsets.numel() - 1) * block_size
+    if x2d.stride(1) != 1 and k > 1 and m > 1:
+        raise ValueError(f"x2d must have unit stride along K, got strides {x2d.stride()}")
+    if not (values.is_contiguous() and row_offsets.is_contiguous() and col_indices.is_contiguous()
+            and (bias is None or bias.is_contiguous())):
+        raise ValueError("values, row_offsets, col_indices and bias must be contiguous")
+    y = torch.empty(m, n, dtype=x2d.dtype)
+    if m == 0 or n == 0:
+        return y
+    code = library.linear(
+        block_size, m, row_offsets.numel() - 1, k, x2d.data_ptr(), x2d.stride(0), _DTYPE_CODES[x2d.dtype],
+        values.data_ptr(), _DTYPE_CODES[values.dtype], row_offsets.data_ptr(), col_indices.data_ptr(),
+        None if bias is None else bias.data_ptr(), 0 if bias is None else _DTYPE_CODES[bias.dtype],
+        1 if activation == "gelu" else 0, y.data_ptr(), n, _DTYPE_CODES[y.dtype], torch.get_num_threads())
+    if code:
+        raise RuntimeError(f"native block-sparse kernel: {_MESSAGES.get(code, f'error {code}')}")
+    return y

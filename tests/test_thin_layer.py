@@ -1,0 +1,110 @@
+"""ThinBertLayer: a patched layer's short forward gives exactly transformers' BertLayer.forward output.
+
+The reference is the same patched layer run through transformers' own `BertLayer.forward` (the
+class swapped back), so any difference is the thin forward's, bit for bit; the patched model as a
+whole is checked against the unpatched one in test_patching.py.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.models.bert.modeling_bert import BertLayer  # noqa: E402
+
+from nn_blocksparse.bert import load_patched_bert, patch_bert, save_patched_bert  # noqa: E402
+from nn_blocksparse.bert.patching import bert_layers  # noqa: E402
+from nn_blocksparse.bert.thin_layer import ThinBertLayer, use_transformers_layers  # noqa: E402
+
+
+def padded_inputs(vocab_size: int, batch: int = 3, seq: int = 24) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq // 2:] = 0
+    mask[2, 5:] = 0
+    return {"input_ids": torch.randint(1000, vocab_size, (batch, seq), generator=generator), "attention_mask": mask}
+
+
+def with_transformers_layers(model):
+    """A copy of a patched model whose layers run transformers' own BertLayer.forward."""
+    plain = copy.deepcopy(model)
+    use_transformers_layers(bert_layers(plain))
+    assert all(type(layer) is BertLayer for layer in bert_layers(plain))
+    return plain
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "blocksparse"])
+def test_thin_layers_are_bit_identical_to_transformers_forward(pruned_minilm, single_intra_op_thread, mode):
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode=mode)
+    assert all(type(layer) is ThinBertLayer for layer in bert_layers(patched))
+    assert all(isinstance(layer, BertLayer) for layer in bert_layers(patched))
+    inputs = padded_inputs(model.config.vocab_size)
+    plain = with_transformers_layers(patched)
+    with torch.inference_mode():
+        thin_out = patched(**inputs, output_hidden_states=True)
+        plain_out = plain(**inputs, output_hidden_states=True)
+    assert torch.equal(thin_out.last_hidden_state, plain_out.last_hidden_state)
+    # transformers records every layer's output through hooks on BertLayer: still there, still equal.
+    assert len(thin_out.hidden_states) == 7
+    assert all(torch.equal(a, b) for a, b in zip(thin_out.hidden_states, plain_out.hidden_states))
+    # The state dict is the patched model's: same keys, same tensors.
+    assert patched.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_resize_keeps_transformers_layers(pruned_minilm):
+    patched = patch_bert(copy.deepcopy(pruned_minilm[0]), mode="resize")
+    assert all(type(layer) is BertLayer for layer in bert_layers(patched))
+
+
+def test_thin_layer_leaves_training_attentions_and_chunking_to_transformers(pruned_minilm, single_intra_op_thread,
+                                                                  monkeypatch):
+    from transformers.models.bert import modeling_bert
+
+    calls = []
+    original = modeling_bert.apply_chunking_to_forward
+    monkeypatch.setattr(modeling_bert, "apply_chunking_to_forward",
+                        lambda *args: calls.append(1) or original(*args))  # only BertLayer.forward calls it
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid")
+    plain = with_transformers_layers(patched)
+    inputs = padded_inputs(model.config.vocab_size)
+    with torch.inference_mode():
+        patched(**inputs)
+    assert calls == []  # eval, no chunking: the thin forward ran in every layer
+    patched.train()
+    plain.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        thin_out = patched(**inputs).last_hidden_state
+        assert len(calls) == 6  # training: transformers' forward, in every layer
+        torch.manual_seed(1)
+        plain_out = plain(**inputs).last_hidden_state
+        torch.manual_seed(2)
+        other_dropout = patched(**inputs).last_hidden_state
+    assert torch.equal(thin_out, plain_out)  # the same dropout draws
+    assert not torch.equal(thin_out, other_dropout)  # and dropout really was on
+    patched.eval()
+    calls.clear()
+    with torch.inference_mode():
+        patched(**inputs, output_attentions=True)  # the adapter and transformers' hooks provide those
+    assert len(calls) == 6
+    for layer in bert_layers(patched):
+        layer.chunk_size_feed_forward = 8
+    calls.clear()
+    with torch.inference_mode():
+        patched(**inputs)
+    assert len(calls) == 6
+
+
+def test_loaded_patched_model_has_thin_layers(pruned_minilm, tmp_path, single_intra_op_thread):
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid")
+    save_patched_bert(patched, tmp_path / "patched")
+    loaded = load_patched_bert(tmp_path / "patched")
+    assert all(type(layer) is ThinBertLayer for layer in bert_layers(loaded))
+    inputs = padded_inputs(model.config.vocab_size)
+    with torch.inference_mode():
+        assert torch.equal(loaded(**inputs).last_hidden_state, patched(**inputs).last_hidden_state)
