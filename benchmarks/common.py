@@ -59,9 +59,17 @@ def device_name(device: torch.device) -> str:
 
 
 def device_tag(device: torch.device) -> str:
-    """File-name-safe device name: 'nvidia-h100-80gb-hbm3', 'amd-epyc', ..."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return slug or device.type
+    """File-name-safe device name: 'nvidia-h200', 'amd-epyc-avx2', ...
+
+    A CPU's tag carries the ISA our native kernel runs there ('reference' without one): CPUs of one
+    model name (every "AMD EPYC") run different kernels, and their results must not mix.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or device.type
+    if device.type == "cpu":
+        from nn_blocksparse.cpu import native_isa
+
+        slug += "-" + (native_isa() or "reference").replace("_", "-")
+    return slug
 
 
 def _package_version(name: str) -> str:
@@ -192,8 +200,17 @@ def read_csv(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
 
 
 def results_path(out_dir: Path, stem: str, device: torch.device, quick: bool, suffix: str = ".csv") -> Path:
-    """`<out>/<stem>_<device tag>[_quick]<suffix>`: results of different machines never collide."""
-    return Path(out_dir) / f"{stem}_{device_tag(device)}{'_quick' if quick else ''}{suffix}"
+    """`<out>/<stem>_<device tag>[_quick]<suffix>`: results of different machines never collide.
+
+    Into the committed results (`DEFAULT_RESULTS_DIR`, the default `--out`) they go one folder per
+    device, `benchmarks/results/<device tag>/`, which is how tools/gen_docs.py reads them.
+    """
+    tag = device_tag(device)
+    out = Path(out_dir)
+    if out.resolve() == DEFAULT_RESULTS_DIR.resolve():
+        out = out / tag
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{stem}_{tag}{'_quick' if quick else ''}{suffix}"
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -16,7 +16,7 @@ than the few FLOPs: an fp16 matrix whose rows are not a multiple of 16 bytes (e.
 neurons) falls off cuBLAS's fast kernels, whose TMA loads need 16-byte-aligned strides. On an H200
 the resized BERT-base with such FFNs ran slower than the unresized one (0.67-0.85x, CUDA graphs);
 padded to 8 it runs 1.11-1.47x faster, and 16-128 gain nothing more
-(`benchmarks/results/ffn_alignment_cudagraph_nvidia-h200.csv`). On CPU it changes nothing measurable.
+(`benchmarks/results/nvidia-h200/ffn_alignment_cudagraph_nvidia-h200.csv`). On CPU it changes nothing measurable.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_table_entries_round_trip_and_old_five_entry_rows_mean_one_row_per_progr
 
 
 def test_heuristic_reproduces_the_h200_tuning_where_it_was_measured():
-    """Graph-timed H200 tuning (benchmarks/results/tune_cudagraph_nvidia-h200.csv): at M = 128 the
+    """Graph-timed H200 tuning (benchmarks/results/nvidia-h200/tune_cudagraph_nvidia-h200.csv): at M = 128 the
     best configs step several blocks at a time on 32-64-row tiles (M = 512 too: the
     tune_heuristic_m*_cudagraph logs time these picks); at M = 2048 one block at a time, and row
     groups only with a full grid at the full tile."""

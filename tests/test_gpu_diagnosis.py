@@ -58,12 +58,12 @@ def test_measured_configs_are_ones_the_aot_check_compiles():
 
 
 def test_the_diagnose_session_fits_eight_minutes():
-    """benchmarks/gpu_session.sh diagnose: install, then the background compile beside the GPU tests, the
+    """tools/gpu_session.sh diagnose: install, then the background compile beside the GPU tests, the
     diagnosis and the probe, each under its own limit; the diagnosis keeps inside its step's limit."""
     import re
 
-    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_session.sh")]).returncode == 0
+    script = (ROOT / "tools" / "gpu_session.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "tools" / "gpu_session.sh")]).returncode == 0
     body = script[script.index("diagnose_part() {"):script.index("\n}\n", script.index("diagnose_part() {"))]
     install = int(re.search(r"install\(\) \{\n\s+step (\d+)", script).group(1))
     background = int(re.search(r"timeout --kill-after=5 (\d+) \"\$PYTHON\" tools/gpu_diagnosis.py", body).group(1))

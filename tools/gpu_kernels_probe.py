@@ -21,7 +21,7 @@ and over today's kernel, the row-group padding (`inflation`) of the config's R, 
 against a float64 reference.
 
 Order of work, sized for a short lent session (under 3 minutes on an H200 at the default budget, so
-that it fits `benchmarks/gpu_session.sh diagnose`'s 180-second step):
+that it fits `tools/gpu_session.sh diagnose`'s 180-second step):
 1. compile and check: every variant and dtype runs once in a pool of worker processes (so the
    compiles run in parallel and land in Triton's on-disk cache, and a variant that hangs or
    fails there is dropped before any timing), on a small problem with a partial M-tile, empty

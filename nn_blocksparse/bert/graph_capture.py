@@ -5,7 +5,7 @@ transformers 5 builds the attention mask itself and, while it is "tracing", neve
 `attention_mask` at all still materialises a full `[batch, 1, seq, seq]` mask. SDPA cannot run
 flash attention with a mask and falls back to its math path, which upcasts fp16 to fp32. On an
 H200 (fp16 BERT-base pruned like nn_pruning, 32x384) that made the captured forward take 22.4 ms
-against 5.3 ms of GPU time eagerly (`benchmarks/results/graph_check_profile_nvidia-h200.csv`):
+against 5.3 ms of GPU time eagerly (`benchmarks/results/nvidia-h200/graph_check_profile_nvidia-h200.csv`):
 24 fp32 GEMMs, a float softmax and mask kernels where the eager forward runs 12 cuDNN flash kernels.
 
 With no padding mask there is nothing to inspect, so skipping the mask is as safe under capture as

@@ -235,7 +235,7 @@ PROGRAMS_PER_SM = 4
 # Small M (at most this many rows): one block-row per program takes deeper steps (`k_blocks`), on
 # tiles of 32-64 rows with a grid of one wave. Under CUDA-graph timing on an H200 that family won
 # 19 of the 20 M = 128 problems tuned, by up to 1.3x over one block per step and 1.1-3x over the
-# 16-row tiles this heuristic chose before (`benchmarks/results/tune_cudagraph_nvidia-h200.csv`).
+# 16-row tiles this heuristic chose before (`benchmarks/results/nvidia-h200/tune_cudagraph_nvidia-h200.csv`).
 # At M = 512 the best configs all had 32-128-row tiles, k_blocks ones within 8% of the best: the
 # one-block rule's 16-row tiles (for 4 programs per SM on 768-wide outputs) were 1.2-2.2x slower.
 MAX_M_FOR_K_BLOCKS = 512

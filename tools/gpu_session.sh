@@ -3,40 +3,40 @@
 # all, the machine's start included, and at most 10 minutes per command. So the main work is one
 # call (`all`), and a second, optional one can follow on the still-warm machine:
 #
-#   benchmarks/gpu_session.sh kernel  install, versions; GPU tests in parallel with compiling every
+#   tools/gpu_session.sh kernel  install, versions; GPU tests in parallel with compiling every
 #                                     kernel variant the timed runs need; tune the package table
 #                                     (CUDA-graph timing); kernel benchmark against cuBLAS / torch
 #                                     BSR / resize as CUDA-graph replays; the graph-timing
 #                                     cross-check. Step limits add up to 6.4 min.
-#   benchmarks/gpu_session.sh serve   install; compile; BERT-base end to end as CUDA-graph replays and
+#   tools/gpu_session.sh serve   install; compile; BERT-base end to end as CUDA-graph replays and
 #                                     eagerly; the graph check with its kernel profile; the eager
 #                                     kernel benchmark (limits: 5.1 min)
-#   benchmarks/gpu_session.sh all     kernel, then end to end and launch overhead (not the eager
+#   tools/gpu_session.sh all     kernel, then end to end and launch overhead (not the eager
 #                                     kernel benchmark): step limits add up to 8.8 min, give the
 #                                     call timeout_s=600
-#   benchmarks/gpu_session.sh retune  after a kernel change: compile the tuning candidates, tune,
+#   tools/gpu_session.sh retune  after a kernel change: compile the tuning candidates, tune,
 #                                     then run the GPU tests (which cover the new table), the graph-
 #                                     timed kernel grid and end to end, and the graph check with a
 #                                     kernel profile (limits: 8.7 min; about 5 on an H200)
-#   benchmarks/gpu_session.sh short   install, GPU tests, end to end, launch overhead, the graph-
+#   tools/gpu_session.sh short   install, GPU tests, end to end, launch overhead, the graph-
 #                                     timing cross-check (~3 min): for a session with little device
 #                                     time
-#   benchmarks/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~1 min)
-#   benchmarks/gpu_session.sh align   the resized FFN padding sweep (bench_ffn_alignment, graph-timed
+#   tools/gpu_session.sh extra   bf16 and block sizes 16 / 64 in the kernel benchmark (~1 min)
+#   tools/gpu_session.sh align   the resized FFN padding sweep (bench_ffn_alignment, graph-timed
 #                                     and eager), and the heuristic timed against a fresh M = 512
 #                                     tuning into a scratch table (limits: 4.5 min; took 2 on an H200)
-#   benchmarks/gpu_session.sh compile torch.compile on the GPU: the GPU twins of the op and compile
+#   tools/gpu_session.sh compile torch.compile on the GPU: the GPU twins of the op and compile
 #                                     tests, then BERT-base compiled dense / resize / hybrid graph-timed,
 #                                     beside reduce-overhead and CudaGraphForward serving (limits:
 #                                     6.9 min; not yet run on a GPU)
-#   benchmarks/gpu_session.sh diagnose  issues 15 and 16 in one call: install; the kernel GPU tests
+#   tools/gpu_session.sh diagnose  issues 15 and 16 in one call: install; the kernel GPU tests
 #                                     while tools/gpu_diagnosis.py (and tools/gpu_kernels_probe.py,
 #                                     where it has --compile-only) compile in the background; the
 #                                     diagnosis (every variant beside cuBLAS, torch BSR, 2:4, cuSPARSE;
 #                                     ncu where it reads counters); then the new kernels' probe, if
 #                                     that script is there. Step limits add up to 8 min: give the call
 #                                     timeout_s=600 (docs/gpu.md)
-#   benchmarks/gpu_session.sh layouts  bench_kernel on random, head-structured and nn_pruning-like
+#   tools/gpu_session.sh layouts  bench_kernel on random, head-structured and nn_pruning-like
 #                                     layouts beside torch BSR, 2:4 and cuSPARSE (graph-timed, ~3 min)
 #
 # Then copy the tuned table back into nn_blocksparse/kernels/tuned_configs.json and run
@@ -45,7 +45,7 @@
 # Every step has its own time limit, so a slow step cannot eat the others' time, and results are
 # packed into $OUT/gpu_results.tar.gz after every step (the device tool brings back at most 8
 # files), beside the logs. Without $OUT (the device tool's output folder) all goes to
-# benchmarks/results/gpu_session/. Unpack and copy the CSVs and plots into benchmarks/results/.
+# benchmarks/results/gpu_session/. Unpack and copy the CSVs and plots into benchmarks/results/<device>/ (e.g. nvidia-h200/).
 # Needs only what the GPU machine has (torch, triton, transformers, pytest, matplotlib;
 # pytest-xdist if there): the tests that need the bundled MiniLM weights are not run here, the
 # end-to-end benchmark uses a random-weight BERT-base.
@@ -254,7 +254,7 @@ case "${1:-}" in
         step 240 "$PYTHON" -m benchmarks.bench_compile --device cuda --out "$WORK" --rep-ms 100
         ;;
     *)
-        echo "usage: benchmarks/gpu_session.sh {all|kernel|serve|retune|short|extra|align|compile|diagnose|layouts}" >&2
+        echo "usage: tools/gpu_session.sh {all|kernel|serve|retune|short|extra|align|compile|diagnose|layouts}" >&2
         exit 2
         ;;
 esac
