@@ -463,3 +463,10 @@ def test_warm_triton_cache_runs_each_job(kernel_device):
         assert warm_triton_cache.compile_variant(job, device) == (job, "")
     job = ("ours", "fp16", 32, False, None, (64, 8, 1, 4, 3, 3))  # 3 rows per program: not a valid configuration
     assert "rows_per_program" in warm_triton_cache.compile_variant(job, device)[1]
+
+
+def test_generated_docs_match_the_committed_results():
+    """docs/results.md and the README's tables are generated from benchmarks/results: never stale."""
+    completed = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "gen_docs.py"), "--check"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
