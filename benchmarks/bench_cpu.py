@@ -1,13 +1,13 @@
-"""CPU benchmark (issue 7.2): our CPU block-sparse path against dense and torch BSR, then pruned models.
+"""CPU benchmark: our CPU block-sparse path against dense and torch BSR, then pruned models.
 
     python -m benchmarks.bench_cpu [--out DIR] [--quick] [--threads N] [--shapes 768x768,...] [--m 128,512]
-        [--densities 1.0,0.6,0.36,0.1] [--repeats N] [--skip-kernel] [--skip-e2e] [--dtype fp32|bf16|fp16]
+        [--densities 1.0,0.75,0.5,0.36,0.1] [--repeats N] [--skip-kernel] [--skip-e2e] [--dtype fp32|bf16|fp16]
 
 Runs on CPU only, fp32 (or `--dtype`; file names then end in `_<dtype>`), `torch.set_num_threads(--threads)` (default: every core this process may use;
 restored on exit).
 
 1. Kernel: `y = x @ W^T` at BERT-base shapes (768x768, 3072x768, 768x3072, 2304x768), M 128 and 512,
-   block density 1.0/0.6/0.36/0.1 (random seeded layouts), 32x32 blocks: `dense` (`F.linear`, MKL),
+   block density 1.0/0.75/0.5/0.36/0.1 (random seeded layouts), 32x32 blocks: `dense` (`F.linear`, MKL),
    `dense_onednn` (the same GEMM through oneDNN, which runs AVX-512 where MKL does not),
    `torch_bsr` (`F.linear` on `W.to_sparse_bsr`), `ours` (`BlockSparseLinear`'s CPU path: the
    native kernel of the ISA this process picked, `note`), `ours_<isa>` (the native kernel compiled
@@ -39,7 +39,7 @@ E2E_MODES = ("resize", "hybrid")
 
 FULL_SHAPES = ((768, 768), (3072, 768), (768, 3072), (2304, 768))
 FULL_M = (128, 512)
-FULL_DENSITIES = (1.0, 0.6, 0.36, 0.1)
+FULL_DENSITIES = (1.0, 0.75, 0.5, 0.36, 0.1)  # the GPU grid's, so the devices compare
 FULL_E2E = (("minilm", ((1, 128), (8, 128))), ("bert-base", ((1, 128),)))
 
 QUICK_SHAPES = ((768, 768), (3072, 768))
