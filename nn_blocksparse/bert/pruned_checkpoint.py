@@ -15,9 +15,9 @@ so ``from_pretrained`` builds full-size modules and the smaller tensors do not f
 rebuilds the model at the right per-layer sizes and loads the weights strictly:
 
 * :func:`load_pruned_bert` -- load such a folder (or a plain BERT folder) as a transformers 5 model.
-* :func:`save_pruned_bert` -- write a model in exactly that format, physically removing heads whose
-  weights are all zero (what transformers 4's ``prune_heads`` produced) and, with ``shrink_ffn=True``,
-  FFN neurons whose weights are all zero (nn_pruning's optional resize), so tests can make fixtures.
+* :func:`save_pruned_bert` -- write a model in exactly that format, physically removing the heads
+  and, with ``shrink_ffn=True``, the FFN neurons (nn_pruning's optional resize) whose removal leaves
+  the outputs unchanged, by :mod:`nn_blocksparse.resize`'s rule; so tests can make fixtures.
 
 transformers 5's ``BertSelfAttention.forward`` reshapes with ``-1`` heads and takes the head size
 from ``attention_head_size``, so smaller ``nn.Linear`` modules work in forward (eager and sdpa)
@@ -49,6 +49,7 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
+from ..resize import prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from .pruning import base_bert as _base_bert
 
 logger = logging.getLogger(__name__)
@@ -532,36 +533,36 @@ def _load_state_dict_strictly(model: nn.Module, state_dict: dict[str, torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 
-def _removable_heads(self_attention: nn.Module, output_dense: nn.Linear, head_dim: int) -> list[int]:
-    """Positions (within the heads present) whose Q, K, V weight rows and output columns are all zero.
+def _cut_heads(state: dict[str, torch.Tensor], layer_prefix: str, attention: nn.Module, present_heads: int) -> list[int]:
+    """Cut from ``state`` the heads of ``attention`` (a BertAttention) whose removal changes nothing.
 
-    Such a head contributes exactly nothing (its output-projection columns are zero), so removing it
-    is lossless; requiring Q/K/V to be zero too matches what head pruning leaves behind and avoids
-    removing a head that merely has a dead output projection by accident.  Biases are not required
-    to be zero: they cannot leak through zero output columns.
+    What is removable and how it is cut is ``resize``'s rule, the one ``patch_bert`` resizes by;
+    the constant a removed head still added goes into the kept output bias, which this format
+    holds like any other tensor. Returns the removed heads' positions among the present ones.
     """
-    width = self_attention.query.out_features
-    removable = []
-    for position in range(width // head_dim):
-        rows = slice(position * head_dim, (position + 1) * head_dim)
-        if all(not getattr(self_attention, name).weight[rows].any() for name in _ATTENTION_PROJECTIONS) \
-                and not output_dense.weight[:, rows].any():
-            removable.append(position)
+    self_attention, output = attention.self, attention.output.dense
+    removable = prunable_heads(self_attention.value, output, present_heads)
+    if removable:
+        cut = remove_heads(self_attention.query, self_attention.key, self_attention.value, output, present_heads,
+                           removable)
+        _put_linears(state, layer_prefix, zip(("self.query", "self.key", "self.value", "output.dense"), cut))
     return removable
 
 
-def _removable_ffn_neurons(layer_module: nn.Module) -> list[int]:
-    """Neurons whose intermediate row and output column are all zero (removing them is lossless)."""
-    in_weight = layer_module.intermediate.dense.weight
-    out_weight = layer_module.output.dense.weight
-    dead = (~in_weight.any(dim=1)) & (~out_weight.any(dim=0))
-    return dead.nonzero().flatten().tolist()
+def _cut_ffn_neurons(state: dict[str, torch.Tensor], layer_prefix: str, layer_module: nn.Module) -> None:
+    """Cut from ``state`` the FFN neurons of ``layer_module`` whose removal changes nothing (``resize``'s rule)."""
+    inner, outer = layer_module.intermediate.dense, layer_module.output.dense
+    removable = prunable_neurons(inner, outer)
+    if removable:
+        cut = remove_neurons(inner, outer, removable, layer_module.intermediate.intermediate_act_fn)
+        _put_linears(state, layer_prefix, zip(("intermediate.dense", "output.dense"), cut))
 
 
-def _keep_index(size: int, removed_positions: list[int], block: int) -> torch.Tensor:
-    """Indices of the rows kept when the ``block``-wide groups at ``removed_positions`` go away."""
-    removed = set(removed_positions)
-    return torch.tensor([i for i in range(size) if i // block not in removed], dtype=torch.long)
+def _put_linears(state: dict[str, torch.Tensor], prefix: str, named_linears) -> None:
+    for name, linear in named_linears:
+        state[f"{prefix}{name}.weight"] = linear.weight.detach()
+        if linear.bias is not None:
+            state[f"{prefix}{name}.bias"] = linear.bias.detach()
 
 
 def _dedupe_shared_tensors(state: dict[str, torch.Tensor], preferred: set[str]) -> dict[str, torch.Tensor]:
@@ -585,13 +586,19 @@ def save_pruned_bert(model: nn.Module, path: str | os.PathLike, safe_serializati
                      *, shrink_ffn: bool = False) -> Path:
     """Write ``model`` as an nn_pruning / transformers-4 head-pruned checkpoint folder.
 
-    Heads whose Q/K/V weight rows and attention-output columns are all zero are physically removed,
-    exactly like transformers 4's ``prune_heads``: Q/K/V weight rows and biases and attention-output
-    columns of those heads are dropped (the output bias stays), and ``config.json`` gets
-    ``"pruned_heads": {"<layer>": [original head indices]}`` (merged with heads already pruned in a model
-    loaded by :func:`load_pruned_bert`).  With ``shrink_ffn=True``, FFN neurons whose intermediate row
-    and output column are zero are removed too (nn_pruning's optional resize; ``intermediate_size``
-    in the config stays the original).  The model itself is not modified.
+    Every head whose removal leaves the outputs unchanged is physically removed, by the rule
+    ``patch_bert`` resizes by (:mod:`nn_blocksparse.resize`): a head whose value rows or
+    attention-output columns are all zero. Its Q/K/V weight rows and biases and its attention-output
+    columns are dropped, as transformers 4's ``prune_heads`` did, and the constant it still added
+    (``O[:, head] @ b_v[head]``, zero when its output columns are zero) goes into the kept output
+    bias. ``config.json`` gets ``"pruned_heads": {"<layer>": [original head indices]}`` (merged with
+    heads already pruned in a model loaded by :func:`load_pruned_bert`). With ``shrink_ffn=True``,
+    FFN neurons whose intermediate row or output column is zero are removed too, the constant
+    output of the first kind folded into the FFN output bias (nn_pruning's optional resize;
+    ``intermediate_size`` in the config stays the original). The model itself is not modified.
+
+    The loaded model's outputs equal ``model``'s in eval mode. In training mode they are equal in
+    expectation only: attention dropout makes a value-empty head's output vary around its bias.
 
     Weights go to ``model.safetensors`` (tied duplicates dropped, metadata ``{"format": "pt"}``) or, with
     ``safe_serialization=False``, to ``pytorch_model.bin`` (``torch.save`` of a plain dict of tensors).
@@ -622,29 +629,12 @@ def save_pruned_bert(model: nn.Module, path: str | os.PathLike, safe_serializati
                 )
             # Original index of each head still present, in order (transformers 4 kept the order).
             present_original = [h for h in range(num_heads) if h not in already]
-            removable = _removable_heads(attention.self, attention.output.dense, head_dim)
-            if removable:
-                keep_rows = _keep_index(present_heads * head_dim, removable, head_dim)
-                layer_prefix = f"{prefix}encoder.layer.{layer}.attention."
-                for name in _ATTENTION_PROJECTIONS:
-                    for kind in ("weight", "bias"):
-                        key = f"{layer_prefix}self.{name}.{kind}"
-                        state[key] = state[key].index_select(0, keep_rows)
-                key = f"{layer_prefix}output.dense.weight"
-                state[key] = state[key].index_select(1, keep_rows)
+            removable = _cut_heads(state, f"{prefix}encoder.layer.{layer}.attention.", attention, present_heads)
             removed_original = already | {present_original[p] for p in removable}
             if removed_original:
                 all_pruned[layer] = sorted(removed_original)
-
             if shrink_ffn:
-                dead_neurons = _removable_ffn_neurons(layer_module)
-                if dead_neurons:
-                    keep = _keep_index(layer_module.intermediate.dense.out_features, dead_neurons, 1)
-                    layer_prefix = f"{prefix}encoder.layer.{layer}."
-                    for key, dim in ((f"{layer_prefix}intermediate.dense.weight", 0),
-                                     (f"{layer_prefix}intermediate.dense.bias", 0),
-                                     (f"{layer_prefix}output.dense.weight", 1)):
-                        state[key] = state[key].index_select(dim, keep)
+                _cut_ffn_neurons(state, f"{prefix}encoder.layer.{layer}.", layer_module)
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -664,8 +654,8 @@ def save_pruned_bert(model: nn.Module, path: str | os.PathLike, safe_serializati
                   metadata={"format": "pt"})
         stale = folder / PYTORCH_BIN_FILE
     else:
-        # clone(): index_select results are fresh, but untouched entries share storage with the live
-        # model; a plain dict of independent tensors is what transformers 4 wrote.
+        # clone(): the cut tensors are fresh, but untouched entries share storage with the live model;
+        # a plain dict of independent tensors is what transformers 4 wrote.
         torch.save({k: v.contiguous().clone() for k, v in state.items()}, folder / PYTORCH_BIN_FILE)
         stale = folder / SAFETENSORS_FILE
     # A leftover weights file of the other format would be preferred/confusing on the next load.
