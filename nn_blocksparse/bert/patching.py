@@ -454,7 +454,7 @@ def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> n
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
-    from .pruned_checkpoint import _skip_weight_init
+    from .pruned_load import skip_weight_init
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -472,7 +472,7 @@ def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> n
     _check_against_config(patch, config, shapes, prefix, weights)
 
     dtype = _DTYPES_BY_NAME[patch["dtype"]]
-    with _skip_weight_init():  # every tensor comes from the file
+    with skip_weight_init():  # every tensor comes from the file
         model = model_class(config).to(dtype)
         for index, (layer, spec) in enumerate(zip(bert_layers(model), patch["layers"])):
             if spec["intermediate_activation_fused"] and not _is_exact_gelu(layer.intermediate.intermediate_act_fn):
