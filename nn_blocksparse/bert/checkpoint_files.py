@@ -38,18 +38,22 @@ _LEGACY_LAYERNORM_RENAMES = ((re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weigh
                              (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias"))
 
 
-def read_config(folder: Path) -> dict:
-    """``config.json`` of ``folder`` as a dict; ValueError when the folder, the file or its JSON is not there."""
+def read_json(file: Path, missing_message: str):
+    """The JSON value in ``file``; ValueError with ``missing_message`` when there is no such file, or
+    naming the file when it is not JSON."""
+    if not file.is_file():
+        raise ValueError(missing_message)
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err})") from None
+
+
+def read_config(folder: Path):
+    """The JSON value in ``folder``'s ``config.json``; ValueError when the folder or the file is not there."""
     if not folder.is_dir():
         raise ValueError(f"checkpoint folder {str(folder)!r} does not exist (or is not a directory)")
-    config_file = folder / CONFIG_FILE
-    if not config_file.is_file():
-        raise ValueError(f"no {CONFIG_FILE} in {folder}")
-    try:
-        raw_config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err})") from None
-    return raw_config
+    return read_json(folder / CONFIG_FILE, f"no {CONFIG_FILE} in {folder}")
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
