@@ -10,7 +10,7 @@ nn_pruning "hybrid" BERT models (huggingface/nn_pruning) were saved by transform
   output.dense weight ``[hidden, n_kept]``, while ``intermediate_size`` in the config keeps the
   original value.
 
-transformers 5 removed ``PreTrainedModel.prune_heads`` and does not read ``config.pruned_heads``,
+transformers 5 has no ``PreTrainedModel.prune_heads`` and does not read ``config.pruned_heads``,
 so ``from_pretrained`` builds full-size modules and the smaller tensors do not fit.  The API:
 
 * :func:`load_pruned_bert` -- load such a folder (or a plain BERT folder) as a transformers 5 model,

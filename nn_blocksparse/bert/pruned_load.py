@@ -1,6 +1,6 @@
 """``load_pruned_bert``: rebuild a BERT at a checkpoint's per-layer sizes, then load it strictly.
 
-transformers 5 no longer reads ``config.pruned_heads``, so ``from_pretrained`` builds full-size
+transformers 5 does not read ``config.pruned_heads``, so ``from_pretrained`` builds full-size
 modules that a head- or FFN-pruned checkpoint's smaller tensors do not fit (the format is described
 in :mod:`nn_blocksparse.bert.pruned_checkpoint`). Here every layer's head count and FFN width are
 read off the tensor shapes (cross-checked with ``pruned_heads`` where the config has it), and
