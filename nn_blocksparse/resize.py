@@ -14,9 +14,9 @@ The hidden size left can be rounded up (`multiple_of`) with all-zero neurons (ze
 bias, zero output column: they add nothing whatever the activation). On a GPU this matters more
 than the few FLOPs: an fp16 matrix whose rows are not a multiple of 16 bytes (e.g. 1225 kept
 neurons) falls off cuBLAS's fast kernels, whose TMA loads need 16-byte-aligned strides. On an H200
-the resized BERT-base with such FFNs ran slower than the unresized one (0.67-0.85x, CUDA graphs);
-padded to 8 it runs 1.11-1.47x faster, and 16-128 gain nothing more
-(`benchmarks/results/nvidia-h200/ffn_alignment_cudagraph_nvidia-h200.csv`). On CPU it changes nothing measurable.
+such FFNs make the resized BERT-base slower than the unresized one, padding to a multiple of 8 makes
+it faster, and 16 to 128 gain nothing over 8 (the measurement, with CUDA graphs:
+`benchmarks/results/nvidia-h200/ffn_alignment_cudagraph_nvidia-h200.csv`). On CPU it changes nothing measurable.
 """
 
 from __future__ import annotations

@@ -292,6 +292,25 @@ def _small_pruned(model_class, seed=0):
     return model
 
 
+def _heads_with_empty_value_or_output(base, head_dim=16):
+    """Per layer, the heads whose value rows or attention-output columns are all zero, read off the weights."""
+    removable = []
+    for layer in base.encoder.layer:
+        value, output = layer.attention.self.value.weight, layer.attention.output.dense.weight
+        heads = range(value.shape[0] // head_dim)
+        removable.append([h for h in heads if not value[h * head_dim:(h + 1) * head_dim].any()
+                          or not output[:, h * head_dim:(h + 1) * head_dim].any()])
+    return removable
+
+
+def _randomize_biases(model):
+    """transformers 5 initialises biases to zero, which would make every bias fold a no-op."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
+
+
 def _small_batch():
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(5, 500, (2, 11), generator=generator)
@@ -310,7 +329,11 @@ def test_every_task_roundtrips(task, safe, tmp_path):
     assert type(loaded) is model_class
     assert heads_per_layer(loaded) == [4 - len(json.loads((folder / "config.json").read_text())["pruned_heads"]
                                            .get(str(layer), [])) for layer in range(2)]
-    assert sum(heads_per_layer(loaded)) == 6  # 2 of 8 heads removed
+    # The pruner removes 2 of 8 heads; its zero blocks may empty further heads' value rows or output
+    # columns, and those are removable too.
+    removable = _heads_with_empty_value_or_output(model.base_model)
+    assert sum(len(heads) for heads in removable) >= 2
+    assert heads_per_layer(loaded) == [4 - len(heads) for heads in removable]
     batch = _small_batch()
     with torch.no_grad():
         expected, actual = model(**batch), loaded(**batch)
@@ -482,21 +505,59 @@ def test_bin_is_read_without_unsafe_unpickling(small_folder, tmp_path):
     assert not os.path.exists(marker)
 
 
-def test_save_removes_heads_by_weights_only(tmp_path):
-    """A head with zero Q/K/V/O weights but live biases is removed (the biases cannot reach the output
-    through zero output columns); a head with only its output columns zeroed is kept (conservative)."""
+def test_save_removes_every_head_that_cannot_change_the_output(tmp_path):
+    """The heads `patch_bert` resizes away are the heads the checkpoint drops (`resize.prunable_heads`):
+    zero Q/K/V/O weights with live biases (the biases cannot pass zero output columns); zero output
+    columns alone (the head adds nothing whatever it attends to); zero value rows alone (the head
+    outputs its value bias at every position, a constant folded into the output bias). A head with
+    only Q and K zeroed attends uniformly, which is not constant: it stays."""
     torch.manual_seed(0)
     model = BertModel(BertConfig(**SMALL_CONFIG)).eval()
+    _randomize_biases(model)
     with torch.no_grad():
         attention = model.encoder.layer[0].attention
         for linear in (attention.self.query, attention.self.key, attention.self.value):
             linear.weight[16:32] = 0  # head 1: weights only, biases stay nonzero
         attention.output.dense.weight[:, 16:32] = 0
+        attention.self.query.weight[48:64] = attention.self.key.weight[48:64] = 0  # head 3: Q and K only
         model.encoder.layer[1].attention.output.dense.weight[:, 32:48] = 0  # layer 1, head 2: O only
+        model.encoder.layer[1].attention.self.value.weight[0:16] = 0  # layer 1, head 0: V only
     folder = save_pruned_bert(model, tmp_path / "weights_only")
-    assert json.loads((folder / "config.json").read_text())["pruned_heads"] == {"0": [1]}
+    assert json.loads((folder / "config.json").read_text())["pruned_heads"] == {"0": [1], "1": [0, 2]}
+    weights = _read_weights(folder)
+    assert torch.equal(weights["encoder.layer.0.attention.output.dense.bias"], attention.output.dense.bias)
+    layer1 = model.encoder.layer[1].attention
+    folded = layer1.output.dense.bias.double() + layer1.output.dense.weight[:, 0:16].double() @ \
+        layer1.self.value.bias[0:16].double()
+    assert torch.allclose(weights["encoder.layer.1.attention.output.dense.bias"].double(), folded, rtol=0, atol=1e-6)
+    assert not torch.allclose(folded, layer1.output.dense.bias.double())  # the fold is not a no-op here
     loaded = load_pruned_bert(folder)
-    assert heads_per_layer(loaded) == [3, 4]
+    assert heads_per_layer(loaded) == [3, 2]
+    batch = _small_batch()
+    with torch.no_grad():
+        assert _max_abs_diff(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state) < FP32_TOLERANCE
+
+
+def test_shrink_ffn_removes_every_neuron_that_cannot_change_the_output(tmp_path):
+    """`resize.prunable_neurons`: a zero output column adds nothing; a zero intermediate row outputs
+    act(bias) at every position, a constant folded into the FFN output bias."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**SMALL_CONFIG)).eval()
+    _randomize_biases(model)
+    with torch.no_grad():
+        layer = model.encoder.layer[0]
+        layer.intermediate.dense.weight[[3, 7]] = 0  # intermediate rows only: biases stay live
+        layer.output.dense.weight[:, [5, 100]] = 0  # output columns only
+    folder = save_pruned_bert(model, tmp_path / "ffn", shrink_ffn=True)
+    weights = _read_weights(folder)
+    assert weights["encoder.layer.0.intermediate.dense.weight"].shape == (124, 64)
+    assert weights["encoder.layer.1.intermediate.dense.weight"].shape == (128, 64)
+    constant = layer.intermediate.intermediate_act_fn(layer.intermediate.dense.bias[[3, 7]]).double()
+    folded = layer.output.dense.bias.double() + layer.output.dense.weight[:, [3, 7]].double() @ constant
+    assert torch.allclose(weights["encoder.layer.0.output.dense.bias"].double(), folded, rtol=0, atol=1e-6)
+    assert not torch.allclose(folded, layer.output.dense.bias.double())
+    loaded = load_pruned_bert(folder)
+    assert [layer.intermediate.dense.out_features for layer in loaded.encoder.layer] == [124, 128]
     batch = _small_batch()
     with torch.no_grad():
         assert _max_abs_diff(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state) < FP32_TOLERANCE

@@ -1,8 +1,12 @@
 """BERT on the block-sparse kernels: patching, nn_pruning checkpoints, and a pruned-model generator.
 
 - `patching`: `patch_bert(model, mode)`, `save_patched_bert` / `load_patched_bert`;
-- `pruned_checkpoint`: `load_pruned_bert` for nn_pruning checkpoints that transformers 5 can no
-  longer load (fewer heads in some layers), and `save_pruned_bert` to write that format;
+- `thin_layer`: `ThinBertLayer`, the patched layer whose forward calls its parts directly;
+- `pruned_checkpoint`: the nn_pruning / transformers-4 checkpoint format (fewer heads in some
+  layers, which transformers 5 cannot load) and its API: `load_pruned_bert` (`pruned_load`: rebuild
+  at the per-layer sizes, load strictly) and `save_pruned_bert` (`pruned_save`: write that format,
+  cutting what `nn_blocksparse.resize` says can go);
+- `checkpoint_files`: a checkpoint folder's files, read without pickle and written back;
 - `pruning`: `prune_like_nn_pruning`, a seeded generator of nn_pruning-style pruned models, and
   the bundled MiniLM (as an encoder, or under a span head for question answering);
 - `sparsity`: every matrix's block layout (`matrix_layouts`) and one picture of them with the

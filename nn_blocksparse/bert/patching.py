@@ -51,6 +51,7 @@ from ..linear import BlockSparseLinear
 from ..permutation import attention_feature_permutation, ffn_feature_permutation
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
+from .checkpoint_files import read_json
 from .thin_layer import use_thin_layers
 
 MODES = ("resize", "blocksparse", "hybrid")
@@ -454,7 +455,7 @@ def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> n
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
-    from .pruned_checkpoint import _skip_weight_init
+    from .pruned_load import skip_weight_init
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -472,7 +473,7 @@ def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> n
     _check_against_config(patch, config, shapes, prefix, weights)
 
     dtype = _DTYPES_BY_NAME[patch["dtype"]]
-    with _skip_weight_init():  # every tensor comes from the file
+    with skip_weight_init():  # every tensor comes from the file
         model = model_class(config).to(dtype)
         for index, (layer, spec) in enumerate(zip(bert_layers(model), patch["layers"])):
             if spec["intermediate_activation_fused"] and not _is_exact_gelu(layer.intermediate.intermediate_act_fn):
@@ -543,13 +544,7 @@ def _read_patch_json(path: Path) -> dict:
     """`patch.json`, its top-level fields checked (the layers are checked against the config)."""
     import transformers
 
-    patch_file = path / "patch.json"
-    if not patch_file.is_file():
-        raise ValueError(f"{path} has no patch.json: not a model saved by save_patched_bert")
-    try:
-        patch = json.loads(patch_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{patch_file} is not valid JSON ({err})") from None
+    patch = read_json(path / "patch.json", f"{path} has no patch.json: not a model saved by save_patched_bert")
     if not isinstance(patch, dict) or patch.get("format") != PATCH_FORMAT:
         found = patch.get("format") if isinstance(patch, dict) else patch
         raise ValueError(f"unsupported patch format {found!r:.60}, expected {PATCH_FORMAT!r}")
