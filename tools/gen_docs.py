@@ -37,6 +37,8 @@ ENVIRONMENT_KEYS = ("date", "device_name", "cpu", "cpu_native_isa", "torch_threa
 KERNEL_COLUMNS = {"shape", "m", "target_density", "method", "speedup_vs_dense"}
 E2E_COLUMNS = {"model", "batch", "seq", "method", "time_ms", "speedup_vs_dense"}
 TUNE_COLUMNS = {"key", "best_ms", "heuristic_ms", "speedup_vs_heuristic"}
+ENGINE_COLUMNS = {"model", "batch", "seq", "dtype", "hybrid_ms", "onnxruntime_ms", "openvino_ms", "floor_ms"}
+ENGINE_METHODS = ("dense", "resize", "hybrid", "hybrid_bf16w", "onnxruntime", "openvino")
 PLAIN_TABLE_MAX_ROWS = 60
 # The README shows one end-to-end table per device: the first of these runs that exists (file
 # `<stem>_<device tag>.csv`; tags have no underscores, so `e2e_cudagraph` is not `e2e_cudagraph_more_sizes`).
@@ -107,6 +109,18 @@ def kernel_view(rows: list[dict], columns: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def engines_view(rows: list[dict], columns: list[str]) -> str:
+    """Per model and size: each method's time (ms), hybrid's floor and its ratios to the engines."""
+    methods = [m for m in ENGINE_METHODS if f"{m}_ms" in columns and any(not math.isnan(number(r[f"{m}_ms"])) for r in rows)]
+    header = ["model", "batch x seq", "dtype"] + [f"{m} ms" for m in methods] + [
+        "floor ms", "hybrid / floor", "hybrid vs ONNX Runtime", "hybrid vs OpenVINO"]
+    body = [[r["model"], f"{r['batch']}x{r['seq']}", r["dtype"]] + [fmt(number(r[f"{m}_ms"])) for m in methods] +
+            [fmt(number(r["floor_ms"])), fmt(number(r["hybrid_over_floor"]), "x"),
+             fmt(number(r["hybrid_speedup_vs_onnxruntime"]), "x"), fmt(number(r["hybrid_speedup_vs_openvino"]), "x")]
+            for r in rows]
+    return markdown_table(header, body)
+
+
 def e2e_view(rows: list[dict], columns: list[str]) -> str:
     """Per model and size: the dense time, then every method's time and speedup over dense."""
     methods = unique(r["method"] for r in rows)
@@ -148,6 +162,8 @@ def view_for(columns: list[str]):
     present = set(columns)
     if KERNEL_COLUMNS <= present:
         return kernel_view
+    if ENGINE_COLUMNS <= present:
+        return engines_view
     if E2E_COLUMNS <= present:
         return e2e_view
     if TUNE_COLUMNS <= present:
