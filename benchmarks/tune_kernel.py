@@ -46,7 +46,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
 from nn_blocksparse.layouts import random_block_sparse_weight
+from nn_blocksparse.timing import synchronize
 
 from . import common
 from .bench_kernel import BERT_BASE_SHAPES
@@ -140,7 +142,7 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
 
         try:
             error = common.max_abs_diff(run(), reference)
-            common.synchronize(device)
+            synchronize(device)
         except Exception as failure:  # noqa: BLE001 - compile errors, out of resources, launch failures
             print(f"    {config.as_list()} failed: {type(failure).__name__}: {str(failure)[:120]}", file=sys.stderr)
             return float("nan")
@@ -166,7 +168,7 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
     heuristic_ms = times[tuple(heuristic.as_list())][1]
     return {
         "key": table_key(dtype, block_size, n, k, m, matrix.density), "best": best,
-        "dtype": common.DTYPE_NAMES[dtype], "block_size": block_size, "n": n, "k": k, "m": m,
+        "dtype": DTYPE_NAMES[dtype], "block_size": block_size, "n": n, "k": k, "m": m,
         "density": matrix.density, "best_config": best.as_list() if best else "", "best_ms": best_ms,
         "heuristic_config": heuristic.as_list(), "heuristic_ms": heuristic_ms,
         "speedup_vs_heuristic": heuristic_ms / best_ms, "dense_ms": dense_ms,
@@ -232,8 +234,8 @@ def parse_args(argv=None):
     args.stages = tuple(common.parse_list(args.stages, int)) if args.stages else (QUICK_STAGES if quick else NUM_STAGES_CHOICES)
     args.dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
     for name in args.dtypes:
-        if name not in common.DTYPES:
-            parser.error(f"unknown dtype {name!r}; choose from {tuple(common.DTYPES)}")
+        if name not in DTYPE_NAMES.values():
+            parser.error(f"unknown dtype {name!r}; choose from {tuple(DTYPE_NAMES.values())}")
     args.block_sizes = common.parse_list(args.block_sizes, int) if args.block_sizes else \
         list(QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES)
     args.shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes)] if args.shapes else \
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
     log_rows = []
     print(f"tuning on {table['device']} ({arch}) into {out}", flush=True)
     for dtype_name, block_size, (n, k) in product(args.dtypes, args.block_sizes, args.shapes):
-        dtype = common.DTYPES[dtype_name]
+        dtype = dtype_from_name(dtype_name)
         for m, density in product(args.m, args.densities):
             key = table_key(dtype, block_size, n, k, m, density)
             if args.resume and key in entries:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_sparse_matrix import BlockSparseMatrix
-from ..selection import median_call_ms
+from ..timing import median_ms
 from .build import native_isa, native_status
 from .isa import cpu_model
 from .launcher import block_sparse_linear_cpu
@@ -59,7 +59,7 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
     isa = native_isa()
     if isa is None:
         raise RuntimeError(f"no native CPU kernel to calibrate: {native_status()}")
-    timer = timer or (lambda fn: median_call_ms(fn, CPU, warmup=1, repeats=repeats))
+    timer = timer or (lambda fn: median_ms(fn, CPU, warmup=1, repeats=repeats))
     measurements, details = [], []
     with torch.inference_mode():
         for mode in modes:

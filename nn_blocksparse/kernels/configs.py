@@ -16,11 +16,13 @@ import itertools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from ..dtypes import DTYPE_NAMES
 
 TUNED_TABLE_PATH = Path(__file__).with_name("tuned_configs.json")
 
@@ -147,9 +149,6 @@ class KernelConfig:
                              f"num_warps, num_stages(, rows_per_program(, k_blocks))] and an optional kernel "
                              f"name, got {values!r:.80}")
         return cls(*values, kernel=kernel)
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def m_bucket(m: int) -> int:
@@ -497,7 +496,3 @@ def launchable_configs(dtype: torch.dtype, block_size: int, arch: str | None = N
             if config is not None and (not config.is_gluon or table_arch == arch == "sm90"):
                 configs.add(config)
     return sorted(configs, key=lambda c: [str(v) for v in c.as_list()])
-
-
-def config_dict(config: KernelConfig) -> dict:
-    return asdict(config)
