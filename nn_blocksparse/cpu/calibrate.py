@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_sparse_matrix import BlockSparseMatrix
+from ..layouts import random_block_sparse_weight
 from ..timing import median_ms
 from .build import native_isa, native_status
 from .isa import cpu_model
@@ -36,18 +37,6 @@ ROWS = 256
 _DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
            "bf16_weights": (torch.float32, torch.bfloat16)}  # (activations, weights)
 CPU = torch.device("cpu")
-
-
-def _random_matrix(n: int, k: int, block_size: int, density: float, dtype: torch.dtype,
-                   seed: int) -> BlockSparseMatrix:
-    """Exactly round(density * blocks) (at least one) seeded random blocks, values ~ N(0, 1/K)."""
-    generator = torch.Generator().manual_seed(seed)
-    blocks = (n // block_size) * (k // block_size)
-    keep = torch.zeros(blocks, dtype=torch.bool)
-    keep[torch.randperm(blocks, generator=generator)[: max(1, round(density * blocks))]] = True
-    mask = keep.view(n // block_size, k // block_size).repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    weight = torch.randn(n, k, generator=generator) / k**0.5 * mask
-    return BlockSparseMatrix.from_dense(weight.to(dtype), block_size)
 
 
 def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=BLOCK_SIZES, modes=MODES,
@@ -68,7 +57,8 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                 for density in densities:
                     speedups = []
                     for n, k in shapes:
-                        matrix = _random_matrix(n, k, block_size, density, weight_dtype, seed=n + k + block_size)
+                        matrix = BlockSparseMatrix.from_dense(random_block_sparse_weight(
+                            n, k, block_size, density, seed=n + k + block_size, dtype=weight_dtype), block_size)
                         dense_weight = matrix.to_dense().to(activation_dtype)
                         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(activation_dtype)
                         dense_ms = timer(lambda: F.linear(x, dense_weight))
