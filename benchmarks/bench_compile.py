@@ -39,6 +39,9 @@ import time
 
 import torch
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+from nn_blocksparse.timing import synchronize
+
 from . import bench_e2e, common
 
 COLUMNS = ["model", "layers", "batch", "seq", "dtype", "method", "execution", "time_ms", "speedup_vs_eager",
@@ -97,7 +100,7 @@ class Execution:
         # Compiles (one size at a time without --dynamic) or records CUDA graphs (three calls).
         for _ in range(3 if self.name == "reduce_overhead" else 1):
             fn()
-        common.synchronize(self.device)
+        synchronize(self.device)
         return fn, time.perf_counter() - start, note
 
     def timed(self, fn) -> float:
@@ -136,7 +139,7 @@ def run_model(model_name: str, sizes, device: torch.device, dtype: torch.dtype, 
                     note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
                 times[name, execution] = time_value
                 rows.append({"model": model_name, "layers": layer_count, "batch": batch, "seq": seq,
-                             "dtype": common.DTYPE_NAMES[dtype], "method": name, "execution": execution,
+                             "dtype": DTYPE_NAMES[dtype], "method": name, "execution": execution,
                              "time_ms": time_value, "compile_s": compile_s, "max_abs_diff": diff, "note": note})
                 print(f"{model_name} {batch}x{seq} {name:<7} {execution:<18} {time_value:9.3f} ms  "
                       f"(first calls {compile_s:6.1f} s)  max|diff| {diff:.2e} {note}", flush=True)
@@ -147,7 +150,7 @@ def run_model(model_name: str, sizes, device: torch.device, dtype: torch.dtype, 
             row["speedup_vs_resize"] = times.get(("resize", row["execution"]), nan) / row["time_ms"]
         for name, error in failures.items():
             rows.extend({"model": model_name, "layers": layer_count, "batch": batch, "seq": seq,
-                         "dtype": common.DTYPE_NAMES[dtype], "method": name, "execution": execution,
+                         "dtype": DTYPE_NAMES[dtype], "method": name, "execution": execution,
                          "time_ms": nan, "note": error} for execution in executions)
     torch._dynamo.reset()  # frees the compiled graphs and CUDA graphs before the next model
     return rows
@@ -177,7 +180,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", help=f"subset of {','.join(bench_e2e.MODELS)} (default: CPU both, CUDA bert-base)")
     parser.add_argument("--sizes", help="batch x seq list (default: CPU 1x128,8x128; CUDA 1x128,8x384)")
     parser.add_argument("--modes", default=",".join(MODES), help="patch modes beside dense (default resize,hybrid)")
-    parser.add_argument("--dtype", choices=tuple(common.DTYPES), help="default: fp32 on CPU, fp16 on CUDA")
+    parser.add_argument("--dtype", choices=tuple(DTYPE_NAMES.values()), help="default: fp32 on CPU, fp16 on CUDA")
     parser.add_argument("--executions", help=f"subset of {','.join(EXECUTIONS)} (default: every one the device has)")
     parser.add_argument("--dynamic", action="store_true", help="compile once with dynamic shapes for every size")
     parser.add_argument("--backend", choices=BACKENDS, help="torch.compile backend of `compiled` (default inductor; "
@@ -194,7 +197,7 @@ def parse_args(argv=None):
     args.sizes = ([common.parse_shape(s) for s in common.parse_list(args.sizes)] if args.sizes else
                   list(QUICK_SIZES if args.quick else FULL_SIZES[kind]))
     args.modes = common.parse_list(args.modes)
-    args.dtype = common.DTYPES[args.dtype or ("fp16" if kind == "cuda" else "fp32")]
+    args.dtype = dtype_from_name(args.dtype or ("fp16" if kind == "cuda" else "fp32"))
     available = CUDA_EXECUTIONS if kind == "cuda" else CPU_EXECUTIONS
     args.executions = common.parse_list(args.executions) if args.executions else list(available)
     args.layers = args.layers if args.layers is not None else (QUICK_LAYERS if args.quick else None)
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
                                     environment)
         plot_path = plot(rows, common.results_path(args.out, "compile_e2e", device, args.quick, ".png"),
                          f"pruned BERT eager vs torch.compile on {common.device_name(device)}, "
-                         f"{common.DTYPE_NAMES[args.dtype]}, {torch.get_num_threads()} threads")
+                         f"{DTYPE_NAMES[args.dtype]}, {torch.get_num_threads()} threads")
         print_summary(rows)
         print("\nwrote", csv_path, plot_path, sep="\n  ")
     return 0

@@ -29,6 +29,8 @@ from itertools import product
 
 import torch
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+
 from . import bench_e2e, bench_kernel, common
 
 CPU = torch.device("cpu")
@@ -90,7 +92,7 @@ def parse_args(argv=None):
     args.densities = common.parse_list(args.densities, float) if args.densities else \
         list(QUICK_DENSITIES if quick else FULL_DENSITIES)
     args.repeats = args.repeats or (3 if quick else 20)
-    args.dtype = common.DTYPES[args.dtype]
+    args.dtype = dtype_from_name(args.dtype)
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     return args
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         print(f"bench_cpu on {common.cpu_model()}, native ISA {environment['cpu_native_isa']}, "
               f"{torch.get_num_threads()} threads", flush=True)
         written = []
-        suffix = "" if args.dtype == torch.float32 else "_" + common.DTYPE_NAMES[args.dtype]
+        suffix = "" if args.dtype == torch.float32 else "_" + DTYPE_NAMES[args.dtype]
         if not args.skip_kernel:
             rows = run_kernels(args.shapes, args.m, args.densities, args.repeats, warmup, args.dtype)
             written.append(common.write_csv(common.results_path(args.out, "cpu_kernel" + suffix, CPU, args.quick), rows,
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
             written.append(bench_e2e.plot_e2e(
                 rows, common.results_path(args.out, "cpu_e2e" + suffix, CPU, args.quick, ".png"),
                 f"pruned models on {common.cpu_model()}, {torch.get_num_threads()} threads, "
-                f"{common.DTYPE_NAMES[args.dtype]}"))
+                f"{DTYPE_NAMES[args.dtype]}"))
         print("\nwrote", *written, sep="\n  ")
     return 0
 

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+
 from . import bench_e2e, bench_kernel, common, engines
 
 CPU = torch.device("cpu")
@@ -116,7 +118,7 @@ def gemm_rate(dtype: torch.dtype, m: int, repeats: int, warmup: int) -> tuple[fl
         if method.run is not None:
             rates[name] = 2 * m * n * k / common.time_ms(method.run, CPU, warmup, repeats) / 1e6
     best = max(rates, key=rates.get)
-    return rates[best], f"{best} {common.DTYPE_NAMES[dtype]}"
+    return rates[best], f"{best} {DTYPE_NAMES[dtype]}"
 
 
 def floor_rate(rates: dict, dtype: torch.dtype) -> tuple[float, str]:
@@ -150,7 +152,7 @@ def torch_variants(model, dtype: torch.dtype) -> tuple[dict, dict[str, str]]:
     typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     variants, failures = bench_e2e.build_variants(typed, ("resize", "hybrid"), BLOCK_SIZE)
     if failures:  # without resize and hybrid there is nothing to compare
-        raise RuntimeError(f"could not patch the model in {common.DTYPE_NAMES[dtype]}: {failures}")
+        raise RuntimeError(f"could not patch the model in {DTYPE_NAMES[dtype]}: {failures}")
     if dtype == torch.bfloat16:
         extra, extra_failures = bench_e2e.build_variants(
             model, specs={"hybrid_bf16w": {"mode": "hybrid", "weight_dtype": torch.bfloat16}}, block_size=BLOCK_SIZE)
@@ -196,7 +198,7 @@ def check_accuracy(method: str, output: torch.Tensor, reference: torch.Tensor, d
     diff = common.max_abs_diff(output, reference)
     limit = TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
     if not diff <= limit:
-        raise RuntimeError(f"{method} ({common.DTYPE_NAMES[dtype]}) differs from the fp32 unpatched model by "
+        raise RuntimeError(f"{method} ({DTYPE_NAMES[dtype]}) differs from the fp32 unpatched model by "
                            f"{diff:.3g} > {limit:.3g}: not timing a wrong answer")
     return diff
 
@@ -248,7 +250,7 @@ def run_case(model_name, variants, failures, built, skipped, dtype, batch, seq, 
         times = {}
         for name, call in calls.items():
             times[name] = common.time_ms(call, CPU, args.warmup, args.repeats)
-    row = {"model": model_name, "batch": batch, "seq": seq, "dtype": common.DTYPE_NAMES[dtype],
+    row = {"model": model_name, "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype],
            "openvino_precision": precision, "gemm_gflops": gemm[0], "gemm_method": gemm[1]}
     for method in METHODS:
         row[f"{method}_ms"] = times.get(method, nan)
@@ -305,7 +307,7 @@ def parse_args(argv=None):
         parser.error("--threads must be at least 1")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be at least 0")
-    args.dtypes = [common.DTYPES[name] for name in dtypes]
+    args.dtypes = [dtype_from_name(name) for name in dtypes]
     args.repeats = args.repeats or (3 if quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     args.gemm_m = QUICK_GEMM_M if quick else GEMM_SHAPE[0]
@@ -331,7 +333,7 @@ def main(argv=None) -> int:
         gemm = {dtype: gemm_rate(dtype, args.gemm_m, args.repeats, args.warmup)
                 for dtype in dict.fromkeys([torch.float32, *args.dtypes])}
         for dtype, (gflops, method) in gemm.items():
-            print(f"dense GEMM {args.gemm_m}x{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]} {common.DTYPE_NAMES[dtype]}: "
+            print(f"dense GEMM {args.gemm_m}x{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]} {DTYPE_NAMES[dtype]}: "
                   f"{gflops:.1f} GFLOP/s ({method})", flush=True)
         rows = []
         with tempfile.TemporaryDirectory(prefix="bench_cpu_engines_") as workdir:

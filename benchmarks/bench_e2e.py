@@ -36,6 +36,8 @@ import sys
 
 import torch
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+
 from . import common
 
 E2E_COLUMNS = ["model", "batch", "seq", "dtype", "method", "time_ms", "speedup_vs_dense", "published_speedup",
@@ -104,7 +106,7 @@ def _choice_note(model) -> str:
 
 def _row(model_name, batch, seq, dtype, method, time_value, dense_ms, diff, heads, weights, note) -> dict:
     published = PUBLISHED_RESIZE_SPEEDUP if (method == "resize" and model_name == "bert-base") else None
-    return {"model": model_name, "batch": batch, "seq": seq, "dtype": common.DTYPE_NAMES[dtype], "method": method,
+    return {"model": model_name, "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype], "method": method,
             "time_ms": time_value, "speedup_vs_dense": dense_ms / time_value, "published_speedup": published,
             "max_abs_diff": diff, "heads": heads, "linear_weights_stored": weights[0],
             "linear_weights_nonzero": weights[1], "note": note}
@@ -182,7 +184,7 @@ def add_run_arguments(parser, default_rep_ms: float) -> None:
     """The arguments of every pruned-BERT timing script (this one and `bench_ffn_alignment`)."""
     parser.add_argument("--model", choices=MODELS, help="default: bert-base (full), minilm (--quick)")
     parser.add_argument("--sizes", help="batch x seq list, e.g. 1x128,8x384")
-    parser.add_argument("--dtype", choices=tuple(common.DTYPES), help="default: fp16 (full), fp32 (--quick)")
+    parser.add_argument("--dtype", choices=tuple(DTYPE_NAMES.values()), help="default: fp16 (full), fp32 (--quick)")
     parser.add_argument("--device", help="cuda (the default) or cpu; --quick: always cpu")
     parser.add_argument("--repeats", type=int, help="CPU timing repeats (CUDA uses do_bench)")
     common.add_cuda_graph_argument(parser)
@@ -197,7 +199,7 @@ def resolve_run_arguments(args, quick_sizes, full_sizes) -> None:
     args.model = args.model or ("minilm" if quick else "bert-base")
     args.sizes = [common.parse_shape(s) for s in common.parse_list(args.sizes)] if args.sizes else \
         list(quick_sizes if quick else full_sizes)
-    args.dtype = common.DTYPES[args.dtype or ("fp32" if quick else "fp16")]
+    args.dtype = dtype_from_name(args.dtype or ("fp32" if quick else "fp16"))
     args.device = torch.device("cpu" if quick else (args.device or "cuda"))
     args.repeats = args.repeats or (3 if quick else 10)
 
@@ -239,7 +241,7 @@ def write_results(rows: list[dict], args, stem: str, subject: str) -> None:
     csv_path = common.write_csv(common.results_path(args.out, stem, device, args.quick), rows, E2E_COLUMNS,
                                 {**common.environment_record(device), "timing": timing})
     plot_path = plot_e2e(rows, common.results_path(args.out, stem, device, args.quick, ".png"),
-                         f"{subject} on {common.device_name(device)}, {common.DTYPE_NAMES[args.dtype]}, {timing} timing")
+                         f"{subject} on {common.device_name(device)}, {DTYPE_NAMES[args.dtype]}, {timing} timing")
     print("\nwrote", csv_path, plot_path, sep="\n  ")
 
 

@@ -55,7 +55,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
 from nn_blocksparse.layouts import random_block_sparse_weight
+from nn_blocksparse.timing import synchronize
 
 from . import common
 
@@ -312,7 +314,7 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
                 stored_flop = method.stored_flop or useful_flop
                 if method.run is not None:
                     output = (method.output or method.run)()
-                    common.synchronize(device)
+                    synchronize(device)
                     diff = common.max_abs_diff(output, reference if method.reference is None else method.reference)
                     time_value = common.time_ms(method.run, device, warmup=warmup, repeats=repeats,
                                                 cuda_warmup_ms=cuda_rep_ms / 4, cuda_rep_ms=cuda_rep_ms,
@@ -325,7 +327,7 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
             rows.append({
                 "shape": case.shape, "layout": case.layout, "n": case.n, "k": case.k, "m": case.m,
                 "target_density": case.density, "density": density, "nnz_blocks": nnz_blocks,
-                "block_size": case.block_size, "dtype": common.DTYPE_NAMES[case.dtype], "method": name,
+                "block_size": case.block_size, "dtype": DTYPE_NAMES[case.dtype], "method": name,
                 "time_ms": time_value, "tflops": useful_flop / (time_value * 1e-3) / 1e12,
                 "stored_tflops_over_cublas": stored_flop / (time_value * 1e-3) / 1e12 / cublas_tflops,
                 "speedup_vs_dense": dense_ms / time_value, "ideal_speedup": 1.0 / density, "max_abs_diff": diff,
@@ -440,8 +442,8 @@ def parse_args(argv=None):
         if name not in METHODS + CPU_METHODS:
             parser.error(f"unknown method {name!r}; choose from {METHODS + CPU_METHODS}")
     for name in args.dtypes:
-        if name not in common.DTYPES:
-            parser.error(f"unknown dtype {name!r}; choose from {tuple(common.DTYPES)}")
+        if name not in DTYPE_NAMES.values():
+            parser.error(f"unknown dtype {name!r}; choose from {tuple(DTYPE_NAMES.values())}")
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")
     args.device = torch.device("cpu" if quick else (args.device or "cuda"))
@@ -459,7 +461,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     device = args.device
-    cases = [KernelCase(n, k, m, density, bs, common.DTYPES[dtype], layout)
+    cases = [KernelCase(n, k, m, density, bs, dtype_from_name(dtype), layout)
              for layout, dtype, bs, (n, k), m, density in product(args.layouts, args.dtypes, args.block_sizes,
                                                                   args.shapes, args.m, args.densities)]
     print(f"bench_kernel on {common.device_name(device)}: {len(cases)} cases x {len(args.methods)} methods")

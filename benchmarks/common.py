@@ -7,13 +7,11 @@ CSV format: the environment record comes first, one `# key: value` comment line 
 header row and data rows. `read_csv` splits the two back apart; tools that do not know the
 format can skip the comment lines (`pandas.read_csv(path, comment="#")`).
 
-Timing (`time_ms`, milliseconds): on CUDA `triton.testing.do_bench(fn, return_mode="median")`,
-which flushes L2 between runs and times each call as the GPU sees it, so the host's launch work
-counts wherever it is longer than the GPU's ("eager": what a Python caller gets). With
-`cuda_graph=True`, `triton.testing.do_bench_cudagraph`: the calls are captured in a CUDA graph
-and replayed back to back, which leaves only the kernels' GPU time (what a CUDA-graph or
-compiled serving stack gets; L2 is not flushed between replays). On CPU the median of
-`time.perf_counter` intervals over `repeats` calls after `warmup` untimed calls.
+Timing (`time_ms`, milliseconds): `nn_blocksparse.timing.median_ms` with the benchmarks' CUDA
+method, `triton.testing.do_bench` (L2 flushed between calls; each call timed as the GPU sees it,
+so the host's launch work counts wherever it is longer: "eager", what a Python caller gets), or
+with `cuda_graph=True` `do_bench_cudagraph` (the kernels' GPU time alone). On CPU the median of
+`repeats` calls after `warmup` untimed calls.
 """
 
 from __future__ import annotations
@@ -26,18 +24,15 @@ import math
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from nn_blocksparse.timing import median_ms
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------- environment
@@ -122,28 +117,11 @@ def _native_kernel_record() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- timing
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 20,
             cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100, cuda_graph: bool = False) -> float:
-    """Median milliseconds of one call of `fn` (see the module docstring for the method)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench, do_bench_cudagraph
-
-        if cuda_graph:
-            return float(do_bench_cudagraph(fn, rep=cuda_rep_ms, return_mode="median"))
-        return float(do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of one call of `fn`, timed the benchmarks' way (see the module docstring)."""
+    return median_ms(fn, device, warmup, repeats, cuda="cudagraph" if cuda_graph else "do_bench",
+                     cuda_warmup_ms=cuda_warmup_ms, cuda_rep_ms=cuda_rep_ms)
 
 
 def max_abs_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:

@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+
 from . import bench_e2e, common
 
 CPU = torch.device("cpu")
@@ -196,7 +198,7 @@ def run(args) -> list[dict]:
                     if category not in totals:
                         continue
                     rows.append({"model": model_name, "batch": batch, "seq": seq,
-                                 "dtype": common.DTYPE_NAMES[args.dtype], "method": method, "category": category,
+                                 "dtype": DTYPE_NAMES[args.dtype], "method": method, "category": category,
                                  "ms_per_forward": totals[category], "share_of_forward": totals[category] / forward_ms,
                                  "calls_per_forward": calls.get(category, 0), "forward_ms_profiled": forward_ms,
                                  "forward_ms_unprofiled": unprofiled})
@@ -222,7 +224,7 @@ def parse_args(argv=None):
     for model in args.models:
         if model not in FULL_MODELS:
             parser.error(f"unknown model {model!r}; choose from {FULL_MODELS}")
-    args.dtype = common.DTYPES[args.dtype]
+    args.dtype = dtype_from_name(args.dtype)
     args.repeats = args.repeats or (2 if args.quick else 20)
     args.warmup = 1 if args.quick else 3
     return args

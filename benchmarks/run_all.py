@@ -8,7 +8,7 @@ CUDA-graph replays (files named after the GPU, e.g. `kernel_nvidia-h100-80gb-hbm
 `launch_overhead`, `bench_compile` on the GPU, and `bench_cpu` in full on the host CPU. Without
 CUDA: `bench_cpu` and `bench_compile` in full, and `bench_kernel`, `bench_e2e` and
 `bench_ffn_alignment` with `--quick` (CPU smoke runs, `_quick` files).
-`tune_kernel` is not part of it: it takes hours and rewrites the package's tuned table.
+`tune_kernel` is not part of it: it takes hours, and its table is for the GPU it ran on.
 A failing benchmark does not stop the others; the exit status is 1 if any failed.
 """
 

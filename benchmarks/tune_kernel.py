@@ -1,4 +1,4 @@
-"""Tune the kernel's launch configuration per problem (issue 6.1) and write `tuned_configs.json`. GPU only.
+"""Tune the kernel's launch configuration per problem on this GPU and write a tuned table. GPU only.
 
     python -m benchmarks.tune_kernel [--out FILE] [--quick] [--dtypes fp16,bf16] [--block-sizes 16,32,64]
         [--shapes 768x768,...] [--m 16,32,...] [--densities 0.05,0.1,...] [--resume] [--fresh]
@@ -21,16 +21,22 @@ of shared memory) or gives a wrong result is dropped. The fastest is stored unde
 `nn_blocksparse.kernels.configs` reads: `{"configs": {arch: {key: [block_m, group_m, split_k,
 num_warps, num_stages, rows_per_program]}}, "device": ..., "versions": ...}`.
 
+The table goes to `--out`, by default `benchmarks/results/tuned_configs_<device>[_quick].json`,
+never into the installed package unless `--out` names the package's own table (the GPU session
+script does, to update the bundled `nn_blocksparse/kernels/tuned_configs.json`). To use a table:
+`NN_BLOCKSPARSE_TUNED_CONFIGS=<file>` lays its entries over the bundled ones (same architecture
+and key: the file's entry wins), read at the first launch and checked like the bundled table.
+
 The output file is merged, not overwritten: other architectures and keys stay; a re-measured key
 is replaced (`--fresh` drops this arch's old entries, `--resume` skips keys already there). It is
 rewritten after every shape, so an interrupted run loses little. A CSV log (`--log`) lists per key
-the best and the heuristic's config and time. After tuning, run `python -m nn_blocksparse.aot` to
-check that no chosen configuration spills registers.
+the best and the heuristic's config and time. After tuning, run
+`NN_BLOCKSPARSE_TUNED_CONFIGS=<file> python -m nn_blocksparse.aot` to check that no chosen
+configuration spills registers.
 
 Full grid: fp16/bf16 x bs 16/32/64 x 4 shapes x 10 M buckets x 11 densities, a few hours on an
 H100. `--quick`: fp16, bs 32, 768x768 and 3072x768, M 128 and 2048, density 0.35 and 1.0, num_stages 3
-only (a few minutes), written by default to `benchmarks/results/tuned_configs_<device>_quick.json`, not the
-package table. Without CUDA it exits with status 2.
+only (a few minutes). Without CUDA it exits with status 2.
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+from nn_blocksparse.kernels.configs import TUNED_CONFIGS_ENV, read_tuned_table
 from nn_blocksparse.layouts import random_block_sparse_weight
+from nn_blocksparse.timing import synchronize
 
 from . import common
 from .bench_kernel import BERT_BASE_SHAPES
@@ -140,7 +149,7 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
 
         try:
             error = common.max_abs_diff(run(), reference)
-            common.synchronize(device)
+            synchronize(device)
         except Exception as failure:  # noqa: BLE001 - compile errors, out of resources, launch failures
             print(f"    {config.as_list()} failed: {type(failure).__name__}: {str(failure)[:120]}", file=sys.stderr)
             return float("nan")
@@ -166,7 +175,7 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
     heuristic_ms = times[tuple(heuristic.as_list())][1]
     return {
         "key": table_key(dtype, block_size, n, k, m, matrix.density), "best": best,
-        "dtype": common.DTYPE_NAMES[dtype], "block_size": block_size, "n": n, "k": k, "m": m,
+        "dtype": DTYPE_NAMES[dtype], "block_size": block_size, "n": n, "k": k, "m": m,
         "density": matrix.density, "best_config": best.as_list() if best else "", "best_ms": best_ms,
         "heuristic_config": heuristic.as_list(), "heuristic_ms": heuristic_ms,
         "speedup_vs_heuristic": heuristic_ms / best_ms, "dense_ms": dense_ms,
@@ -178,11 +187,19 @@ def tune_problem(dtype, block_size, n, k, m, density, device, warmup_ms, rep_ms,
 
 # ---------------------------------------------------------------------------------- table file
 def load_table(path: Path) -> dict:
-    if path.exists():
-        table = json.loads(path.read_text())
-        table.setdefault("configs", {})
-        return table
-    return {"configs": {}}
+    """The table at `path` to merge into (checked like the library checks it, so a damaged file is
+    refused before hours of tuning, not overwritten), or an empty one."""
+    if not path.exists():
+        return {"configs": {}}
+    read_tuned_table(path)
+    table = json.loads(path.read_text())
+    table.setdefault("configs", {})
+    return table
+
+
+def output_path(out: Path | None, device: torch.device, quick: bool) -> Path:
+    """`--out`, else `benchmarks/results/tuned_configs_<device>[_quick].json`: never the package's table."""
+    return Path(out) if out else common.results_path(common.DEFAULT_RESULTS_DIR, "tuned_configs", device, quick, ".json")
 
 
 def save_table(table: dict, path: Path) -> None:
@@ -203,9 +220,15 @@ def save_table(table: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="tune the block-sparse kernel's launch configurations on this GPU")
-    parser.add_argument("--out", type=Path, help="tuned table to write/merge (default: the package's "
-                        "tuned_configs.json; --quick: benchmarks/results/tuned_configs_<device>_quick.json)")
+    parser = argparse.ArgumentParser(
+        description="tune the block-sparse kernel's launch configurations on this GPU",
+        epilog=f"Use the table: {TUNED_CONFIGS_ENV}=FILE python ... lays its entries over the package's bundled "
+        "table (same GPU architecture and key: FILE's entry wins), read at the first launch and checked like the "
+        f"bundled one; {TUNED_CONFIGS_ENV}=FILE python -m nn_blocksparse.aot checks that none of its "
+        "configurations spills. To update the bundled table itself: --out nn_blocksparse/kernels/tuned_configs.json.")
+    parser.add_argument("--out", type=Path, help="tuned table to write, merged into if it exists (default: "
+                        "benchmarks/results/tuned_configs_<device>[_quick].json; never the installed package's "
+                        "table unless named here)")
     parser.add_argument("--quick", action="store_true", help="a few problems only (minutes)")
     parser.add_argument("--dtypes", help="default fp16,bf16 (fp32 also possible)")
     parser.add_argument("--block-sizes", help="default 16,32,64")
@@ -232,8 +255,8 @@ def parse_args(argv=None):
     args.stages = tuple(common.parse_list(args.stages, int)) if args.stages else (QUICK_STAGES if quick else NUM_STAGES_CHOICES)
     args.dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
     for name in args.dtypes:
-        if name not in common.DTYPES:
-            parser.error(f"unknown dtype {name!r}; choose from {tuple(common.DTYPES)}")
+        if name not in DTYPE_NAMES.values():
+            parser.error(f"unknown dtype {name!r}; choose from {tuple(DTYPE_NAMES.values())}")
     args.block_sizes = common.parse_list(args.block_sizes, int) if args.block_sizes else \
         list(QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES)
     args.shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes)] if args.shapes else \
@@ -258,7 +281,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from nn_blocksparse.kernels.block_sparse_linear import interpreter_enabled
-    from nn_blocksparse.kernels.configs import TUNED_TABLE_PATH, device_arch, table_key
+    from nn_blocksparse.kernels.configs import device_arch, table_key
 
     if device.type != "cuda" and not interpreter_enabled():
         print("tune_kernel: --device cpu needs TRITON_INTERPRET=1 (test mode)", file=sys.stderr)
@@ -267,8 +290,7 @@ def main(argv=None) -> int:
         print("tune_kernel: unset TRITON_INTERPRET to tune on the GPU", file=sys.stderr)
         return 2
     arch = device_arch(device)
-    default_out = common.results_path(common.DEFAULT_RESULTS_DIR, "tuned_configs", device, True, ".json")
-    out = Path(args.out) if args.out else (default_out if args.quick else TUNED_TABLE_PATH)
+    out = output_path(args.out, device, args.quick)
     log_path = args.log or common.results_path(common.DEFAULT_RESULTS_DIR, "tune", device, args.quick)
     table = load_table(out)
     if args.fresh:
@@ -284,7 +306,7 @@ def main(argv=None) -> int:
     log_rows = []
     print(f"tuning on {table['device']} ({arch}) into {out}", flush=True)
     for dtype_name, block_size, (n, k) in product(args.dtypes, args.block_sizes, args.shapes):
-        dtype = common.DTYPES[dtype_name]
+        dtype = dtype_from_name(dtype_name)
         for m, density in product(args.m, args.densities):
             key = table_key(dtype, block_size, n, k, m, density)
             if args.resume and key in entries:
@@ -304,7 +326,8 @@ def main(argv=None) -> int:
     save_table(table, out)
     common.write_csv(log_path, log_rows, LOG_COLUMNS, environment)
     print(f"\nwrote {out} ({len(entries)} entries for {arch}) and {log_path}")
-    print("next: python -m nn_blocksparse.aot  (checks that no tuned configuration spills)")
+    print(f"next: {TUNED_CONFIGS_ENV}={out} python -m nn_blocksparse.aot  (checks that no tuned configuration "
+          f"spills); the same {TUNED_CONFIGS_ENV}={out} makes the library launch with it")
     return 0
 
 

@@ -35,6 +35,9 @@ from multiprocessing import get_context
 
 import torch
 
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+from nn_blocksparse.timing import synchronize
+
 from . import common
 
 SETS = ("tune", "bench", "e2e", "torch_bsr")
@@ -50,7 +53,7 @@ def variants(sets, dtype_names, block_sizes, stages, bench_cases=()) -> list[tup
 
     jobs = []
     for dtype_name in dtype_names:
-        dtype = common.DTYPES[dtype_name]
+        dtype = dtype_from_name(dtype_name)
         for block_size in block_sizes:
             library = [tuple(c.as_list()) for c in launchable_configs(dtype, block_size)]
             if "tune" in sets:
@@ -77,7 +80,7 @@ def compile_variant(job: tuple, device: str = "cuda") -> tuple[tuple, str]:
                 _launch_ours(*job[1:], device)
             else:
                 _launch_torch_bsr(*job[1:], device)
-        common.synchronize(device)
+        synchronize(device)
     except Exception as failure:  # noqa: BLE001 - out of resources, compile errors: reported, not fatal
         return job, f"{type(failure).__name__}: {str(failure)[:160]}"
     return job, ""
@@ -87,7 +90,7 @@ def _launch_ours(dtype_name, block_size, has_bias, activation, config_values, de
     from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
     from nn_blocksparse.kernels.configs import KernelConfig
 
-    dtype = common.DTYPES[dtype_name]
+    dtype = dtype_from_name(dtype_name)
     # 8 block-rows (two full groups of 4) x 4 block-columns, all stored: every R has whole groups.
     weight = torch.randn(8 * block_size, 4 * block_size, device=device).to(dtype)
     x = torch.randn(16, 4 * block_size, device=device).to(dtype)
@@ -99,7 +102,7 @@ def _launch_ours(dtype_name, block_size, has_bias, activation, config_values, de
 def _launch_torch_bsr(dtype_name, block_size, n, k, m, density, device) -> None:
     from .bench_kernel import KernelCase, case_inputs, prepare_torch_bsr
 
-    case = KernelCase(n, k, m, density, block_size, common.DTYPES[dtype_name])
+    case = KernelCase(n, k, m, density, block_size, dtype_from_name(dtype_name))
     x, weight = case_inputs(case, device)
     method = prepare_torch_bsr(x, weight, block_size)  # launches once; unsupported cases are no error
     if method.run is not None:
@@ -125,8 +128,8 @@ def parse_args(argv=None):
             parser.error(f"unknown set {name!r}; choose from {SETS}")
     args.dtypes = common.parse_list(args.dtypes)
     for name in args.dtypes:
-        if name not in common.DTYPES:
-            parser.error(f"unknown dtype {name!r}; choose from {tuple(common.DTYPES)}")
+        if name not in DTYPE_NAMES.values():
+            parser.error(f"unknown dtype {name!r}; choose from {tuple(DTYPE_NAMES.values())}")
     args.block_sizes = common.parse_list(args.block_sizes, int)
     args.stages = tuple(common.parse_list(args.stages, int))
     shapes = [common.parse_shape(s) for s in common.parse_list(args.shapes)] if args.shapes else BERT_BASE_SHAPES

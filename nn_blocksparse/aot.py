@@ -34,7 +34,8 @@ from .kernels.block_sparse_linear import (
     _block_sparse_linear_kernel,
     _split_k_reduce_kernel,
 )
-from .kernels.configs import DTYPE_NAMES, KERNEL_CHOICES, KernelConfig, launchable_configs
+from .dtypes import DTYPE_NAMES, dtype_from_name
+from .kernels.configs import KERNEL_CHOICES, KernelConfig, launchable_configs
 
 ARCHS = (80, 90)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -135,10 +136,6 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, n
                           options={"num_warps": num_warps, "num_stages": num_stages, **(extra_options or {})})
 
 
-def _tt(dtype: torch.dtype) -> str:
-    return {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[DTYPE_NAMES[dtype]]
-
-
 def input_precisions(dtype: torch.dtype) -> tuple[str, ...]:
     """fp32 launches with "ieee" or "tf32" depending on torch's TF32 switch: both are launchable."""
     return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
@@ -150,7 +147,7 @@ def compile_main_kernel(arch: int, dtype: torch.dtype, block_size: int, has_bias
     name = ("block_sparse_linear" + ("(tf32)" if dtype == torch.float32 and input_precision == "tf32" else "")
             + ("(dense walk)" if dense_walk else ""))
     report = CompileReport(arch, name, DTYPE_NAMES[dtype], block_size, has_bias, activation, config)
-    t = _tt(dtype)
+    t = DTYPE_NAMES[dtype]  # Triton's signature names are ours
     out_type = t if config.split_k == 1 else "fp32"
     signature = {
         "x_ptr": f"*{t}", "values_ptr": f"*{t}", "step_offsets_ptr": "*i32", "step_cols_ptr": "*i32",
@@ -174,7 +171,7 @@ def compile_main_kernel(arch: int, dtype: torch.dtype, block_size: int, has_bias
 def compile_reduce_kernel(arch: int, dtype: torch.dtype, has_bias: bool, activation: str | None,
                           split_k: int) -> CompileReport:
     report = CompileReport(arch, f"split_k_reduce(x{split_k})", DTYPE_NAMES[dtype], 0, has_bias, activation, None)
-    t = _tt(dtype)
+    t = DTYPE_NAMES[dtype]  # Triton's signature names are ours
     signature = {"partial_ptr": "*fp32", "bias_ptr": f"*{t}", "out_ptr": f"*{t}", "M": "i32", "N": "i32",
                  "stride_split": "i32", "stride_pm": "i32", "stride_om": "i32"}
     constexprs = {"HAS_BIAS": has_bias, "ACTIVATION": 1 if activation == "gelu" else 0, "SPLIT_K": split_k,
@@ -187,7 +184,7 @@ def compile_variant_kernel(arch: int, dtype: torch.dtype, block_size: int, has_b
     """One of the other kernels a config can name (`config.kernel`): swapped Triton, or Gluon (sm90)."""
     report = CompileReport(arch, config.kernel, DTYPE_NAMES[dtype], block_size, has_bias, activation, config,
                            needs_wgmma=config.is_gluon)
-    t = _tt(dtype)
+    t = DTYPE_NAMES[dtype]  # Triton's signature names are ours
     tables = {"step_offsets_ptr": "*i32", "step_cols_ptr": "*i32", "step_blocks_ptr": "*i32", "group_rows_ptr": "*i32",
               "group_order_ptr": "*i32"}
     epilogue = {"HAS_BIAS": has_bias, "ACTIVATION": 1 if activation == "gelu" else 0,
@@ -298,7 +295,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
-    parser.add_argument("--dtype", nargs="+", default=[DTYPE_NAMES[d] for d in DTYPES], choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--dtype", nargs="+", default=[DTYPE_NAMES[d] for d in DTYPES], choices=[DTYPE_NAMES[d] for d in DTYPES])
     parser.add_argument("--block-size", type=int, nargs="+", default=list(SUPPORTED_BLOCK_SIZES),
                         choices=SUPPORTED_BLOCK_SIZES)
     parser.add_argument("--epilogues", choices=["all", "widest"], default="all",
@@ -310,9 +307,8 @@ def main(argv=None) -> int:
     if interpreter_enabled():
         print("TRITON_INTERPRET=1 is set: unset it, the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
-    by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     epilogues = EPILOGUES if args.epilogues == "all" else WIDEST_EPILOGUE
-    jobs = all_jobs(args.arch, [by_name[d] for d in args.dtype], args.block_size, epilogues, args.kernels)
+    jobs = all_jobs(args.arch, [dtype_from_name(d) for d in args.dtype], args.block_size, epilogues, args.kernels)
     reports = run_jobs(jobs, args.workers)
     for report in reports:
         print(format_report(report))

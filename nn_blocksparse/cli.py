@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from .dtypes import DTYPE_NAMES, dtype_from_name
+
 PROG = "nn-blocksparse"
 PASS_THROUGH = ("demo", "bench")  # their arguments, --help included, go to the wrapped script
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -148,7 +150,6 @@ def device_of(text: str | None) -> str:
 # ---------------------------------------------------------------------------------- commands
 def run_patch(args) -> int:
     from .bert import heads_per_layer, patch_bert, save_patched_bert
-    from .demo import DTYPES
     from .linear import BlockSparseLinear
 
     source, config = model_folder(args.src)
@@ -161,7 +162,7 @@ def run_patch(args) -> int:
         raise CommandError(f"{target} exists and is not an empty folder; give --overwrite to write the model into it")
     task = task_of(model_class_name(source, config)) if args.task == "auto" else args.task
     device = device_of(args.device)
-    model = load_model(source, task, device, DTYPES[args.dtype])
+    model = load_model(source, task, device, dtype_from_name(args.dtype))
     patch_bert(model, mode=args.mode, block_size=args.block_size, dense_threshold=args.dense_threshold)
     save_patched_bert(model, target)
     if any((source / name).is_file() for name in TOKENIZER_FILES):
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "architectures): base, question-answering, sequence-classification, token-classification, "
                        "masked-lm")
     patch.add_argument("--device", help="default: cuda if available, else cpu")
-    patch.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="default: %(default)s")
+    patch.add_argument("--dtype", choices=DTYPE_NAMES.values(), default="fp32", help="default: %(default)s")
     patch.add_argument("--overwrite", action="store_true", help="write into a DST that is not empty")
     patch.set_defaults(run=run_patch)
 

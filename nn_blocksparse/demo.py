@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn as nn
 
+from .dtypes import DTYPE_NAMES, dtype_from_name
 from .linear import BlockSparseLinear
+from .timing import median_ms
 
 SENTENCES = [
     "Block-sparse kernels skip the zero blocks that pruning leaves inside the weight matrices.",
@@ -34,7 +34,6 @@ SENTENCES = [
     "Resizing cuts empty heads and neurons out of dense matrices.",
     "Short one.",
 ]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The example of the nn_pruning hybrid model's card (madlag/bert-base-uncased-squadv1-x1.84-f88.7-d36-hybrid-filled-v1).
 CARD_QUESTION = "Who is Frederic Chopin?"
 CARD_CONTEXT = ("Frédéric François Chopin, born Fryderyk Franciszek Chopin (1 March 1810 – 17 October 1849), was a "
@@ -54,23 +53,6 @@ def stored_linear_weights(model: nn.Module) -> tuple[int, int]:
     return stored, nonzero
 
 
-def time_forward(model: nn.Module, inputs: dict, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of one forward pass."""
-    with torch.inference_mode():
-        for _ in range(2):
-            model(**inputs)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None, prog: str | None = None) -> int:
     from transformers import AutoTokenizer
 
@@ -81,14 +63,14 @@ def main(argv=None, prog: str | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog=prog, description="prune, patch, check, time and question the bundled real MiniLM")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES.values(), default=None, help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--model-path", default=None, help="a local BERT folder (default: the bundled MiniLM)")
     parser.add_argument("--batch", type=int, default=8, help="sentences per batch for timing")
     parser.add_argument("--seq", type=int, default=128, help="sequence length for timing")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype_from_name(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
     path = args.model_path or minilm_path()
     model, head_drawn = load_bert_for_question_answering(path, head_seed=0)
@@ -125,7 +107,8 @@ def main(argv=None, prog: str | None = None) -> int:
     dense_ms = None
     for name, candidate, diff in rows:
         stored, nonzero = stored_linear_weights(candidate.bert)
-        ms = time_forward(candidate.bert, timing_batch, device, args.repeats)
+        with torch.inference_mode():
+            ms = median_ms(lambda: candidate.bert(**timing_batch), device, warmup=2, repeats=args.repeats)
         dense_ms = dense_ms or ms
         print(f"{name:<26} {sum(heads_per_layer(candidate)):>6} {stored:>22,} {nonzero / max(stored, 1):>8.1%} "
               f"{diff:>11.2e} {ms:>9.2f} {dense_ms / ms:>7.2f}x")

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .dtypes import SUPPORTED_DTYPES
 from .block_sparse_matrix import MAX_KERNEL_ELEMENTS, BlockSparseMatrix, bsr_to_dense
 from .kernels import ACTIVATIONS, select_config
 from .kernels.block_sparse_linear import interpreter_enabled
 from .kernels.configs import KernelConfig, row_groups_considered
 from .row_groups import RowGroups
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "cpu", "torch")  # "torch": deprecated name of "cpu"
 # Fixed per process, when Triton decorates the kernels (at import); read once so that a compiled
 # forward does not trace the cached function that answers it.

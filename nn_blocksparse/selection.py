@@ -7,9 +7,9 @@ one machine or the other, so a caller that wants the faster of the two for its w
 `"measure"` choice of `patch_bert`) times both, here, on the weight's own device and dtype, at
 a representative number of input rows.
 
-Timing is eager, as a module's forward runs: the median of `repeats` calls after `warmup` calls,
-with CUDA events on a GPU (so the host's launch work counts where it is longer than the
-kernel) and `time.perf_counter` on CPU. Block-sparse is chosen only when it is at least
+Timing is eager, as a module's forward runs (`timing.median_ms`): the median of `repeats` calls
+after `warmup` calls, with CUDA events on a GPU (so the host's launch work counts where it is
+longer than the kernel) and `time.perf_counter` on CPU. Block-sparse is chosen only when it is at least
 `margin` faster, so that noise around equal times keeps the plain dense layer.
 
 Knows nothing of BERT; `BlockSparseLinear` and `nn.Linear` (`resize.linear_from`) are all it builds.
@@ -17,8 +17,6 @@ Knows nothing of BERT; `BlockSparseLinear` and `nn.Linear` (`resize.linear_from`
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 
 from .linear import BlockSparseLinear
 from .resize import linear_from
+from .timing import median_ms
 
 DEFAULT_ROWS = 512  # tokens per call while measuring: batch 4 x seq 128
 DEFAULT_MARGIN = 0.05
@@ -46,27 +45,6 @@ class Measurement:
         return self.dense_ms / self.block_sparse_ms
 
 
-def median_call_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
-    """Median milliseconds of one eager call of `fn` on `device` (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
                          block_size: int = 32, backend: str = "auto", rows: int = DEFAULT_ROWS,
                          margin: float = DEFAULT_MARGIN, warmup: int = 3, repeats: int = 20,
@@ -75,7 +53,7 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     """Time `act(x @ weight^T + bias)` as a `BlockSparseLinear` and as a dense `nn.Linear` (+ activation).
 
     `x` is `[rows, in_features]` random, on the weight's device and in its dtype. `timer(fn,
-    device)` replaces `median_call_ms` (tests); it is called for the dense form first. Block-sparse
+    device)` replaces `timing.median_ms` (tests); it is called for the dense form first. Block-sparse
     is chosen when its time is below `(1 - margin)` x the dense time. `weight_dtype` (CPU: bf16)
     keeps the block-sparse form's weights in that dtype, fed the same `x` (mixed precision).
     """
@@ -86,7 +64,7 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     device = weight.device
-    timer = timer or (lambda fn, dev: median_call_ms(fn, dev, warmup, repeats))
+    timer = timer or (lambda fn, dev: median_ms(fn, dev, warmup, repeats))
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     sparse_weight = weight if weight_dtype is None else weight.to(weight_dtype)

@@ -382,6 +382,24 @@ def test_tune_kernel_arguments_and_candidates():
     assert {c.k_blocks for c in wide_blocks} == {1, 2}  # steps at most 128 deep
 
 
+
+def test_tune_kernel_writes_where_it_is_told_never_into_the_package_by_default(tmp_path, capsys):
+    from nn_blocksparse.kernels.configs import TUNED_CONFIGS_ENV, TUNED_TABLE_PATH
+
+    for quick in (False, True):
+        default = tune_kernel.output_path(None, torch.device("cpu"), quick)
+        assert default.parent == common.DEFAULT_RESULTS_DIR and default != TUNED_TABLE_PATH
+        assert default.name.startswith("tuned_configs_") and default.name.endswith("_quick.json" if quick else ".json")
+    assert tune_kernel.output_path(tmp_path / "mine.json", torch.device("cpu"), False) == tmp_path / "mine.json"
+    with pytest.raises(SystemExit):
+        tune_kernel.parse_args(["--help"])
+    assert TUNED_CONFIGS_ENV in " ".join(capsys.readouterr().out.split())  # --help says how to use the table
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"configs": {"sm90": {"fp16/bs32/n768/k768/m128/d0.50": [48, 8, 1, 4, 3]}}}')
+    with pytest.raises(ValueError, match="block_m must be one of"):  # refused, not merged into and overwritten
+        tune_kernel.load_table(damaged)
+
+
 def run_module(module: str, *args: str, env_update: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_update or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
@@ -429,6 +447,13 @@ def test_tune_kernel_end_to_end_under_the_interpreter(tmp_path):
     assert all(number(row["best_ms"]) == min(times) for row, times in zip(rows, timed))
     assert all(number(row["best_one_block_ms"]) > 0 and number(row["best_row_groups_ms"]) > 0 for row in rows)
     assert {row["key"] for row in rows} == set(entries)
+    # What the tuner wrote is what the library launches with, once NN_BLOCKSPARSE_TUNED_CONFIGS names it.
+    probe = ("import torch; from nn_blocksparse.kernels.configs import select_config; "
+             "print(select_config(torch.float16, 32, 64, 64, 16, 2, torch.device('cpu')).as_list())")
+    used = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "NN_BLOCKSPARSE_TUNED_CONFIGS": str(out)})
+    assert used.returncode == 0, used.stderr[-2000:]
+    assert json.loads(used.stdout.strip().splitlines()[-1].replace("'", '"')) == entries["fp16/bs32/n64/k64/m16/d0.50"]
 
 
 def test_warm_triton_cache_covers_what_the_timed_runs_launch():

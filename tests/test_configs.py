@@ -1,6 +1,7 @@
 """Launch configuration choice: tuned-table look-up (exact and nearest), heuristic, launchable set."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -130,6 +131,51 @@ def test_the_shipped_tuned_table_passes_its_checks():
 
     table = json.loads(configs.TUNED_TABLE_PATH.read_text())
     assert configs.check_tuned_table(table) == table["configs"] and table["configs"]
+
+
+
+@pytest.fixture
+def user_table(tmp_path, monkeypatch):
+    """Writes a table file, names it in NN_BLOCKSPARSE_TUNED_CONFIGS, and reloads the table around the test."""
+    def write(table) -> str:
+        import json
+
+        file = tmp_path / "my_tuned.json"
+        file.write_text(table if isinstance(table, str) else json.dumps(table))
+        monkeypatch.setenv(configs.TUNED_CONFIGS_ENV, str(file))
+        configs.load_tuned_table.cache_clear()
+        return str(file)
+
+    yield write
+    configs.load_tuned_table.cache_clear()
+
+
+def test_a_table_named_in_the_environment_is_laid_over_the_bundled_one(user_table):
+    import json
+
+    bundled = json.loads(configs.TUNED_TABLE_PATH.read_text())["configs"]["sm90"]
+    replaced, kept = sorted(bundled)[:2]
+    mine = KernelConfig(16, 8, 2, 4, 3)
+    added = table_key(torch.float16, 32, 64, 64, 16, 0.5)
+    user_table({"configs": {"sm90": {replaced: mine.as_list()}, "interpreter": {added: mine.as_list()}}})
+    table = configs.load_tuned_table()
+    assert table["sm90"][replaced] == mine.as_list() != bundled[replaced]  # the user's entry wins
+    assert table["sm90"][kept] == bundled[kept] and len(table["sm90"]) == len(bundled)  # the rest stays
+    assert configs.tuned_config("interpreter", torch.float16, 32, 64, 64, 16, 0.5) == mine
+    assert mine in launchable_configs(torch.float16, 32)  # so the AOT check compiles it
+    assert configs.load_tuned_table(str(configs.TUNED_TABLE_PATH))["sm90"] == bundled  # one file alone
+
+
+def test_a_bad_table_named_in_the_environment_is_refused_naming_it(user_table, tmp_path, monkeypatch):
+    path = user_table({"configs": {"sm90": {GOOD_KEY: [48, 8, 1, 4, 3]}}})
+    with pytest.raises(ValueError, match=f"{configs.TUNED_CONFIGS_ENV}={re.escape(path)}: bad entry sm90/{GOOD_KEY}"):
+        configs.load_tuned_table()
+    user_table("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        configs.load_tuned_table()
+    monkeypatch.setenv(configs.TUNED_CONFIGS_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="names no file"):
+        configs.load_tuned_table()
 
 
 GOOD_KEY = "fp16/bs32/n768/k3072/m128/d0.35"

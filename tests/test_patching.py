@@ -325,6 +325,13 @@ def test_save_pretrained_is_refused_pointing_to_save_patched_bert(tmp_path):
     small_bert().save_pretrained(tmp_path / "plain")  # unpatched models are untouched
 
 
+
+def test_a_model_in_a_dtype_load_cannot_read_is_refused_at_save(tmp_path):
+    model = patch_bert(small_bert().double(), mode="resize")
+    with pytest.raises(ValueError, match="cannot save a torch.float64 model"):
+        save_patched_bert(model, tmp_path / "f64")
+    assert not (tmp_path / "f64").exists()  # nothing half-written
+
 @pytest.mark.parametrize("mode", ["blocksparse", "hybrid"])
 def test_output_attentions_returns_the_attention_probabilities(mode):
     """Reference: transformers' eager attention, on the unpatched model (all heads: blocksparse keeps

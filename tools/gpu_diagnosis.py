@@ -73,10 +73,12 @@ import triton.language as tl  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_kernel import BERT_BASE_SHAPES  # noqa: E402
 from nn_blocksparse.block_sparse_matrix import BlockSparseMatrix  # noqa: E402
+from nn_blocksparse.dtypes import DTYPE_NAMES  # noqa: E402
 from nn_blocksparse.functional import block_sparse_linear, launch_config  # noqa: E402
 from nn_blocksparse.kernels.block_sparse_linear import block_sparse_linear as launch_kernel  # noqa: E402
 from nn_blocksparse.kernels.configs import KernelConfig  # noqa: E402
 from nn_blocksparse.layouts import random_block_sparse_weight, two_to_four_mask  # noqa: E402
+from nn_blocksparse.timing import synchronize  # noqa: E402
 
 COLUMNS = ["shape", "n", "k", "m", "density", "nnz_blocks", "variant", "family", "config", "tile", "time_ms", "tflops",
            "stored_tflops_over_cublas", "speedup_vs_cublas", "rel_error", "timing", "note"]
@@ -353,7 +355,7 @@ def run_variant(variant: Variant, problem: Problem, rep_ms: float, smoke: bool) 
         row.update(config=prepared.config, tile=prepared.tile, note=prepared.note)
         poison_allocator(problem)
         output = prepared.run()
-        common.synchronize(problem.device)
+        synchronize(problem.device)
         row["rel_error"] = common.relative_error(output, problem.reference(variant.weight_key))
         if not row["rel_error"] <= MAX_REL_ERROR:
             row["note"] = f"wrong result (relative error {row['rel_error']:.3g} > {MAX_REL_ERROR}): not timed"
@@ -404,7 +406,7 @@ def warm_variant(name: str, problems, device: str = "cuda") -> tuple[str, str]:
         try:
             with torch.inference_mode():
                 variant_named(name).prepare(_problem(n, k, m, device)).run()
-            common.synchronize(torch.device(device))
+            synchronize(torch.device(device))
         except Exception as failure:  # noqa: BLE001 - reported; the timed run records it per problem
             errors.append(f"{n}x{k} M={m}: {_error_note(failure)}")
     return name, "; ".join(errors)[:400]
@@ -559,7 +561,7 @@ def dispatch_rows(device: torch.device) -> list[dict]:
                     F.linear(operand_x, operand)
                     torch.cuda.synchronize()
             names = sorted({event.name for event in trace.events() if event.device_type.name == "CUDA"})
-            rows.append({"api": api, "dtype": common.DTYPE_NAMES.get(dtype, str(dtype)), "kernels": "; ".join(names)[:600],
+            rows.append({"api": api, "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "kernels": "; ".join(names)[:600],
                          "note": type(operand).__name__})
         except Exception as failure:  # noqa: BLE001 - recorded
             rows.append({"api": api, "dtype": str(dtype), "kernels": "", "note": _error_note(failure)})

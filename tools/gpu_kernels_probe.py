@@ -67,7 +67,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_kernel import BERT_BASE_SHAPES  # noqa: E402
+from nn_blocksparse.dtypes import dtype_from_name  # noqa: E402
 from nn_blocksparse.layouts import block_sparse_weight, head_structured_layout, random_block_sparse_weight  # noqa: E402
+from nn_blocksparse.timing import synchronize  # noqa: E402
 
 COLUMNS = ["shape", "n", "k", "m", "layout", "target_density", "density", "nnz_blocks", "dtype", "method", "variant",
            "config", "time_ms", "stored_tflops", "cublas_tflops", "stored_tflops_over_cublas", "speedup_vs_cublas",
@@ -122,7 +124,7 @@ class Problem:
 
 
 def make_weight(problem: Problem, device, seed: int = 0) -> torch.Tensor:
-    dtype = common.DTYPES[problem.dtype]
+    dtype = dtype_from_name(problem.dtype)
     if problem.layout == "heads":
         layout = head_structured_layout(problem.n // BLOCK_SIZE, problem.k // BLOCK_SIZE, problem.density,
                                         ROWS_PER_HEAD, seed)
@@ -153,7 +155,7 @@ def check_variant(job) -> tuple:
 
     try:
         device = torch.device(device_name)
-        dtype = common.DTYPES[dtype_name]
+        dtype = dtype_from_name(dtype_name)
         config = KernelConfig.from_list(config_values)
         if device.type == "cpu":
             config = twin_of(config)
@@ -173,7 +175,7 @@ def check_variant(job) -> tuple:
                 if b is not None:
                     reference = F.gelu(reference + b.double())
                 y = block_sparse_linear(x, matrix, b, activation, backend="triton", config=config)
-                common.synchronize(device)
+                synchronize(device)
                 errors.append(relative_error(y, reference))
         error = max(errors)
         if not error <= TOLERANCE[dtype]:
@@ -212,7 +214,7 @@ def time_problem(problem: Problem, variants: list, device, rep_ms: float, smoke:
     from nn_blocksparse import BlockSparseMatrix, block_sparse_linear
     from nn_blocksparse.functional import launch_config
 
-    dtype = common.DTYPES[problem.dtype]
+    dtype = dtype_from_name(problem.dtype)
     weight = make_weight(problem, device)
     matrix = BlockSparseMatrix.from_dense(weight, BLOCK_SIZE)
     generator = torch.Generator().manual_seed(1)
@@ -248,7 +250,7 @@ def time_problem(problem: Problem, variants: list, device, rep_ms: float, smoke:
                         note = f"Triton twin {'/'.join(map(str, launched.as_list()))} (no Hopper GPU)"
                     run = lambda c=launched: block_sparse_linear(x, matrix, backend="triton", config=c)  # noqa: E731
                 y = run()
-                common.synchronize(device)
+                synchronize(device)
                 error = relative_error(y, reference)
                 if not error <= TOLERANCE[dtype]:
                     note = f"wrong result (relative error {error:.3g}): not timed"

@@ -1,7 +1,9 @@
 """BERT on the block-sparse kernels: patching, nn_pruning checkpoints, and a pruned-model generator.
 
-- `patching`: `patch_bert(model, mode)`, `save_patched_bert` / `load_patched_bert`;
+- `patching`: `patch_bert(model, mode)` (check, plan, measure, apply, record) and `heads_per_layer`;
 - `thin_layer`: `ThinBertLayer`, the patched layer whose forward calls its parts directly;
+- `patched_checkpoint`: `save_patched_bert` / `load_patched_bert`, a patched model as a folder
+  (config.json, patch.json, model.safetensors; no pickle), checked before anything is built;
 - `pruned_checkpoint`: the nn_pruning / transformers-4 checkpoint format (fewer heads in some
   layers, which transformers 5 cannot load) and its API: `load_pruned_bert` (`pruned_load`: rebuild
   at the per-layer sizes, load strictly) and `save_pruned_bert` (`pruned_save`: write that format,
@@ -17,7 +19,8 @@
 """
 
 from .graph_capture import CudaGraphForward, skip_absent_attention_mask
-from .patching import MODES, heads_per_layer, load_patched_bert, patch_bert, save_patched_bert
+from .patched_checkpoint import load_patched_bert, save_patched_bert
+from .patching import MODES, heads_per_layer, patch_bert
 from .pruned_checkpoint import load_pruned_bert, save_pruned_bert
 from .pruning import (PruningReport, load_bert_for_question_answering, load_minilm,
                       load_minilm_for_question_answering, minilm_path, prune_like_nn_pruning, random_bert_base)

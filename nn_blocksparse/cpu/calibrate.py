@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..block_sparse_matrix import BlockSparseMatrix
 from ..layouts import random_block_sparse_weight
-from ..selection import median_call_ms
+from ..timing import median_ms
 from .build import native_isa, native_status
 from .isa import cpu_model
 from .launcher import block_sparse_linear_cpu
@@ -39,11 +39,6 @@ _DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torc
 CPU = torch.device("cpu")
 
 
-def _random_matrix(n: int, k: int, block_size: int, density: float, dtype: torch.dtype,
-                   seed: int) -> BlockSparseMatrix:
-    return BlockSparseMatrix.from_dense(random_block_sparse_weight(n, k, block_size, density, seed, dtype), block_size)
-
-
 def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=BLOCK_SIZES, modes=MODES,
               repeats: int = 5, timer=None, log=print) -> Profile:
     """Measure this machine and return its `Profile` (not written; see `main`).
@@ -53,7 +48,7 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
     isa = native_isa()
     if isa is None:
         raise RuntimeError(f"no native CPU kernel to calibrate: {native_status()}")
-    timer = timer or (lambda fn: median_call_ms(fn, CPU, warmup=1, repeats=repeats))
+    timer = timer or (lambda fn: median_ms(fn, CPU, warmup=1, repeats=repeats))
     measurements, details = [], []
     with torch.inference_mode():
         for mode in modes:
@@ -62,7 +57,8 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                 for density in densities:
                     speedups = []
                     for n, k in shapes:
-                        matrix = _random_matrix(n, k, block_size, density, weight_dtype, seed=n + k + block_size)
+                        matrix = BlockSparseMatrix.from_dense(random_block_sparse_weight(
+                            n, k, block_size, density, seed=n + k + block_size, dtype=weight_dtype), block_size)
                         dense_weight = matrix.to_dense().to(activation_dtype)
                         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(activation_dtype)
                         dense_ms = timer(lambda: F.linear(x, dense_weight))

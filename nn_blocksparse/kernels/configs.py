@@ -6,6 +6,11 @@ GPU architecture, dtype, block size, weight shape, number of rows M and block de
 problem missing from the table takes the nearest tuned entry of the same architecture, dtype,
 block size and shape (nearest M, then nearest density), and failing that a heuristic.
 
+A table of one's own (the tuner's `--out` file) is laid over the bundled one by naming it in
+`NN_BLOCKSPARSE_TUNED_CONFIGS=<path>`: its entries win where both have the same architecture
+and key, the bundled ones stay elsewhere. It is read once per process, at the first launch
+(or `launchable_configs` call), and checked entry by entry like the bundled table.
+
 Every configuration this module can return is listed by `launchable_configs`, so
 `python -m nn_blocksparse.aot` can compile all of them ahead of time and prove none spills.
 """
@@ -15,14 +20,18 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPE_NAMES
+
 TUNED_TABLE_PATH = Path(__file__).with_name("tuned_configs.json")
+TUNED_CONFIGS_ENV = "NN_BLOCKSPARSE_TUNED_CONFIGS"
 
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 SPLIT_K_CHOICES = (1, 2, 4, 8)
@@ -149,9 +158,6 @@ class KernelConfig:
         return cls(*values, kernel=kernel)
 
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def m_bucket(m: int) -> int:
     """Next power of two, at least 16: tuned entries are keyed by bucket, not by exact M."""
     return max(16, 1 << max(0, math.ceil(math.log2(max(m, 1)))))
@@ -207,19 +213,38 @@ def check_tuned_table(table, source: str = "tuned table") -> dict:
     return configs
 
 
-@lru_cache(maxsize=1)
-def load_tuned_table(path: str = str(TUNED_TABLE_PATH)) -> dict:
-    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program(, k_blocks)]}}`;
-    empty if no table. Every entry is checked here (`check_tuned_table`): a bad one is refused
-    with a `ValueError` naming it, before anything is launched."""
-    p = Path(path)
-    if not p.exists():
+def read_tuned_table(path: Path, source: str | None = None) -> dict:
+    """The checked `configs` of the table file at `path` (`check_tuned_table`); `{}` if there is none."""
+    source = source or str(path)
+    if not path.exists():
         return {}
     try:
-        table = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{p}: not valid JSON ({err})") from None
-    return check_tuned_table(table, str(p))
+        table = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source}: not valid JSON ({err})") from None
+    return check_tuned_table(table, source)
+
+
+@lru_cache(maxsize=1)
+def load_tuned_table(path: str | None = None) -> dict:
+    """`{arch: {key: [block_m, group_m, split_k, num_warps, num_stages, rows_per_program(, k_blocks)]}}`.
+
+    `path` None: the table launches use, the bundled one with the table `NN_BLOCKSPARSE_TUNED_CONFIGS`
+    names laid over it (module docstring); otherwise that file alone. Every entry is checked here:
+    a bad one, or a `NN_BLOCKSPARSE_TUNED_CONFIGS` naming no file, is refused with a `ValueError`
+    naming it, before anything is launched."""
+    if path is not None:
+        return read_tuned_table(Path(path))
+    table = read_tuned_table(TUNED_TABLE_PATH)
+    user = os.environ.get(TUNED_CONFIGS_ENV)
+    if user:
+        user_path = Path(user)
+        if not user_path.is_file():
+            raise ValueError(f"{TUNED_CONFIGS_ENV}={user!r:.200} names no file (a table written by "
+                             "python -m benchmarks.tune_kernel --out FILE)")
+        for arch, entries in read_tuned_table(user_path, f"{TUNED_CONFIGS_ENV}={user}").items():
+            table[arch] = {**table.get(arch, {}), **entries}
+    return table
 
 
 # Row groups (rows_per_program > 1) widen the output tile to R * bs, which is what dense GEMMs do to
@@ -497,7 +522,3 @@ def launchable_configs(dtype: torch.dtype, block_size: int, arch: str | None = N
             if config is not None and (not config.is_gluon or table_arch == arch == "sm90"):
                 configs.add(config)
     return sorted(configs, key=lambda c: [str(v) for v in c.as_list()])
-
-
-def config_dict(config: KernelConfig) -> dict:
-    return asdict(config)

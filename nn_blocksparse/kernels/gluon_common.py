@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..dtypes import DTYPE_NAMES
 from .block_sparse_linear import _INV_SQRT2
 
 try:  # pragma: no cover - depends on the installed Triton
@@ -165,7 +166,7 @@ def tma_unfit_reason(tensor: torch.Tensor, name: str) -> str:
 
 def descriptor_signature(dtype: torch.dtype, block_shape) -> str:
     """The `triton.compile` signature string of a Gluon TMA descriptor argument (for the AOT check)."""
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    name = DTYPE_NAMES[dtype]  # Triton's type names are ours
     layout = nvmma_layout(block_shape, dtype)
     return f"tensordesc<{name}[{', '.join(str(int(s)) for s in block_shape)}],{layout!r}>"
 

@@ -1,0 +1,67 @@
+"""`median_ms`: the one timer of the library, the benchmarks and the tools (median milliseconds of a call).
+
+On CPU: `warmup` untimed calls, then the median of `repeats` `time.perf_counter` intervals.
+
+On CUDA, by `cuda`:
+- `"events"` (default): `warmup` untimed calls, then the median of `repeats` calls, each between
+  two CUDA events. Each call is timed as a module's eager forward runs, so the host's launch work
+  counts wherever it is longer than the GPU's; L2 stays warm. What `measure_block_sparse` decides
+  on and what the demo prints.
+- `"do_bench"`: `triton.testing.do_bench(warmup=cuda_warmup_ms, rep=cuda_rep_ms)`, median. Also
+  eager, but it flushes L2 between calls and sizes its repeats by time, not count: the benchmarks'
+  default, so kernels are compared from a cold cache.
+- `"cudagraph"`: `triton.testing.do_bench_cudagraph(rep=cuda_rep_ms)`, median. The calls are
+  captured in a CUDA graph and replayed back to back, which leaves only the kernels' GPU time
+  (what a CUDA-graph or compiled serving stack gets; L2 is not flushed between replays).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+CUDA_METHODS = ("events", "do_bench", "cudagraph")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 20,
+              cuda: str = "events", cuda_warmup_ms: float = 25, cuda_rep_ms: float = 100) -> float:
+    """Median milliseconds of one call of `fn` on `device` (the module docstring gives the methods)."""
+    device = torch.device(device)
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    if device.type == "cuda":
+        if cuda not in CUDA_METHODS:
+            raise ValueError(f"cuda timing method must be one of {CUDA_METHODS}, got {cuda!r}")
+        if cuda == "do_bench":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, return_mode="median"))
+        if cuda == "cudagraph":
+            from triton.testing import do_bench_cudagraph
+
+            return float(do_bench_cudagraph(fn, rep=cuda_rep_ms, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
