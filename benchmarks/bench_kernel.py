@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
-from nn_blocksparse.layouts import random_block_sparse_weight
+from nn_blocksparse.layouts import block_layout, random_block_sparse_weight
 from nn_blocksparse.timing import synchronize
 
 from . import common
@@ -298,8 +298,7 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
              repeats: int = 20, cuda_rep_ms: float = 100, cuda_graph: bool = False) -> list[dict]:
     """One row per method; dense always runs first (it is the reference and the baseline)."""
     x, weight = case_inputs(case, device, seed)
-    blocks = weight.reshape(case.n // case.block_size, case.block_size, case.k // case.block_size, case.block_size)
-    nnz_blocks = int(blocks.ne(0).any(dim=3).any(dim=1).sum())
+    nnz_blocks = int(block_layout(weight, case.block_size).sum())
     density = nnz_blocks / ((case.n // case.block_size) * (case.k // case.block_size))
     useful_flop = 2.0 * case.m * nnz_blocks * case.block_size ** 2
 

@@ -161,10 +161,27 @@ def two_to_four_mask(rows: int, cols: int, seed: int = 0, generator: torch.Gener
     return (scores.argsort(dim=-1).argsort(dim=-1) < 2).reshape(rows, cols)
 
 
-def block_layout(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The layout of a dense `[N, K]` weight: True for every block holding a nonzero (NaN counts)."""
+def block_layout(weight: torch.Tensor, block_size: int, pad_edges: bool = False) -> torch.Tensor:
+    """The layout of a dense `[N, K]` weight: True for every block holding a nonzero (NaN counts).
+
+    `pad_edges`: a weight the block size does not divide gets `ceil` blocks, its edge blocks padded
+    with zeros (for pictures of any matrix); otherwise that is a `ValueError`.
+    """
     n, k = weight.shape
-    if n % block_size or k % block_size:
+    if (n % block_size or k % block_size) and not pad_edges:
         raise ValueError(f"block_size {block_size} must divide both sides of the weight, got {n} x {k}")
-    blocks = weight.detach().reshape(n // block_size, block_size, k // block_size, block_size)
+    rows, cols = -(-n // block_size), -(-k // block_size)
+    weight = weight.detach()
+    if (rows * block_size, cols * block_size) != (n, k):
+        padded = weight.new_zeros(rows * block_size, cols * block_size)
+        padded[:n, :k] = weight
+        weight = padded
+    blocks = weight.reshape(rows, block_size, cols, block_size)
     return (blocks != 0).any(dim=3).any(dim=1).cpu()
+
+
+def block_density(weight: torch.Tensor, block_size: int) -> float:
+    """Blocks holding a nonzero over grid blocks, as `BlockSparseMatrix.density` counts them (a matrix
+    with no blocks, `0 x K`, counts as dense)."""
+    layout = block_layout(weight, block_size)
+    return layout.float().mean().item() if layout.numel() else 1.0

@@ -84,3 +84,21 @@ def test_two_to_four_mask_keeps_two_of_every_four():
     assert not torch.equal(mask, two_to_four_mask(6, 16, seed=3))
     with pytest.raises(ValueError, match="multiple of 4"):
         two_to_four_mask(2, 6)
+
+
+def test_block_density_counts_like_the_stored_matrix():
+    from nn_blocksparse.layouts import block_density
+
+    weight = random_block_sparse_weight(128, 96, 32, 0.5, seed=4)
+    assert block_density(weight, 32) == BlockSparseMatrix.from_dense(weight, 32).density == 6 / 12
+    assert block_density(torch.zeros(64, 64), 32) == 0.0  # an all-zero matrix stores nothing
+    assert block_density(torch.zeros(0, 64), 32) == 1.0 == BlockSparseMatrix.from_dense(torch.zeros(0, 64), 32).density
+
+
+def test_block_layout_pads_edge_blocks_only_when_asked():
+    weight = torch.zeros(40, 70)
+    weight[39, 69] = 1.0  # in the padded corner block
+    with pytest.raises(ValueError, match="must divide"):
+        block_layout(weight, 32)
+    layout = block_layout(weight, 32, pad_edges=True)
+    assert layout.shape == (2, 3) and layout.sum() == 1 and layout[1, 2]

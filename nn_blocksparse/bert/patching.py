@@ -45,6 +45,7 @@ from ..attention import FusedSelfAttention
 from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
 from ..functional import BACKENDS
 from ..linear import BlockSparseLinear
+from ..layouts import block_density
 from ..permutation import attention_feature_permutation, ffn_feature_permutation
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
@@ -115,14 +116,6 @@ def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activ
             weight = weight.to(weight_dtype)
         return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     return linear_from(weight, bias)
-
-
-def _block_density(weight: torch.Tensor, block_size: int) -> float:
-    n, k = weight.shape
-    if n == 0 or k == 0:
-        return 1.0
-    blocks = weight.reshape(n // block_size, block_size, k // block_size, block_size)
-    return (blocks != 0).any(dim=3).any(dim=1).float().mean().item()
 
 
 def auto_density_threshold(dtype: torch.dtype = torch.float32, block_size: int = 32,
@@ -215,7 +208,7 @@ class _SparseChoice:
         if self.mode == "blocksparse":
             return True
         choice = {"layer": layer_index, "matrix": name, "shape": list(weight.shape),
-                  "block_density": round(_block_density(weight, block_size), 4)}
+                  "block_density": round(block_density(weight, block_size), 4)}
         if self.measure and weight.numel():
             timing = measure_block_sparse(weight, bias, activation, block_size, self.backend, rows=self.measure_rows,
                                           weight_dtype=self.weight_dtype)

@@ -9,7 +9,6 @@ cards showed (matplotlib, imported on first use, no pyplot state touched).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..linear import BlockSparseLinear
+from ..layouts import block_layout
 from .patching import BertSelfAttentionAdapter, bert_layers
 
 MATRICES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
@@ -38,16 +38,6 @@ class MatrixLayout:
     def density(self) -> float | None:
         """Fraction of blocks holding a nonzero; None for a matrix with no rows or columns (no heads left)."""
         return self.blocks.float().mean().item() if self.blocks.numel() else None
-
-
-def block_layout(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """`[ceil(n / bs), ceil(k / bs)]` bools: which blocks of `weight` hold a nonzero (edge blocks padded)."""
-    n, k = weight.shape
-    rows, cols = math.ceil(n / block_size), math.ceil(k / block_size)
-    padded = weight.new_zeros(rows * block_size, cols * block_size)
-    padded[:n, :k] = weight.detach()
-    blocks = padded.reshape(rows, block_size, cols, block_size)
-    return (blocks != 0).any(dim=3).any(dim=1).cpu()
 
 
 def _weights(layer: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
@@ -75,7 +65,7 @@ def matrix_layouts(model: nn.Module, block_size: int = 32) -> list[MatrixLayout]
             for name, module, weight in _weights(layer):
                 sparse = isinstance(module, BlockSparseLinear)
                 size = module.block_size if sparse else block_size
-                layouts.append(MatrixLayout(index, name, tuple(weight.shape), size, sparse, block_layout(weight, size)))
+                layouts.append(MatrixLayout(index, name, tuple(weight.shape), size, sparse, block_layout(weight, size, pad_edges=True)))
     return layouts
 
 
