@@ -24,7 +24,7 @@ from .dtypes import DTYPE_NAMES, dtype_from_name
 PROG = "nn-blocksparse"
 PASS_THROUGH = ("demo", "bench")  # their arguments, --help included, go to the wrapped script
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-PATCH_FILE = "patch.json"  # written by save_patched_bert next to config.json
+PATCH_FILE = "patch.json"  # bert.patched_checkpoint.PATCH_FILE; tests/test_cli.py checks they agree
 
 
 class CommandError(Exception):
@@ -260,7 +260,7 @@ def _dense_threshold(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bert.patching import MODES  # no transformers import: patching imports it lazily
+    from .bert.patching import MODES
 
     parser = argparse.ArgumentParser(prog=PROG, description="block-sparse kernels for pruned BERT: patch a model, "
                                      "ask it questions, look at its sparsity")

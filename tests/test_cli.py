@@ -250,3 +250,10 @@ def test_console_script_entry_point():
     assert match
     module = __import__(match.group(1), fromlist=[match.group(2)])
     assert getattr(module, match.group(2)) is cli.main
+
+
+def test_the_command_names_the_patch_file_as_the_library_writes_it():
+    from nn_blocksparse import cli
+    from nn_blocksparse.bert import patched_checkpoint
+
+    assert cli.PATCH_FILE == patched_checkpoint.PATCH_FILE
