@@ -187,7 +187,6 @@ def results_path(out_dir: Path, stem: str, device: torch.device, quick: bool, su
     out = Path(out_dir)
     if out.resolve() == DEFAULT_RESULTS_DIR.resolve():
         out = out / tag
-    out.mkdir(parents=True, exist_ok=True)
     return out / f"{stem}_{tag}{'_quick' if quick else ''}{suffix}"
 
 

@@ -388,7 +388,8 @@ def test_tune_kernel_writes_where_it_is_told_never_into_the_package_by_default(t
 
     for quick in (False, True):
         default = tune_kernel.output_path(None, torch.device("cpu"), quick)
-        assert default.parent == common.DEFAULT_RESULTS_DIR and default != TUNED_TABLE_PATH
+        tag = common.device_tag(torch.device("cpu"))
+        assert default.parent == common.DEFAULT_RESULTS_DIR / tag and default != TUNED_TABLE_PATH
         assert default.name.startswith("tuned_configs_") and default.name.endswith("_quick.json" if quick else ".json")
     assert tune_kernel.output_path(tmp_path / "mine.json", torch.device("cpu"), False) == tmp_path / "mine.json"
     with pytest.raises(SystemExit):
