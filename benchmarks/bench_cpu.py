@@ -36,7 +36,8 @@ from . import bench_e2e, bench_kernel, common
 CPU = torch.device("cpu")
 def kernel_methods() -> tuple[str, ...]:
     """The kernel part's methods on this machine (one `ours_<isa>` per ISA the CPU runs)."""
-    return ("dense", "dense_onednn", "torch_bsr", "ours", *bench_kernel.cpu_methods()[1:])
+    onednn, reference = bench_kernel.CPU_METHODS
+    return ("dense", onednn, "torch_bsr", "ours", *bench_kernel.ours_isa_methods(), reference)
 E2E_MODES = ("resize", "hybrid")
 
 FULL_SHAPES = ((768, 768), (3072, 768), (768, 3072), (2304, 768))

@@ -74,11 +74,17 @@ HEAD_FEATURES = 64  # BERT-base's head size: the structured layouts' heads span 
 CPU_METHODS = ("dense_onednn", "reference")  # CPU-only baselines, see their prepare_* functions; and ours_<isa>
 
 
-def cpu_methods() -> tuple[str, ...]:
-    """The CPU-only methods of this machine: `CPU_METHODS` and one `ours_<isa>` per ISA the CPU runs."""
+def ours_isa_methods() -> tuple[str, ...]:
+    """One `ours_<isa>` per ISA this CPU runs: the native kernel compiled for that ISA."""
     from nn_blocksparse.cpu.isa import runnable_isas
 
-    return ("dense_onednn", *(f"ours_{isa}" for isa in runnable_isas()), "reference")
+    return tuple(f"ours_{isa}" for isa in runnable_isas())
+
+
+def cpu_methods() -> tuple[str, ...]:
+    """The CPU-only methods of this machine: `CPU_METHODS` with the `ours_<isa>` ones between them."""
+    onednn, reference = CPU_METHODS
+    return (onednn, *ours_isa_methods(), reference)
 
 BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # N x K; 2304 = fused QKV
 FULL_M = (128, 512, 2048, 8192)
@@ -437,9 +443,10 @@ def parse_args(argv=None):
     for name in args.layouts:
         if name not in LAYOUTS:
             parser.error(f"unknown layout {name!r}; choose from {LAYOUTS}")
+    known = METHODS + cpu_methods()
     for name in args.methods:
-        if name not in METHODS + CPU_METHODS:
-            parser.error(f"unknown method {name!r}; choose from {METHODS + CPU_METHODS}")
+        if name not in known:
+            parser.error(f"unknown method {name!r}; choose from {known}")
     for name in args.dtypes:
         if name not in DTYPE_NAMES.values():
             parser.error(f"unknown dtype {name!r}; choose from {tuple(DTYPE_NAMES.values())}")

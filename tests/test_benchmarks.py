@@ -175,7 +175,8 @@ def test_bench_cpu_quick(tmp_path):
     assert environment["torch_threads"] == THREADS and environment["cpu"] and environment["cpu_native_isa"]
     check_kernel_rows(rows, bench_cpu.kernel_methods())
     isa = environment["cpu_native_isa"]
-    assert all(r["note"] == (f"isa={isa}" if isa != "none" else r["note"]) for r in rows if r["method"] == "ours")
+    for row in (r for r in rows if r["method"] == "ours"):  # the ISA that ran, or why the reference did
+        assert (row["note"] == f"isa={isa}") if isa != "none" else row["note"].startswith("reference: "), row
     read(tmp_path / f"cpu_kernel_crossover_{tag}_quick.csv", bench_kernel.CROSSOVER_COLUMNS)
     e2e = read(tmp_path / f"cpu_e2e_{tag}_quick.csv", bench_e2e.E2E_COLUMNS)
     check_e2e_rows(e2e, ("dense", *bench_cpu.E2E_MODES))
