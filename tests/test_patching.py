@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from nn_blocksparse import BlockSparseLinear  # noqa: E402
 from nn_blocksparse.bert import heads_per_layer, load_patched_bert, patch_bert, save_patched_bert  # noqa: E402
 from nn_blocksparse.bert.patching import BertSelfAttentionAdapter  # noqa: E402
-from nn_blocksparse.bert.pruning import minilm_path  # noqa: E402
+from nn_blocksparse.bert.pruning import minilm_path, prune_like_nn_pruning  # noqa: E402
 
 # fp32, different summation order (fused QKV, block-sparse) and SDPA vs transformers' attention.
 MAX_ABS_DIFF = 1e-4
@@ -225,6 +225,23 @@ def test_save_and_load_patched_model_without_pickle(pruned_minilm, padded_batch,
     loaded = load_patched_bert(tmp_path / "patched")
     assert heads_per_layer(loaded) == heads_per_layer(patched)
     assert torch.equal(reference_output(loaded, padded_batch), reference_output(patched, padded_batch))
+
+
+@pytest.mark.parametrize("mode", ["resize", "hybrid"])
+def test_a_saved_head_model_with_tied_weights_loads_back(mode, tmp_path):
+    # BertForMaskedLM ties its decoder to the word embeddings; the file keeps one copy of them.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=300)
+    model = transformers.BertForMaskedLM(config).eval()
+    prune_like_nn_pruning(model, seed=0)
+    patched = patch_bert(model, mode=mode)
+    save_patched_bert(patched, tmp_path / "mlm")
+    loaded = load_patched_bert(tmp_path / "mlm")
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids).logits, patched(input_ids=ids).logits)
 
 
 def test_patching_a_question_answering_head_model(pruned_minilm, padded_batch):

@@ -132,6 +132,9 @@ def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> n
                 raise ValueError(f"patch.json layers[{index}] fuses GELU, but the config's hidden_act is "
                                  f"{config.hidden_act!r}")
             apply_layer_plan(layer, _plan_from_spec(spec, layer, dtype, backend))
+    # Tying normally happens in init_weights, which the no-init context skipped; the file holds one
+    # copy of each tied tensor.
+    model.tie_weights()
     try:
         load_model(model, str(weights), strict=True)
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
