@@ -17,6 +17,7 @@ reaches Triton; nothing reads tensor data on the way to the op.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Callable
 
@@ -67,14 +68,34 @@ def check_inputs(x: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], 
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _warn_caller(message: str, category: type[Warning]) -> None:
+    """Warn at the first frame outside this package: there Python's default filters show a
+    DeprecationWarning to the user, whichever library function the call came through."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("nn_blocksparse"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def backend_name(backend: str) -> str:
+    """`backend` checked, its deprecated alias ("torch") resolved to "cpu"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        warnings.warn('backend="torch" is deprecated: it is now named "cpu"', DeprecationWarning, stacklevel=3)
-        backend = "cpu"
+        _warn_caller('backend="torch" is deprecated: it is now named "cpu"', DeprecationWarning)
+        return "cpu"
+    return backend
+
+
+def runs_triton(backend: str, device: torch.device) -> bool:
+    """Whether `backend` (a `backend_name`) runs the Triton kernel for tensors on `device`."""
+    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    backend = backend_name(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
+        return "triton" if runs_triton(backend, device) else "cpu"
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f'backend="cpu" runs on CPU tensors, got {device}')
     if backend == "triton" and device.type != "cuda" and not _INTERPRETER:

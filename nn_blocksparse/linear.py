@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .block_sparse_matrix import BlockSparseMatrix, check_block_sparse_matrix
-from .functional import BACKENDS, Launch, block_sparse_linear_tensors, launch_table
+from .functional import Launch, backend_name, block_sparse_linear_tensors, launch_table, runs_triton
 from .kernels import ACTIVATIONS
 
 _BLOCK_TENSORS = ("values", "row_offsets", "col_indices", "row_order")
@@ -51,11 +50,7 @@ class BlockSparseLinear(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "torch":
-            warnings.warn('backend="torch" is deprecated: it is now named "cpu"', DeprecationWarning, stacklevel=2)
-            backend = "cpu"
+        backend = backend_name(backend)
         for name, features in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(features, bool) or not isinstance(features, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {features!r}")
@@ -139,8 +134,7 @@ class BlockSparseLinear(nn.Module):
         the Triton backend, the launch table and row groups (`functional.launch_table`)."""
         device = self.values.device
         self._launch = None
-        if device.type in ("cuda", "cpu") and (self.backend == "triton" or
-                                               (self.backend == "auto" and device.type == "cuda")):
+        if device.type in ("cuda", "cpu") and runs_triton(self.backend, device):
             self._launch = launch_table(self._matrix, self.values.dtype, device)
 
     def _launch_for(self, rows: int) -> Launch:

@@ -72,12 +72,14 @@ def test_bf16_weights_take_fp32_input_on_cpu():
 
 
 def test_torch_backend_name_is_a_deprecated_alias_of_cpu():
-    with pytest.warns(DeprecationWarning, match="cpu"):
+    # The warnings point at this file, the caller's: where Python's default filters show them.
+    with pytest.warns(DeprecationWarning, match="cpu") as caught:
         sparse = BlockSparseLinear.from_linear(make_linear(), backend="torch")
-    assert sparse.backend == "cpu"
+    assert sparse.backend == "cpu" and caught[0].filename == __file__
     x = torch.randn(4, 128)
-    with pytest.warns(DeprecationWarning, match="cpu"):
+    with pytest.warns(DeprecationWarning, match="cpu") as caught:
         y = block_sparse_linear(x, sparse.matrix, sparse.bias, backend="torch")
+    assert caught[0].filename == __file__
     torch.testing.assert_close(y, sparse(x))
 
 
