@@ -11,8 +11,8 @@ features), which is exactly what the kernel walks:
                                   programs do not end up alone in the last wave.
 
 `check_block_sparse_matrix` is the format's one validator: every `BlockSparseMatrix` passes it
-when built, so the kernels and every table derived from a matrix (row groups, CPU plans) may
-trust its indices. `row_groups(R)` derives (and caches) the index tables that let one kernel
+when built, so the kernels and every table derived from a matrix (row groups, launch tables)
+may trust its indices. `row_groups(R)` derives (and caches) the index tables that let one kernel
 program walk R block-rows at once (`row_groups.py`).
 
 Nothing here knows about Triton, `nn.Module` or transformers.

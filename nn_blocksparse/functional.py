@@ -134,15 +134,16 @@ def launch_table(weight: BlockSparseMatrix, dtype: torch.dtype, device: torch.de
 
     Derived once (BlockSparseLinear: at construction, load and `.to()`), so that no forward reads
     the weight's indices on the host."""
+    configs = {exponent: launch_config(weight, dtype, 1 << exponent, device)
+               for exponent in range(ops.bucket_exponent(1), _LARGEST_BUCKET_EXPONENT + 1)}
     ranges: list[tuple[int, KernelConfig]] = []
-    for exponent in range(ops.bucket_exponent(1), _LARGEST_BUCKET_EXPONENT + 1):
-        config = launch_config(weight, dtype, 1 << exponent, device)
+    for exponent, config in configs.items():
         if ranges and ranges[-1][1] == config:
             ranges[-1] = (exponent, config)
         else:
             ranges.append((exponent, config))
     ranges[-1] = (ops.ANY_ROWS, ranges[-1][1])
-    symbolic = launch_config(weight, dtype, SYMBOLIC_ROWS, device)
+    symbolic = configs[ops.bucket_exponent(SYMBOLIC_ROWS)]  # SYMBOLIC_ROWS is a bucket's own M
     grouped = sorted(({config.rows_per_program for _, config in ranges} | {symbolic.rows_per_program}) - {1})
     return ops.pack_launch_table(ranges, symbolic), ops.flatten_row_groups([weight.row_groups(r) for r in grouped])
 

@@ -53,7 +53,8 @@ def prunable_heads(value: nn.Linear, output: nn.Linear, num_heads: int) -> list[
 
 def remove_heads(query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.Linear, num_heads: int,
                  heads: list[int]) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-    """New Q, K, V, O without `heads`; the constant each removed head added goes into O's bias."""
+    """New Q, K, V, O without `heads` (with no `heads`, the same four modules); the constant each
+    removed head added goes into O's bias."""
     if not heads:
         return query, key, value, output
     head_dim = query.out_features // num_heads
@@ -69,7 +70,7 @@ def remove_heads(query: nn.Linear, key: nn.Linear, value: nn.Linear, output: nn.
 
     o_weight = output.weight.detach()
     o_bias = output.bias.detach().clone() if output.bias is not None else None
-    if value.bias is not None and len(heads):
+    if value.bias is not None:
         constant = o_weight[:, removed_features].double() @ value.bias.detach()[removed_features].double()
         if o_bias is None:
             o_bias = torch.zeros(output.out_features, dtype=o_weight.dtype, device=o_weight.device)

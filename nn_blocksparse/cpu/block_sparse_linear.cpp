@@ -2,8 +2,8 @@
 //
 // ONE source for every instruction set: `build.py` compiles it once per ISA with that ISA's -m
 // flags (AVX-512, AVX-512 + BF16, AVX2 + FMA, NEON, NEON + BF16), so the code a test runs on an
-// AVX2 machine is the code an AVX-512 machine runs at another vector width. Only three primitives
-// differ per ISA (the fused multiply-add, the bf16 pair dot product, and nothing else); the rest is
+// AVX2 machine is the code an AVX-512 machine runs at another vector width. Only two primitives
+// differ per ISA (the fused multiply-add and the bf16 pair dot product); the rest is
 // GCC/Clang vector extensions, templated on the lane count L.
 //
 // Format (exactly as `BlockSparseMatrix` stores it, no second copy): `values [nnz, bs, bs]`
@@ -461,9 +461,8 @@ void run(const Problem<Element<BF16>>& p) {
   // is walked in segments whose x rows (about 12 KiB) stay in L1 meanwhile, the tile's accumulators
   // parked between segments. Parked vectors come back unchanged, so the sums are the same as in one
   // walk, bit for bit.
-  constexpr int64_t SEGMENT = (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS > 0
-                                  ? (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS
-                                  : 1;
+  constexpr int64_t SEGMENT_FIT = (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS;
+  constexpr int64_t SEGMENT = SEGMENT_FIT > 0 ? SEGMENT_FIT : 1;
   const int64_t chunks = (p.m + CHUNK - 1) / CHUNK;
   const int64_t tasks = p.block_rows * chunks;
 #pragma omp for schedule(dynamic, 1)
@@ -531,7 +530,7 @@ inline void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint
 
 }  // namespace nnbs
 
-// Dtype codes shared with the launcher (build.py).
+// Dtype codes shared with the launcher (launcher.py: _DTYPE_CODES).
 enum { NNBS_NONE = 0, NNBS_F32 = 1, NNBS_BF16 = 2 };
 // Return codes.
 enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4 };

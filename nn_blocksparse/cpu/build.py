@@ -195,7 +195,6 @@ class NativeLibrary:
 
     isa: str
     path: Path
-    has_bf16_dot: bool
     linear: object  # ctypes function; the call releases the GIL
     gelu: object
 
@@ -217,7 +216,7 @@ def load_library(isa: str) -> NativeLibrary:
     linear.restype, linear.argtypes = ctypes.c_int, _LINEAR_ARGUMENTS
     gelu = handle.nnbs_gelu
     gelu.restype, gelu.argtypes = None, [_POINTER, _POINTER, _I64]
-    return NativeLibrary(isa, path, bool(handle.nnbs_has_bf16_dot()), linear, gelu)
+    return NativeLibrary(isa, path, linear, gelu)
 
 
 def _text(function) -> str:

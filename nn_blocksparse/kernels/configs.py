@@ -119,7 +119,7 @@ class KernelConfig:
             raise ValueError(f"kernel {self.kernel!r} takes split_k = 1 and k_blocks = 1, got {self}")
         if self.kernel == "triton_swapped":
             block_m_choices, rows_choices = SWAPPED_BLOCK_T_CHOICES, SWAPPED_ROWS_PER_PROGRAM_CHOICES
-            if self.num_warps not in (1, 2, 4, 8):
+            if self.num_warps not in NUM_WARPS_CHOICES:
                 raise ValueError(f"invalid launch configuration {self}")
         else:
             block_m_choices, rows_choices = GLUON_BLOCK_M_CHOICES, GLUON_ROWS_PER_PROGRAM_CHOICES
