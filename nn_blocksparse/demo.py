@@ -57,7 +57,7 @@ def main(argv=None, prog: str | None = None) -> int:
     from transformers import AutoTokenizer
 
     from .bert import heads_per_layer, patch_bert
-    from .bert.patching import auto_density_threshold
+    from .cpu import density_threshold
     from .bert.pruning import load_bert_for_question_answering, minilm_path, prune_like_nn_pruning
     from .qa import QuestionAnswerer
 
@@ -114,7 +114,9 @@ def main(argv=None, prog: str | None = None) -> int:
               f"{diff:>11.2e} {ms:>9.2f} {dense_ms / ms:>7.2f}x")
     choices = rows[-1][1].nn_blocksparse_choices
     measured = [c for c in choices if "dense_ms" in c]
-    rule = "each measured both ways" if measured else f"block density <= {auto_density_threshold()}"
+    threshold = density_threshold(dtype)  # what hybrid's "auto" asked on CPU, for this dtype
+    rule = ("each measured both ways" if measured else
+            f"block density <= {threshold}" if threshold > 0 else "never: no native kernel for this dtype here")
     print(f"\nhybrid: {sum(c['block_sparse'] for c in choices)} of {len(choices)} matrices left on the block grid "
           f"after resizing run block-sparse ({rule}; model.nn_blocksparse_choices)")
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2

@@ -128,9 +128,7 @@ def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm, monkeypatch)
     model, _ = pruned_minilm
     # "auto" on CPU asks the CPU planner (its calibrated profile; tests/test_cpu_planner.py checks it).
     import nn_blocksparse.cpu
-    from nn_blocksparse.bert import patching
 
-    assert patching.auto_density_threshold() == nn_blocksparse.cpu.density_threshold(torch.float32)
     for threshold in (1.0, 0.8):
         monkeypatch.setattr(nn_blocksparse.cpu, "use_block_sparse", lambda density, *args: density <= threshold)
         patched = patch_bert(copy.deepcopy(model), mode="hybrid")

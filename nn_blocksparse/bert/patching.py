@@ -118,14 +118,6 @@ def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activ
     return linear_from(weight, bias)
 
 
-def auto_density_threshold(dtype: torch.dtype = torch.float32, block_size: int = 32,
-                           weight_dtype: torch.dtype | None = None) -> float:
-    """hybrid's `dense_threshold="auto"` on CPU: the block density above which a matrix stays dense."""
-    from ..cpu import density_threshold
-
-    return density_threshold(weight_dtype or dtype, dtype, block_size)
-
-
 def _permuted_for_row_groups(query, key, value, output, inner, outer, num_heads: int, block_size: int,
                              rows_per_group: int):
     """The layer's linears with heads and FFN neurons reordered (exactly) for row groups of `rows_per_group`."""
