@@ -80,20 +80,9 @@ def op_category(name: str) -> str:
     return "other_ops"
 
 
-@contextlib.contextmanager
 def labelled(module: nn.Module, label: str):
     """Inside the block, `module`'s forward runs in a profiler range named `LABEL_PREFIX + label`."""
-    original = module.forward
-
-    def forward(*args, **kwargs):
-        with record_function(LABEL_PREFIX + label):
-            return original(*args, **kwargs)
-
-    module.forward = forward
-    try:
-        yield
-    finally:
-        del module.forward  # back to the class's forward
+    return _labelled_method(module, "forward", label)
 
 
 @contextlib.contextmanager
