@@ -137,7 +137,6 @@ def align_prefix(state_dict: dict[str, torch.Tensor], model_uses_prefix: bool) -
     return state_dict
 
 
-
 def _dedupe_shared_tensors(state: dict[str, torch.Tensor], preferred: set[str]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing storage (tied weights): keep one name per storage.
 
@@ -153,7 +152,6 @@ def _dedupe_shared_tensors(state: dict[str, torch.Tensor], preferred: set[str]) 
         by_storage[storage_key] = key
     kept_names = set(by_storage.values()) | {k for k, t in state.items() if not t.numel()}
     return {k: v for k, v in state.items() if k in kept_names}
-
 
 
 def write_checkpoint(folder: Path, config_dict: dict, state: dict[str, torch.Tensor], safe_serialization: bool,

@@ -27,13 +27,12 @@ from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
 from ..dtypes import TORCH_DTYPE_NAMES, dtype_from_name
 from ..functional import BACKENDS
 from ..linear import BlockSparseLinear
-from .checkpoint_files import read_json
+from .checkpoint_files import BASE_PREFIX, SAFETENSORS_FILE, read_json
 from .patching import (MODES, BertSelfAttentionAdapter, LayerPlan, apply_layer_plan, bert_layers, is_exact_gelu,
                        record_patch)
 
 PATCH_FORMAT = "nn_blocksparse.patched_bert/1"
 PATCH_FILE = "patch.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def _module_spec(module: nn.Module) -> dict:
@@ -91,7 +90,7 @@ def save_patched_bert(model: nn.Module, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
     (path / PATCH_FILE).write_text(json.dumps(patch, indent=1))
-    save_model(model, str(path / WEIGHTS_FILE))  # handles tied weights, unlike save_file
+    save_model(model, str(path / SAFETENSORS_FILE))  # handles tied weights, unlike save_file
     return path
 
 
@@ -114,14 +113,14 @@ def load_patched_bert(path: str | Path, device=None, backend: str = "auto") -> n
     path = Path(path)
     patch = _read_patch_json(path)
     config = transformers.BertConfig.from_pretrained(path)
-    weights = path / WEIGHTS_FILE
+    weights = path / SAFETENSORS_FILE
     try:
         with safe_open(str(weights), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, FileNotFoundError) as err:
         raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
     model_class = getattr(transformers, patch["model_class"])
-    prefix = "" if model_class is transformers.BertModel else "bert."
+    prefix = "" if model_class is transformers.BertModel else BASE_PREFIX
     _check_against_config(patch, config, shapes, prefix, weights)
 
     dtype = dtype_from_name(patch["dtype"], TORCH_DTYPE_NAMES)

@@ -110,8 +110,6 @@ def normalize_pruned_heads(raw: Mapping | None, num_layers: int, num_heads: int)
     return result
 
 
-
-
 def _checkpoint_head_count(state_dict, prefix: str, layer: int, head_dim: int, hidden: int,
                            pruned: set[int] | None, num_heads: int) -> int | None:
     """Heads kept in ``layer`` according to the checkpoint tensors (cross-checked with pruned_heads).
@@ -175,7 +173,6 @@ def _checkpoint_ffn_width(state_dict, prefix: str, layer: int, hidden: int) -> i
     return width
 
 
-
 def _resize_attention(attention: nn.Module, config: BertConfig, layer: int, kept_heads: int,
                       removed_heads: set[int]) -> None:
     """Give ``attention`` (a BertAttention) ``kept_heads`` heads, as transformers 4's prune_heads did."""
@@ -198,8 +195,6 @@ def _resize_attention(attention: nn.Module, config: BertConfig, layer: int, kept
 def _resize_ffn(layer_module: nn.Module, config: BertConfig, width: int) -> None:
     layer_module.intermediate.dense = nn.Linear(config.hidden_size, width)
     layer_module.output.dense = nn.Linear(width, config.hidden_size)
-
-
 
 
 @contextlib.contextmanager
