@@ -28,14 +28,12 @@ from ..layouts import random_block_sparse_weight
 from ..timing import median_ms
 from .build import native_isa, native_status
 from .isa import cpu_model
-from .launcher import block_sparse_linear_cpu
+from .launcher import MODE_DTYPES, block_sparse_linear_cpu
 from .planner import BLOCK_SIZES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
 
 SHAPES = ((768, 3072), (3072, 768))  # N x K
 DENSITIES = (0.1, 0.3, 0.6, 1.0)
 ROWS = 256
-_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
-           "bf16_weights": (torch.float32, torch.bfloat16)}  # (activations, weights)
 CPU = torch.device("cpu")
 
 
@@ -52,7 +50,7 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
     measurements, details = [], []
     with torch.inference_mode():
         for mode in modes:
-            activation_dtype, weight_dtype = _DTYPES[mode]
+            activation_dtype, weight_dtype = MODE_DTYPES[mode]
             for block_size in block_sizes:
                 for density in densities:
                     speedups = []

@@ -22,7 +22,10 @@ from .reference import block_sparse_linear_reference
 NATIVE_BLOCK_SIZES = (16, 32, 64)
 ACTIVATIONS = (None, "gelu")
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2}
-_NATIVE_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
+# The kernel's compute modes, by name: (activation dtype, weight dtype) of each.
+MODE_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+               "bf16_weights": (torch.float32, torch.bfloat16)}
+_NATIVE_DTYPES = tuple(MODE_DTYPES.values())
 _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory converting x to bf16",
              4: "unsupported activation"}
 

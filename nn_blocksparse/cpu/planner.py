@@ -41,11 +41,12 @@ import torch
 
 from .build import cache_dir, native_isa, write_atomically
 from .isa import ISAS, cpu_model
+from .launcher import MODE_DTYPES, NATIVE_BLOCK_SIZES
 
 PROFILE_FORMAT = "nn_blocksparse.cpu_profile/1"
 PROFILE_ENV = "NN_BLOCKSPARSE_CPU_PROFILE"
-MODES = ("fp32", "bf16", "bf16_weights")
-BLOCK_SIZES = (16, 32, 64)
+MODES = tuple(MODE_DTYPES)
+BLOCK_SIZES = NATIVE_BLOCK_SIZES
 REQUIRED_SPEEDUP = 1.1
 # Kernel rate over dense rate assumed without a profile. The lowest measured so far is ~0.8 (fp32,
 # AVX2 against MKL's AVX2 GEMM); bf16 is lower where dense bf16 runs oneDNN's AVX512_BF16 kernels.
@@ -55,8 +56,7 @@ _THRESHOLD_STEP = 0.01
 
 def compute_mode(activation_dtype: torch.dtype, weight_dtype: torch.dtype) -> str | None:
     """The native kernel's mode for these dtypes, or None (the kernel does not run them)."""
-    return {(torch.float32, torch.float32): "fp32", (torch.bfloat16, torch.bfloat16): "bf16",
-            (torch.float32, torch.bfloat16): "bf16_weights"}.get((activation_dtype, weight_dtype))
+    return next((mode for mode, dtypes in MODE_DTYPES.items() if dtypes == (activation_dtype, weight_dtype)), None)
 
 
 @dataclass(frozen=True)
