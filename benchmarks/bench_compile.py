@@ -136,7 +136,7 @@ def run_model(model_name: str, sizes, device: torch.device, dtype: torch.dtype, 
                     note = "; ".join(filter(None, (note, execution_note)))
                 except Exception as error:  # noqa: BLE001 - a failing execution gets a NaN row with the reason
                     compile_s = diff = time_value = nan
-                    note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+                    note = common.error_note(error, "failed")
                 times[name, execution] = time_value
                 rows.append({"model": model_name, "layers": layer_count, "batch": batch, "seq": seq,
                              "dtype": DTYPE_NAMES[dtype], "method": name, "execution": execution,

@@ -79,7 +79,7 @@ def build_variants(model: torch.nn.Module, modes=PATCH_MODES, block_size: int = 
             variants[name] = patch_bert(copy.deepcopy(model), block_size=block_size, backend=backend,
                                         **arguments).eval()
         except (ValueError, TypeError, RuntimeError) as error:
-            failures[name] = f"patch failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+            failures[name] = common.error_note(error, "patch failed")
             print(f"{name}: {failures[name]}", file=sys.stderr)
     return variants, failures
 
@@ -144,7 +144,7 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
                                                     repeats=repeats, cuda_rep_ms=rep_ms, cuda_graph=cuda_graph)
                 except Exception as error:  # noqa: BLE001 - e.g. a model CUDA graphs cannot capture: NaN + note
                     diff, time_value = nan, nan
-                    note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+                    note = common.error_note(error, "failed")
                 if name == "dense":
                     dense_ms = time_value
                 rows.append(_row(model_name, batch, seq, dtype, name, time_value, dense_ms, diff, heads[name],

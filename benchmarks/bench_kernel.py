@@ -125,10 +125,6 @@ class Method:
     reference: torch.Tensor | None = None  # what the output should equal, when not dense x @ W^T
 
 
-def _error_note(error: Exception, prefix: str = "unsupported") -> str:
-    return f"{prefix}: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
-
-
 def prepare_dense(x: torch.Tensor, weight: torch.Tensor) -> Method:
     return Method(run=lambda: F.linear(x, weight), stored_flop=2.0 * x.shape[0] * weight.numel())
 
@@ -140,7 +136,7 @@ def prepare_torch_bsr(x: torch.Tensor, weight: torch.Tensor, block_size: int) ->
             bsr = weight.to_sparse_bsr((block_size, block_size))
         F.linear(x, bsr)  # fails here (not while timing) where torch has no kernel for the case
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
-        return Method(run=None, note=_error_note(error))
+        return Method(run=None, note=common.error_note(error, "unsupported"))
     return Method(run=lambda: F.linear(x, bsr))
 
 
@@ -174,7 +170,7 @@ def prepare_semi_structured(x: torch.Tensor, weight: torch.Tensor, density: floa
         sparse = torch.sparse.to_sparse_semi_structured(masked)
         F.linear(x, sparse)
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
-        return Method(run=None, note=_error_note(error))
+        return Method(run=None, note=common.error_note(error, "unsupported"))
     return Method(run=lambda: F.linear(x, sparse), note=type(sparse).__name__, stored_flop=1.0 * x.shape[0] * n * k,
                   reference=F.linear(x, masked))
 
@@ -189,7 +185,7 @@ def prepare_cusparse(x: torch.Tensor, weight: torch.Tensor, block_size: int, for
     try:
         product = cusparse_spmm.prepare(format_name, x, weight, block_size)
     except cusparse_spmm.CusparseError as error:
-        return Method(run=None, note=_error_note(error))
+        return Method(run=None, note=common.error_note(error, "unsupported"))
     return Method(run=product.run, note=f"{product.padded_blocks} blocks multiplied")
 
 
@@ -227,7 +223,7 @@ def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
         linear = torch.ops.mkldnn._linear_pointwise
         linear(x, onednn_weight, None, "none", [], "")
     except (AttributeError, RuntimeError, NotImplementedError) as error:
-        return Method(run=None, note=_error_note(error))
+        return Method(run=None, note=common.error_note(error, "unsupported"))
     return Method(run=lambda: linear(x, onednn_weight, None, "none", [], ""))
 
 
@@ -242,7 +238,7 @@ def prepare_ours_isa(x: torch.Tensor, weight: torch.Tensor, block_size: int, isa
     try:
         library = library_for(isa)
     except NativeBuildError as error:
-        return Method(run=None, note=_error_note(error))
+        return Method(run=None, note=common.error_note(error, "unsupported"))
     matrix = BlockSparseMatrix.from_dense(weight, block_size)
     return Method(run=lambda: native_block_sparse_linear(library, x, matrix.values, matrix.row_offsets,
                                                          matrix.col_indices, None, None), note=f"isa={isa}")
@@ -325,7 +321,7 @@ def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int 
                                                 cuda_warmup_ms=cuda_rep_ms / 4, cuda_rep_ms=cuda_rep_ms,
                                                 cuda_graph=cuda_graph)
             except Exception as error:  # noqa: BLE001 - recorded, the other methods still run
-                note = _error_note(error, "failed")
+                note = common.error_note(error, "failed")
             if name == "dense":
                 dense_ms = time_value
             cublas_tflops = 2.0 * case.m * case.n * case.k / (dense_ms * 1e-3) / 1e12

@@ -100,6 +100,13 @@ def environment_record(device: torch.device) -> dict[str, str]:
     }
 
 
+def error_note(error: BaseException, prefix: str | None = None, limit: int = 160) -> str:
+    """`[prefix: ]Type: message`, the message on one line and cut to `limit` characters: the reason a
+    CSV row (or a probe's answer) gives for a method that could not run."""
+    note = f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+    return f"{prefix}: {note}" if prefix else note
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages ("0.05 0.10 0.08"; "unknown" off Linux): CPU timings from a
     machine that was not quiet before and after the run are noise."""

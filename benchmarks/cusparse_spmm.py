@@ -197,7 +197,7 @@ def _self_test() -> dict:
     """One small checked product per format (run in a child by `probe`)."""
     from nn_blocksparse.layouts import random_block_sparse_weight
 
-    from .common import FP16_RELATIVE_TOLERANCE, relative_error
+    from .common import FP16_RELATIVE_TOLERANCE, error_note, relative_error
 
     device = torch.device("cuda")
     weight = random_block_sparse_weight(256, 192, 32, 0.5, seed=1, dtype=torch.float16, device=device)
@@ -210,7 +210,7 @@ def _self_test() -> dict:
             torch.cuda.synchronize()
             result[name] = "ok" if error <= FP16_RELATIVE_TOLERANCE else f"wrong result: relative error {error:.3g}"
         except Exception as failure:  # noqa: BLE001 - reported to the parent
-            result[name] = f"{type(failure).__name__}: {' '.join(str(failure).split())[:200]}"
+            result[name] = error_note(failure, limit=200)
     return result
 
 
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                 row["time_ms"] = common.time_ms(product.run, device, cuda_graph=True, cuda_rep_ms=args.rep_ms)
                 row["padded_blocks"] = product.padded_blocks
             except Exception as failure:  # noqa: BLE001 - a row that says why
-                row["error"] = f"{type(failure).__name__}: {' '.join(str(failure).split())[:200]}"
+                row["error"] = common.error_note(failure, limit=200)
             print(json.dumps(row), flush=True)
     return 0
 

@@ -340,10 +340,6 @@ def measure(fn: Callable[[], object], device: torch.device, rep_ms: float, smoke
         return common.time_ms(fn, device, cuda_warmup_ms=rep_ms / 4, cuda_rep_ms=rep_ms), f"eager (no capture: {why})"
 
 
-def _error_note(failure: Exception) -> str:
-    return f"{type(failure).__name__}: {' '.join(str(failure).split())[:200]}"
-
-
 def run_variant(variant: Variant, problem: Problem, rep_ms: float, smoke: bool) -> dict:
     row = {"shape": problem.shape, "n": problem.n, "k": problem.k, "m": problem.m,
            "density": 0.5 if variant.weight_key == "2:4" else problem.matrix(variant.weight_key).density,
@@ -362,7 +358,7 @@ def run_variant(variant: Variant, problem: Problem, rep_ms: float, smoke: bool) 
         else:
             row["time_ms"], row["timing"] = measure(prepared.run, problem.device, rep_ms, smoke)
     except Exception as failure:  # noqa: BLE001 - a failing variant is a row that says why
-        row["note"] = _error_note(failure)
+        row["note"] = common.error_note(failure, limit=200)
     row["tflops"] = variant.stored_flop(problem) / (row["time_ms"] * 1e-3) / 1e12
     return row
 
@@ -408,7 +404,7 @@ def warm_variant(name: str, problems, device: str = "cuda") -> tuple[str, str]:
                 variant_named(name).prepare(_problem(n, k, m, device)).run()
             synchronize(torch.device(device))
         except Exception as failure:  # noqa: BLE001 - reported; the timed run records it per problem
-            errors.append(f"{n}x{k} M={m}: {_error_note(failure)}")
+            errors.append(f"{n}x{k} M={m}: {common.error_note(failure, limit=200)}")
     return name, "; ".join(errors)[:400]
 
 
@@ -564,7 +560,7 @@ def dispatch_rows(device: torch.device) -> list[dict]:
             rows.append({"api": api, "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "kernels": "; ".join(names)[:600],
                          "note": type(operand).__name__})
         except Exception as failure:  # noqa: BLE001 - recorded
-            rows.append({"api": api, "dtype": str(dtype), "kernels": "", "note": _error_note(failure)})
+            rows.append({"api": api, "dtype": str(dtype), "kernels": "", "note": common.error_note(failure, limit=200)})
     return rows
 
 

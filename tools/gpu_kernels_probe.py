@@ -182,7 +182,7 @@ def check_variant(job) -> tuple:
             return job, error, f"wrong result: relative error {error:.3g}"
         return job, error, ""
     except Exception as failure:  # noqa: BLE001 - reported, the variant is dropped
-        return job, math.nan, f"{type(failure).__name__}: {' '.join(str(failure).split())[:200]}"
+        return job, math.nan, common.error_note(failure, limit=200)
 
 
 def compile_and_check(jobs, device, workers: int, timeout_s: float) -> dict:
@@ -257,7 +257,7 @@ def time_problem(problem: Problem, variants: list, device, rep_ms: float, smoke:
                 else:
                     ms = measure(run)
             except Exception as failure:  # noqa: BLE001 - recorded, the other variants still run
-                note = f"failed: {type(failure).__name__}: {' '.join(str(failure).split())[:160]}"
+                note = common.error_note(failure, "failed")
             if method == "today":
                 today_ms = ms
             stored_tflops = stored_flop / (ms * 1e-3) / 1e12
