@@ -714,7 +714,7 @@ def main(argv=None) -> int:
     print(f"ncu: {'found, profiles after the timing' if ncu else known}", flush=True)
     environment = {**common.environment_record(device), "timing": "skipped (smoke)" if args.smoke else "cudagraph",
                    "rep_ms": str(args.rep_ms), "dtype": "fp16", "block_size": str(BLOCK_SIZE),
-                   "cupy": _version("cupy"), "cusparselt": _cusparselt_version()}
+                   "cupy": common.package_version("cupy"), "cusparselt": _cusparselt_version()}
 
     def path(stem: str, suffix: str = ".csv") -> Path:
         return common.results_path(args.out, stem, device, args.smoke, suffix)
@@ -754,13 +754,6 @@ def main(argv=None) -> int:
     print_summary(rows, extra)
     print(f"\ngpu_diagnosis: {time.monotonic() - start:.0f} s; wrote", *written, sep="\n  ")
     return 0
-
-
-def _version(name: str) -> str:
-    try:
-        return __import__(name).__version__
-    except Exception:  # noqa: BLE001 - not installed (or broken): say so
-        return "not installed"
 
 
 def _cusparselt_version() -> str:
