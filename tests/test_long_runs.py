@@ -10,6 +10,7 @@ patched model's forwards over known shapes; the Triton path's launch choice stay
 import gc
 import importlib
 import inspect
+import mmap
 import pkgutil
 
 import pytest
@@ -53,10 +54,15 @@ def _rows_of_many_shapes(calls: int, seed: int) -> list[tuple[int, int]]:
 
 
 def test_the_resident_memory_probe_sees_an_allocation():
+    # Fresh anonymous pages, touched: a heap allocation may reuse pages an earlier test freed (which
+    # test ran before depends on how pytest-xdist deals them out), and then adds no resident memory.
+    size = 32 * 2**20
     before = _resident_bytes()
-    block = torch.ones(8 * 2**20)  # 32 MiB, touched
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
     assert _resident_bytes() - before >= 30 * 2**20
-    del block
+    block.close()
 
 
 def test_ten_thousand_calls_over_many_shapes_keep_memory_flat(single_intra_op_thread):
