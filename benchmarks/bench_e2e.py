@@ -132,25 +132,27 @@ def run_sizes(model_name: str, variants: dict[str, torch.nn.Module], sizes, devi
         inputs = random_inputs(batch, seq, dense.config.vocab_size, device, with_mask=not cuda_graph)
         with torch.inference_mode():
             reference = dense(**inputs).last_hidden_state
-            dense_ms = nan
-            for name, model in variants.items():
-                note = _choice_note(model)
+            notes, diffs, runs = {}, {}, {}
+            for name, model in variants.items():  # every output checked first, then all timed side by side
+                notes[name], diffs[name] = _choice_note(model), nan
                 try:
-                    diff = common.max_abs_diff(model(**inputs).last_hidden_state, reference)
-                    # Captured without a mask, the forward must skip it as it does eagerly: otherwise
-                    # transformers (before 5.24) builds one, and SDPA leaves flash attention for fp32 math.
-                    with skip_absent_attention_mask() if cuda_graph else contextlib.nullcontext():
-                        time_value = common.time_ms(lambda: model(**inputs), device, warmup=warmup,
-                                                    repeats=repeats, cuda_rep_ms=rep_ms, cuda_graph=cuda_graph)
+                    diffs[name] = common.max_abs_diff(model(**inputs).last_hidden_state, reference)
+                    runs[name] = (lambda model=model: model(**inputs))
                 except Exception as error:  # noqa: BLE001 - e.g. a model CUDA graphs cannot capture: NaN + note
-                    diff, time_value = nan, nan
-                    note = common.error_note(error, "failed")
-                if name == "dense":
-                    dense_ms = time_value
-                rows.append(_row(model_name, batch, seq, dtype, name, time_value, dense_ms, diff, heads[name],
-                                 weights[name], note))
+                    notes[name] = common.error_note(error, "failed")
+            # Captured without a mask, the forward must skip it as it does eagerly: otherwise
+            # transformers (before 5.24) builds one, and SDPA leaves flash attention for fp32 math.
+            with skip_absent_attention_mask() if cuda_graph else contextlib.nullcontext():
+                times, errors = common.time_side_by_side(runs, device, warmup=warmup, repeats=repeats,
+                                                         cuda_rep_ms=rep_ms, cuda_graph=cuda_graph)
+            notes.update(errors)
+            dense_ms = times.get("dense", nan)
+            for name in variants:
+                time_value = times.get(name, nan)
+                rows.append(_row(model_name, batch, seq, dtype, name, time_value, dense_ms, diffs[name], heads[name],
+                                 weights[name], notes[name]))
                 print(f"{model_name} {batch}x{seq} {name:<11} {time_value:9.3f} ms  {dense_ms / time_value:5.2f}x  "
-                      f"max|diff| {diff:.2e} {note}", flush=True)
+                      f"max|diff| {diffs[name]:.2e} {notes[name]}", flush=True)
             for name, error in (failures or {}).items():
                 rows.append(_row(model_name, batch, seq, dtype, name, nan, dense_ms, nan, None, (None, None), error))
     return rows

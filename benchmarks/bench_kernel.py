@@ -298,42 +298,49 @@ def case_inputs(case: KernelCase, device: torch.device, seed: int = 0) -> tuple[
 
 def run_case(case: KernelCase, device: torch.device, methods=METHODS, seed: int = 0, warmup: int = 3,
              repeats: int = 20, cuda_rep_ms: float = 100, cuda_graph: bool = False) -> list[dict]:
-    """One row per method; dense always runs first (it is the reference and the baseline)."""
+    """One row per method (dense, the reference and the baseline, first), timed side by side
+    (`common.time_side_by_side`: in turns on CPU)."""
     x, weight = case_inputs(case, device, seed)
     nnz_blocks = int(block_layout(weight, case.block_size).sum())
     density = nnz_blocks / ((case.n // case.block_size) * (case.k // case.block_size))
     useful_flop = 2.0 * case.m * nnz_blocks * case.block_size ** 2
 
+    nan = float("nan")
+    names = ("dense", *[m for m in methods if m != "dense"])
+    notes, diffs, stored_flops, runs = {}, {}, {}, {}
     with torch.inference_mode():
         reference = F.linear(x, weight)
-        rows, dense_ms = [], float("nan")
-        for name in ("dense", *[m for m in methods if m != "dense"]):
-            time_value, diff, stored_flop = float("nan"), float("nan"), useful_flop
+        for name in names:  # every method prepared and checked first, then all timed side by side
+            diffs[name], stored_flops[name] = nan, useful_flop
             try:  # a failing method (e.g. a Triton compile error) becomes NaN with the error in `note`
                 method = prepare_method(name, x, weight, case.block_size, case.density, seed)
-                note = method.note
-                stored_flop = method.stored_flop or useful_flop
+                notes[name] = method.note
+                stored_flops[name] = method.stored_flop or useful_flop
                 if method.run is not None:
                     output = (method.output or method.run)()
                     synchronize(device)
-                    diff = common.max_abs_diff(output, reference if method.reference is None else method.reference)
-                    time_value = common.time_ms(method.run, device, warmup=warmup, repeats=repeats,
-                                                cuda_warmup_ms=cuda_rep_ms / 4, cuda_rep_ms=cuda_rep_ms,
-                                                cuda_graph=cuda_graph)
+                    diffs[name] = common.max_abs_diff(output, reference if method.reference is None
+                                                      else method.reference)
+                    runs[name] = method.run
             except Exception as error:  # noqa: BLE001 - recorded, the other methods still run
-                note = common.error_note(error, "failed")
-            if name == "dense":
-                dense_ms = time_value
-            cublas_tflops = 2.0 * case.m * case.n * case.k / (dense_ms * 1e-3) / 1e12
-            rows.append({
-                "shape": case.shape, "layout": case.layout, "n": case.n, "k": case.k, "m": case.m,
-                "target_density": case.density, "density": density, "nnz_blocks": nnz_blocks,
-                "block_size": case.block_size, "dtype": DTYPE_NAMES[case.dtype], "method": name,
-                "time_ms": time_value, "tflops": useful_flop / (time_value * 1e-3) / 1e12,
-                "stored_tflops_over_cublas": stored_flop / (time_value * 1e-3) / 1e12 / cublas_tflops,
-                "speedup_vs_dense": dense_ms / time_value, "ideal_speedup": 1.0 / density, "max_abs_diff": diff,
-                "note": note,
-            })
+                notes[name] = common.error_note(error, "failed")
+        times, errors = common.time_side_by_side(runs, device, warmup, repeats, cuda_warmup_ms=cuda_rep_ms / 4,
+                                                 cuda_rep_ms=cuda_rep_ms, cuda_graph=cuda_graph)
+    notes.update(errors)
+    dense_ms = times.get("dense", nan)
+    cublas_tflops = 2.0 * case.m * case.n * case.k / (dense_ms * 1e-3) / 1e12
+    rows = []
+    for name in names:
+        time_value = times.get(name, nan)
+        rows.append({
+            "shape": case.shape, "layout": case.layout, "n": case.n, "k": case.k, "m": case.m,
+            "target_density": case.density, "density": density, "nnz_blocks": nnz_blocks,
+            "block_size": case.block_size, "dtype": DTYPE_NAMES[case.dtype], "method": name,
+            "time_ms": time_value, "tflops": useful_flop / (time_value * 1e-3) / 1e12,
+            "stored_tflops_over_cublas": stored_flops[name] / (time_value * 1e-3) / 1e12 / cublas_tflops,
+            "speedup_vs_dense": dense_ms / time_value, "ideal_speedup": 1.0 / density, "max_abs_diff": diffs[name],
+            "note": notes[name],
+        })
     return [row for row in rows if row["method"] in methods]
 
 

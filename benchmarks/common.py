@@ -11,7 +11,9 @@ Timing (`time_ms`, milliseconds): `nn_blocksparse.timing.median_ms` with the ben
 method, `triton.testing.do_bench` (L2 flushed between calls; each call timed as the GPU sees it,
 so the host's launch work counts wherever it is longer: "eager", what a Python caller gets), or
 with `cuda_graph=True` `do_bench_cudagraph` (the kernels' GPU time alone). On CPU the median of
-`repeats` calls after `warmup` untimed calls.
+`repeats` calls after `warmup` untimed calls. Methods compared side by side (`time_side_by_side`)
+are timed in turns on a CPU (`interleaved_median_ms`: a shared machine's drift then weighs on all
+of them alike), one after another on a GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from nn_blocksparse.timing import median_ms
+from nn_blocksparse.timing import interleaved_median_ms, median_ms
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -129,6 +131,30 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     """Median milliseconds of one call of `fn`, timed the benchmarks' way (see the module docstring)."""
     return median_ms(fn, device, warmup, repeats, cuda="cudagraph" if cuda_graph else "do_bench",
                      cuda_warmup_ms=cuda_warmup_ms, cuda_rep_ms=cuda_rep_ms)
+
+
+def time_side_by_side(runs: Mapping[str, Callable[[], object]], device: torch.device, warmup: int = 3,
+                      repeats: int = 20, **cuda_options) -> tuple[dict[str, float], dict[str, str]]:
+    """(`{name: time_ms}`, `{name: why it has no time}`) of methods compared in one table: timed in turns
+    on CPU (`interleaved_median_ms`), one after another on CUDA (`cuda_options`: `time_ms`'s CUDA
+    arguments). A run that raises gets NaN and its error, and is not called again; the others go on."""
+    errors: dict[str, str] = {}
+
+    def guarded(name: str, run: Callable[[], object]) -> Callable[[], object]:
+        def call():
+            if name not in errors:
+                try:
+                    run()
+                except Exception as error:  # noqa: BLE001 - recorded, the other methods still run
+                    errors[name] = error_note(error, "failed")
+        return call
+
+    calls = {name: guarded(name, run) for name, run in runs.items()}
+    if torch.device(device).type == "cuda":
+        times = {name: time_ms(call, device, warmup, repeats, **cuda_options) for name, call in calls.items()}
+    else:
+        times = interleaved_median_ms(calls, warmup=warmup, repeats=repeats)
+    return {name: math.nan if name in errors else value for name, value in times.items()}, errors
 
 
 def max_abs_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:

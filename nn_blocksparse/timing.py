@@ -1,6 +1,10 @@
-"""`median_ms`: the one timer of the library, the benchmarks and the tools (median milliseconds of a call).
+"""`median_ms`: the one timer of the library, the benchmarks and the tools (median milliseconds of a call),
+and `interleaved_median_ms`, the same for several calls timed in turns (CPU).
 
 On CPU: `warmup` untimed calls, then the median of `repeats` `time.perf_counter` intervals.
+Methods compared side by side on a CPU are timed in turns (`interleaved_median_ms`): on a shared
+machine whose speed drifts over minutes (another tenant, the clock), timing one method after the
+other would put the drift into their ratio.
 
 On CUDA, by `cuda`:
 - `"events"` (default): `warmup` untimed calls, then the median of `repeats` calls, each between
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -61,7 +65,39 @@ def median_ms(fn: Callable[[], object], device: torch.device | str, warmup: int 
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
+            times += _cpu_times_ms(fn, 1)
     return statistics.median(times)
+
+
+def _cpu_times_ms(fn: Callable[[], object], count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], warmup: int = 3, repeats: int = 20,
+                          rounds: int = 5) -> dict[str, float]:
+    """CPU: `{name: median milliseconds of one call}` of each of `fns`, timed in turns.
+
+    Each fn first gets `warmup` untimed calls. Then come `rounds` rounds (at most `repeats`); in each,
+    every fn in turn runs one untimed call (its caches and thread pool back after the others had
+    the cores) and then its share of `repeats` timed calls, split as evenly as the rounds allow.
+    The median is over all of a fn's timed calls.
+    """
+    if warmup < 0 or repeats < 1 or rounds < 1:
+        raise ValueError(f"warmup must be >= 0, repeats and rounds >= 1, got warmup={warmup}, repeats={repeats}, "
+                         f"rounds={rounds}")
+    rounds = min(rounds, repeats)
+    shares = [repeats // rounds + (1 if index < repeats % rounds else 0) for index in range(rounds)]
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for share in shares:
+        for name, fn in fns.items():
+            fn()
+            times[name] += _cpu_times_ms(fn, share)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -331,6 +331,22 @@ def test_crossover_is_the_largest_density_where_ours_beats_dense():
     assert summary["lowest_density"] == 0.1 and summary["speedup_at_lowest_density"] == 4.0
 
 
+def test_side_by_side_timing_records_a_failing_method_and_times_the_rest():
+    calls = {"ok": 0, "broken": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def broken():
+        calls["broken"] += 1
+        raise RuntimeError("kernel exploded")
+
+    times, errors = common.time_side_by_side({"ok": ok, "broken": broken}, torch.device("cpu"), warmup=1, repeats=4)
+    assert times["ok"] >= 0 and math.isnan(times["broken"])
+    assert "kernel exploded" in errors["broken"] and "ok" not in errors
+    assert calls["broken"] == 1 and calls["ok"] > 4  # not called again after failing; the other timed in full
+
+
 def test_csv_round_trip_keeps_the_environment(tmp_path):
     environment = common.environment_record(torch.device("cpu"))
     path = common.write_csv(tmp_path / "x.csv", [{"a": 1.5, "b": float("nan")}, {"a": 2, "b": None}], ["a", "b"],

@@ -1,11 +1,12 @@
-"""timing.median_ms: warmup calls untimed, the median of the timed ones, bad arguments refused."""
+"""timing.median_ms and interleaved_median_ms: warmup calls untimed, the median of the timed ones (in turns for
+several calls), bad arguments refused."""
 
 import time
 
 import pytest
 import torch
 
-from nn_blocksparse.timing import median_ms
+from nn_blocksparse.timing import interleaved_median_ms, median_ms
 
 
 def test_cpu_calls_warmup_then_repeats_and_takes_the_median():
@@ -20,6 +21,36 @@ def test_cpu_calls_warmup_then_repeats_and_takes_the_median():
     assert 1.0 <= ms < 10.0
 
 
+def test_interleaved_calls_take_turns_and_each_gets_its_own_median():
+    """Warm-up of each, then rounds in which each runs one untimed call and its share of the timed ones."""
+    order = []
+
+    def sleeper(name, seconds):
+        def call():
+            order.append(name)
+            time.sleep(seconds)
+        return call
+
+    times = interleaved_median_ms({"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.012)},
+                                  warmup=1, repeats=5, rounds=2)
+    # warm-up; round 1: untimed + 3 timed each; round 2: untimed + 2 timed each.
+    assert order == ["fast", "slow"] + ["fast"] * 4 + ["slow"] * 4 + ["fast"] * 3 + ["slow"] * 3
+    assert 1.0 <= times["fast"] < 10.0 <= 12.0 <= times["slow"]
+
+
+def test_interleaving_keeps_a_drift_out_of_the_ratio():
+    """The machine slows down half-way (after round 2 of 4): timed in turns, two equal calls still come out equal."""
+    clock = {"calls": 0}
+
+    def call():
+        clock["calls"] += 1
+        time.sleep(0.001 if clock["calls"] <= 24 else 0.004)  # 2 rounds x 2 calls x (1 untimed + 5 timed)
+
+    times = interleaved_median_ms({"a": call, "b": call}, warmup=0, repeats=20, rounds=4)
+    assert 0.8 < times["a"] / times["b"] < 1.25, times
+    # One after the other, the same drift would have put a ratio of about 4 between them.
+
+
 def test_bad_arguments_are_refused_before_any_call():
     def call():
         raise AssertionError("must not run")
@@ -28,6 +59,8 @@ def test_bad_arguments_are_refused_before_any_call():
         median_ms(call, "cpu", repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         median_ms(call, "cpu", warmup=-1)
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_median_ms({"a": call}, rounds=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU timing is tested above)")
