@@ -138,10 +138,11 @@ def test_calibrate_times_every_mode_and_writes_a_profile_the_planner_reads(tmp_p
         pytest.skip("no native kernel here: calibrate refuses (tested below)")
     calls = []
 
-    def scripted(fn):  # dense first, then native: native is twice as fast per call
-        calls.append(fn)
-        fn()
-        return 2.0 if len(calls) % 2 else 1.0
+    def scripted(fns):  # native is twice as fast per call
+        calls.append(sorted(fns))
+        for fn in fns.values():
+            fn()
+        return {"dense": 2.0, "native": 1.0}
 
     profile = calibrate.calibrate(rows=8, shapes=((64, 128),), densities=(0.5, 1.0), block_sizes=(16, 32),
                                   timer=scripted, log=lambda *_: None)
@@ -149,6 +150,7 @@ def test_calibrate_times_every_mode_and_writes_a_profile_the_planner_reads(tmp_p
         (mode, bs, d) for mode in planner.MODES for bs in (16, 32) for d in (0.5, 1.0)}
     assert all(m.speedup == 2.0 for m in profile.measurements)
     assert len(profile.details["timings"]) == len(profile.measurements)
+    assert calls == [["dense", "native"]] * len(profile.measurements)  # the pair timed together, in turns
     # The real thing, quick, through the command line: a file the planner reads back.
     path = tmp_path / "profile.json"
     assert calibrate.main(["--quick", "--out", str(path), "--rows", "32", "--repeats", "1"]) == 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..block_sparse_matrix import BlockSparseMatrix
 from ..layouts import random_block_sparse_weight
-from ..timing import median_ms
+from ..timing import interleaved_median_ms
 from .build import native_isa, native_status
 from .isa import cpu_model
 from .launcher import MODE_DTYPES, block_sparse_linear_cpu
@@ -41,12 +41,14 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
               repeats: int = 5, timer=None, log=print) -> Profile:
     """Measure this machine and return its `Profile` (not written; see `main`).
 
-    `timer(fn) -> milliseconds` replaces the median of `repeats` calls (tests).
+    `timer({"dense": fn, "native": fn}) -> {name: milliseconds}` replaces their medians over
+    `repeats` calls timed in turns (tests).
     """
     isa = native_isa()
     if isa is None:
         raise RuntimeError(f"no native CPU kernel to calibrate: {native_status()}")
-    timer = timer or (lambda fn: median_ms(fn, CPU, warmup=1, repeats=repeats))
+    # Dense and native timed in turns: a drift of the machine's speed then stays out of their ratio.
+    timer = timer or (lambda fns: interleaved_median_ms(fns, warmup=1, repeats=repeats))
     measurements, details = [], []
     with torch.inference_mode():
         for mode in modes:
@@ -59,9 +61,10 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                             n, k, block_size, density, seed=n + k + block_size, dtype=weight_dtype), block_size)
                         dense_weight = matrix.to_dense().to(activation_dtype)
                         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(activation_dtype)
-                        dense_ms = timer(lambda: F.linear(x, dense_weight))
-                        native_ms = timer(lambda: block_sparse_linear_cpu(
-                            x, matrix.values, matrix.row_offsets, matrix.col_indices, None, None))
+                        times = timer({"dense": lambda: F.linear(x, dense_weight),
+                                       "native": lambda: block_sparse_linear_cpu(
+                                           x, matrix.values, matrix.row_offsets, matrix.col_indices, None, None)})
+                        dense_ms, native_ms = times["dense"], times["native"]
                         speedups.append(dense_ms / native_ms)
                         details.append({"mode": mode, "block_size": block_size, "density": round(matrix.density, 4),
                                         "n": n, "k": k, "rows": rows, "dense_ms": round(dense_ms, 4),
