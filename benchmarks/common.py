@@ -44,6 +44,12 @@ def cpu_model() -> str:
     return model()
 
 
+def _cpu_identity() -> str:
+    from nn_blocksparse.cpu.isa import cpu_identity
+
+    return cpu_identity()
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -88,6 +94,7 @@ def environment_record(device: torch.device) -> dict[str, str]:
         "gpu": gpu,
         "gpu_arch": capability,
         "cpu": cpu_model(),
+        "cpu_identity": _cpu_identity(),
         "cpu_cores_available": str(available_cores()),
         "torch_threads": str(torch.get_num_threads()),
         "torch": torch.__version__,

@@ -121,6 +121,20 @@ def test_isa_choice_follows_cpu_features_and_environment(monkeypatch):
     assert isa.choose_isa()[0] is None  # no AVX2: the reference
 
 
+def test_cpu_identity_tells_apart_generations_that_share_a_model_name(monkeypatch):
+    zen1 = (("processor", "0"), ("cpu family", "23"), ("model", "1"), ("model name", "AMD EPYC"))
+    zen4 = (("processor", "0"), ("cpu family", "25"), ("model", "17"), ("model name", "AMD EPYC"))
+    identities = []
+    for fields in (zen1, zen4):
+        monkeypatch.setattr(isa, "_cpuinfo", lambda fields=fields: fields)
+        assert isa.cpu_model() == "AMD EPYC"
+        identities.append(isa.cpu_identity())
+    assert identities == ["AMD EPYC (family 23 model 1)", "AMD EPYC (family 25 model 17)"]
+    arm = (("processor", "0"), ("cpu implementer", "0x41"), ("cpu part", "0xd0c"))
+    monkeypatch.setattr(isa, "_cpuinfo", lambda: arm)
+    assert isa.cpu_identity() == isa.cpu_model() == "arm 0x41 part 0xd0c"
+
+
 def _native_here() -> bool:
     return LINUX and bool(isa.runnable_isas()) and build.compiler_for(isa.runnable_isas()[0]) is not None
 

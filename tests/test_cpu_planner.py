@@ -75,7 +75,7 @@ def test_default_without_a_profile_is_conservative():
 def test_this_machines_profile_is_found_by_model_isa_and_threads(tmp_path, monkeypatch):
     path = tmp_path / "profile.json"
     monkeypatch.setenv(planner.PROFILE_ENV, str(path))
-    monkeypatch.setattr(planner, "cpu_model", lambda: "Test CPU")
+    monkeypatch.setattr(planner, "cpu_identity", lambda: "Test CPU")
     monkeypatch.setattr(planner, "native_isa", lambda: "avx2")
     assert planner.current_profile() is None
     assert planner.density_threshold(torch.float32) == planner.threshold_for("fp32", 32, None)

@@ -9,7 +9,7 @@ density (0.1/0.3/0.6/1.0) is timed on random layouts at both BERT FFN shapes (76
 with fp32 activations, bf16 for "bf16"); the profile keeps the lower of the two shapes' speedups.
 About ten seconds on two cores; `--quick` (block size 32, densities 0.3 and 1.0, one shape) about
 one. Writes into the profile file (`planner.profile_path()`, or `--out`), replacing the entry of
-the same CPU model, ISA and thread count. Run it on a quiet machine: its numbers decide which
+the same CPU (`isa.cpu_identity()`), ISA and thread count. Run it on a quiet machine: its numbers decide which
 matrices `patch_bert(mode="hybrid")` makes block-sparse.
 """
 
@@ -27,7 +27,7 @@ from ..block_sparse_matrix import BlockSparseMatrix
 from ..layouts import random_block_sparse_weight
 from ..timing import interleaved_median_ms
 from .build import native_isa, native_status
-from .isa import cpu_model
+from .isa import cpu_identity
 from .launcher import MODE_DTYPES, block_sparse_linear_cpu
 from .planner import BLOCK_SIZES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
 
@@ -71,7 +71,7 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                                         "native_ms": round(native_ms, 4)})
                     measurements.append(Measurement(mode, block_size, density, min(speedups)))
                     log(f"  {mode:>12} bs={block_size:<2} density {density:.2f}: {min(speedups):.2f}x dense")
-    return Profile(cpu_model(), isa, torch.get_num_threads(), tuple(measurements),
+    return Profile(cpu_identity(), isa, torch.get_num_threads(), tuple(measurements),
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    details={"torch": torch.__version__, "timings": details})
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     if native_isa() is None:
         print(f"no native CPU kernel here ({native_status()}): nothing to calibrate", file=sys.stderr)
         return 1
-    print(f"calibrating {native_isa()} on {cpu_model()}, {torch.get_num_threads()} threads", flush=True)
+    print(f"calibrating {native_isa()} on {cpu_identity()}, {torch.get_num_threads()} threads", flush=True)
     quick = dict(shapes=SHAPES[:1], densities=(0.3, 1.0), block_sizes=(32,)) if args.quick else {}
     profile = calibrate(rows=args.rows, repeats=args.repeats, **quick)
     path = write_profile(profile, args.out)

@@ -76,6 +76,15 @@ def cpu_model() -> str:
     return platform.processor() or machine() or "unknown CPU"
 
 
+def cpu_identity() -> str:
+    """What tells CPUs apart in a calibrated profile: the model name and, on x86, the family and model
+    numbers (a virtual machine may name every generation alike, e.g. "AMD EPYC" on Zen 1 and Zen 4)."""
+    fields = dict(_cpuinfo())
+    if fields.get("cpu family") and fields.get("model"):
+        return f"{cpu_model()} (family {fields['cpu family']} model {fields['model']})"
+    return cpu_model()
+
+
 def runnable_isas() -> tuple[str, ...]:
     """The variants this CPU runs, best first (Linux only: features come from /proc/cpuinfo)."""
     if not sys.platform.startswith("linux"):

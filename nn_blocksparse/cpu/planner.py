@@ -1,7 +1,8 @@
 """Whether a block-sparse weight beats dense `F.linear` on this CPU: this machine's calibrated profile.
 
-A profile (written by `python -m nn_blocksparse.cpu.calibrate`) holds, for one CPU model, native ISA
-and thread count, the measured speedup of the native kernel over dense `F.linear` at a few block
+A profile (written by `python -m nn_blocksparse.cpu.calibrate`) holds, for one CPU (its `cpu_model`
+field is `isa.cpu_identity()`: model name and, on x86, family and model numbers), native ISA and
+thread count, the measured speedup of the native kernel over dense `F.linear` at a few block
 densities, per compute mode and block size. The planner turns it into a decision by *efficiency*,
 `speedup x density` (the kernel's rate on stored blocks over dense's rate), interpolated linearly
 in density between the measured points and held constant above the densest; the predicted speedup
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .build import cache_dir, native_isa, write_atomically
-from .isa import ISAS, cpu_model
+from .isa import ISAS, cpu_identity
 from .launcher import MODE_DTYPES, NATIVE_BLOCK_SIZES
 
 PROFILE_FORMAT = "nn_blocksparse.cpu_profile/1"
@@ -144,7 +145,7 @@ def read_profiles(path: Path) -> list[Profile]:
 
 
 def write_profile(profile: Profile, path: Path | None = None) -> Path:
-    """Add `profile` to the file (replacing the one of the same CPU model, ISA and threads), atomically."""
+    """Add `profile` to the file (replacing the one of the same CPU identity, ISA and threads), atomically."""
     path = Path(path or profile_path())
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -177,13 +178,13 @@ def _profiles_at(path: str, modified_ns: int) -> tuple[Profile, ...]:
 
 
 def current_profile() -> Profile | None:
-    """This machine's profile (CPU model, native ISA in use, torch's thread count), or None."""
+    """This machine's profile (CPU identity, native ISA in use, torch's thread count), or None."""
     path = profile_path()
     try:
         modified = path.stat().st_mtime_ns
     except OSError:
         return None
-    return matching_profile(_profiles_at(str(path), modified), cpu_model(), native_isa(), torch.get_num_threads())
+    return matching_profile(_profiles_at(str(path), modified), cpu_identity(), native_isa(), torch.get_num_threads())
 
 
 _NO_PROFILE = object()
