@@ -1,4 +1,4 @@
-"""`measure_block_sparse`: time a weight as a `BlockSparseLinear` against the same dense `nn.Linear`.
+"""`measure_block_sparse`: time a weight as a `BlockSparseLinear` against the same dense layer (`DenseLinear`).
 
 Whether zero blocks pay depends on the device more than on the density: on an H200 our kernel
 beats cuBLAS on BERT-base shapes only below about 0.2 block density (benchmarks/results/), while
@@ -12,7 +12,7 @@ after `warmup` calls, with CUDA events on a GPU (so the host's launch work count
 longer than the kernel) and `time.perf_counter` on CPU. Block-sparse is chosen only when it is at least
 `margin` faster, so that noise around equal times keeps the plain dense layer.
 
-Knows nothing of BERT; `BlockSparseLinear` and `nn.Linear` (`resize.linear_from`) are all it builds.
+Knows nothing of BERT; `BlockSparseLinear` and `DenseLinear` (oneDNN on CPU, GELU fused) are all it builds.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .linear import BlockSparseLinear
-from .resize import linear_from
+from .dense_linear import DenseLinear
 from .timing import median_ms
 
 DEFAULT_ROWS = 512  # tokens per call while measuring: batch 4 x seq 128
@@ -50,7 +49,7 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
                          margin: float = DEFAULT_MARGIN, warmup: int = 3, repeats: int = 20,
                          timer: Callable[[Callable[[], object], torch.device], float] | None = None,
                          weight_dtype: torch.dtype | None = None) -> Measurement:
-    """Time `act(x @ weight^T + bias)` as a `BlockSparseLinear` and as a dense `nn.Linear` (+ activation).
+    """Time `act(x @ weight^T + bias)` as a `BlockSparseLinear` and as a `DenseLinear` (activation fused).
 
     `x` is `[rows, in_features]` random, on the weight's device and in its dtype. `timer(fn,
     device)` replaces `timing.median_ms` (tests); it is called for the dense form first. Block-sparse
@@ -69,15 +68,11 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     bias = bias.detach() if bias is not None else None
     sparse_weight = weight if weight_dtype is None else weight.to(weight_dtype)
     sparse = BlockSparseLinear.from_dense(sparse_weight, bias, block_size, activation=activation, backend=backend)
-    dense = linear_from(weight, bias)
+    dense = DenseLinear.from_tensors(weight, bias, activation)  # what hybrid keeps where dense is faster
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, weight.shape[1], generator=generator).to(device=device, dtype=weight.dtype)
 
-    def dense_call():
-        y = dense(x)
-        return F.gelu(y) if activation == "gelu" else y
-
     with torch.inference_mode():
-        dense_ms = timer(dense_call, device)
+        dense_ms = timer(lambda: dense(x), device)
         block_sparse_ms = timer(lambda: sparse(x), device)
     return Measurement(dense_ms, block_sparse_ms, block_sparse_ms < (1.0 - margin) * dense_ms)

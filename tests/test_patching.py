@@ -215,6 +215,28 @@ def test_resized_ffn_hidden_sizes_are_aligned(pruned_minilm, padded_batch):
             patch_bert(copy.deepcopy(model), mode="resize", ffn_multiple_of=bad)
 
 
+def test_hybrid_keeps_its_dense_matrices_in_dense_linears_with_gelu_fused(pruned_minilm, padded_batch, tmp_path):
+    """What hybrid leaves dense runs DenseLinear (oneDNN on CPU), the FFN-in with GELU; the output is the
+    unpatched model's; a checkpoint keeps it so. resize keeps nn_pruning's plain nn.Linear."""
+    from nn_blocksparse.dense_linear import DenseLinear
+
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    hybrid = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.0)  # every matrix dense
+    for layer in hybrid.encoder.layer:
+        assert type(layer.intermediate.dense) is DenseLinear and layer.intermediate.dense.activation == "gelu"
+        assert isinstance(layer.intermediate.intermediate_act_fn, torch.nn.Identity)
+        assert type(layer.output.dense) is DenseLinear and layer.output.dense.activation is None
+        assert type(layer.attention.output.dense) is DenseLinear
+    assert max_diff_on_real_tokens(reference_output(hybrid, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
+    loaded = load_patched_bert(save_patched_bert(hybrid, tmp_path / "hybrid"))
+    assert [type(layer.intermediate.dense) for layer in loaded.encoder.layer] == [DenseLinear] * len(loaded.encoder.layer)
+    assert all(layer.intermediate.dense.activation == "gelu" for layer in loaded.encoder.layer)
+    assert torch.equal(reference_output(loaded, padded_batch), reference_output(hybrid, padded_batch))
+    resized = patch_bert(copy.deepcopy(model), mode="resize")
+    assert all(type(layer.output.dense) is torch.nn.Linear for layer in resized.encoder.layer)
+
+
 def test_save_and_load_patched_model_without_pickle(pruned_minilm, padded_batch, tmp_path):
     model, _ = pruned_minilm
     patched = patch_bert(copy.deepcopy(model), mode="hybrid")
@@ -415,6 +437,9 @@ CRAFTED_PATCHES = [
     (_set_path("layers", 0, "attention", "qkv", "activation", value="gelu"), ValueError,
      r"qkv.activation must be one of \(None,\)"),
     (_set_path("layers", 0, "attention", "qkv", "type", value="conv"), ValueError, "qkv.type must be one of"),
+    (_set_path("layers", 0, "output", "activation", value="gelu"), ValueError,
+     r"output.activation must be one of \(None,\)"),
+    (_set_path("layers", 0, "output", "activation", value=3), TypeError, "output.activation must be"),
     (_set_path("layers", 1, "intermediate", "out_features", value=10**9), ValueError,
      "intermediate.dense.row_offsets has shape"),
     (_set_path("layers", 1, "output", "in_features", value=64), ValueError,
@@ -433,6 +458,35 @@ def test_a_crafted_patch_json_is_refused_naming_the_field(tmp_path, edit, error,
     _edit_patch(folder, edit)
     with pytest.raises(error, match=message):
         load_patched_bert(folder)
+
+
+def test_dense_linear_specs_are_checked_and_older_plain_linear_specs_still_load(tmp_path):
+    import json
+
+    model = patch_bert(small_bert(), mode="hybrid", dense_threshold=0.0)  # every matrix a DenseLinear
+    folder = save_patched_bert(model, tmp_path / "dense")
+    layer = json.loads((folder / "patch.json").read_text())["layers"][0]
+    assert layer["output"] == {"type": "linear", "in_features": 128, "out_features": 64, "bias": True,
+                               "activation": None}
+    assert layer["intermediate"]["activation"] == "gelu" and layer["intermediate_activation_fused"]
+    for edit, message in ((_set_path("layers", 0, "output", "activation", value="gelu"),
+                           r"layers\[0\].output.activation must be one of \(None,\)"),
+                          (_set_path("layers", 1, "intermediate", "activation", value="relu"),
+                           r"intermediate.activation must be one of \('gelu', None\)"),
+                          (_set_path("layers", 1, "intermediate", "activation", value=None),
+                           "intermediate_activation_fused is True, but the intermediate module does not fuse GELU")):
+        crafted = save_patched_bert(model, tmp_path / "crafted")
+        _edit_patch(crafted, edit)
+        with pytest.raises(ValueError, match=message):
+            load_patched_bert(crafted)
+    # A checkpoint from before DenseLinear (linear specs without "activation", GELU unfused) loads as nn.Linear.
+    resized = patch_bert(small_bert(), mode="resize")
+    old = save_patched_bert(resized, tmp_path / "old")
+    loaded = load_patched_bert(old)
+    assert all(type(layer.output.dense) is torch.nn.Linear for layer in loaded.encoder.layer)
+    batch = {"input_ids": torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        assert torch.equal(loaded(**batch).last_hidden_state, resized(**batch).last_hidden_state)
 
 
 def test_crafted_weights_and_config_are_refused(tmp_path):

@@ -9,7 +9,8 @@ structure. Loading checks the folder before building anything (`load_patched_ber
 "dtype": torch's name of the model dtype, "layers": [...]}`; each layer gives its attention
 (`"fused"`: one `qkv` module, or `"bert"`: `query`/`key`/`value`), `attention_output`,
 `intermediate`, `intermediate_activation_fused` and `output`, each module a `"linear"` or
-`"block_sparse"` spec (sizes, bias, block size, fused activation, weight dtype).
+`"block_sparse"` spec (sizes, bias, block size, fused activation, weight dtype; a `"linear"` with an
+`activation` field is a `DenseLinear`, hybrid's dense matrices).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from ..attention import FusedSelfAttention
 from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
+from ..dense_linear import DenseLinear
 from ..dtypes import TORCH_DTYPE_NAMES, dtype_from_name
 from ..functional import BACKENDS
 from ..linear import BlockSparseLinear
@@ -39,8 +41,9 @@ def _module_spec(module: nn.Module) -> dict:
     if isinstance(module, BlockSparseLinear):
         return {"type": "block_sparse", **module.config_dict(), "dtype": TORCH_DTYPE_NAMES[module.values.dtype]}
     if isinstance(module, nn.Linear):
-        return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
+        spec = {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
+        return {**spec, "activation": module.activation} if isinstance(module, DenseLinear) else spec
     raise TypeError(f"cannot describe a {type(module).__name__}")
 
 
@@ -52,6 +55,9 @@ def _module_from_spec(spec: dict, dtype: torch.dtype, backend: str) -> nn.Module
                                  block_size=spec["block_size"], activation=spec["activation"], backend=backend,
                                  dtype=weight_dtype)
     if spec["type"] == "linear":
+        if "activation" in spec:  # a DenseLinear (hybrid's dense matrices); without it nn_pruning's plain nn.Linear
+            return DenseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                               activation=spec["activation"], dtype=dtype)
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
     raise ValueError(f"unknown module type {spec['type']!r} in patch.json")
 
@@ -169,7 +175,8 @@ _LINEAR_FIELDS = {"type": str, "in_features": int, "out_features": int, "bias": 
 _BLOCK_SPARSE_FIELDS = {**_LINEAR_FIELDS, "block_size": int, "activation": (str, type(None))}
 _MODULE_FIELDS = {"linear": _LINEAR_FIELDS, "block_sparse": _BLOCK_SPARSE_FIELDS}
 # A block-sparse module's weight dtype, where patch_bert's weight_dtype made it differ from the model's.
-_OPTIONAL_MODULE_FIELDS = {"linear": {}, "block_sparse": {"dtype": str}}
+# A linear's activation marks a DenseLinear (absent: a plain nn.Linear).
+_OPTIONAL_MODULE_FIELDS = {"linear": {"activation": (str, type(None))}, "block_sparse": {"dtype": str}}
 _ATTENTION_FIELDS = {"fused": {"type": str, "num_heads": int, "head_dim": int, "qkv": dict},
                      "bert": {"type": str, "num_heads": int, "query": dict, "key": dict, "value": dict}}
 
@@ -229,6 +236,9 @@ def _check_module_spec(spec, where: str, in_features: int | None, out_features: 
         if expected is not None and value != expected:
             raise ValueError(f"{where}.{name} is {value}, the config makes it {expected}")
     wanted = {}
+    allowed = ("gelu", None) if activation_allowed else (None,)
+    if spec.get("activation") not in allowed:
+        raise ValueError(f"{where}.activation must be one of {allowed}, got {spec['activation']!r:.60}")
     if kind == "linear":
         wanted["weight"] = (n, k)
     else:
@@ -236,9 +246,6 @@ def _check_module_spec(spec, where: str, in_features: int | None, out_features: 
         if block_size not in SUPPORTED_BLOCK_SIZES or n % block_size or k % block_size:
             raise ValueError(f"{where}.block_size must be one of {SUPPORTED_BLOCK_SIZES} and divide "
                              f"{n} x {k}, got {block_size}")
-        allowed = ("gelu", None) if activation_allowed else (None,)
-        if spec["activation"] not in allowed:
-            raise ValueError(f"{where}.activation must be one of {allowed}, got {spec['activation']!r:.60}")
         wanted.update(row_offsets=(n // block_size + 1,), row_order=(n // block_size,))
     if spec["bias"]:
         wanted["bias"] = (n,)
@@ -294,7 +301,7 @@ def _check_against_config(patch: dict, config, shapes: dict, prefix: str, weight
         intermediate = spec["intermediate"]
         check_module(intermediate, f"{where}.intermediate", hidden, None, f"{tensor}intermediate.dense",
                      activation_allowed=True)
-        fused = intermediate["type"] == "block_sparse" and intermediate["activation"] == "gelu"
+        fused = intermediate.get("activation") == "gelu"
         if spec["intermediate_activation_fused"] != fused:
             raise ValueError(f"{where}.intermediate_activation_fused is {spec['intermediate_activation_fused']}, "
                              f"but the intermediate module {'fuses' if fused else 'does not fuse'} GELU")

@@ -14,7 +14,9 @@ The thin layer between transformers' BERT modules and the library's generic piec
   where the kernel only wins at low density (about 0.2 on an H200); on CPU it asks the CPU
   planner (`nn_blocksparse.cpu.use_block_sparse`: this machine's calibrated profile, or a
   conservative default; never block-sparse without the native kernel).
-  The choices, with the times measured, are kept in `model.nn_blocksparse_choices`.
+  The choices, with the times measured, are kept in `model.nn_blocksparse_choices`. The matrices
+  hybrid keeps dense become `DenseLinear`s (`nn.Linear`s whose CPU forward runs oneDNN, the FFN-in
+  with GELU fused).
 
 `permute_for_row_groups=R` (block-sparse and hybrid; off by default until a GPU has measured what it
 gains) first reorders each layer's FFN neurons and attention heads / head dimensions, exactly
@@ -43,6 +45,7 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from ..attention import FusedSelfAttention
 from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
+from ..dense_linear import DenseLinear
 from ..functional import BACKENDS
 from ..linear import BlockSparseLinear
 from ..layouts import block_density
@@ -110,12 +113,18 @@ def is_exact_gelu(act_fn) -> bool:
 
 # ---------------------------------------------------------------------------------- patching
 def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activation=None,
-                weight_dtype=None) -> nn.Module:
+                weight_dtype=None, mode: str = "hybrid") -> nn.Module:
+    """The module of one matrix: block-sparse, or dense (`DenseLinear` in hybrid, with `activation`
+    fused; resize keeps nn_pruning's plain `nn.Linear`, which takes no activation)."""
     if sparse:
         if weight_dtype is not None:
             weight = weight.to(weight_dtype)
         return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
-    return linear_from(weight, bias)
+    if mode == "resize":
+        if activation is not None:
+            raise ValueError("resize keeps plain nn.Linear layers, with no fused activation")
+        return linear_from(weight, bias)
+    return DenseLinear.from_tensors(weight, bias, activation)
 
 
 def _permuted_for_row_groups(query, key, value, output, inner, outer, num_heads: int, block_size: int,
@@ -258,20 +267,21 @@ def _plan_layer(layer: nn.Module, layer_index: int, mode: str, ffn_multiple_of: 
         qkv_weight = torch.cat([query.weight, key.weight, value.weight])
         qkv_bias = torch.cat([query.bias, key.bias, value.bias]) if query.bias is not None else None
         qkv_sparse = num_heads > 0 and sparse_for(qkv_weight, qkv_bias, layer_index, "qkv")
-        qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend, weight_dtype=weight_dtype)
+        qkv = _projection(qkv_weight, qkv_bias, qkv_sparse, block_size, backend, weight_dtype=weight_dtype, mode=mode)
         fused_attention = BertSelfAttentionAdapter(FusedSelfAttention(qkv, num_heads, head_dim, attention.dropout.p))
     output_sparse = sparse_for(output.weight, output.bias, layer_index, "attention_output")
     attention_output = _projection(output.weight, output.bias, output_sparse, block_size, backend,
-                                   weight_dtype=weight_dtype)
+                                   weight_dtype=weight_dtype, mode=mode)
 
     fuse_gelu = is_exact_gelu(layer.intermediate.intermediate_act_fn)
     inner_sparse = sparse_for(inner.weight, inner.bias, layer_index, "ffn_in", "gelu" if fuse_gelu else None)
-    gelu_fused = inner_sparse and fuse_gelu
+    gelu_fused = fuse_gelu and (inner_sparse or mode == "hybrid")  # hybrid's dense FFN-in fuses it too
     intermediate = _projection(inner.weight, inner.bias, inner_sparse, block_size, backend,
-                               activation="gelu" if gelu_fused else None, weight_dtype=weight_dtype)
+                               activation="gelu" if gelu_fused else None, weight_dtype=weight_dtype, mode=mode)
     outer_sparse = sparse_for(outer.weight, outer.bias, layer_index, "ffn_out")
     return LayerPlan(bert_attention, fused_attention, attention_output, intermediate, gelu_fused,
-                      _projection(outer.weight, outer.bias, outer_sparse, block_size, backend, weight_dtype=weight_dtype))
+                      _projection(outer.weight, outer.bias, outer_sparse, block_size, backend, weight_dtype=weight_dtype,
+                                  mode=mode))
 
 
 def _move_hooks(old: nn.Module, new: nn.Module) -> None:

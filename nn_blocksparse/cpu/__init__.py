@@ -6,7 +6,9 @@
   reference (`reference.py`).
 - `native_isa()` / `native_status()`: the ISA in use ("avx512_bf16", "avx512", "avx2", "neon_bf16",
   "neon") or None, and why (`isa.py`: CPU features, `NN_BLOCKSPARSE_ISA`, `NN_BLOCKSPARSE_NATIVE`).
-- `density_threshold(...)` / `use_block_sparse(...)`: whether block-sparse beats dense `F.linear`
+- `dense_linear_cpu(x, weight, bias, activation)`: the dense linear beside it (`dense.py`): oneDNN
+  (ISA-specific kernels, GELU fused) where torch has it, else `F.linear`.
+- `density_threshold(...)` / `use_block_sparse(...)`: whether block-sparse beats that dense linear
   here, from this machine's calibrated profile (`planner.py`), written by
   `python -m nn_blocksparse.cpu.calibrate` (`calibrate.py`).
 
@@ -14,9 +16,10 @@ Knows nothing of `nn.Module` or BERT.
 """
 
 from .build import native_isa, native_status
+from .dense import dense_linear_cpu
 from .isa import cpu_model
 from .launcher import block_sparse_linear_cpu
 from .planner import density_threshold, use_block_sparse
 
-__all__ = ["block_sparse_linear_cpu", "cpu_model", "density_threshold", "native_isa", "native_status",
-           "use_block_sparse"]
+__all__ = ["block_sparse_linear_cpu", "cpu_model", "dense_linear_cpu", "density_threshold", "native_isa",
+           "native_status", "use_block_sparse"]

@@ -1,11 +1,12 @@
-"""Calibrate the CPU planner: time the native kernel against dense `F.linear` here, write the profile.
+"""Calibrate the CPU planner: time the native kernel against the dense linear (`dense_linear_cpu`) here, write the profile.
 
     python -m nn_blocksparse.cpu.calibrate [--out PATH] [--threads N] [--rows 256] [--repeats 5] [--quick]
 
 For the native ISA in use (`NN_BLOCKSPARSE_ISA` to calibrate another) and torch's thread count
 (`--threads`), each compute mode ("fp32", "bf16", "bf16_weights"), block size (16/32/64) and block
 density (0.1/0.3/0.6/1.0) is timed on random layouts at both BERT FFN shapes (768x3072 and
-3072x768, `--rows` rows of x), against dense `F.linear` on the same inputs (fp32 for the modes
+3072x768, `--rows` rows of x), against the dense linear hybrid runs beside it
+(`dense.dense_linear_cpu`: oneDNN where torch has it) on the same inputs (fp32 for the modes
 with fp32 activations, bf16 for "bf16"); the profile keeps the lower of the two shapes' speedups.
 About ten seconds on two cores; `--quick` (block size 32, densities 0.3 and 1.0, one shape) about
 one. Writes into the profile file (`planner.profile_path()`, or `--out`), replacing the entry of
@@ -21,12 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..block_sparse_matrix import BlockSparseMatrix
 from ..layouts import random_block_sparse_weight
 from ..timing import interleaved_median_ms
 from .build import native_isa, native_status
+from .dense import dense_linear_cpu
 from .isa import cpu_identity
 from .launcher import MODE_DTYPES, block_sparse_linear_cpu
 from .planner import BLOCK_SIZES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
@@ -61,7 +62,7 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                             n, k, block_size, density, seed=n + k + block_size, dtype=weight_dtype), block_size)
                         dense_weight = matrix.to_dense().to(activation_dtype)
                         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(activation_dtype)
-                        times = timer({"dense": lambda: F.linear(x, dense_weight),
+                        times = timer({"dense": lambda: dense_linear_cpu(x, dense_weight),
                                        "native": lambda: block_sparse_linear_cpu(
                                            x, matrix.values, matrix.row_offsets, matrix.col_indices, None, None)})
                         dense_ms, native_ms = times["dense"], times["native"]

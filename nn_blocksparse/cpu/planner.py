@@ -1,9 +1,10 @@
-"""Whether a block-sparse weight beats dense `F.linear` on this CPU: this machine's calibrated profile.
+"""Whether a block-sparse weight beats the dense linear on this CPU: this machine's calibrated profile.
 
 A profile (written by `python -m nn_blocksparse.cpu.calibrate`) holds, for one CPU (its `cpu_model`
 field is `isa.cpu_identity()`: model name and, on x86, family and model numbers), native ISA and
-thread count, the measured speedup of the native kernel over dense `F.linear` at a few block
-densities, per compute mode and block size. The planner turns it into a decision by *efficiency*,
+thread count, the measured speedup of the native kernel over the dense linear
+(`dense.dense_linear_cpu`, oneDNN where torch has it) at a few block densities, per compute mode
+and block size. The planner turns it into a decision by *efficiency*,
 `speedup x density` (the kernel's rate on stored blocks over dense's rate), interpolated linearly
 in density between the measured points and held constant above the densest; the predicted speedup
 at density d is `efficiency(d) / d`. Below the sparsest measured density the speedup measured
@@ -19,7 +20,7 @@ there is assumed (no more: fixed costs weigh more as the work shrinks).
 
 Compute modes (activations, weights): "fp32" (fp32, fp32), "bf16" (bf16, bf16) and "bf16_weights"
 (fp32 activations, bf16 weights; dense layers beside them stay fp32, so it is measured against
-fp32 `F.linear`).
+the fp32 dense linear).
 
 The profile file is JSON (`PROFILE_FORMAT`), `<cache>/cpu_profile.json` by default
 (`NN_BLOCKSPARSE_CPU_PROFILE` names another file); it may hold profiles of several machines, ISAs

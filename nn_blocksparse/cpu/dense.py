@@ -1,0 +1,79 @@
+"""`dense_linear_cpu`: the dense linear the CPU path runs beside the block-sparse kernel, through oneDNN.
+
+torch's fp32 `F.linear` runs MKL's sgemm, which on AMD CPUs takes its AVX2 code path even where the
+CPU has AVX-512; oneDNN (`torch.ops.mkldnn._linear_pointwise`, the linear Inductor's CPU backend
+calls) picks its kernels by the CPU's instruction set, reads the weight as it lies (no packed copy
+is kept, so an in-place change of the weight is seen by the next call) and fuses GELU (exact erf
+form) into its epilogue. It is what hybrid's dense matrices run, and what the planner and
+`selection` compare the native kernel with: the dense baseline a CPU user can have.
+
+oneDNN runs where torch has the op, the inputs are plain CPU tensors of one dtype (fp32 or bf16),
+the weight is contiguous and non-empty, the sizes fit (else `F.linear` says what is wrong) and no
+gradient is wanted (the op records no autograd graph); it is probed
+once per dtype against `F.linear`. Everywhere else, and with `NN_BLOCKSPARSE_ONEDNN=0`, it is
+`F.linear` then GELU: the same result to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+ONEDNN_ENV = "NN_BLOCKSPARSE_ONEDNN"
+ACTIVATIONS = (None, "gelu")
+_DTYPES = (torch.float32, torch.bfloat16)
+_ATTRIBUTES = {None: ("none", ""), "gelu": ("gelu", "none")}  # oneDNN post-op, algorithm ("none": erf GELU)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(dtype: torch.dtype) -> bool:
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=generator).to(dtype) for shape in ((3, 32), (16, 32), (16,)))
+    try:
+        with torch.no_grad():
+            y = op(x, weight, bias, "gelu", [], "none")
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    expected = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    return y.shape == expected.shape and y.dtype == dtype and bool((y.double() - expected).abs().max() < tolerance)
+
+
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `dense_linear_cpu` runs oneDNN for this dtype in this process."""
+    return os.environ.get(ONEDNN_ENV, "1") != "0" and dtype in _DTYPES and _probe(dtype)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not tensor subclasses that trace or wrap (fake, functional)
+
+
+def _onednn_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if not (type(x) in _PLAIN and type(weight) in _PLAIN and x.is_cpu and weight.is_cpu
+            and x.dtype == weight.dtype and weight.is_contiguous() and weight.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1] and x.numel() > 0 and weight.numel() > 0):
+        return False
+    if bias is not None and not (type(bias) in _PLAIN and bias.dtype == x.dtype and bias.is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return False
+    return onednn_available(x.dtype)
+
+
+def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     activation: str | None = None) -> torch.Tensor:
+    """`act(x @ weight^T + bias)`, `act` None or "gelu" (exact): oneDNN where it runs (module docstring), else
+    `F.linear` then `F.gelu`."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if _onednn_runs(x, weight, bias):
+        attribute, algorithm = _ATTRIBUTES[activation]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attribute, [], algorithm)
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
