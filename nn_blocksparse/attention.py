@@ -5,7 +5,9 @@ Knows nothing of BERT: it is given a QKV projection (any module mapping `[..., h
 heads), a head count and a head size. The head count is per instance, so a pruned model can
 keep a different number of heads in every layer. The projection is one matmul (one kernel
 launch, x read once) instead of three; attention itself runs in
-`torch.nn.functional.scaled_dot_product_attention`.
+`torch.nn.functional.scaled_dot_product_attention`, or on CPU in fp32 inference in the native
+kernel's attention (`cpu.attention.self_attention_cpu`, as the op `ops.attention_cpu`), which reads the projection's output as it
+lies and writes the heads merged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import ops
+from .cpu.attention import runs_native_attention
 
 
 class FusedSelfAttention(nn.Module):
@@ -40,11 +45,14 @@ class FusedSelfAttention(nn.Module):
         if self.num_heads == 0:  # every head pruned: the attention block adds nothing
             context = hidden_states.new_zeros(batch, seq, 0)
             return (context, hidden_states.new_zeros(batch, 0, seq, seq)) if return_probabilities else context
-        qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim)
+        projected = self.qkv(hidden_states)
+        dropout = self.dropout if self.training else 0.0
+        if not return_probabilities and runs_native_attention(projected, self.head_dim, attention_mask, dropout):
+            return ops.attention_cpu(projected, self.num_heads, self.head_dim, attention_mask)
+        qkv = projected.view(batch, seq, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, head_dim]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.to(query.dtype)
-        dropout = self.dropout if self.training else 0.0
         if return_probabilities:
             context, probabilities = _attention_with_probabilities(query, key, value, attention_mask, dropout)
             return context.transpose(1, 2).reshape(batch, seq, self.inner_size), probabilities

@@ -7,6 +7,9 @@ reading any data, so the modules that call them trace without a graph break and 
 - `nn_blocksparse::linear_cpu(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices,
   Tensor? bias, str? activation) -> Tensor`: the CPU path (`block_sparse_linear_cpu`), opaque to
   the compiler.
+- `nn_blocksparse::attention_cpu(Tensor qkv, int num_heads, int head_dim, Tensor? attention_mask) -> Tensor`:
+  the native CPU self-attention (`cpu.attention.self_attention_cpu`) of a fused `[B, S, 3 * H * D]`
+  projection, `[B, S, H * D]` out; called only where `runs_native_attention` holds (never in a trace).
 - `nn_blocksparse::linear_triton(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices,
   Tensor row_order, Tensor[] row_groups, Tensor? bias, str? activation, SymInt[] launch_table) -> Tensor`:
   the Triton kernel, through the launcher `kernels.block_sparse_linear`. Where torch has
@@ -37,6 +40,7 @@ from typing import Sequence
 import torch
 
 from .cpu import block_sparse_linear_cpu
+from .cpu.attention import self_attention_cpu
 from .kernels import block_sparse_linear as triton_block_sparse_linear
 from .kernels.block_sparse_linear import interpreter_enabled
 from .kernels.configs import KernelConfig, m_bucket
@@ -118,6 +122,17 @@ def _output_like(x: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tenso
 @linear_cpu.register_fake
 def _linear_cpu_fake(x, values, row_offsets, col_indices, bias, activation):
     return _output_like(x, values, row_offsets)
+
+
+# ---------------------------------------------------------------------------------- attention_cpu
+@torch.library.custom_op(f"{NAMESPACE}::attention_cpu", mutates_args=(), device_types="cpu")
+def attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    return self_attention_cpu(qkv, num_heads, head_dim, attention_mask)
+
+
+@attention_cpu.register_fake
+def _attention_cpu_fake(qkv, num_heads, head_dim, attention_mask):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], num_heads * head_dim)
 
 
 # ---------------------------------------------------------------------------------- linear_triton

@@ -83,6 +83,19 @@ def test_opcheck_linear_cpu(dtype, bias, activation):
     assert_close_to_reference(y, dense_reference(x, weight, b if bias else None, activation), dtype)
 
 
+def test_opcheck_attention_cpu():
+    from nn_blocksparse.cpu import native_isa
+
+    if native_isa() is None:
+        pytest.skip("no native kernel here (the ARM harness checks NEON's attention)")
+    qkv = torch.randn(2, 9, 3 * 2 * 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 1, 1, 9)
+    mask[0, ..., 5:] = torch.finfo(torch.float32).min
+    for attention_mask in (None, mask):
+        torch.library.opcheck(torch.ops.nn_blocksparse.attention_cpu.default, (qkv, 2, 8, attention_mask))
+    assert torch.ops.nn_blocksparse.attention_cpu(qkv, 2, 8, None).shape == (2, 9, 16)
+
+
 @pytest.mark.parametrize("config", [KernelConfig(16, k_blocks=2, split_k=2), KernelConfig(32, rows_per_program=2)],
                          ids=["k_blocks-split_k", "row_groups"])
 def test_opcheck_linear_triton(kernel_device, config):

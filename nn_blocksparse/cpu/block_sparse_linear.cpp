@@ -25,6 +25,7 @@
 // library links libgomp.so.1, which resolves to the one torch already loaded: these are torch's
 // own OpenMP threads, not a second team competing for the cores.
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,7 +62,7 @@
 #ifndef NNBS_BUILD_KEY
 #define NNBS_BUILD_KEY "unkeyed"
 #endif
-#define NNBS_ABI_VERSION 2
+#define NNBS_ABI_VERSION 3
 
 namespace nnbs {
 
@@ -116,6 +117,23 @@ inline vf<L> fmadd(vf<L> a, vf<L> b, vf<L> c) {
   else if constexpr (L == 8) return _mm256_fmadd_ps(a, b, c);
 #if NNBS_VECTOR_LANES >= 16
   else return _mm512_fmadd_ps(a, b, c);
+#else
+  else static_assert(L <= 8, "AVX2 vectors hold 8 floats");
+#endif
+#endif
+}
+
+// s in every lane (one broadcast instruction, where a vector built lane by lane may not be one).
+template <int L>
+inline vf<L> broadcast(float s) {
+#if defined(__aarch64__)
+  static_assert(L == 4, "NEON vectors hold 4 floats");
+  return (vf<L>)vdupq_n_f32(s);
+#else
+  if constexpr (L == 4) return (vf<L>)_mm_set1_ps(s);
+  else if constexpr (L == 8) return (vf<L>)_mm256_set1_ps(s);
+#if NNBS_VECTOR_LANES >= 16
+  else return (vf<L>)_mm512_set1_ps(s);
 #else
   else static_assert(L <= 8, "AVX2 vectors hold 8 floats");
 #endif
@@ -234,7 +252,7 @@ inline vf<L> gelu(vf<L> v) {
   // v < 0); the polynomial's value out there, however large, is masked off.
   const vf<L> erfc = as_f<L>(as_u<L>(polynomial<L, 13>(a - splat<L>(2.46f), erfc_large)) & (vu<L>)(a < 3.92f));
   const vf<L> one_plus_large = z < 0.0f ? erfc : splat<L>(2.0f) - erfc;
-  // NaN propagates through the product with v; gelu(inf) = inf, gelu(-inf) = NaN (inf * 0), as torch.
+  // NaN propagates through the product with v; gelu(inf) = inf, gelu(-inf) = NaN (inf * 0), as torch in float64.
   return splat<L>(0.5f) * v * (a <= 1.0f ? one_plus_small : one_plus_large);
 }
 
@@ -508,6 +526,23 @@ void run_block_size(int64_t block_size, const Problem<Element<BF16>>& p) {
   else run<BF16, 64>(p);
 }
 
+// This thread's scratch memory of at least `bytes`, or null if it cannot be had: kept between calls
+// and grown as needed (freed at the thread's exit), since memory fresh from malloc on every call is,
+// at these sizes, memory the system maps and zeroes page by page on every call.
+inline void* scratch(size_t bytes) {
+  static thread_local struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { free(data); }
+  } buffer;
+  if (buffer.size < bytes) {
+    free(buffer.data);
+    buffer.data = malloc(bytes);
+    buffer.size = buffer.data ? bytes : 0;
+  }
+  return buffer.data;
+}
+
 // fp32 rows of x to bf16 (round to nearest even), for bf16 weights with fp32 activations.
 inline void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out) {
   constexpr int L = NNBS_VECTOR_LANES;
@@ -525,6 +560,136 @@ inline void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint
       vf<4> one = {src[j], 0.0f, 0.0f, 0.0f};
       dst[j] = static_cast<uint16_t>(round_to_bf16<4>(one)[0]);
     }
+  }
+}
+
+
+// ------------------------------------------------------------------------------ attention (fp32)
+// out[b, i, h, :] = softmax_j(q_i . k_j * scale + mask[b, j]) v_j for an encoder's self-attention,
+// read straight from the fused projection's output `qkv [B, S, 3 * H * D]` (all Q heads, then K,
+// then V) and written as `[B, S, H * D]`, the layout the output projection takes: no transposed
+// copies either way. Tasks are (batch, head, block of query rows). A task first copies its head's
+// keys transposed, `kt[d][j]` (S padded to a vector with zeros), so that scores run along j with
+// broadcast queries and need no lane reductions; then per QR query rows: scores (QR x S), softmax
+// (max, exp, sum; the exp is `exp_nonpositive`), and the weighted sum of V rows along d, scaled by
+// 1 / sum at the end. Each output is one thread's sum in a fixed order: bit-identical for any
+// thread count.
+
+// e^x for x <= 0 (scores less their row's max), -inf and anything below -87.3 giving 0: x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (relative error below 2e-8 there), 2^n
+// put into the exponent bits.
+template <int L>
+inline vf<L> exp_nonpositive(vf<L> x) {
+  static const float taylor[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+  const vi<L> underflow = (vi<L>)(x < -87.3f);
+  const vf<L> clamped = underflow ? splat<L>(0.0f) : x;
+  const vi<L> n = __builtin_convertvector(clamped * 1.44269504088896341f - 0.5f, vi<L>);  // round(x log2 e)
+  const vf<L> nf = __builtin_convertvector(n, vf<L>);
+  const vf<L> r = fmadd<L>(nf, splat<L>(-1.42860677e-06f), fmadd<L>(nf, splat<L>(-0.693145752f), clamped));
+  const vf<L> scale = as_f<L>((vu<L>)((n + 127) << 23));
+  return as_f<L>(as_u<L>(polynomial<L, 8>(r, taylor) * scale) & ~(vu<L>)underflow);
+}
+
+constexpr int ATTENTION_ROWS = 4;  // query rows per step: they share each load of kt and of V
+
+// out_rows[r][d0 .. d0 + V * L) = sum_j scores[r][j] * values[j * row_stride ..] * inverse_sum[r], r < qr.
+template <int L, int V>
+inline void weighted_values(const float* scores, int64_t padded, int64_t s_len, const float* values, int64_t row_stride,
+                            const float* inverse_sum, int qr, float* const* out_rows, int64_t d0) {
+  vf<L> acc[ATTENTION_ROWS][V] = {};
+  for (int64_t j = 0; j < s_len; ++j) {
+    vf<L> vv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) vv[v] = load_f<L>(values + j * row_stride + v * L);
+#pragma GCC unroll 4
+    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+      const vf<L> weight = broadcast<L>(scores[r * padded + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = fmadd<L>(weight, vv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < qr; ++r)
+    for (int v = 0; v < V; ++v) {
+      const vf<L> value = acc[r][v] * inverse_sum[r];
+      memcpy(out_rows[r] + d0 + v * L, &value, sizeof value);
+    }
+}
+
+template <int L>
+void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, const float* mask, float scale,
+                    float* out, int64_t b, int64_t h, int64_t first, int64_t rows, float* kt, float* scores) {
+  const int64_t row_stride = 3 * heads * d, width = heads * d;
+  const int64_t padded = (s_len + L - 1) / L * L;
+  const float* base = qkv + b * s_len * row_stride;
+  // Keys transposed: kt[dd * padded + j] = k[j][dd], zeros past S.
+  for (int64_t j = 0; j < padded; ++j) {
+    const float* key = base + j * row_stride + width + h * d;
+    for (int64_t dd = 0; dd < d; ++dd) kt[dd * padded + j] = j < s_len ? key[dd] : 0.0f;
+  }
+  // What every score of a key gets added: the mask, or -inf past S (those keys weigh 0).
+  float* key_bias = scores + ATTENTION_ROWS * padded;
+  for (int64_t j = 0; j < padded; ++j) key_bias[j] = j < s_len ? (mask ? mask[b * s_len + j] : 0.0f) : -INFINITY;
+  for (int64_t i0 = first; i0 < first + rows; i0 += ATTENTION_ROWS) {
+    const int qr = first + rows - i0 < ATTENTION_ROWS ? static_cast<int>(first + rows - i0) : ATTENTION_ROWS;
+    const float* query[ATTENTION_ROWS];
+    for (int r = 0; r < ATTENTION_ROWS; ++r) query[r] = base + (i0 + (r < qr ? r : 0)) * row_stride + h * d;
+    // Scores, 4 vectors of keys at a time.
+    for (int64_t j0 = 0; j0 < padded; j0 += 4 * L) {
+      const int vectors = padded - j0 >= 4 * L ? 4 : static_cast<int>((padded - j0) / L);
+      vf<L> acc[ATTENTION_ROWS][4] = {};
+      for (int64_t dd = 0; dd < d; ++dd) {
+        const float* row = kt + dd * padded + j0;
+        vf<L> kv[4];
+        for (int v = 0; v < 4; ++v) kv[v] = v < vectors ? load_f<L>(row + v * L) : vf<L>{};
+#pragma GCC unroll 4
+        for (int r = 0; r < ATTENTION_ROWS; ++r) {
+          const vf<L> qv = broadcast<L>(query[r][dd]);
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) acc[r][v] = fmadd<L>(qv, kv[v], acc[r][v]);
+        }
+      }
+      for (int r = 0; r < ATTENTION_ROWS; ++r)
+        for (int v = 0; v < vectors; ++v) {
+          const vf<L> value = fmadd<L>(acc[r][v], broadcast<L>(scale), load_f<L>(key_bias + j0 + v * L));
+          memcpy(scores + r * padded + j0 + v * L, &value, sizeof value);
+        }
+    }
+    // Softmax numerators and their sums.
+    float inverse_sum[ATTENTION_ROWS];
+    for (int r = 0; r < qr; ++r) {
+      float* row = scores + r * padded;
+      vf<L> maxima = broadcast<L>(-INFINITY);
+      for (int64_t j = 0; j < padded; j += L) {
+        const vf<L> v = load_f<L>(row + j);
+        maxima = v > maxima ? v : maxima;
+      }
+      float maximum = -INFINITY;
+      for (int l = 0; l < L; ++l) maximum = maxima[l] > maximum ? maxima[l] : maximum;
+      if (maximum == -INFINITY) maximum = 0.0f;  // every key masked out: zeros below, then 0 / 0 = NaN, as SDPA
+      vf<L> sums = {};
+      for (int64_t j = 0; j < padded; j += L) {
+        const vf<L> e = exp_nonpositive<L>(load_f<L>(row + j) - maximum);
+        memcpy(row + j, &e, sizeof e);
+        sums += e;
+      }
+      float sum = 0.0f;
+      for (int l = 0; l < L; ++l) sum += sums[l];
+      inverse_sum[r] = 1.0f / sum;
+    }
+    // out = p V / sum: V rows along d, V vectors of L at a time (a count the compiler knows, so the
+    // accumulators stay in registers), then what is left of D by 4 floats.
+    float* out_rows[ATTENTION_ROWS];
+    for (int r = 0; r < ATTENTION_ROWS; ++r) out_rows[r] = out + (b * s_len + i0 + r) * width + h * d;
+    const float* values = base + 2 * width + h * d;
+    int64_t d0 = 0;
+    for (; d0 + 4 * L <= d; d0 += 4 * L) weighted_values<L, 4>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
+    switch ((d - d0) / L) {
+      case 3: weighted_values<L, 3>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += 3 * L; break;
+      case 2: weighted_values<L, 2>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += 2 * L; break;
+      case 1: weighted_values<L, 1>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += L; break;
+      default: break;
+    }
+    for (; d0 < d; d0 += 4) weighted_values<4, 1>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
   }
 }
 
@@ -575,6 +740,45 @@ extern "C" int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t b
   }
   free(converted);
   return NNBS_OK;
+}
+
+// out [B, S, H * D] = self-attention of the fused projection qkv [B, S, 3 * H * D] (fp32, contiguous),
+// `mask` null or an additive fp32 [B, S] over the keys; `scale` multiplies q . k. D a multiple of 4.
+extern "C" int nnbs_attention(int64_t batch, int64_t s_len, int64_t heads, int64_t d, const float* qkv,
+                              const float* mask, float scale, float* out, int32_t threads) {
+  using namespace nnbs;
+  constexpr int L = NNBS_VECTOR_LANES;
+  if (batch <= 0 || s_len <= 0 || heads <= 0 || d <= 0) return NNBS_OK;
+  if (d % 4) return NNBS_BAD_BLOCK_SIZE;
+  const int t = threads > 0 ? threads : 1;
+  // Enough tasks to share out (4 per thread), in blocks of whole steps of query rows.
+  const int64_t pairs = batch * heads;
+  int64_t blocks = (4 * t + pairs - 1) / pairs;
+  const int64_t max_blocks = (s_len + ATTENTION_ROWS - 1) / ATTENTION_ROWS;
+  blocks = blocks < max_blocks ? blocks : max_blocks;
+  const int64_t per_block = ((s_len + blocks - 1) / blocks + ATTENTION_ROWS - 1) / ATTENTION_ROWS * ATTENTION_ROWS;
+  blocks = (s_len + per_block - 1) / per_block;
+  const int64_t padded = (s_len + L - 1) / L * L;
+  // Each thread's transposed keys and score rows, in its own scratch.
+  const size_t per_thread = static_cast<size_t>(padded) * static_cast<size_t>(d + ATTENTION_ROWS + 1) * sizeof(float);
+  int failed = 0;
+#pragma omp parallel num_threads(t)
+  {
+    float* kt = static_cast<float*>(scratch(per_thread));
+    if (!kt) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < pairs * blocks; ++task) {
+      if (!kt) continue;
+      const int64_t pair = task / blocks, first = (task % blocks) * per_block;
+      const int64_t rows = s_len - first < per_block ? s_len - first : per_block;
+      attention_task<L>(qkv, s_len, heads, d, mask, scale, out, pair / heads, pair % heads, first, rows, kt,
+                        kt + padded * d);
+    }
+  }
+  return failed ? NNBS_NO_MEMORY : NNBS_OK;
 }
 
 // GELU of n fp32 values with the epilogue's own code (tests check it against float64).

@@ -36,7 +36,7 @@ from .isa import ARCHITECTURE, ISAS, choose_isa, machine, runnable_isas
 
 SOURCE = Path(__file__).with_name("block_sparse_linear.cpp")
 HARNESS_SOURCE = Path(__file__).with_name("kernel_harness.cpp")
-ABI_VERSION = 2  # the .cpp's NNBS_ABI_VERSION
+ABI_VERSION = 3  # the .cpp's NNBS_ABI_VERSION
 # -fopenmp: the parallel loop runs on torch's own libgomp (see the .cpp header). -ffp-contract=off:
 # every fused multiply-add is an explicit one, the same on every compiler.
 COMMON_FLAGS = ("-O3", "-std=gnu++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -187,16 +187,19 @@ def build_harness(isa: str, output: Path, compiler: str | None = None) -> Path:
 _POINTER, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 _LINEAR_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I64, _I32, _POINTER, _I32, _POINTER, _POINTER, _POINTER, _I32,
                      _I32, _POINTER, _I64, _I32, _I32]
+_ATTENTION_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _POINTER, ctypes.c_float, _POINTER, _I32]
 
 
 @dataclass(frozen=True)
 class NativeLibrary:
-    """A loaded, checked build of the kernel: `linear` is `nnbs_block_sparse_linear` (see the .cpp)."""
+    """A loaded, checked build of the kernel: `linear` is `nnbs_block_sparse_linear`, `attention`
+    `nnbs_attention` (see the .cpp)."""
 
     isa: str
     path: Path
     linear: object  # ctypes function; the call releases the GIL
     gelu: object
+    attention: object  # nnbs_attention
 
 
 def load_library(isa: str) -> NativeLibrary:
@@ -216,7 +219,9 @@ def load_library(isa: str) -> NativeLibrary:
     linear.restype, linear.argtypes = ctypes.c_int, _LINEAR_ARGUMENTS
     gelu = handle.nnbs_gelu
     gelu.restype, gelu.argtypes = None, [_POINTER, _POINTER, _I64]
-    return NativeLibrary(isa, path, linear, gelu)
+    attention = handle.nnbs_attention
+    attention.restype, attention.argtypes = ctypes.c_int, _ATTENTION_ARGUMENTS
+    return NativeLibrary(isa, path, linear, gelu, attention)
 
 
 def _text(function) -> str:

@@ -28,7 +28,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _ATTRIBUTES = {None: ("none", ""), "gelu": ("gelu", "none")}  # oneDNN post-op, algorithm ("none": erf GELU)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=len(_DTYPES))
 def _probe(dtype: torch.dtype) -> bool:
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():

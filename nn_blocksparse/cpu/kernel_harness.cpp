@@ -3,7 +3,8 @@
 // natively). It includes the kernel source itself, so it checks exactly what the library compiles.
 //
 // Every case is compared against a double-precision reference of the same problem (x and W rounded
-// to bf16 first where the kernel computes in bf16); GELU against erfc in double. Prints one line per
+// to bf16 first where the kernel computes in bf16); GELU against erfc in double; attention against
+// softmax in double. Prints one line per
 // failure and "ok <cases>" at the end; the exit status is the number of failures (capped at 100).
 
 #include "block_sparse_linear.cpp"
@@ -134,6 +135,49 @@ void check_gelu() {
   }
 }
 
+// Self-attention of a random fused projection (B, S, H, D), optionally masking the second half of
+// batch 0's keys, against softmax in double; and bit-identical for 1 and 3 threads.
+int attention_case(int64_t batch, int64_t s_len, int64_t heads, int64_t d, bool masked) {
+  const int64_t width = heads * d;
+  std::vector<float> qkv(batch * s_len * 3 * width), mask(batch * s_len, 0.0f), out(batch * s_len * width),
+      again(out.size());
+  for (auto& v : qkv) v = static_cast<float>(2.0 * uniform());
+  if (masked)
+    for (int64_t j = s_len / 2; j < s_len; ++j) mask[j] = -1e30f;
+  const float scale = static_cast<float>(1.0 / sqrt(static_cast<double>(d)));
+  nnbs_attention(batch, s_len, heads, d, qkv.data(), masked ? mask.data() : nullptr, scale, out.data(), 1);
+  nnbs_attention(batch, s_len, heads, d, qkv.data(), masked ? mask.data() : nullptr, scale, again.data(), 3);
+  if (memcmp(out.data(), again.data(), out.size() * sizeof(float)) != 0) fail("attention thread counts");
+  std::vector<double> p(s_len);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < s_len; ++i) {
+        const float* q = &qkv[(b * s_len + i) * 3 * width + h * d];
+        double maximum = -1e300, sum = 0.0;
+        for (int64_t j = 0; j < s_len; ++j) {
+          const float* k = &qkv[(b * s_len + j) * 3 * width + width + h * d];
+          double dot = 0.0;
+          for (int64_t e = 0; e < d; ++e) dot += static_cast<double>(q[e]) * k[e];
+          p[j] = dot * scale + mask[b * s_len + j] * (masked ? 1.0 : 0.0);
+          maximum = p[j] > maximum ? p[j] : maximum;
+        }
+        for (int64_t j = 0; j < s_len; ++j) sum += p[j] = exp(p[j] - maximum);
+        for (int64_t e = 0; e < d; ++e) {
+          double expected = 0.0;
+          for (int64_t j = 0; j < s_len; ++j) expected += p[j] / sum * qkv[(b * s_len + j) * 3 * width + 2 * width + h * d + e];
+          const double got = out[(b * s_len + i) * width + h * d + e];
+          if (fabs(got - expected) > 2e-5 * 2.0) {
+            printf("  attention B %lld S %lld H %lld D %lld: out[%lld, %lld, %lld] = %.8g, expected %.8g\n",
+                   (long long)batch, (long long)s_len, (long long)heads, (long long)d, (long long)b, (long long)i,
+                   (long long)e, got, expected);
+            fail("attention");
+            return 1;
+          }
+        }
+      }
+  return 1;
+}
+
 }  // namespace
 
 int main() {
@@ -181,6 +225,10 @@ int main() {
   if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_BF16, nullptr, NNBS_F32, nullptr, nullptr, nullptr,
                                NNBS_NONE, 0, nullptr, 32, NNBS_F32, 1) != NNBS_BAD_DTYPES)
     fail("bf16 x with fp32 W accepted");
+  // Attention: tails of every vector width (S = 1, 13, 37), D with a partial vector (36), masks.
+  for (int64_t s_len : {1, 13, 37, 128})
+    for (int64_t d : {4, 32, 36, 64}) cases += attention_case(2, s_len, 3, d, s_len > 1);
+  if (nnbs_attention(1, 4, 1, 6, nullptr, nullptr, 1.0f, nullptr, 1) != NNBS_BAD_BLOCK_SIZE) fail("head size 6 accepted");
   printf("%s %d\n", failures ? "failed" : "ok", cases);
   return failures > 100 ? 100 : failures;
 }

@@ -1,0 +1,83 @@
+"""The native CPU attention (`cpu.attention.self_attention_cpu`) on every ISA this CPU runs, against softmax
+in float64, and where `FusedSelfAttention` takes it (otherwise SDPA)."""
+
+import pytest
+import torch
+
+from nn_blocksparse.attention import FusedSelfAttention
+from nn_blocksparse.cpu.attention import runs_native_attention, self_attention_cpu
+from nn_blocksparse.cpu.build import library_for
+from nn_blocksparse.cpu.isa import runnable_isas
+
+ISAS = runnable_isas()
+needs_native = pytest.mark.skipif(not ISAS, reason="no native variant runs here (the ARM harness checks NEON)")
+
+
+def reference(qkv, heads, head_dim, mask):
+    batch, seq, _ = qkv.shape
+    query, key, value = qkv.double().view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = query @ key.transpose(-1, -2) / head_dim ** 0.5
+    if mask is not None:
+        scores = scores + mask.double()
+    return (torch.softmax(scores, -1) @ value).transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("batch, seq, heads, head_dim", [(1, 128, 7, 64), (8, 37, 4, 32), (2, 13, 3, 36),
+                                                          (1, 1, 1, 4), (3, 100, 2, 64)])
+def test_native_attention_matches_float64(isa, batch, seq, heads, head_dim):
+    generator = torch.Generator().manual_seed(seq)
+    qkv = 2 * torch.randn(batch, seq, 3 * heads * head_dim, generator=generator)
+    padding = torch.zeros(batch, 1, 1, seq)
+    padding[0, ..., (seq + 1) // 2:] = torch.finfo(torch.float32).min  # batch 0 padded, as transformers masks
+    for mask in (None, padding):
+        out = self_attention_cpu(qkv, heads, head_dim, mask, library=library_for(isa))
+        assert out.shape == (batch, seq, heads * head_dim)
+        assert (out.double() - reference(qkv, heads, head_dim, mask)).abs().max().item() < 5e-5
+
+
+@needs_native
+def test_native_attention_is_bit_identical_for_any_thread_count():
+    qkv = torch.randn(2, 50, 3 * 3 * 32, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs.append(self_attention_cpu(qkv, 3, 32))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+def test_what_takes_the_native_attention_and_what_stays_on_sdpa():
+    qkv = torch.randn(2, 9, 3 * 2 * 8)
+    native = bool(ISAS)
+    with torch.inference_mode():
+        assert runs_native_attention(qkv, 8, None, 0.0) == native
+        assert runs_native_attention(qkv, 8, torch.zeros(2, 1, 1, 9), 0.0) == native  # padding over the keys
+        assert runs_native_attention(qkv, 8, torch.zeros(1, 1, 1, 9), 0.0) == native  # broadcast over the batch
+        for mask in (torch.zeros(2, 1, 9, 9), torch.ones(2, 1, 1, 9, dtype=torch.bool), torch.zeros(2, 2, 1, 9)):
+            assert not runs_native_attention(qkv, 8, mask, 0.0)  # per query, boolean, per head: SDPA
+        assert not runs_native_attention(qkv, 8, None, 0.1)  # dropout
+        assert not runs_native_attention(qkv.bfloat16(), 8, None, 0.0)
+        assert not runs_native_attention(qkv.transpose(0, 1).contiguous().transpose(0, 1), 8, None, 0.0)
+        assert not runs_native_attention(torch.randn(2, 9, 3 * 2 * 6), 6, None, 0.0)  # head size not a multiple of 4
+    assert not runs_native_attention(qkv.requires_grad_(), 8, None, 0.0)  # gradients wanted
+    with pytest.raises(ValueError, match="3 x 2 heads x 4 expected"):
+        self_attention_cpu(torch.randn(2, 9, 48), 2, 4)
+
+
+def test_fused_attention_gives_the_same_context_either_way():
+    torch.manual_seed(0)
+    attention = FusedSelfAttention(torch.nn.Linear(64, 3 * 4 * 16), num_heads=4, head_dim=16).eval()
+    hidden = torch.randn(3, 11, 64)
+    mask = torch.zeros(3, 1, 1, 11)
+    mask[1, ..., 6:] = torch.finfo(torch.float32).min
+    with torch.inference_mode():
+        for m in (None, mask):
+            ours = attention(hidden, m)  # native where it runs
+            context, _ = attention(hidden, m, return_probabilities=True)  # always the explicit softmax
+            expected = reference(attention.qkv(hidden), 4, 16, m)
+            assert (ours.double() - expected).abs().max() < 1e-5 and (context.double() - expected).abs().max() < 1e-5
