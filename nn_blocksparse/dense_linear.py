@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cpu.dense import ACTIVATIONS, dense_linear_cpu
+from .resize import linear_from
 
 
 class DenseLinear(nn.Linear):
@@ -30,13 +31,7 @@ class DenseLinear(nn.Linear):
     @classmethod
     def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> "DenseLinear":
         """A layer holding copies of `weight [out, in]` and `bias`, on their device and in their dtype."""
-        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, activation=activation,
-                    device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
+        return linear_from(weight, bias, cls, activation=activation)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.is_cpu and not torch.compiler.is_compiling():

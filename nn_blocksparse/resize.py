@@ -34,9 +34,10 @@ def _rows_are_zero(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return (weight.reshape(groups, -1) == 0).all(dim=1)
 
 
-def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                       device=weight.device, dtype=weight.dtype)
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, layer_type: type = nn.Linear, **options) -> nn.Linear:
+    """A `layer_type` (an `nn.Linear`, built with `options`) holding copies of `weight` and `bias`."""
+    linear = layer_type(weight.shape[1], weight.shape[0], bias=bias is not None,
+                        device=weight.device, dtype=weight.dtype, **options)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
