@@ -6,8 +6,8 @@ heads), a head count and a head size. The head count is per instance, so a prune
 keep a different number of heads in every layer. The projection is one matmul (one kernel
 launch, x read once) instead of three; attention itself runs in
 `torch.nn.functional.scaled_dot_product_attention`, or on CPU in fp32 inference in the native
-kernel's attention (`cpu.attention.self_attention_cpu`, as the op `ops.attention_cpu`), which reads the projection's output as it
-lies and writes the heads merged.
+kernel's attention (`cpu.attention.self_attention_cpu`, as the op `ops.attention_cpu`), which
+reads the projection's output as it lies and writes the heads merged.
 """
 
 from __future__ import annotations

@@ -67,6 +67,15 @@ def test_what_takes_the_native_attention_and_what_stays_on_sdpa():
     assert not runs_native_attention(qkv.requires_grad_(), 8, None, 0.0)  # gradients wanted
     with pytest.raises(ValueError, match="3 x 2 heads x 4 expected"):
         self_attention_cpu(torch.randn(2, 9, 48), 2, 4)
+    # What would take the kernel out of bounds is refused before the call, naming it.
+    for bad, message in ((torch.randn(2, 9, 48).bfloat16(), "contiguous fp32"),
+                         (torch.randn(9, 2, 48).transpose(0, 1), "contiguous fp32"), (torch.randn(9, 48), "contiguous fp32")):
+        with pytest.raises(ValueError, match=message):
+            self_attention_cpu(bad, 2, 8)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        self_attention_cpu(torch.randn(2, 9, 36), 2, 6)
+    with pytest.raises(ValueError, match="additive fp32 mask over the keys"):
+        self_attention_cpu(torch.randn(2, 9, 48), 2, 8, torch.zeros(2, 1, 9, 9))
 
 
 def test_fused_attention_gives_the_same_context_either_way():

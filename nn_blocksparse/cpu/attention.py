@@ -2,14 +2,14 @@
 
 `qkv [B, S, 3 * H * D]` (all Q heads, then K, then V, as `FusedSelfAttention` projects them) gives
 `softmax(q k^T / sqrt(D) + mask) v` as `[B, S, H * D]`: the layout the output projection reads, so
-neither the heads' split nor their merge is copied. On a 2-core CPU at BERT's sequence lengths
-this is several times faster than SDPA's CPU kernel, whose small GEMMs go through MKL's AVX2 path
-(benchmarks/results/<cpu>/cpu_hybrid_profile_*.csv).
+neither the heads' split nor their merge is copied. At BERT's sequence lengths it is faster than
+SDPA's CPU kernel, whose small GEMMs go through MKL's AVX2 path on AMD CPUs (docs/cpu.md).
 
 `runs_native_attention(...)` says whether a call can take this path: fp32 CPU tensors, `qkv`
 contiguous, D a multiple of 4, no dropout, no tracing, a native kernel here, and a mask that is
 None or additive over the keys only (`[B, 1, 1, S]`, what a padded batch gives). Everything else
-stays on SDPA, which computes the same thing. Knows nothing of `nn.Module` or BERT.
+stays on SDPA, which computes the same thing. `self_attention_cpu` checks what keeps the kernel in
+bounds (dtype, layout, sizes, mask) and raises naming it. Knows nothing of `nn.Module` or BERT.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import math
 import torch
 
 from .build import native_library
+from .dense import PLAIN_TENSORS as _PLAIN
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _MESSAGES = {1: "head size must be a multiple of 4", 3: "out of memory for the attention's scratch"}
 
 
@@ -54,6 +54,13 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
 
     `library`: a `build.NativeLibrary` (default: this process's), for tests of every ISA.
     """
+    if not (isinstance(qkv, torch.Tensor) and qkv.dim() == 3 and qkv.dtype == torch.float32 and qkv.is_cpu
+            and qkv.is_contiguous()):
+        raise ValueError(f"qkv must be a contiguous fp32 CPU tensor [B, S, 3 * H * D], got "
+                         f"{getattr(qkv, 'dtype', type(qkv))} of shape {tuple(getattr(qkv, 'shape', ()))}")
+    if not (isinstance(num_heads, int) and isinstance(head_dim, int) and num_heads > 0 and head_dim > 0
+            and head_dim % 4 == 0):
+        raise ValueError(f"num_heads must be > 0 and head_dim a positive multiple of 4, got {num_heads}, {head_dim}")
     batch, seq, width = qkv.shape
     if width != 3 * num_heads * head_dim:
         raise ValueError(f"qkv has {width} features, 3 x {num_heads} heads x {head_dim} expected")
@@ -61,6 +68,8 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
     if mask is False:
         raise ValueError("the native attention takes no mask or an additive fp32 mask over the keys [B, 1, 1, S]")
     library = library or native_library()
+    if library is None:
+        raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
     out = torch.empty(batch, seq, num_heads * head_dim, dtype=torch.float32)
     if out.numel() == 0:
         return out

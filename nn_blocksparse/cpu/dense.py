@@ -50,15 +50,17 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     return os.environ.get(ONEDNN_ENV, "1") != "0" and dtype in _DTYPES and _probe(dtype)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not tensor subclasses that trace or wrap (fake, functional)
+# Tensors the native and oneDNN paths take; subclasses that trace or wrap (fake, functional) keep the
+# ops torch dispatches.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _onednn_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if not (type(x) in _PLAIN and type(weight) in _PLAIN and x.is_cpu and weight.is_cpu
+    if not (type(x) in PLAIN_TENSORS and type(weight) in PLAIN_TENSORS and x.is_cpu and weight.is_cpu
             and x.dtype == weight.dtype and weight.is_contiguous() and weight.dim() == 2 and x.dim() >= 1
             and x.shape[-1] == weight.shape[1] and x.numel() > 0 and weight.numel() > 0):
         return False
-    if bias is not None and not (type(bias) in _PLAIN and bias.dtype == x.dtype and bias.is_contiguous()):
+    if bias is not None and not (type(bias) in PLAIN_TENSORS and bias.dtype == x.dtype and bias.is_contiguous()):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
