@@ -1,4 +1,4 @@
-"""Calibrate the CPU planner: time the native kernel against the dense linear (`dense_linear_cpu`) here, write the profile.
+"""Calibrate the CPU planner: time the native kernel against the dense linear here, write the profile.
 
     python -m nn_blocksparse.cpu.calibrate [--out PATH] [--threads N] [--rows 256] [--repeats 5] [--quick]
 
