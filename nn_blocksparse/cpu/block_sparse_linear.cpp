@@ -93,9 +93,22 @@ inline vu<L> load_u(const void* p) {
   memcpy(&v, p, sizeof v);
   return v;
 }
+// s in every lane, as one broadcast instruction (`vf<L>{} + s` costs an add before it, since
+// -0.0 + 0.0 is +0.0; a vector built lane by lane is not always one instruction).
 template <int L>
 inline vf<L> splat(float s) {
-  return vf<L>{} + s;
+#if defined(__aarch64__)
+  static_assert(L == 4, "NEON vectors hold 4 floats");
+  return (vf<L>)vdupq_n_f32(s);
+#else
+  if constexpr (L == 4) return (vf<L>)_mm_set1_ps(s);
+  else if constexpr (L == 8) return (vf<L>)_mm256_set1_ps(s);
+#if NNBS_VECTOR_LANES >= 16
+  else return (vf<L>)_mm512_set1_ps(s);
+#else
+  else static_assert(L <= 8, "AVX2 vectors hold 8 floats");
+#endif
+#endif
 }
 template <int L>
 inline vf<L> as_f(vu<L> v) {
@@ -117,23 +130,6 @@ inline vf<L> fmadd(vf<L> a, vf<L> b, vf<L> c) {
   else if constexpr (L == 8) return _mm256_fmadd_ps(a, b, c);
 #if NNBS_VECTOR_LANES >= 16
   else return _mm512_fmadd_ps(a, b, c);
-#else
-  else static_assert(L <= 8, "AVX2 vectors hold 8 floats");
-#endif
-#endif
-}
-
-// s in every lane (one broadcast instruction, where a vector built lane by lane may not be one).
-template <int L>
-inline vf<L> broadcast(float s) {
-#if defined(__aarch64__)
-  static_assert(L == 4, "NEON vectors hold 4 floats");
-  return (vf<L>)vdupq_n_f32(s);
-#else
-  if constexpr (L == 4) return (vf<L>)_mm_set1_ps(s);
-  else if constexpr (L == 8) return (vf<L>)_mm256_set1_ps(s);
-#if NNBS_VECTOR_LANES >= 16
-  else return (vf<L>)_mm512_set1_ps(s);
 #else
   else static_assert(L <= 8, "AVX2 vectors hold 8 floats");
 #endif
@@ -603,7 +599,7 @@ inline void weighted_values(const float* scores, int64_t padded, int64_t s_len, 
     for (int v = 0; v < V; ++v) vv[v] = load_f<L>(values + j * row_stride + v * L);
 #pragma GCC unroll 4
     for (int r = 0; r < ATTENTION_ROWS; ++r) {
-      const vf<L> weight = broadcast<L>(scores[r * padded + j]);
+      const vf<L> weight = splat<L>(scores[r * padded + j]);
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[r][v] = fmadd<L>(weight, vv[v], acc[r][v]);
     }
@@ -643,14 +639,14 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
         for (int v = 0; v < 4; ++v) kv[v] = v < vectors ? load_f<L>(row + v * L) : vf<L>{};
 #pragma GCC unroll 4
         for (int r = 0; r < ATTENTION_ROWS; ++r) {
-          const vf<L> qv = broadcast<L>(query[r][dd]);
+          const vf<L> qv = splat<L>(query[r][dd]);
 #pragma GCC unroll 4
           for (int v = 0; v < 4; ++v) acc[r][v] = fmadd<L>(qv, kv[v], acc[r][v]);
         }
       }
       for (int r = 0; r < ATTENTION_ROWS; ++r)
         for (int v = 0; v < vectors; ++v) {
-          const vf<L> value = fmadd<L>(acc[r][v], broadcast<L>(scale), load_f<L>(key_bias + j0 + v * L));
+          const vf<L> value = fmadd<L>(acc[r][v], splat<L>(scale), load_f<L>(key_bias + j0 + v * L));
           memcpy(scores + r * padded + j0 + v * L, &value, sizeof value);
         }
     }
@@ -658,7 +654,7 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
     float inverse_sum[ATTENTION_ROWS];
     for (int r = 0; r < qr; ++r) {
       float* row = scores + r * padded;
-      vf<L> maxima = broadcast<L>(-INFINITY);
+      vf<L> maxima = splat<L>(-INFINITY);
       for (int64_t j = 0; j < padded; j += L) {
         const vf<L> v = load_f<L>(row + j);
         maxima = v > maxima ? v : maxima;
