@@ -24,26 +24,30 @@ from .dense import PLAIN_TENSORS as _PLAIN
 _MESSAGES = {1: "head size must be a multiple of 4", 3: "out of memory for the attention's scratch"}
 
 
-def key_mask_rows(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None | bool:
-    """The mask as contiguous additive fp32 `[B, S]` over the keys, None for no mask, False where it is
-    not of that kind (per query, per head, or boolean: SDPA then takes it)."""
-    if attention_mask is None:
-        return None
-    if (type(attention_mask) not in _PLAIN or attention_mask.dtype != torch.float32 or not attention_mask.is_cpu
-            or attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1) or attention_mask.shape[3] != seq
-            or attention_mask.shape[0] not in (1, batch)):
-        return False
-    return attention_mask.reshape(-1, seq).expand(batch, seq).contiguous()
+def _is_key_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> bool:
+    """An additive fp32 CPU mask over the keys, `[B or 1, 1, 1, S]` (not per query, per head, or boolean)."""
+    return (type(attention_mask) in _PLAIN and attention_mask.dtype == torch.float32 and attention_mask.is_cpu
+            and attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1) and attention_mask.shape[3] == seq
+            and attention_mask.shape[0] in (1, batch))
+
+
+def _refusal(qkv, head_dim, attention_mask) -> str | None:
+    """Why the kernel cannot take these inputs in bounds (dtype, layout, head size, mask), or None."""
+    if not (type(qkv) in _PLAIN and qkv.dim() == 3 and qkv.dtype == torch.float32 and qkv.is_cpu
+            and qkv.is_contiguous()):
+        return (f"qkv must be a contiguous fp32 CPU tensor [B, S, 3 * H * D], got "
+                f"{getattr(qkv, 'dtype', type(qkv))} of shape {tuple(getattr(qkv, 'shape', ()))}")
+    if not (isinstance(head_dim, int) and head_dim > 0 and head_dim % 4 == 0):
+        return f"head_dim must be a positive multiple of 4, got {head_dim}"
+    if attention_mask is not None and not _is_key_mask(attention_mask, qkv.shape[0], qkv.shape[1]):
+        return "the native attention takes no mask or an additive fp32 mask over the keys [B, 1, 1, S]"
+    return None
 
 
 def runs_native_attention(qkv: torch.Tensor, head_dim: int, attention_mask, dropout: float) -> bool:
-    if dropout or torch.compiler.is_compiling() or type(qkv) not in _PLAIN:
+    if dropout or torch.compiler.is_compiling() or _refusal(qkv, head_dim, attention_mask) is not None:
         return False
-    if not (qkv.is_cpu and qkv.dtype == torch.float32 and qkv.dim() == 3 and qkv.is_contiguous()):
-        return False
-    if head_dim % 4 or head_dim <= 0 or (torch.is_grad_enabled() and qkv.requires_grad):
-        return False
-    if key_mask_rows(attention_mask, qkv.shape[0], qkv.shape[1]) is False:
+    if torch.is_grad_enabled() and qkv.requires_grad:
         return False
     return native_library() is not None
 
@@ -54,19 +58,15 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
 
     `library`: a `build.NativeLibrary` (default: this process's), for tests of every ISA.
     """
-    if not (isinstance(qkv, torch.Tensor) and qkv.dim() == 3 and qkv.dtype == torch.float32 and qkv.is_cpu
-            and qkv.is_contiguous()):
-        raise ValueError(f"qkv must be a contiguous fp32 CPU tensor [B, S, 3 * H * D], got "
-                         f"{getattr(qkv, 'dtype', type(qkv))} of shape {tuple(getattr(qkv, 'shape', ()))}")
-    if not (isinstance(num_heads, int) and isinstance(head_dim, int) and num_heads > 0 and head_dim > 0
-            and head_dim % 4 == 0):
-        raise ValueError(f"num_heads must be > 0 and head_dim a positive multiple of 4, got {num_heads}, {head_dim}")
+    refusal = _refusal(qkv, head_dim, attention_mask)
+    if refusal is not None:
+        raise ValueError(refusal)
+    if not (isinstance(num_heads, int) and num_heads > 0):
+        raise ValueError(f"num_heads must be an int > 0, got {num_heads!r}")
     batch, seq, width = qkv.shape
     if width != 3 * num_heads * head_dim:
         raise ValueError(f"qkv has {width} features, 3 x {num_heads} heads x {head_dim} expected")
-    mask = key_mask_rows(attention_mask, batch, seq)
-    if mask is False:
-        raise ValueError("the native attention takes no mask or an additive fp32 mask over the keys [B, 1, 1, S]")
+    mask = None if attention_mask is None else attention_mask.reshape(-1, seq).expand(batch, seq).contiguous()
     library = library or native_library()
     if library is None:
         raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
