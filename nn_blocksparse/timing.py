@@ -55,17 +55,16 @@ def median_ms(fn: Callable[[], object], device: torch.device | str, warmup: int 
             return float(do_bench_cudagraph(fn, rep=cuda_rep_ms, return_mode="median"))
     for _ in range(warmup):
         fn()
+    if device.type != "cuda":
+        return statistics.median(_cpu_times_ms(fn, repeats))
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            times += _cpu_times_ms(fn, 1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
