@@ -21,9 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_compile, bench_cpu, bench_cpu_engines, bench_e2e, bench_ffn_alignment,  # noqa: E402
-                        bench_kernel, common, engines, graph_check, launch_overhead, profile_cpu_hybrid, run_all,
-                        tune_kernel, warm_triton_cache)
+from benchmarks import (bench_compile, bench_cpu, bench_cpu_attention, bench_cpu_engines, bench_e2e,  # noqa: E402
+                        bench_ffn_alignment, bench_kernel, common, engines, graph_check, launch_overhead,
+                        profile_cpu_hybrid, run_all, tune_kernel, warm_triton_cache)
+from nn_blocksparse.cpu import native_isa  # noqa: E402
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -292,6 +293,33 @@ def test_bench_cpu_engines_refuses_to_time_a_wrong_answer():
     bench_cpu_engines.check_accuracy("openvino", reference + 0.1, reference, torch.bfloat16)  # within 5e-2 x 4
     with pytest.raises(RuntimeError):
         bench_cpu_engines.check_accuracy("x", reference * float("nan"), reference, torch.float32)
+
+
+def test_bench_cpu_attention_quick(tmp_path):
+    assert bench_cpu_attention.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    path = tmp_path / f"cpu_attention_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    rows = read(path, bench_cpu_attention.COLUMNS)
+    assert {"loadavg_before", "loadavg_after"} <= set(common.read_csv(path)[0])
+    assert {(row["mask"], row["method"]) for row in rows} == {
+        (mask, method) for mask in bench_cpu_attention.MASKS for method in bench_cpu_attention.method_names()}
+    for row in rows:
+        assert (row["model"], row["batch"], row["seq"], row["heads"], row["head_dim"]) == ("bert-base", "1", "64", "12", "64")
+        if row["method"] == "native" and native_isa() is None:  # no native kernel here: no time, and why
+            assert math.isnan(number(row["time_ms"])) and "no native kernel" in row["note"], row
+            continue
+        time_ms = number(row["time_ms"])
+        assert time_ms > 0 and number(row["max_abs_diff"]) <= 1e-4, row
+        assert number(row["gflops"]) == pytest.approx(4 * 12 * 64 * 64 * 64 / (time_ms * 1e6), rel=1e-4)
+        sdpa = next(r for r in rows if r["mask"] == row["mask"] and r["method"] == "sdpa")
+        assert number(row["speedup_vs_sdpa"]) == pytest.approx(number(sdpa["time_ms"]) / time_ms, rel=1e-4)
+    assert_png(path.with_suffix(".png"))
+
+
+def test_bench_cpu_attention_refuses_a_wrong_answer(monkeypatch):
+    monkeypatch.setattr(bench_cpu_attention, "sdpa_attention", lambda qkv, heads, head_dim, mask:
+                        torch.zeros(qkv.shape[0], qkv.shape[1], heads * head_dim))
+    with pytest.raises(RuntimeError, match="sdpa differs from float64"):
+        bench_cpu_attention.run_case("minilm", 1, 8, 2, "none", warmup=0, repeats=1)
 
 
 def test_profile_cpu_hybrid_quick(tmp_path):

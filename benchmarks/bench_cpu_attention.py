@@ -1,0 +1,185 @@
+"""CPU self-attention: the native kernel (`cpu.attention.self_attention_cpu`) against SDPA, side by side.
+
+    python -m benchmarks.bench_cpu_attention [--out DIR] [--quick] [--threads 2] [--models bert-base,minilm]
+        [--sizes 1x128,8x128,1x384] [--heads 12] [--repeats N] [--warmup N]
+
+Each case is one layer's attention as `FusedSelfAttention` computes it from the fused projection
+`qkv [B, S, 3 * H * D]` (random, seeded) to the context `[B, S, H * D]` the output projection reads:
+
+- `sdpa`: what `FusedSelfAttention` runs where the native kernel does not: the heads split by a view
+  and a permute, `F.scaled_dot_product_attention`, and the heads merged by transpose and reshape;
+- `native`: `self_attention_cpu`, on the ISA this process picked;
+- `native_<isa>`: the same kernel compiled for each ISA this CPU runs (e.g. `native_avx2` beside
+  `native_avx512` on an AVX-512 machine).
+
+Models fix the head size (BERT-base 64, MiniLM 32); `--heads` (default 12) is the head count of
+the unpruned layer. Each case runs with no mask (`mask=none`) and with a key-padding mask
+(`mask=padding`: additive `[B, 1, 1, S]`, the second half of batch 0's keys masked, as transformers
+builds it). Every output is checked against the same attention in float64 before anything is
+timed; the methods are then timed in turns (`common.time_side_by_side`). Columns: `gflops` counts
+QK^T and PV (4 B H S^2 D), `speedup_vs_sdpa` is SDPA's time over the method's in the same run,
+`max_abs_diff` is against float64. Writes `cpu_attention_<cpu>[_quick].csv` and `.png`.
+`--quick`: BERT-base 1x64, 3 repeats: a check that the script runs (its times mean nothing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nn_blocksparse.cpu.attention import self_attention_cpu
+
+from . import common
+
+CPU = torch.device("cpu")
+COLUMNS = ["model", "batch", "seq", "heads", "head_dim", "mask", "method", "time_ms", "gflops",
+           "speedup_vs_sdpa", "max_abs_diff", "note"]
+HEAD_DIMS = {"bert-base": 64, "minilm": 32}
+FULL_SIZES, QUICK_SIZES = ((1, 128), (8, 128), (1, 384)), ((1, 64),)
+MASKS = ("none", "padding")
+TOLERANCE = 1e-4  # fp32 softmax and sums against float64, over max(1, max |reference|)
+
+
+def attention_inputs(batch: int, seq: int, heads: int, head_dim: int, mask: str, seed: int = 0):
+    """(qkv `[B, S, 3 H D]`, the additive key mask `[B, 1, 1, S]` or None)."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=generator)
+    if mask == "none":
+        return qkv, None
+    padding = torch.zeros(batch, 1, 1, seq)
+    padding[0, ..., (seq + 1) // 2:] = torch.finfo(torch.float32).min
+    return qkv, padding
+
+
+def sdpa_attention(qkv: torch.Tensor, heads: int, head_dim: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """`FusedSelfAttention`'s SDPA path: split the heads, SDPA, merge them."""
+    batch, seq, _ = qkv.shape
+    query, key, value = qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    return context.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def float64_attention(qkv: torch.Tensor, heads: int, head_dim: int, mask: torch.Tensor | None) -> torch.Tensor:
+    batch, seq, _ = qkv.shape
+    query, key, value = qkv.double().view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = query @ key.transpose(-1, -2) / math.sqrt(head_dim)
+    if mask is not None:
+        scores = scores + mask.double()
+    return (torch.softmax(scores, -1) @ value).transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def method_runs(qkv, heads: int, head_dim: int, mask) -> tuple[dict, dict[str, str]]:
+    """(`{method: fn}`, `{method: note}`): SDPA, the native kernel in use, and one per runnable ISA."""
+    from nn_blocksparse.cpu.build import NativeBuildError, library_for, native_isa
+    from nn_blocksparse.cpu.isa import runnable_isas
+
+    runs = {"sdpa": lambda: sdpa_attention(qkv, heads, head_dim, mask)}
+    notes = {}
+    isa = native_isa()
+    if isa is None:
+        notes["native"] = "no native kernel here (nn_blocksparse.cpu.native_status() says why)"
+    else:
+        runs["native"] = lambda: self_attention_cpu(qkv, heads, head_dim, mask)
+        notes["native"] = f"isa={isa}"
+    for name in runnable_isas():
+        try:
+            library = library_for(name)
+        except NativeBuildError as error:
+            notes[f"native_{name}"] = common.error_note(error, "unsupported")
+            continue
+        runs[f"native_{name}"] = lambda library=library: self_attention_cpu(qkv, heads, head_dim, mask, library=library)
+        notes[f"native_{name}"] = f"isa={name}"
+    return runs, notes
+
+
+def method_names() -> tuple[str, ...]:
+    from nn_blocksparse.cpu.isa import runnable_isas
+
+    return ("sdpa", "native", *(f"native_{isa}" for isa in runnable_isas()))
+
+
+def run_case(model: str, batch: int, seq: int, heads: int, mask: str, warmup: int, repeats: int) -> list[dict]:
+    head_dim = HEAD_DIMS[model]
+    qkv, mask_tensor = attention_inputs(batch, seq, heads, head_dim, mask)
+    reference = float64_attention(qkv, heads, head_dim, mask_tensor)
+    limit = TOLERANCE * max(1.0, reference.abs().max().item())
+    runs, notes = method_runs(qkv, heads, head_dim, mask_tensor)
+    diffs = {}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            diffs[name] = common.max_abs_diff(run(), reference)
+            if not diffs[name] <= limit:
+                raise RuntimeError(f"{model} {batch}x{seq} mask={mask}: {name} differs from float64 by "
+                                   f"{diffs[name]:.3g} > {limit:.3g}: not timing a wrong answer")
+        times, errors = common.time_side_by_side(runs, CPU, warmup=warmup, repeats=repeats)
+    flops = 4 * batch * heads * seq * seq * head_dim
+    rows = []
+    for name in method_names():
+        time_value = times.get(name, math.nan)
+        note = "; ".join(filter(None, (notes.get(name), errors.get(name))))
+        rows.append({"model": model, "batch": batch, "seq": seq, "heads": heads, "head_dim": head_dim, "mask": mask,
+                     "method": name, "time_ms": time_value, "gflops": flops / (time_value * 1e6),
+                     "speedup_vs_sdpa": times["sdpa"] / time_value, "max_abs_diff": diffs.get(name, math.nan),
+                     "note": note})
+    return rows
+
+
+def parse_args(argv=None):
+    parser = common.base_parser("CPU self-attention: the native kernel against SDPA", default_threads=2)
+    parser.add_argument("--models", default="bert-base,minilm", help=f"subset of {','.join(HEAD_DIMS)}")
+    parser.add_argument("--sizes", help="batch x seq list (default 1x128,8x128,1x384)")
+    parser.add_argument("--heads", type=int, default=12, help="heads per layer (default 12)")
+    parser.add_argument("--repeats", type=int, help="timing repeats (default 30, --quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 3, --quick 1)")
+    args = parser.parse_args(argv)
+    args.models = common.parse_list(args.models)
+    unknown = sorted(set(args.models) - set(HEAD_DIMS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {sorted(HEAD_DIMS)}")
+    if args.quick:
+        args.models = ["bert-base"]
+    args.sizes = ([common.parse_shape(size) for size in common.parse_list(args.sizes)] if args.sizes
+                  else list(QUICK_SIZES if args.quick else FULL_SIZES))
+    args.repeats = args.repeats or (3 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if args.threads < 1 or args.heads < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--threads, --heads and --repeats must be at least 1, --warmup at least 0")
+    return args
+
+
+def plot(rows: list[dict], path, title: str):
+    cases = [(row["model"], row["batch"], row["seq"], row["mask"]) for row in rows if row["method"] == "sdpa"]
+    series = {method: [next(row["speedup_vs_sdpa"] for row in rows
+                            if (row["model"], row["batch"], row["seq"], row["mask"]) == case and row["method"] == method)
+                       for case in cases] for method in method_names() if method != "sdpa"}
+    labels = [f"{model}\n{batch}x{seq} {mask}" for model, batch, seq, mask in cases]
+    return common.grouped_bars(labels, series, path, title, "speedup vs SDPA", {"SDPA": 1.0})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with common.torch_threads(args.threads):
+        environment = common.environment_record(CPU)
+        environment["loadavg_before"] = common.load_average()
+        rows = []
+        for model in args.models:
+            for batch, seq in args.sizes:
+                for mask in MASKS:
+                    case_rows = run_case(model, batch, seq, args.heads, mask, args.warmup, args.repeats)
+                    rows.extend(case_rows)
+                    print(f"{model} {batch}x{seq} mask={mask}: " + "  ".join(
+                        f"{row['method']} {row['time_ms']:.3f}ms ({row['speedup_vs_sdpa']:.2f}x)" for row in case_rows),
+                        flush=True)
+        environment["loadavg_after"] = common.load_average()
+        path = common.write_csv(common.results_path(args.out, "cpu_attention", CPU, args.quick), rows, COLUMNS,
+                                environment)
+        png = plot(rows, common.results_path(args.out, "cpu_attention", CPU, args.quick, ".png"),
+                   f"self-attention, {args.heads} heads, {common.cpu_model()}, {torch.get_num_threads()} threads")
+        print("\nwrote", path, png, sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
