@@ -587,21 +587,24 @@ inline vf<L> exp_nonpositive(vf<L> x) {
 }
 
 constexpr int ATTENTION_ROWS = 4;  // query rows per step: they share each load of kt and of V
+// Vectors per query row in a step (of keys for the scores, of D for p V): ATTENTION_ROWS x this many
+// accumulators, which must stay in registers: 16 of AVX-512's and NEON's 32, 8 of AVX2's 16.
+constexpr int ATTENTION_VECTORS = NNBS_VECTOR_LANES == 8 ? 2 : 4;
 
 // out_rows[r][d0 .. d0 + V * L) = sum_j scores[r][j] * values[j * row_stride ..] * inverse_sum[r], r < qr.
 template <int L, int V>
 inline void weighted_values(const float* scores, int64_t padded, int64_t s_len, const float* values, int64_t row_stride,
                             const float* inverse_sum, int qr, float* const* out_rows, int64_t d0) {
   vf<L> acc[ATTENTION_ROWS][V] = {};
-  for (int64_t j = 0; j < s_len; ++j) {
-    vf<L> vv[V];
+  const float* row = values;
+  for (int64_t j = 0; j < s_len; ++j, row += row_stride) {
+    // One V vector at a time, used by every query row before the next is loaded: with all V
+    // vectors loaded first, GCC keeps them on the stack and reloads each for every row.
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) vv[v] = load_f<L>(values + j * row_stride + v * L);
+    for (int v = 0; v < V; ++v) {
+      const vf<L> value = load_f<L>(row + v * L);
 #pragma GCC unroll 4
-    for (int r = 0; r < ATTENTION_ROWS; ++r) {
-      const vf<L> weight = splat<L>(scores[r * padded + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = fmadd<L>(weight, vv[v], acc[r][v]);
+      for (int r = 0; r < ATTENTION_ROWS; ++r) acc[r][v] = fmadd<L>(splat<L>(scores[r * padded + j]), value, acc[r][v]);
     }
   }
   for (int r = 0; r < qr; ++r)
@@ -629,19 +632,20 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
     const int qr = first + rows - i0 < ATTENTION_ROWS ? static_cast<int>(first + rows - i0) : ATTENTION_ROWS;
     const float* query[ATTENTION_ROWS];
     for (int r = 0; r < ATTENTION_ROWS; ++r) query[r] = base + (i0 + (r < qr ? r : 0)) * row_stride + h * d;
-    // Scores, 4 vectors of keys at a time.
-    for (int64_t j0 = 0; j0 < padded; j0 += 4 * L) {
-      const int vectors = padded - j0 >= 4 * L ? 4 : static_cast<int>((padded - j0) / L);
-      vf<L> acc[ATTENTION_ROWS][4] = {};
+    // Scores, ATTENTION_VECTORS vectors of keys at a time.
+    constexpr int AV = ATTENTION_VECTORS;
+    for (int64_t j0 = 0; j0 < padded; j0 += AV * L) {
+      const int vectors = padded - j0 >= AV * L ? AV : static_cast<int>((padded - j0) / L);
+      vf<L> acc[ATTENTION_ROWS][AV] = {};
       for (int64_t dd = 0; dd < d; ++dd) {
         const float* row = kt + dd * padded + j0;
-        vf<L> kv[4];
-        for (int v = 0; v < 4; ++v) kv[v] = v < vectors ? load_f<L>(row + v * L) : vf<L>{};
+        vf<L> kv[AV];
+        for (int v = 0; v < AV; ++v) kv[v] = v < vectors ? load_f<L>(row + v * L) : vf<L>{};
 #pragma GCC unroll 4
         for (int r = 0; r < ATTENTION_ROWS; ++r) {
           const vf<L> qv = splat<L>(query[r][dd]);
 #pragma GCC unroll 4
-          for (int v = 0; v < 4; ++v) acc[r][v] = fmadd<L>(qv, kv[v], acc[r][v]);
+          for (int v = 0; v < AV; ++v) acc[r][v] = fmadd<L>(qv, kv[v], acc[r][v]);
         }
       }
       for (int r = 0; r < ATTENTION_ROWS; ++r)
@@ -672,13 +676,13 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
       for (int l = 0; l < L; ++l) sum += sums[l];
       inverse_sum[r] = 1.0f / sum;
     }
-    // out = p V / sum: V rows along d, V vectors of L at a time (a count the compiler knows, so the
-    // accumulators stay in registers), then what is left of D by 4 floats.
+    // out = p V / sum: V rows along d, AV vectors of L at a time (a count the compiler knows, so the
+    // accumulators stay in registers), then fewer, then what is left of D by 4 floats.
     float* out_rows[ATTENTION_ROWS];
     for (int r = 0; r < ATTENTION_ROWS; ++r) out_rows[r] = out + (b * s_len + i0 + r) * width + h * d;
     const float* values = base + 2 * width + h * d;
     int64_t d0 = 0;
-    for (; d0 + 4 * L <= d; d0 += 4 * L) weighted_values<L, 4>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
+    for (; d0 + AV * L <= d; d0 += AV * L) weighted_values<L, AV>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
     switch ((d - d0) / L) {
       case 3: weighted_values<L, 3>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += 3 * L; break;
       case 2: weighted_values<L, 2>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += 2 * L; break;
