@@ -155,7 +155,7 @@ def plot(rows: list[dict], path, title: str):
                             if (row["model"], row["batch"], row["seq"], row["mask"]) == case and row["method"] == method)
                        for case in cases] for method in method_names() if method != "sdpa"}
     labels = [f"{model}\n{batch}x{seq} {mask}" for model, batch, seq, mask in cases]
-    return common.grouped_bars(labels, series, path, title, "speedup vs SDPA", {"SDPA": 1.0})
+    return common.grouped_bars(labels, series, path, title, "speedup vs SDPA", {"SDPA": 1.0}, max_width=16.0)
 
 
 def main(argv=None) -> int:

@@ -333,10 +333,12 @@ def line_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequenc
 
 
 def grouped_bars(categories: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, title: str,
-                 ylabel: str, horizontal_lines: Mapping[str, float] | None = None) -> Path:
-    """Bars grouped by category (x axis), one color per series; optional labelled horizontal lines."""
+                 ylabel: str, horizontal_lines: Mapping[str, float] | None = None, max_width: float = 40.0) -> Path:
+    """Bars grouped by category (x axis), one color per series; optional labelled horizontal lines.
+    The figure widens with the bars, up to `max_width` inches."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(categories) * max(len(series), 1) / 2), 4))
+    width_inches = min(max_width, max(5.0, 1.6 * len(categories) * max(len(series), 1) / 2))
+    fig, ax = plt.subplots(figsize=(width_inches, 4))
     width = 0.8 / max(len(series), 1)
     for index, (label, values) in enumerate(series.items()):
         positions = [c + (index - (len(series) - 1) / 2) * width for c in range(len(categories))]
