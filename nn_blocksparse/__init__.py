@@ -1,6 +1,7 @@
 """nn_blocksparse: Triton block-sparse kernels for pruned transformers.
 
-Core (no transformers needed): `BlockSparseMatrix`, `block_sparse_linear`, `BlockSparseLinear`.
+Core (no transformers needed): `BlockSparseMatrix`, `block_sparse_linear`, `BlockSparseLinear`, and
+`DenseLinear` / `set_prepack` (the dense layers hybrid keeps, oneDNN on CPU).
 BERT layer (imports transformers on first use): `patch_bert`, `load_pruned_bert`,
 `save_patched_bert`, `load_patched_bert`, `prune_like_nn_pruning`.
 Question answering on any BERT QA model, patched or not: `nn_blocksparse.qa.QuestionAnswerer`.
@@ -9,6 +10,7 @@ The `nn-blocksparse` command (patch, qa, inspect, demo, bench): `nn_blocksparse.
 
 from .block_sparse_matrix import BlockSparseMatrix
 from .functional import block_sparse_linear
+from .dense_linear import DenseLinear, set_prepack
 from .linear import BlockSparseLinear
 
 __version__ = "0.1.0"
@@ -16,7 +18,8 @@ __version__ = "0.1.0"
 _BERT_EXPORTS = ("patch_bert", "save_patched_bert", "load_patched_bert", "heads_per_layer", "load_pruned_bert",
                  "save_pruned_bert", "prune_like_nn_pruning")
 
-__all__ = ["BlockSparseMatrix", "BlockSparseLinear", "block_sparse_linear", *_BERT_EXPORTS]
+__all__ = ["BlockSparseMatrix", "BlockSparseLinear", "DenseLinear", "block_sparse_linear", "set_prepack",
+           *_BERT_EXPORTS]
 
 
 def __getattr__(name):

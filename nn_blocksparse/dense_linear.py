@@ -5,7 +5,12 @@ What `patch_bert(mode="hybrid")` makes of the matrices it keeps dense: on CPU th
 same dense GEMM a user's best CPU engine would (MKL's fp32 GEMM, what `F.linear` runs, takes its
 AVX2 path on AMD CPUs), with GELU in its epilogue; elsewhere (CUDA, a trace under
 `torch.compile`, inputs that need gradients) it is `F.linear` then GELU, as `nn.Linear` would do.
-The weight is read where it lies on every call: nothing derived from it is kept.
+By default the weight is read where it lies on every call: nothing derived from it is kept. With
+`prepack=True` (for serving, what `patch_bert(..., prepack_dense=True)` asks for) the CPU forward
+keeps oneDNN's packed copy of the weight (`cpu.dense.PackedWeight`): the weight's memory twice,
+and no reorder of it on every call. It is packed again when the weight is replaced, moved, loaded
+or written in place through itself; after a write that bypasses the tensor's version counter
+(`weight.data`, a NumPy view) call `repack()`.
 """
 
 from __future__ import annotations
@@ -14,30 +19,54 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu.dense import ACTIVATIONS, dense_linear_cpu
+from .cpu.dense import ACTIVATIONS, PackedWeight, dense_linear_cpu
 from .resize import linear_from
 
 
 class DenseLinear(nn.Linear):
-    """`act(x @ weight^T + bias)`, `activation` None or "gelu" (exact erf form)."""
+    """`act(x @ weight^T + bias)`, `activation` None or "gelu" (exact erf form); `prepack`: keep oneDNN's
+    packed copy of the weight on CPU (module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
-                 device=None, dtype=None) -> None:
+                 prepack: bool = False, device=None, dtype=None) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not isinstance(prepack, bool):
+            raise TypeError(f"prepack must be a bool, got {prepack!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
+        self.prepack = prepack
+        self._packed = PackedWeight()
 
     @classmethod
-    def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> "DenseLinear":
+    def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+                     prepack: bool = False) -> "DenseLinear":
         """A layer holding copies of `weight [out, in]` and `bias`, on their device and in their dtype."""
-        return linear_from(weight, bias, cls, activation=activation)
+        return linear_from(weight, bias, cls, activation=activation, prepack=prepack)
+
+    def repack(self) -> None:
+        """Forget the packed weight (`prepack=True`): the next CPU forward packs the weight as it lies."""
+        self._packed.clear()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.is_cpu and not torch.compiler.is_compiling():
-            return dense_linear_cpu(input, self.weight, self.bias, self.activation)
+            return dense_linear_cpu(input, self.weight, self.bias, self.activation,
+                                    self._packed if self.prepack else None)
         y = F.linear(input, self.weight, self.bias)
         return F.gelu(y) if self.activation == "gelu" else y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
+        return f"{super().extra_repr()}, activation={self.activation}, prepack={self.prepack}"
+
+
+def set_prepack(model: nn.Module, enabled: bool = True) -> int:
+    """Set `prepack` on every `DenseLinear` in `model` (e.g. a loaded patched model, for serving);
+    returns how many there are. Disabling drops their packed weights."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    layers = [module for module in model.modules() if isinstance(module, DenseLinear)]
+    for layer in layers:
+        layer.prepack = enabled
+        if not enabled:
+            layer.repack()
+    return len(layers)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from helpers import assert_close_to_reference, dense_reference
 from nn_blocksparse.cpu import dense
 from nn_blocksparse.cpu.dense import dense_linear_cpu, onednn_available
-from nn_blocksparse.dense_linear import DenseLinear
+from nn_blocksparse.dense_linear import DenseLinear, set_prepack
 
 X86_LINUX = platform.machine() in ("x86_64", "AMD64") and platform.system() == "Linux"
 
@@ -86,3 +86,93 @@ def test_dense_linear_is_an_nn_linear_that_reads_its_weight_on_every_call():
     assert plain.activation is None and plain.bias is None
     with pytest.raises(ValueError, match="activation must be one of"):
         DenseLinear(40, 24, activation="tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_match_a_float64_product_and_follow_every_change_made_through_the_weight(dtype):
+    generator = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator)
+    layer = DenseLinear.from_tensors(weight.to(dtype), bias.to(dtype), activation="gelu", prepack=True)
+    assert layer.prepack and "prepack=True" in repr(layer)
+    x = torch.randn(2, 5, 64, generator=generator).to(dtype)
+
+    def expected():
+        return dense_reference(x.reshape(-1, 64), layer.weight.detach(), layer.bias.detach(), "gelu").reshape(2, 5, 48)
+
+    with torch.inference_mode():
+        assert_close_to_reference(layer(x), expected(), dtype)
+        with torch.no_grad():
+            layer.weight.mul_(-1)  # in place through the weight: its version counter moves
+        assert_close_to_reference(layer(x), expected(), dtype)
+        layer.weight[3].zero_()  # through a view: the same counter
+        assert_close_to_reference(layer(x), expected(), dtype)
+    layer.load_state_dict({"weight": weight.to(dtype) * 3, "bias": bias.to(dtype)})  # loaded
+    with torch.inference_mode():
+        assert_close_to_reference(layer(x), expected(), dtype)
+    layer.weight = nn.Parameter(torch.randn(48, 64, generator=generator).to(dtype))  # replaced
+    with torch.inference_mode():
+        assert_close_to_reference(layer(x), expected(), dtype)
+    # A write past the version counter is not seen until repack(): why prepacking is opt-in.
+    layer.weight.data.copy_(torch.randn(48, 64, generator=generator).to(dtype))
+    layer.repack()
+    with torch.inference_mode():
+        assert_close_to_reference(layer(x), expected(), dtype)
+    # Moved to another dtype (param.data swapped: same Parameter, other storage).
+    layer.to(torch.float32)
+    with torch.inference_mode():
+        x = x.float()
+        assert_close_to_reference(layer(x), expected(), torch.float32 if dtype == torch.float32 else dtype)
+    assert layer.state_dict().keys() == {"weight", "bias"}
+
+
+def test_prepacked_layers_copy_and_pickle_without_their_packed_weight():
+    import pickle
+
+    layer = DenseLinear(32, 16, prepack=True)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        y = layer(x)
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied.prepack
+        with torch.inference_mode():
+            assert torch.equal(copied(x), y)
+        with torch.no_grad():
+            copied.weight.add_(1)  # the copy has its own weight and packs its own copy of it
+        with torch.inference_mode():
+            assert torch.equal(layer(x), y)
+            assert_close_to_reference(copied(x), dense_reference(x, copied.weight, copied.bias, None), torch.float32)
+
+
+def test_set_prepack_switches_every_dense_linear_of_a_model():
+    model = nn.Sequential(DenseLinear(8, 8), nn.ReLU(), nn.Sequential(DenseLinear(8, 4, activation="gelu")), nn.Linear(4, 2))
+    assert set_prepack(model) == 2
+    assert all(m.prepack for m in model.modules() if isinstance(m, DenseLinear))
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        model(x)
+    assert set_prepack(model, False) == 2
+    assert not any(m.prepack for m in model.modules() if isinstance(m, DenseLinear))
+    assert all(m._packed._weight is None for m in model.modules() if isinstance(m, DenseLinear))
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        set_prepack(model, 1)
+    with pytest.raises(TypeError, match="prepack must be a bool"):
+        DenseLinear(8, 8, prepack="yes")
+
+
+def test_weights_made_in_inference_mode_are_never_packed():
+    """They have no version counter, so an in-place write could not be seen: the plain weight is read."""
+    from nn_blocksparse.cpu.dense import PackedWeight
+
+    with torch.inference_mode():
+        layer = DenseLinear(16, 8, prepack=True)
+        x = torch.randn(2, 16)
+        layer(x)
+        assert layer._packed._weight is None
+        layer.weight.mul_(3)
+        assert_close_to_reference(layer(x), dense_reference(x, layer.weight, layer.bias, None), torch.float32)
+    packed = PackedWeight()
+    weight = torch.randn(8, 16)
+    if dense._packing_works(torch.float32):
+        assert packed.for_weight(weight) is not weight and packed.for_weight(weight) is packed.for_weight(weight)
+    else:
+        assert packed.for_weight(weight) is weight

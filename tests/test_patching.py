@@ -237,6 +237,29 @@ def test_hybrid_keeps_its_dense_matrices_in_dense_linears_with_gelu_fused(pruned
     assert all(type(layer.output.dense) is torch.nn.Linear for layer in resized.encoder.layer)
 
 
+def test_hybrid_prepack_dense_keeps_packed_weights_and_the_outputs(pruned_minilm, padded_batch):
+    """`prepack_dense=True`: every DenseLinear keeps oneDNN's packed weight; the output is still the
+    unpatched model's, also after a weight is changed in place."""
+    from nn_blocksparse.dense_linear import DenseLinear
+
+    model, _ = pruned_minilm
+    reference = reference_output(model, padded_batch)
+    hybrid = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.0, prepack_dense=True)
+    dense_layers = [m for m in hybrid.modules() if isinstance(m, DenseLinear)]
+    assert dense_layers and all(m.prepack for m in dense_layers)
+    assert max_diff_on_real_tokens(reference_output(hybrid, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.encoder.layer[0].output.dense.weight.mul_(0.5)
+        hybrid.encoder.layer[0].output.dense.weight.mul_(0.5)  # the same change, in place, after packing
+    assert max_diff_on_real_tokens(reference_output(hybrid, padded_batch), reference_output(changed, padded_batch),
+                                   padded_batch) < MAX_ABS_DIFF
+    plain = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.0)
+    assert not any(m.prepack for m in plain.modules() if isinstance(m, DenseLinear))
+    with pytest.raises(TypeError, match="prepack_dense must be a bool"):
+        patch_bert(copy.deepcopy(model), mode="hybrid", prepack_dense="yes")
+
+
 def test_save_and_load_patched_model_without_pickle(pruned_minilm, padded_batch, tmp_path):
     model, _ = pruned_minilm
     patched = patch_bert(copy.deepcopy(model), mode="hybrid")

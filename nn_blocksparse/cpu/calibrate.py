@@ -6,7 +6,8 @@ For the native ISA in use (`NN_BLOCKSPARSE_ISA` to calibrate another) and torch'
 (`--threads`), each compute mode ("fp32", "bf16", "bf16_weights"), block size (16/32/64) and block
 density (0.1/0.3/0.6/1.0) is timed on random layouts at both BERT FFN shapes (768x3072 and
 3072x768, `--rows` rows of x), against the dense linear hybrid runs beside it
-(`dense.dense_linear_cpu`: oneDNN where torch has it) on the same inputs (fp32 for the modes
+(`dense.dense_linear_cpu`: oneDNN where torch has it, on its packed weight, the faster of the
+two forms a `DenseLinear` runs) on the same inputs (fp32 for the modes
 with fp32 activations, bf16 for "bf16"); the profile keeps the lower of the two shapes' speedups.
 About ten seconds on two cores; `--quick` (block size 32, densities 0.3 and 1.0, one shape) about
 one. Writes into the profile file (`planner.profile_path()`, or `--out`), replacing the entry of
@@ -27,7 +28,7 @@ from ..block_sparse_matrix import BlockSparseMatrix
 from ..layouts import random_block_sparse_weight
 from ..timing import interleaved_median_ms
 from .build import native_isa, native_status
-from .dense import dense_linear_cpu
+from .dense import PackedWeight, dense_linear_cpu
 from .isa import cpu_identity
 from .launcher import MODE_DTYPES, block_sparse_linear_cpu
 from .planner import BLOCK_SIZES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
@@ -60,9 +61,11 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                     for n, k in shapes:
                         matrix = BlockSparseMatrix.from_dense(random_block_sparse_weight(
                             n, k, block_size, density, seed=n + k + block_size, dtype=weight_dtype), block_size)
-                        dense_weight = matrix.to_dense().to(activation_dtype)
+                        with torch.inference_mode(False):  # a tensor with a version counter: packable
+                            dense_weight = matrix.to_dense().to(activation_dtype)
                         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(activation_dtype)
-                        times = timer({"dense": lambda: dense_linear_cpu(x, dense_weight),
+                        packed = PackedWeight()
+                        times = timer({"dense": lambda: dense_linear_cpu(x, dense_weight, packed=packed),
                                        "native": lambda: block_sparse_linear_cpu(
                                            x, matrix.values, matrix.row_offsets, matrix.col_indices, None, None)})
                         dense_ms, native_ms = times["dense"], times["native"]

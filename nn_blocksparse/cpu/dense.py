@@ -7,6 +7,14 @@ is kept, so an in-place change of the weight is seen by the next call) and fuses
 form) into its epilogue. It is what hybrid's dense matrices run, and what the planner and
 `selection` compare the native kernel with: the dense baseline a CPU user can have.
 
+`PackedWeight` holds oneDNN's blocked copy of one weight (`torch.ops.mkldnn._reorder_linear_weight`),
+which `dense_linear_cpu(..., packed=...)` reads instead of the plain weight: oneDNN otherwise
+reorders the plain weight on every call. It is made on first use and made again when the weight is
+another tensor, has other storage or shape, or was written in place through itself or a view (its
+version counter). A write that bypasses the version counter (through `.data`, a NumPy view, or
+raw memory) is not seen until `PackedWeight.clear()`: hence opt-in (`DenseLinear(prepack=True)`).
+Weights made under `torch.inference_mode` have no version counter and are never packed.
+
 oneDNN runs where torch has the op, the inputs are plain CPU tensors of one dtype (fp32 or bf16),
 the weight is contiguous and non-empty, the sizes fit (else `F.linear` says what is wrong) and no
 gradient is wanted (the op records no autograd graph); it is probed
@@ -45,6 +53,23 @@ def _probe(dtype: torch.dtype) -> bool:
     return y.shape == expected.shape and y.dtype == dtype and bool((y.double() - expected).abs().max() < tolerance)
 
 
+@functools.lru_cache(maxsize=len(_DTYPES))
+def _packing_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed weights exist here and give what the plain weight gives, for this dtype."""
+    reorder = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+    if reorder is None or not _probe(dtype):
+        return False
+    generator = torch.Generator().manual_seed(1)
+    x, weight = (torch.randn(shape, generator=generator).to(dtype) for shape in ((3, 32), (16, 32)))
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._linear_pointwise(x, reorder(weight, None), None, "none", [], "")
+            plain = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return packed.shape == plain.shape and bool((packed.double() - plain.double()).abs().max() < 1e-3)
+
+
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether `dense_linear_cpu` runs oneDNN for this dtype in this process."""
     return os.environ.get(ONEDNN_ENV, "1") != "0" and dtype in _DTYPES and _probe(dtype)
@@ -68,14 +93,47 @@ def _onednn_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return onednn_available(x.dtype)
 
 
+class PackedWeight:
+    """oneDNN's packed copy of one weight, kept between calls (see the module docstring).
+
+    Not copied with its owner (`copy.deepcopy` and pickling give an empty one: oneDNN's opaque
+    tensors have no storage to copy); it is packed again on the next call.
+    """
+
+    __slots__ = ("_weight", "_key", "_packed")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the packed copy: the next call packs the weight as it lies."""
+        self._weight, self._key, self._packed = None, None, None
+
+    def for_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The packed copy of `weight` (a contiguous 2-D CPU tensor oneDNN takes), packing it if this one
+        is not of this tensor, storage, shape and version."""
+        if weight.is_inference() or not _packing_works(weight.dtype):
+            return weight  # an inference tensor has no version counter: an in-place write could not be seen
+        key = (weight.data_ptr(), weight.shape, weight.dtype, weight._version)
+        if self._weight is not weight or self._key != key:
+            # The weight itself is kept, not its id: a new tensor at a freed one's address is another weight.
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._weight, self._key, self._packed = weight, key, packed
+        return self._packed
+
+    def __reduce__(self):
+        return PackedWeight, ()  # copies and pickles are empty
+
+
 def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     activation: str | None = None) -> torch.Tensor:
+                     activation: str | None = None, packed: PackedWeight | None = None) -> torch.Tensor:
     """`act(x @ weight^T + bias)`, `act` None or "gelu" (exact): oneDNN where it runs (module docstring), else
-    `F.linear` then `F.gelu`."""
+    `F.linear` then `F.gelu`. `packed`: where oneDNN runs, it reads this copy of `weight` instead."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if _onednn_runs(x, weight, bias):
         attribute, algorithm = _ATTRIBUTES[activation]
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attribute, [], algorithm)
+        operand = weight if packed is None else packed.for_weight(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, operand, bias, attribute, [], algorithm)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y
