@@ -12,21 +12,22 @@ pruned model, for every dtype, so bf16 variants are compared at their real accur
 
 - `dense`: the pruned model unpatched (torch, every zero multiplied), in the row's dtype;
 - `resize`: `patch_bert(mode="resize")` (torch), in the row's dtype;
-- `hybrid`: `patch_bert(mode="hybrid")`, ours, in the row's dtype;
+- `hybrid`: `patch_bert(mode="hybrid", prepack_dense=True)`, ours, in the row's dtype: its dense
+  matrices keep oneDNN's packed weights, as both engines pack the weights of the model they compile;
 - `onnxruntime`: the resized fp32 model exported to ONNX (`engines.export_onnx`), CPUExecutionProvider,
   `--threads` intra-op threads, sequential; fp32 rows only (bf16 rows: NaN and a note);
 - `openvino`: the resized model through `openvino.convert_model`, CPU, `INFERENCE_NUM_THREADS`
   `--threads`, `PERFORMANCE_HINT` LATENCY, `INFERENCE_PRECISION_HINT` f32 or bf16 by row;
   `openvino_precision` is what OpenVINO says it ran in (f32 where the CPU has no bf16 instructions);
 - `hybrid_bf16w` (bf16 rows): ours with bf16 weights and fp32 activations, norms, softmax and residual
-  (`patch_bert(..., weight_dtype=torch.bfloat16)` on the fp32 model).
+  (`patch_bert(..., weight_dtype=torch.bfloat16, prepack_dense=True)` on the fp32 model).
 
 Before anything is timed, every output is checked against the fp32 reference: beyond
 `TOLERANCE[dtype] * max(1, max |reference|)` the run stops with an error naming the method.
 
 The floor (`floor_ms`): hybrid's stored encoder linear FLOPs (2 x tokens x stored weights) plus its
 attention FLOPs (4 x batch x seq^2 x head_dim per kept head), at the dense-GEMM rate measured in this
-run (`gemm_gflops`: the faster of `F.linear` (MKL) and oneDNN's linear on a `GEMM_SHAPE` problem at
+run (`gemm_gflops`: the faster of `F.linear` (MKL) and oneDNN's linear (packed weight) on a `GEMM_SHAPE` problem at
 this thread count, in the row's dtype or in fp32, whichever is faster; `gemm_method` says which).
 `hybrid_over_floor` = hybrid_ms / floor_ms; `resize_floor_ms` is the same for the resized model
 (what ORT and OpenVINO run). `hybrid_speedup_vs_<method>` = <method>_ms / hybrid_ms, all from this run.
@@ -150,12 +151,15 @@ def torch_variants(model, dtype: torch.dtype) -> tuple[dict, dict[str, str]]:
     `model` is the pruned fp32 model; hybrid_bf16w is patched from it, the others from a copy in `dtype`.
     """
     typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    variants, failures = bench_e2e.build_variants(typed, ("resize", "hybrid"), BLOCK_SIZE)
+    variants, failures = bench_e2e.build_variants(
+        typed, specs={"resize": {"mode": "resize"}, "hybrid": {"mode": "hybrid", "prepack_dense": True}},
+        block_size=BLOCK_SIZE)
     if failures:  # without resize and hybrid there is nothing to compare
         raise RuntimeError(f"could not patch the model in {DTYPE_NAMES[dtype]}: {failures}")
     if dtype == torch.bfloat16:
         extra, extra_failures = bench_e2e.build_variants(
-            model, specs={"hybrid_bf16w": {"mode": "hybrid", "weight_dtype": torch.bfloat16}}, block_size=BLOCK_SIZE)
+            model, specs={"hybrid_bf16w": {"mode": "hybrid", "weight_dtype": torch.bfloat16, "prepack_dense": True}},
+            block_size=BLOCK_SIZE)
         variants["hybrid_bf16w"] = extra.get("hybrid_bf16w")
         failures.update(extra_failures)
     variants = {name: variant for name, variant in variants.items() if variant is not None}

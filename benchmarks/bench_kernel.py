@@ -210,16 +210,16 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
 
 
 def prepare_dense_onednn(x: torch.Tensor, weight: torch.Tensor) -> Method:
-    """CPU: the same dense GEMM through oneDNN (torch's inductor CPU linear op), not MKL.
+    """CPU: the same dense GEMM through oneDNN (torch's inductor CPU linear op), not MKL, on the weight
+    packed once into oneDNN's blocked layout (what `DenseLinear(prepack=True)` keeps).
 
     torch's fp32 `F.linear` runs MKL, which on AMD CPUs takes its AVX2 code path; oneDNN picks its
-    kernels by instruction set and runs AVX-512 there, about twice as fast: the strongest dense
-    baseline on such machines.
+    kernels by instruction set and runs AVX-512 there: the strongest dense baseline on such machines.
     """
     if x.device.type != "cpu":
         return Method(run=None, note="CPU only")
     try:
-        onednn_weight = weight.to_mkldnn()
+        onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         linear = torch.ops.mkldnn._linear_pointwise
         linear(x, onednn_weight, None, "none", [], "")
     except (AttributeError, RuntimeError, NotImplementedError) as error:

@@ -4,8 +4,9 @@
         [--sizes 1x128] [--methods hybrid,hybrid_plain_layers,resize] [--dtype fp32|bf16] [--repeats N]
 
 Each model is pruned like nn_pruning's hybrid SQuAD model and patched (`--methods`: resize,
-blocksparse, hybrid, and `hybrid_plain_layers`, hybrid with transformers' own `BertLayer.forward`
-instead of `ThinBertLayer`'s, to see what the thin layers save; default hybrid and that).
+blocksparse, hybrid (with `prepack_dense=True`, as `bench_cpu_engines` runs it), and
+`hybrid_plain_layers`, that hybrid with transformers' own `BertLayer.forward` instead of
+`ThinBertLayer`'s, to see what the thin layers save; default hybrid and that).
 The forward is profiled `--repeats` times (after warm-up) under `torch.profiler` on the CPU, with
 labelled ranges (`torch.autograd.profiler.record_function`) around every linear layer, the
 embeddings, the attention-mask preparation and the pooler. Every top-level event of the forward's
@@ -169,7 +170,9 @@ def run(args) -> list[dict]:
         model = model.to(args.dtype)
         modes = [mode for mode in bench_e2e.PATCH_MODES if mode in args.methods or
                  (mode == "hybrid" and PLAIN_LAYERS in args.methods)]
-        variants, failures = bench_e2e.build_variants(model, modes)
+        # hybrid as bench_cpu_engines runs it: dense weights prepacked, as a server would
+        specs = {mode: {"mode": mode, **({"prepack_dense": True} if mode == "hybrid" else {})} for mode in modes}
+        variants, failures = bench_e2e.build_variants(model, specs=specs)
         if failures:
             raise RuntimeError(f"could not patch {model_name}: {failures}")
         if PLAIN_LAYERS in args.methods:
