@@ -93,7 +93,10 @@ class BlockSparseLinear(nn.Module):
         self._prepare()
 
     def _block_tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, name) for name in _BLOCK_TENSORS)
+        # Read from the module's dicts, not by attribute: nn.Module.__getattr__ costs microseconds a
+        # name, and the forward reads all four on every call.
+        buffers = self._buffers
+        return self._parameters["values"], buffers["row_offsets"], buffers["col_indices"], buffers["row_order"]
 
     def _refresh_matrix(self) -> None:
         """Validate this module's tensors as a new matrix (after a load or a move); derived tables go."""
@@ -108,8 +111,9 @@ class BlockSparseLinear(nn.Module):
         """The weight as a validated `BlockSparseMatrix` over this module's tensors, kept with its row
         groups. Validated again only where a tensor was replaced or an index modified in place."""
         cached = self._matrix
-        if cached is None or any(a is not b for a, b in zip(self._block_tensors(),
-                                                             (cached.values, *cached._indices()))):
+        values, row_offsets, col_indices, row_order = self._block_tensors()
+        if (cached is None or values is not cached.values or row_offsets is not cached.row_offsets
+                or col_indices is not cached.col_indices or row_order is not cached.row_order):
             self._refresh_matrix()
         elif cached.check_unchanged():
             self._prepare()  # the launch table's row groups came from the old indices
