@@ -5,6 +5,9 @@ What `patch_bert(mode="hybrid")` makes of the matrices it keeps dense: on CPU th
 same dense GEMM a user's best CPU engine would (MKL's fp32 GEMM, what `F.linear` runs, takes its
 AVX2 path on AMD CPUs), with GELU in its epilogue; elsewhere (CUDA, a trace under
 `torch.compile`, inputs that need gradients) it is `F.linear` then GELU, as `nn.Linear` would do.
+bf16 weights (`patch_bert(..., weight_dtype=torch.bfloat16)`) take fp32 inputs: computed in bf16,
+returned in fp32 (`cpu.dense.dense_linear_cpu`).
+
 By default the weight is read where it lies on every call: nothing derived from it is kept. With
 `prepack=True` (for serving, what `patch_bert(..., prepack_dense=True)` asks for) the CPU forward
 keeps oneDNN's packed copy of the weight (`cpu.dense.PackedWeight`): the weight's memory twice,
@@ -19,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu.dense import ACTIVATIONS, PackedWeight, dense_linear_cpu
+from .cpu.dense import ACTIVATIONS, PackedWeight, dense_linear_cpu, takes_bf16_weights
 from .resize import linear_from
 
 
@@ -52,6 +55,9 @@ class DenseLinear(nn.Linear):
         if input.is_cpu and not torch.compiler.is_compiling():
             return dense_linear_cpu(input, self.weight, self.bias, self.activation,
                                     self._packed if self.prepack else None)
+        if takes_bf16_weights(input, self.weight):
+            y = F.linear(input.to(torch.bfloat16), self.weight, self.bias).to(torch.float32)
+            return F.gelu(y) if self.activation == "gelu" else y
         y = F.linear(input, self.weight, self.bias)
         return F.gelu(y) if self.activation == "gelu" else y
 

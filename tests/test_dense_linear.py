@@ -176,3 +176,19 @@ def test_weights_made_in_inference_mode_are_never_packed():
         assert packed.for_weight(weight) is not weight and packed.for_weight(weight) is packed.for_weight(weight)
     else:
         assert packed.for_weight(weight) is weight
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_bf16_weights_take_fp32_inputs_and_give_fp32(activation):
+    """patch_bert's weight_dtype: x rounded to bf16, fp32 accumulation, the output rounded to bf16 and
+    returned in fp32; within bf16's rounding of a float64 product of the same bf16 weights."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 64, generator=generator).bfloat16()
+    bias = torch.randn(40, generator=generator).bfloat16()
+    layer = DenseLinear.from_tensors(weight, bias, activation, prepack=True)
+    x = torch.randn(2, 3, 64, generator=generator)
+    reference = dense_reference(x.bfloat16().reshape(-1, 64), weight, bias, activation).reshape(2, 3, 40)
+    with torch.inference_mode():
+        for y in (layer(x), dense_linear_cpu(x, weight, bias, activation)):
+            assert y.dtype == torch.float32
+            assert_close_to_reference(y, reference, torch.bfloat16)

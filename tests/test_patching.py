@@ -150,8 +150,10 @@ def test_hybrid_density_threshold_and_bad_thresholds(pruned_minilm, monkeypatch)
 
 
 def test_bf16_weights_with_fp32_activations(pruned_minilm, padded_batch, tmp_path):
-    # weight_dtype=bf16: block-sparse weights (and biases) bf16, everything else fp32: the error is
-    # the rounding of weights and of x inside the kernel, not of the residual stream.
+    # weight_dtype=bf16: every linear's weights (and biases) bf16, everything else fp32: the error is
+    # the rounding of weights, of x and of the dense layers' outputs, not of the residual stream.
+    from nn_blocksparse.dense_linear import DenseLinear
+
     model, _ = pruned_minilm
     reference = reference_output(model, padded_batch)
     patched = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.5, weight_dtype=torch.bfloat16)
@@ -159,7 +161,7 @@ def test_bf16_weights_with_fp32_activations(pruned_minilm, padded_batch, tmp_pat
     dense = [m for m in patched.encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert sparse and dense  # hybrid at 0.5 leaves both kinds
     assert all(m.values.dtype == torch.bfloat16 for m in sparse)
-    assert all(m.weight.dtype == torch.float32 for m in dense)  # dense layers stay fp32
+    assert all(type(m) is DenseLinear and m.weight.dtype == m.bias.dtype == torch.bfloat16 for m in dense)
     assert all(p.dtype == torch.float32 for m in patched.modules() if isinstance(m, torch.nn.LayerNorm)
                for p in m.parameters())
     output = reference_output(patched, padded_batch)
@@ -171,6 +173,7 @@ def test_bf16_weights_with_fp32_activations(pruned_minilm, padded_batch, tmp_pat
     assert 0 < error < 0.05 and error < bf16_error / 2, (error, bf16_error)
     loaded = load_patched_bert(save_patched_bert(patched, tmp_path / "bf16_weights"))
     assert all(m.values.dtype == torch.bfloat16 for m in loaded.modules() if isinstance(m, BlockSparseLinear))
+    assert all(m.weight.dtype == torch.bfloat16 for m in loaded.encoder.modules() if isinstance(m, DenseLinear))
     assert torch.equal(reference_output(loaded, padded_batch), output)
     with pytest.raises(ValueError, match="weight_dtype"):
         patch_bert(copy.deepcopy(model), weight_dtype=torch.float16)
@@ -490,10 +493,12 @@ def test_dense_linear_specs_are_checked_and_older_plain_linear_specs_still_load(
     folder = save_patched_bert(model, tmp_path / "dense")
     layer = json.loads((folder / "patch.json").read_text())["layers"][0]
     assert layer["output"] == {"type": "linear", "in_features": 128, "out_features": 64, "bias": True,
-                               "activation": None}
+                               "activation": None, "dtype": "float32"}
     assert layer["intermediate"]["activation"] == "gelu" and layer["intermediate_activation_fused"]
     for edit, message in ((_set_path("layers", 0, "output", "activation", value="gelu"),
                            r"layers\[0\].output.activation must be one of \(None,\)"),
+                          (_set_path("layers", 0, "output", "dtype", value="float16"),
+                           r"layers\[0\].output.dtype must be the model's \(float32\) or, in an fp32 model, bfloat16"),
                           (_set_path("layers", 1, "intermediate", "activation", value="relu"),
                            r"intermediate.activation must be one of \('gelu', None\)"),
                           (_set_path("layers", 1, "intermediate", "activation", value=None),
@@ -502,8 +507,13 @@ def test_dense_linear_specs_are_checked_and_older_plain_linear_specs_still_load(
         _edit_patch(crafted, edit)
         with pytest.raises(ValueError, match=message):
             load_patched_bert(crafted)
-    # A checkpoint from before DenseLinear (linear specs without "activation", GELU unfused) loads as nn.Linear.
+    # A checkpoint from before DenseLinear (linear specs without "activation", GELU unfused) loads as nn.Linear;
+    # such a plain linear takes no dtype of its own.
     resized = patch_bert(small_bert(), mode="resize")
+    crafted = save_patched_bert(resized, tmp_path / "crafted_plain")
+    _edit_patch(crafted, _set_path("layers", 0, "output", "dtype", value="bfloat16"))
+    with pytest.raises(ValueError, match=r"layers\[0\].output.dtype is only for a DenseLinear"):
+        load_patched_bert(crafted)
     old = save_patched_bert(resized, tmp_path / "old")
     loaded = load_patched_bert(old)
     assert all(type(layer.output.dense) is torch.nn.Linear for layer in loaded.encoder.layer)

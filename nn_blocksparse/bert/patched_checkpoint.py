@@ -43,7 +43,9 @@ def _module_spec(module: nn.Module) -> dict:
     if isinstance(module, nn.Linear):
         spec = {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
-        return {**spec, "activation": module.activation} if isinstance(module, DenseLinear) else spec
+        if isinstance(module, DenseLinear):  # may keep bf16 weights in an fp32 model (patch_bert's weight_dtype)
+            return {**spec, "activation": module.activation, "dtype": TORCH_DTYPE_NAMES[module.weight.dtype]}
+        return spec
     raise TypeError(f"cannot describe a {type(module).__name__}")
 
 
@@ -56,8 +58,9 @@ def _module_from_spec(spec: dict, dtype: torch.dtype, backend: str) -> nn.Module
                                  dtype=weight_dtype)
     if spec["type"] == "linear":
         if "activation" in spec:  # a DenseLinear (hybrid's dense matrices); without it nn_pruning's plain nn.Linear
+            weight_dtype = dtype_from_name(spec["dtype"], TORCH_DTYPE_NAMES) if "dtype" in spec else dtype
             return DenseLinear(spec["in_features"], spec["out_features"], bias=spec["bias"],
-                               activation=spec["activation"], dtype=dtype)
+                               activation=spec["activation"], dtype=weight_dtype)
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
     raise ValueError(f"unknown module type {spec['type']!r} in patch.json")
 
@@ -174,9 +177,9 @@ _LAYER_FIELDS = {"attention": dict, "attention_output": dict, "intermediate": di
 _LINEAR_FIELDS = {"type": str, "in_features": int, "out_features": int, "bias": bool}
 _BLOCK_SPARSE_FIELDS = {**_LINEAR_FIELDS, "block_size": int, "activation": (str, type(None))}
 _MODULE_FIELDS = {"linear": _LINEAR_FIELDS, "block_sparse": _BLOCK_SPARSE_FIELDS}
-# A block-sparse module's weight dtype, where patch_bert's weight_dtype made it differ from the model's.
-# A linear's activation marks a DenseLinear (absent: a plain nn.Linear).
-_OPTIONAL_MODULE_FIELDS = {"linear": {"activation": (str, type(None))}, "block_sparse": {"dtype": str}}
+# A module's weight dtype, which patch_bert's weight_dtype may make differ from the model's (block-sparse
+# modules and DenseLinears). A linear's activation marks a DenseLinear (absent: a plain nn.Linear).
+_OPTIONAL_MODULE_FIELDS = {"linear": {"activation": (str, type(None)), "dtype": str}, "block_sparse": {"dtype": str}}
 _ATTENTION_FIELDS = {"fused": {"type": str, "num_heads": int, "head_dim": int, "qkv": dict},
                      "bert": {"type": str, "num_heads": int, "query": dict, "key": dict, "value": dict}}
 
@@ -228,6 +231,9 @@ def _check_module_spec(spec, where: str, in_features: int | None, out_features: 
     if kind not in _MODULE_FIELDS:
         raise ValueError(f"{where}.type must be one of {sorted(_MODULE_FIELDS)}, got {kind!r:.60}")
     _check_fields(spec, _MODULE_FIELDS[kind], where, _OPTIONAL_MODULE_FIELDS[kind])
+    if kind == "linear" and "dtype" in spec and "activation" not in spec:
+        raise ValueError(f"{where}.dtype is only for a DenseLinear (a linear with an activation field); a plain "
+                         f"nn.Linear runs in the model's dtype")
     if spec.get("dtype", model_dtype) not in (model_dtype, *(["bfloat16"] if model_dtype == "float32" else [])):
         raise ValueError(f"{where}.dtype must be the model's ({model_dtype}) or, in an fp32 model, bfloat16 "
                          f"(patch_bert's weight_dtype), got {spec['dtype']!r:.60}")

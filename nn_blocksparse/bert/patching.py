@@ -26,9 +26,10 @@ gains) first reorders each layer's FFN neurons and attention heads / head dimens
 Layers whose attention is fused become `ThinBertLayer`s (`thin_layer.py`): in inference they call
 their modules directly instead of through transformers' module tree, bit-identically.
 
-`weight_dtype=torch.bfloat16` (CPU, fp32 models): the block-sparse linears keep bf16 weights and
-biases and take the fp32 activations (rounded to bf16 inside the kernel, fp32 accumulation and
-output); layer norms, softmax, the residual stream and the dense `nn.Linear`s hybrid leaves stay fp32.
+`weight_dtype=torch.bfloat16` (CPU, fp32 models; block-sparse and hybrid): every linear keeps bf16
+weights and biases and takes the fp32 activations (rounded to bf16, fp32 accumulation; the
+block-sparse kernel's output is fp32, the dense `DenseLinear`s' is rounded to bf16 by oneDNN, then
+returned in fp32); layer norms, softmax and the residual stream stay fp32.
 
 `patch_bert` runs as plain steps: check the arguments, plan every layer's new modules (deciding,
 and where asked measuring, which matrices go block-sparse), apply the plans, record the mode and
@@ -117,14 +118,14 @@ def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activ
                 weight_dtype=None, mode: str = "hybrid") -> nn.Module:
     """The module of one matrix: block-sparse, or dense (`DenseLinear` in hybrid, with `activation`
     fused; resize keeps nn_pruning's plain `nn.Linear`, which takes no activation)."""
-    if sparse:
-        if weight_dtype is not None:
-            weight = weight.to(weight_dtype)
-        return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     if mode == "resize":
         if activation is not None:
             raise ValueError("resize keeps plain nn.Linear layers, with no fused activation")
         return linear_from(weight, bias)
+    if weight_dtype is not None:
+        weight, bias = weight.to(weight_dtype), None if bias is None else bias.to(weight_dtype)
+    if sparse:
+        return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     return DenseLinear.from_tensors(weight, bias, activation)
 
 

@@ -8,7 +8,8 @@ density (0.1/0.3/0.6/1.0) is timed on random layouts at both BERT FFN shapes (76
 3072x768, `--rows` rows of x), against the dense linear hybrid runs beside it
 (`dense.dense_linear_cpu`: oneDNN where torch has it, on its packed weight, the faster of the
 two forms a `DenseLinear` runs) on the same inputs (fp32 for the modes
-with fp32 activations, bf16 for "bf16"); the profile keeps the lower of the two shapes' speedups.
+with fp32 activations, bf16 for "bf16"; the dense weights in the mode's weight dtype, as hybrid
+keeps them); the profile keeps the lower of the two shapes' speedups.
 About ten seconds on two cores; `--quick` (block size 32, densities 0.3 and 1.0, one shape) about
 one. Writes into the profile file (`planner.profile_path()`, or `--out`), replacing the entry of
 the same CPU (`isa.cpu_identity()`), ISA and thread count. Run it on a quiet machine: its numbers decide which
@@ -62,7 +63,7 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                         matrix = BlockSparseMatrix.from_dense(random_block_sparse_weight(
                             n, k, block_size, density, seed=n + k + block_size, dtype=weight_dtype), block_size)
                         with torch.inference_mode(False):  # a tensor with a version counter: packable
-                            dense_weight = matrix.to_dense().to(activation_dtype)
+                            dense_weight = matrix.to_dense()  # in the weights' dtype, as hybrid's dense layers
                         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).to(activation_dtype)
                         packed = PackedWeight()
                         times = timer({"dense": lambda: dense_linear_cpu(x, dense_weight, packed=packed),

@@ -125,12 +125,23 @@ class PackedWeight:
         return PackedWeight, ()  # copies and pickles are empty
 
 
+def takes_bf16_weights(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 activations against bf16 weights (`patch_bert`'s `weight_dtype`): computed in bf16, returned in fp32."""
+    return x.dtype == torch.float32 and weight.dtype == torch.bfloat16
+
+
 def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      activation: str | None = None, packed: PackedWeight | None = None) -> torch.Tensor:
     """`act(x @ weight^T + bias)`, `act` None or "gelu" (exact): oneDNN where it runs (module docstring), else
-    `F.linear` then `F.gelu`. `packed`: where oneDNN runs, it reads this copy of `weight` instead."""
+    `F.linear` then `F.gelu`. `packed`: where oneDNN runs, it reads this copy of `weight` instead.
+
+    fp32 `x` with a bf16 `weight` (and bias): x is rounded to bf16, the product accumulated in fp32 and
+    rounded to bf16 (oneDNN's bf16 output), then returned in fp32.
+    """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if takes_bf16_weights(x, weight):
+        return dense_linear_cpu(x.to(torch.bfloat16), weight, bias, activation, packed).to(torch.float32)
     if _onednn_runs(x, weight, bias):
         attribute, algorithm = _ATTRIBUTES[activation]
         operand = weight if packed is None else packed.for_weight(weight)
