@@ -6,7 +6,7 @@ heads), a head count and a head size. The head count is per instance, so a prune
 keep a different number of heads in every layer. The projection is one matmul (one kernel
 launch, x read once) instead of three; attention itself runs in
 `torch.nn.functional.scaled_dot_product_attention`, or on CPU in fp32 inference in the native
-kernel's attention (`cpu.attention.self_attention_cpu`, as the op `ops.attention_cpu`), which
+kernel's attention (`cpu.attention.self_attention_cpu`, through `ops.call_attention_cpu`), which
 reads the projection's output as it lies and writes the heads merged.
 """
 
@@ -48,7 +48,7 @@ class FusedSelfAttention(nn.Module):
         projected = self.qkv(hidden_states)
         dropout = self.dropout if self.training else 0.0
         if not return_probabilities and runs_native_attention(projected, self.head_dim, attention_mask, dropout):
-            return ops.attention_cpu(projected, self.num_heads, self.head_dim, attention_mask)
+            return ops.call_attention_cpu(projected, self.num_heads, self.head_dim, attention_mask)
         qkv = projected.view(batch, seq, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, head_dim]
         if attention_mask is not None and attention_mask.dtype != torch.bool:

@@ -234,7 +234,7 @@ def block_sparse_linear_tensors(
     if x2d.shape[0] and x2d.stride(1) != 1:
         x2d = x2d.contiguous()  # the kernels want unit stride along K for vector loads
     if backend == "cpu":
-        y2d = ops.linear_cpu(x2d, values, row_offsets, col_indices, bias, activation)
+        y2d = ops.call_linear_cpu(x2d, values, row_offsets, col_indices, bias, activation)
         return y2d.reshape(*x.shape[:-1], n)
 
     if x2d.numel() > MAX_KERNEL_ELEMENTS or x2d.shape[0] * n > MAX_KERNEL_ELEMENTS:

@@ -27,6 +27,9 @@ dynamic-shape compile of the triton_op) takes the symbolic entry, which adds no 
 tensors per grouping (`RowGroups` order: step_offsets, step_cols, step_blocks, group_rows,
 group_order), precomputed with the table.
 
+In plain eager mode the callers reach the CPU ops through `call_linear_cpu` / `call_attention_cpu`,
+which call the implementations directly (see there); everything that intercepts ops still gets the ops.
+
 Inference only: neither op has an autograd formula (`functional.block_sparse_linear` computes
 densely when gradients are needed), and neither checks its inputs beyond what the launchers do;
 `functional.check_inputs` runs first.
@@ -41,6 +44,7 @@ import torch
 
 from .cpu import block_sparse_linear_cpu
 from .cpu.attention import self_attention_cpu
+from .cpu.dense import PLAIN_TENSORS
 from .kernels import block_sparse_linear as triton_block_sparse_linear
 from .kernels.block_sparse_linear import interpreter_enabled
 from .kernels.configs import KernelConfig, m_bucket
@@ -135,6 +139,43 @@ def _attention_cpu_fake(qkv, num_heads, head_dim, attention_mask):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], num_heads * head_dim)
 
 
+# ---------------------------------------------------------------------------------- eager CPU calls
+# A custom op's eager dispatch (the C++ dispatcher calling back into Python, under
+# torch._dynamo.disable) cost tens to over a hundred microseconds a call in interleaved runs at BERT's
+# sizes, the more the larger the call: several percent of a block-sparse linear (bench_kernel's `ours`
+# against `ours_<isa>`). So plain eager calls run the implementation directly. Traces, fake or
+# functorch-wrapped tensors and active dispatch or function modes get the op, so that whatever
+# intercepts ops still sees it; under the profiler the direct call is a range named after the op.
+def _plain_eager(*tensors: torch.Tensor | None) -> bool:
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    return all(tensor is None or (type(tensor) in PLAIN_TENSORS
+                                  and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+               for tensor in tensors)
+
+
+def _direct(name: str, function, *args):
+    if torch._C._autograd._profiler_enabled():
+        with torch.autograd.profiler.record_function(f"{NAMESPACE}::{name}"):
+            return function(*args)
+    return function(*args)
+
+
+def call_linear_cpu(x, values, row_offsets, col_indices, bias, activation) -> torch.Tensor:
+    """`linear_cpu`, called directly in plain eager mode (above)."""
+    if _plain_eager(x, values, row_offsets, col_indices, bias):
+        return _direct("linear_cpu", block_sparse_linear_cpu, x, values, row_offsets, col_indices, bias, activation)
+    return linear_cpu(x, values, row_offsets, col_indices, bias, activation)
+
+
+def call_attention_cpu(qkv, num_heads: int, head_dim: int, attention_mask) -> torch.Tensor:
+    """`attention_cpu`, called directly in plain eager mode (above)."""
+    if _plain_eager(qkv, attention_mask):
+        return _direct("attention_cpu", self_attention_cpu, qkv, num_heads, head_dim, attention_mask)
+    return attention_cpu(qkv, num_heads, head_dim, attention_mask)
+
+
 # ---------------------------------------------------------------------------------- linear_triton
 def _linear_triton(x: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
                    row_order: torch.Tensor, row_groups: list[torch.Tensor], bias: torch.Tensor | None,
@@ -163,5 +204,5 @@ else:
         return _output_like(x, values, row_offsets)
 
 
-__all__ = ["ANY_ROWS", "bucket_exponent", "config_for_rows",
+__all__ = ["ANY_ROWS", "bucket_exponent", "call_attention_cpu", "call_linear_cpu", "config_for_rows",
            "flatten_row_groups", "linear_cpu", "linear_triton", "pack_launch_table", "traceable_triton_kernels"]

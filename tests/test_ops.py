@@ -94,6 +94,52 @@ def test_opcheck_attention_cpu():
     for attention_mask in (None, mask):
         torch.library.opcheck(torch.ops.nn_blocksparse.attention_cpu.default, (qkv, 2, 8, attention_mask))
     assert torch.ops.nn_blocksparse.attention_cpu(qkv, 2, 8, None).shape == (2, 9, 16)
+    with torch.inference_mode():  # the direct eager call is the op's implementation
+        assert torch.equal(ops.call_attention_cpu(qkv, 2, 8, mask), torch.ops.nn_blocksparse.attention_cpu(qkv, 2, 8, mask))
+
+
+def test_eager_cpu_calls_skip_the_op_only_where_nothing_intercepts_ops(monkeypatch):
+    """Plain eager calls run the implementation directly (the op's dispatch is slow); a dispatch mode, a
+    function mode or fake tensors get the op itself, and the profiler still sees a range named after it."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, weight, b, matrix = case("cpu", torch.float32)
+    args = (x, matrix.values, matrix.row_offsets, matrix.col_indices, b, "gelu")
+    reference = dense_reference(x, weight, b, "gelu")
+    calls = []
+    real_op = ops.linear_cpu
+    monkeypatch.setattr(ops, "linear_cpu", lambda *a: calls.append("op") or real_op(*a))
+    with torch.inference_mode():
+        assert_close_to_reference(ops.call_linear_cpu(*args), reference, torch.float32)
+    assert calls == []  # direct
+
+    class SeesOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), SeesOps():
+        assert_close_to_reference(ops.call_linear_cpu(*args), reference, torch.float32)
+    assert calls[0] == "op" and "nn_blocksparse.linear_cpu.default" in calls
+
+    class SeesFunctions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls.clear()
+    with torch.inference_mode(), SeesFunctions():
+        ops.call_linear_cpu(*args)
+    assert calls == ["op"]
+    calls.clear()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in args[:5]]
+        assert ops.call_linear_cpu(*fake, "gelu").shape == (x.shape[0], weight.shape[0])
+    assert calls == ["op"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler, torch.inference_mode():
+        ops.call_linear_cpu(*args)
+    assert "nn_blocksparse::linear_cpu" in {event.name for event in profiler.events()}
 
 
 @pytest.mark.parametrize("config", [KernelConfig(16, k_blocks=2, split_k=2), KernelConfig(32, rows_per_program=2)],
