@@ -143,7 +143,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
 def time_side_by_side(runs: Mapping[str, Callable[[], object]], device: torch.device, warmup: int = 3,
                       repeats: int = 20, **cuda_options) -> tuple[dict[str, float], dict[str, str]]:
     """(`{name: time_ms}`, `{name: why it has no time}`) of methods compared in one table: timed in turns
-    on CPU (`interleaved_median_ms`), one after another on CUDA (`cuda_options`: `time_ms`'s CUDA
+    on CPU (`interleaved_median_ms` with one round per repeat: each method's timed call comes right
+    after the others', so a drift of the machine's speed, which on shared VMs moves within seconds,
+    reaches every method alike), one after another on CUDA (`cuda_options`: `time_ms`'s CUDA
     arguments). A run that raises gets NaN and its error, and is not called again; the others go on."""
     errors: dict[str, str] = {}
 
@@ -160,7 +162,7 @@ def time_side_by_side(runs: Mapping[str, Callable[[], object]], device: torch.de
     if torch.device(device).type == "cuda":
         times = {name: time_ms(call, device, warmup, repeats, **cuda_options) for name, call in calls.items()}
     else:
-        times = interleaved_median_ms(calls, warmup=warmup, repeats=repeats)
+        times = interleaved_median_ms(calls, warmup=warmup, repeats=repeats, rounds=repeats)
     return {name: math.nan if name in errors else value for name, value in times.items()}, errors
 
 
