@@ -56,8 +56,7 @@ class DenseLinear(nn.Linear):
             return dense_linear_cpu(input, self.weight, self.bias, self.activation,
                                     self._packed if self.prepack else None)
         if takes_bf16_weights(input, self.weight):
-            y = F.linear(input.to(torch.bfloat16), self.weight, self.bias).to(torch.float32)
-            return F.gelu(y) if self.activation == "gelu" else y
+            return self.forward(input.to(torch.bfloat16)).to(torch.float32)
         y = F.linear(input, self.weight, self.bias)
         return F.gelu(y) if self.activation == "gelu" else y
 

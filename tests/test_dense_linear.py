@@ -192,3 +192,16 @@ def test_bf16_weights_take_fp32_inputs_and_give_fp32(activation):
         for y in (layer(x), dense_linear_cpu(x, weight, bias, activation)):
             assert y.dtype == torch.float32
             assert_close_to_reference(y, reference, torch.bfloat16)
+
+
+def test_bf16_weights_off_the_cpu_path_take_fp32_inputs_too(monkeypatch):
+    """Where the forward is F.linear (a trace, another device), bf16 weights still take fp32 inputs."""
+    generator = torch.Generator().manual_seed(4)
+    layer = DenseLinear.from_tensors(torch.randn(24, 32, generator=generator).bfloat16(),
+                                     torch.randn(24, generator=generator).bfloat16(), "gelu")
+    x = torch.randn(5, 32, generator=generator)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert_close_to_reference(y, dense_reference(x.bfloat16(), layer.weight, layer.bias, "gelu"), torch.bfloat16)
