@@ -54,7 +54,8 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     `x` is `[rows, in_features]` random, on the weight's device and in its dtype. `timer(fn,
     device)` replaces `timing.median_ms` (tests); it is called for the dense form first. Block-sparse
     is chosen when its time is below `(1 - margin)` x the dense time. `weight_dtype` (CPU: bf16)
-    keeps the block-sparse form's weights in that dtype, fed the same `x` (mixed precision).
+    keeps both forms' weights and biases in that dtype, fed the same `x` (mixed precision), as
+    `patch_bert(..., weight_dtype=...)` builds them.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -66,11 +67,13 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     timer = timer or (lambda fn, dev: median_ms(fn, dev, warmup, repeats))
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
-    sparse_weight = weight if weight_dtype is None else weight.to(weight_dtype)
-    sparse = BlockSparseLinear.from_dense(sparse_weight, bias, block_size, activation=activation, backend=backend)
+    x_dtype = weight.dtype
+    if weight_dtype is not None:
+        weight, bias = weight.to(weight_dtype), None if bias is None else bias.to(weight_dtype)
+    sparse = BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     dense = DenseLinear.from_tensors(weight, bias, activation)  # what hybrid keeps where dense is faster
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, weight.shape[1], generator=generator).to(device=device, dtype=weight.dtype)
+    x = torch.randn(rows, weight.shape[1], generator=generator).to(device=device, dtype=x_dtype)
 
     with torch.inference_mode():
         dense_ms = timer(lambda: dense(x), device)

@@ -66,3 +66,21 @@ def test_clear_errors():
         measure_block_sparse(weight, rows=0)
     with pytest.raises(ValueError, match="margin"):
         measure_block_sparse(weight, margin=1.0)
+
+
+def test_bf16_weights_are_measured_in_both_forms_as_hybrid_builds_them():
+    """weight_dtype=bf16: the dense and block-sparse forms both keep bf16 weights and take fp32 x, and
+    both compute the same product (to bf16 rounding)."""
+    weight = random_block_sparse_weight(64, 96, 32, 0.5, seed=1)
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    outputs = []
+
+    def timer(fn, device):
+        outputs.append(fn())
+        return 1.0
+
+    measure_block_sparse(weight, bias, rows=8, activation="gelu", timer=timer, weight_dtype=torch.bfloat16)
+    dense_out, sparse_out = outputs
+    assert dense_out.dtype == sparse_out.dtype == torch.float32
+    scale = dense_out.abs().max().item()
+    assert (dense_out - sparse_out).abs().max().item() < 2e-2 * max(1.0, scale)
