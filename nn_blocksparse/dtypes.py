@@ -25,3 +25,12 @@ def dtype_from_name(name: str, names: Mapping[torch.dtype, str] = DTYPE_NAMES, w
         if candidate == name:
             return dtype
     raise ValueError(f"{what} must be one of {sorted(names.values())}, got {name!r:.60}")
+
+
+def weight_and_bias_in(weight: torch.Tensor, bias: torch.Tensor | None,
+                       dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`weight` and `bias` (None stays None) in `dtype`, or as they are where `dtype` is None: how a
+    `weight_dtype` option turns one matrix's tensors into what its layer keeps."""
+    if dtype is None:
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .dtypes import weight_and_bias_in
 from .linear import BlockSparseLinear
 from .dense_linear import DenseLinear
 from .timing import median_ms
@@ -68,8 +69,7 @@ def measure_block_sparse(weight: torch.Tensor, bias: torch.Tensor | None = None,
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     x_dtype = weight.dtype
-    if weight_dtype is not None:
-        weight, bias = weight.to(weight_dtype), None if bias is None else bias.to(weight_dtype)
+    weight, bias = weight_and_bias_in(weight, bias, weight_dtype)
     sparse = BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     dense = DenseLinear.from_tensors(weight, bias, activation)  # what hybrid keeps where dense is faster
     generator = torch.Generator().manual_seed(0)

@@ -47,6 +47,7 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from ..attention import FusedSelfAttention
 from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
+from ..dtypes import weight_and_bias_in
 from ..dense_linear import DenseLinear, set_prepack
 from ..functional import BACKENDS
 from ..linear import BlockSparseLinear
@@ -122,8 +123,7 @@ def _projection(weight, bias, sparse: bool, block_size: int, backend: str, activ
         if activation is not None:
             raise ValueError("resize keeps plain nn.Linear layers, with no fused activation")
         return linear_from(weight, bias)
-    if weight_dtype is not None:
-        weight, bias = weight.to(weight_dtype), None if bias is None else bias.to(weight_dtype)
+    weight, bias = weight_and_bias_in(weight, bias, weight_dtype)
     if sparse:
         return BlockSparseLinear.from_dense(weight, bias, block_size, activation=activation, backend=backend)
     return DenseLinear.from_tensors(weight, bias, activation)

@@ -4,8 +4,9 @@ torch's fp32 `F.linear` runs MKL's sgemm, which on AMD CPUs takes its AVX2 code 
 CPU has AVX-512; oneDNN (`torch.ops.mkldnn._linear_pointwise`, the linear Inductor's CPU backend
 calls) picks its kernels by the CPU's instruction set, reads the weight as it lies unless given a
 `PackedWeight` (below; so by default an in-place change of the weight is seen by the next call)
-and fuses GELU (exact erf form) into its epilogue. It is what hybrid's dense matrices run, and what the planner and
-`selection` compare the native kernel with: the dense baseline a CPU user can have.
+and fuses GELU (exact erf form) into its epilogue. It is what hybrid's dense matrices run, and
+what the planner and `selection` compare the native kernel with: the dense baseline a CPU user
+can have.
 
 `PackedWeight` holds oneDNN's blocked copy of one weight (`torch.ops.mkldnn._reorder_linear_weight`),
 which `dense_linear_cpu(..., packed=...)` reads instead of the plain weight: oneDNN otherwise
