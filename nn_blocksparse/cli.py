@@ -81,27 +81,15 @@ def task_of(class_name: str) -> str:
                        f"give --task (one of {', '.join(TASK_TO_MODEL_CLASS)})")
 
 
-def _weight_names(folder: Path) -> set[str] | None:
-    """Tensor names in the folder's safetensors weights (header only); None if it has none to read."""
-    from safetensors import safe_open
-
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as weights:
-            return set(weights.keys())
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
-        return set(weight_map)
-    return None
-
-
 def check_question_answering_head(folder: Path, config: dict) -> None:
     """Refuse, before loading anything, a folder whose model has no span (qa_outputs) head."""
     class_name = model_class_name(folder, config)
     if is_patched(folder):
         has_head = class_name.endswith("ForQuestionAnswering")
     else:
-        names = _weight_names(folder)
+        from .bert.checkpoint_files import weight_names
+
+        names = weight_names(folder)
         # A pytorch_model.bin is not read twice: the loader's strict check names a missing head.
         has_head = True if names is None else any(name.endswith("qa_outputs.weight") for name in names)
     if not has_head:

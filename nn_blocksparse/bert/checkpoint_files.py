@@ -108,6 +108,27 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def weight_names(folder: Path) -> set[str] | None:
+    """The tensor names of ``folder``'s safetensors weights, read from the headers alone (a shard
+    index's names for a sharded one); None for a ``pytorch_model.bin`` (a pickle: not read twice)."""
+    from safetensors import SafetensorError, safe_open
+
+    if (folder / SAFETENSORS_FILE).is_file():
+        try:
+            with safe_open(str(folder / SAFETENSORS_FILE), framework="pt") as weights:
+                return set(weights.keys())
+        except SafetensorError as err:
+            raise ValueError(f"{folder / SAFETENSORS_FILE} is not a readable safetensors file: {err}") from None
+    if (folder / SAFETENSORS_INDEX_FILE).is_file():
+        index = read_json(folder / SAFETENSORS_INDEX_FILE, f"no {SAFETENSORS_INDEX_FILE} in {folder}")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, Mapping):
+            raise ValueError(f"{folder / SAFETENSORS_INDEX_FILE} is not a shard index "
+                             "({\"weight_map\": {name: file}})")
+        return set(weight_map)
+    return None
+
+
 def rename_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     renamed = {}
     for key, tensor in state_dict.items():

