@@ -39,16 +39,22 @@ def test_interleaved_calls_take_turns_and_each_gets_its_own_median():
 
 
 def test_interleaving_keeps_a_drift_out_of_the_ratio():
-    """The machine slows down half-way (after round 2 of 4): timed in turns, two equal calls still come out equal."""
+    """The machine slows down after round 1 of 4: timed in turns, two equal calls still come out equal.
+
+    Each fn then has 5 fast and 15 slow timed calls, so both medians lie well inside the slow ones
+    (a slow-down at the half-way mark would put each median between the two groups, where one
+    late fast call under load moves it by the whole gap).
+    """
     clock = {"calls": 0}
 
     def call():
         clock["calls"] += 1
-        time.sleep(0.001 if clock["calls"] <= 24 else 0.004)  # 2 rounds x 2 calls x (1 untimed + 5 timed)
+        time.sleep(0.001 if clock["calls"] <= 12 else 0.004)  # 1 round x 2 calls x (1 untimed + 5 timed)
 
     times = interleaved_median_ms({"a": call, "b": call}, warmup=0, repeats=20, rounds=4)
     assert 0.8 < times["a"] / times["b"] < 1.25, times
-    # One after the other, the same drift would have put a ratio of about 4 between them.
+    # One after the other, the same drift would have given "a" 12 fast calls of its 20 (a median of
+    # about 1 ms) and "b" none (about 4 ms): a ratio of about 4.
 
 
 def test_bad_arguments_are_refused_before_any_call():
