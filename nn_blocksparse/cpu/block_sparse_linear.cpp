@@ -10,15 +10,15 @@
 // row-major (the block (r, c) holds W[r*bs + n, c*bs + k] at [n][k]), int32 `row_offsets [N/bs + 1]`
 // and `col_indices [nnz]`. Indices are trusted: the caller validated them against K = x's width.
 //
-// Micro-kernel: vectors run along k, the reduction axis, so that both operands are read where they
-// lie, unit-stride: L consecutive x[i, k..] and L consecutive W[n, k..] of a stored block. An
-// MR x 4 tile of y (MR rows of x, 4 output features) keeps MR*4 vector accumulators for the whole
-// walk over its block-row's stored blocks; per vector step it loads MR vectors of x and 4 of W for
-// 4*MR FMAs (the instruction mix of a broadcast kernel, without packing x or W). The tile's
-// partial sums are reduced across lanes once at the end (in-segment pairwise adds, then halving),
-// and the epilogue (bias, GELU, rounding) runs on the 4 outputs. bf16 reads (k, k+1) pairs as one
-// 32-bit lane: the layout AVX512_BF16's vdpbf16ps and ARM's BFDOT multiply, so the hardware dot
-// products need no repacking either; without them the pair is split into two fp32 values.
+// Micro-kernels. fp32 is an outer product: per step of k, a few vectors of one row of a transposed
+// block (W[n.., k], unit stride in n) times broadcast x[i, k] into an MR x NV tile of y's own
+// outputs, the tile's whole block-row walked in registers. A task transposes its block-row's blocks
+// into per-thread scratch first, so W is read as it is stored and nothing is kept between calls.
+// bf16 keeps vectors along k, the reduction axis, so that both operands are read where they lie:
+// (k, k+1) pairs as one 32-bit lane, the layout AVX512_BF16's vdpbf16ps and ARM's BFDOT multiply
+// (without them the pair is split into two fp32 values). An MR x 4 tile (MR rows of x, 4 output
+// features) keeps MR*4 vector accumulators, reduced across lanes once at the end; the epilogue
+// (bias, GELU, rounding) runs on the 4 outputs.
 //
 // Work split: (block-row, chunk of rows of x) tasks dealt dynamically to OpenMP threads. Each output
 // is summed by one thread in a fixed order, so results are bit-identical for any thread count. The
@@ -32,7 +32,6 @@
 #include <string.h>
 
 #include <cstddef>
-#include <type_traits>
 #include <utility>
 
 #if defined(__AVX512F__)
@@ -328,11 +327,7 @@ inline void store_buffer(const Epilogue& e, const float* buffer, int64_t rows, i
   }
 }
 
-// ------------------------------------------------------------------------------ micro-kernel
-// What x and W hold: fp32, or bf16 as uint16 bit patterns.
-template <bool BF16>
-using Element = typename std::conditional<BF16, uint16_t, float>::type;
-
+// ------------------------------------------------------------------------------ bf16 micro-kernel
 // Where a tile's walk starts and ends: a segment of its block-row's stored blocks, resumed from and
 // parked in `partial` (the MR x 4 accumulators, unreduced) between segments.
 struct Segment {
@@ -342,9 +337,9 @@ struct Segment {
 };
 
 // An MR x 4 tile: rows row.. of x (relative to the sink's first) against 4 output features of one
-// block-row, walking the segment's stored blocks. bf16 reads 32-bit lanes of (k, k+1) pairs.
-template <bool BF16, int BS, int L, int MR>
-inline void tile_kernel(const Element<BF16>* x, int64_t ldx, const Element<BF16>* w, const int32_t* cols,
+// block-row, walking the segment's stored blocks, reading 32-bit lanes of (k, k+1) pairs.
+template <int BS, int L, int MR>
+inline void tile_kernel(const uint16_t* x, int64_t ldx, const uint16_t* w, const int32_t* cols,
                         const Segment& segment, const Epilogue& e, const Sink& sink, int64_t row, int64_t n_in_sink,
                         int64_t n) {
   vf<L> acc[MR][4];
@@ -360,21 +355,11 @@ inline void tile_kernel(const Element<BF16>* x, int64_t ldx, const Element<BF16>
   cols += segment.first_block;
   w += segment.first_block * BS * BS;
   for (int64_t p = 0; p < blocks; ++p) {
-    const Element<BF16>* xp = x + static_cast<int64_t>(cols[p]) * BS;
-    const Element<BF16>* wp = w + p * BS * BS;
+    const uint16_t* xp = x + static_cast<int64_t>(cols[p]) * BS;
+    const uint16_t* wp = w + p * BS * BS;
 #pragma GCC unroll 1
-    for (int k = 0; k < BS; k += BF16 ? 2 * L : L) {
-      if constexpr (!BF16) {
-        vf<L> xv[MR];
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) xv[i] = load_f<L>(xp + i * ldx + k);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const vf<L> wv = load_f<L>(wp + j * BS + k);
-#pragma GCC unroll 16
-          for (int i = 0; i < MR; ++i) acc[i][j] = fmadd<L>(xv[i], wv, acc[i][j]);
-        }
-      } else if constexpr (NNBS_BF16_DOT) {
+    for (int k = 0; k < BS; k += 2 * L) {
+      if constexpr (NNBS_BF16_DOT) {
         vu<L> xv[MR];
 #pragma GCC unroll 16
         for (int i = 0; i < MR; ++i) xv[i] = load_u<L>(xp + i * ldx + k);
@@ -429,45 +414,44 @@ struct Problem {
 
 // Rows row.. of x against features n0..n0+3 of block-row r (n0 counted within the block-row); the
 // outputs go to the sink at (row - sink_row, n0).
-template <bool BF16, int BS, int L, int MR>
-inline void tile(const Problem<Element<BF16>>& p, const Sink& sink, const Segment& segment, int64_t row,
+template <int BS, int L, int MR>
+inline void tile(const Problem<uint16_t>& p, const Sink& sink, const Segment& segment, int64_t row,
                  int64_t sink_row, int64_t r, int64_t n0) {
   const int64_t start = p.row_offsets[r];
-  tile_kernel<BF16, BS, L, MR>(p.x + row * p.ldx, p.ldx, p.values + start * BS * BS + n0 * BS, p.col_indices + start,
-                               segment, p.e, sink, row - sink_row, n0, r * BS + n0);
+  tile_kernel<BS, L, MR>(p.x + row * p.ldx, p.ldx, p.values + start * BS * BS + n0 * BS, p.col_indices + start,
+                         segment, p.e, sink, row - sink_row, n0, r * BS + n0);
 }
 
 // The last rows % MR rows of a chunk, with a tile of exactly that height.
-template <bool BF16, int BS, int L, int R>
-inline void tail(const Problem<Element<BF16>>& p, const Sink& sink, const Segment& segment, int rows, int64_t row,
+template <int BS, int L, int R>
+inline void tail(const Problem<uint16_t>& p, const Sink& sink, const Segment& segment, int rows, int64_t row,
                  int64_t sink_row, int64_t r, int64_t n0) {
   if constexpr (R > 0) {
     if (rows == R)
-      tile<BF16, BS, L, R>(p, sink, segment, row, sink_row, r, n0);
+      tile<BS, L, R>(p, sink, segment, row, sink_row, r, n0);
     else
-      tail<BF16, BS, L, R - 1>(p, sink, segment, rows, row, sink_row, r, n0);
+      tail<BS, L, R - 1>(p, sink, segment, rows, row, sink_row, r, n0);
   }
 }
 
 // Rows of x per tile: as many accumulators as the registers hold beside the MR + 1 operand vectors
 // (16 registers on AVX2, 32 on AVX-512 and NEON) without spilling in the inner loop (checked in the
-// compiler's output); the bf16 split keeps two registers per x vector.
-template <bool BF16>
+// compiler's output); without a bf16 dot product each x vector is split into two registers.
 constexpr int rows_per_tile() {
 #if NNBS_VECTOR_LANES == 8
-  return BF16 && !NNBS_BF16_DOT ? 2 : 3;
+  return NNBS_BF16_DOT ? 3 : 2;
 #elif NNBS_VECTOR_LANES == 16
-  return BF16 ? (NNBS_BF16_DOT ? 6 : 4) : 5;
+  return NNBS_BF16_DOT ? 6 : 4;
 #else
-  return BF16 && !NNBS_BF16_DOT ? 4 : 5;
+  return NNBS_BF16_DOT ? 5 : 4;
 #endif
 }
 
-template <bool BF16, int BS>
-void run(const Problem<Element<BF16>>& p) {
-  // One vector step covers L elements of k (fp32) or L pairs (bf16), at most one block row.
-  constexpr int L = (BF16 ? BS / 2 : BS) < NNBS_VECTOR_LANES ? (BF16 ? BS / 2 : BS) : NNBS_VECTOR_LANES;
-  constexpr int MR = rows_per_tile<BF16>();
+template <int BS>
+void run(const Problem<uint16_t>& p) {
+  // One vector step covers L pairs of k, at most one block row.
+  constexpr int L = BS / 2 < NNBS_VECTOR_LANES ? BS / 2 : NNBS_VECTOR_LANES;
+  constexpr int MR = rows_per_tile();
   // Tasks of 3 tiles of rows: enough to balance the threads at M = 128, few enough that a task
   // amortises its block-row's index loads.
   constexpr int64_t CHUNK = 3 * MR;
@@ -475,7 +459,7 @@ void run(const Problem<Element<BF16>>& p) {
   // is walked in segments whose x rows (about 12 KiB) stay in L1 meanwhile, the tile's accumulators
   // parked between segments. Parked vectors come back unchanged, so the sums are the same as in one
   // walk, bit for bit.
-  constexpr int64_t SEGMENT_FIT = (12288 / (MR * static_cast<int>(sizeof(Element<BF16>)))) / BS;
+  constexpr int64_t SEGMENT_FIT = (12288 / (MR * static_cast<int>(sizeof(uint16_t)))) / BS;
   constexpr int64_t SEGMENT = SEGMENT_FIT > 0 ? SEGMENT_FIT : 1;
   const int64_t chunks = (p.m + CHUNK - 1) / CHUNK;
   const int64_t tasks = p.block_rows * chunks;
@@ -501,9 +485,9 @@ void run(const Problem<Element<BF16>>& p) {
           const Segment segment{s, blocks - s < SEGMENT ? blocks - s : SEGMENT, partial[(i - first) / MR][n0 / 4],
                                 s > 0, s + SEGMENT >= blocks};
           if (rows == MR)
-            tile<BF16, BS, L, MR>(p, sink, segment, i, first, r, n0);
+            tile<BS, L, MR>(p, sink, segment, i, first, r, n0);
           else
-            tail<BF16, BS, L, MR - 1>(p, sink, segment, rows, i, first, r, n0);
+            tail<BS, L, MR - 1>(p, sink, segment, rows, i, first, r, n0);
         }
       }
     }
@@ -515,11 +499,10 @@ void run(const Problem<Element<BF16>>& p) {
 }
 
 // Called by every thread of a parallel region: the tasks are shared out inside.
-template <bool BF16>
-void run_block_size(int64_t block_size, const Problem<Element<BF16>>& p) {
-  if (block_size == 16) run<BF16, 16>(p);
-  else if (block_size == 32) run<BF16, 32>(p);
-  else run<BF16, 64>(p);
+void run_block_size(int64_t block_size, const Problem<uint16_t>& p) {
+  if (block_size == 16) run<16>(p);
+  else if (block_size == 32) run<32>(p);
+  else run<64>(p);
 }
 
 // This thread's scratch memory of at least `bytes`, or null if it cannot be had: kept between calls
@@ -537,6 +520,170 @@ inline void* scratch(size_t bytes) {
     buffer.size = buffer.data ? bytes : 0;
   }
   return buffer.data;
+}
+
+// ------------------------------------------------------------------------------ fp32 micro-kernel
+// The outer product (see the top of the file) needs no lane reductions and no 4-feature groups
+// re-reading x: a block-row's weights are read once per MR rows of x, and the transposed copy costs
+// a few vector shuffles per element, spread over all the task's rows. Each output is one chain of
+// FMAs in the order of the stored blocks and of k: bit-identical for any thread count.
+
+// Stage B of an in-register T x T transpose: swaps bit B of the row index with bit B of the lane
+// index. After stages 0 .. log2(T) - 1 row j holds what column j held. Row i (bit B clear) takes
+// lane j from row i where bit B of j is clear, else lane j ^ 2^B of row i | 2^B; row i | 2^B the
+// mirror image.
+constexpr int transpose_source(int lane, int bit, int lanes, bool upper) {
+  const bool set = (lane >> bit) & 1;
+  const int across = lane ^ (1 << bit);
+  return upper ? (set ? lanes + lane : across) : (set ? lanes + across : lane);
+}
+template <int T, int B, bool UPPER, std::size_t... J>
+inline vf<T> transpose_shuffle(vf<T> low, vf<T> high, std::index_sequence<J...>) {
+  return __builtin_shufflevector(low, high, transpose_source(J, B, T, UPPER)...);
+}
+template <int T, int B = 0>
+inline void transpose_rows(vf<T>* rows) {
+  if constexpr ((1 << B) < T) {
+    constexpr auto lanes = std::make_index_sequence<T>();
+#pragma GCC unroll 16
+    for (int i = 0; i < T; ++i) {
+      if (i & (1 << B)) continue;
+      const vf<T> low = rows[i], high = rows[i | (1 << B)];
+      rows[i] = transpose_shuffle<T, B, false>(low, high, lanes);
+      rows[i | (1 << B)] = transpose_shuffle<T, B, true>(low, high, lanes);
+    }
+    transpose_rows<T, B + 1>(rows);
+  }
+}
+// out[k][n] = block[n][k] for one BS x BS block, in tiles of T x T.
+template <int BS>
+inline void transpose_block(const float* block, float* out) {
+  constexpr int T = NNBS_VECTOR_LANES < BS ? NNBS_VECTOR_LANES : BS;
+  for (int n0 = 0; n0 < BS; n0 += T)
+    for (int k0 = 0; k0 < BS; k0 += T) {
+      vf<T> rows[T];
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i) rows[i] = load_f<T>(block + (n0 + i) * BS + k0);
+      transpose_rows<T>(rows);
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i) memcpy(out + (k0 + i) * BS + n0, &rows[i], sizeof rows[i]);
+    }
+}
+
+// Vectors of features per tile row (NV) and rows of x per tile (MR): MR x NV accumulators beside NV
+// weight vectors and the x values, in 16 registers on AVX2 (6 x 2) and 32 on AVX-512 (12 x 2) and
+// NEON (5 x 4: NEON multiplies by a lane of x, so each of the MR x values holds a register), without
+// spilling in the inner loop (checked in the compiler's output).
+template <int BS>
+constexpr int outer_vectors() {
+  constexpr int want = NNBS_VECTOR_LANES == 4 ? 4 : 2;
+  return BS / NNBS_VECTOR_LANES < want ? BS / NNBS_VECTOR_LANES : want;
+}
+constexpr int OUTER_ROWS = NNBS_VECTOR_LANES == 16 ? 12 : NNBS_VECTOR_LANES == 8 ? 6 : 5;
+
+// y[row .. row + MR, n .. n + NV * L) = act(x rows @ W^T + bias) over a block-row's `blocks`
+// transposed blocks `wt` (each [k][n], this tile's features at offset 0 of each row).
+template <int BS, int L, int NV, int MR>
+inline void outer_tile(const float* x, int64_t ldx, const float* wt, const int32_t* cols, int64_t blocks,
+                       const Epilogue& e, int64_t row, int64_t n) {
+  vf<L> acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = vf<L>{};
+  for (int64_t p = 0; p < blocks; ++p) {
+    const float* xp = x + static_cast<int64_t>(cols[p]) * BS;
+    const float* wp = wt + p * BS * BS;
+#pragma GCC unroll 1
+    for (int k = 0; k < BS; ++k) {
+      vf<L> wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = load_f<L>(wp + k * BS + v * L);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const vf<L> xb = splat<L>(xp[i * ldx + k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] = fmadd<L>(xb, wv[v], acc[i][v]);
+      }
+    }
+  }
+  vf<L> bias[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    if (!e.bias) {
+      bias[v] = vf<L>{};
+    } else if (e.bias_bf16) {
+      typedef uint16_t u16xL __attribute__((vector_size(2 * L)));
+      u16xL raw;
+      memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n + v * L, sizeof raw);
+      bias[v] = as_f<L>(__builtin_convertvector(raw, vu<L>) << 16);
+    } else {
+      bias[v] = load_f<L>(static_cast<const float*>(e.bias) + n + v * L);
+    }
+  }
+  float* y = static_cast<float*>(e.y) + row * e.ldy + n;
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      vf<L> out = acc[i][v] + bias[v];
+      if (e.gelu) out = gelu<L>(out);
+      memcpy(y + i * e.ldy + v * L, &out, sizeof out);
+    }
+}
+
+// The last rows % MR rows of a task, with a tile of exactly that height.
+template <int BS, int L, int NV, int R>
+inline void outer_tail(int rows, const float* x, int64_t ldx, const float* wt, const int32_t* cols, int64_t blocks,
+                       const Epilogue& e, int64_t row, int64_t n) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      outer_tile<BS, L, NV, R>(x, ldx, wt, cols, blocks, e, row, n);
+    else
+      outer_tail<BS, L, NV, R - 1>(rows, x, ldx, wt, cols, blocks, e, row, n);
+  }
+}
+
+// Called by every thread of a parallel region. `max_blocks`: the most stored blocks of any
+// block-row (the size of a task's transposed copy); `failed` is set if scratch memory ran out.
+template <int BS>
+void run_fp32(const Problem<float>& p, int64_t max_blocks, int threads, bool* failed) {
+  constexpr int L = NNBS_VECTOR_LANES < BS ? NNBS_VECTOR_LANES : BS;
+  constexpr int NV = outer_vectors<BS>();
+  constexpr int MR = OUTER_ROWS;
+  // Row chunks only where the block-rows alone are too few to share out (4 tasks per thread): every
+  // chunk of a block-row transposes its blocks again.
+  const int64_t wanted_chunks = (4 * static_cast<int64_t>(threads) + p.block_rows - 1) / p.block_rows;
+  const int64_t max_chunks = (p.m + MR - 1) / MR;
+  const int64_t chunks = wanted_chunks < max_chunks ? wanted_chunks : max_chunks;
+  const int64_t chunk_rows = ((p.m + chunks - 1) / chunks + MR - 1) / MR * MR;
+  const int64_t tasks = p.block_rows * ((p.m + chunk_rows - 1) / chunk_rows);
+  float* transposed = static_cast<float*>(scratch(static_cast<size_t>(max_blocks > 0 ? max_blocks : 1) * BS * BS * sizeof(float)));
+  if (!transposed) {
+#pragma omp atomic write
+    *failed = true;
+  }
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    if (!transposed) continue;
+    const int64_t r = task % p.block_rows;
+    const int64_t first = task / p.block_rows * chunk_rows;
+    const int64_t end = first + chunk_rows < p.m ? first + chunk_rows : p.m;
+    const int64_t start = p.row_offsets[r];
+    const int64_t blocks = p.row_offsets[r + 1] - start;
+    for (int64_t b = 0; b < blocks; ++b) transpose_block<BS>(p.values + (start + b) * BS * BS, transposed + b * BS * BS);
+    for (int64_t n0 = 0; n0 < BS; n0 += NV * L) {
+      for (int64_t i = first; i < end; i += MR) {
+        const int rows = end - i < MR ? static_cast<int>(end - i) : MR;
+        if (rows == MR)
+          outer_tile<BS, L, NV, MR>(p.x + i * p.ldx, p.ldx, transposed + n0, p.col_indices + start, blocks, p.e, i,
+                                    r * BS + n0);
+        else
+          outer_tail<BS, L, NV, MR - 1>(rows, p.x + i * p.ldx, p.ldx, transposed + n0, p.col_indices + start, blocks,
+                                        p.e, i, r * BS + n0);
+      }
+    }
+  }
 }
 
 // fp32 rows of x to bf16 (round to nearest even), for bf16 weights with fp32 activations.
@@ -722,9 +869,19 @@ extern "C" int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t b
   if (fp32) {
     const Problem<float> p{m, block_rows, static_cast<const float*>(x), ldx, static_cast<const float*>(values),
                            row_offsets, col_indices, e};
+    int64_t max_blocks = 0;
+    for (int64_t r = 0; r < block_rows; ++r) {
+      const int64_t blocks = row_offsets[r + 1] - row_offsets[r];
+      max_blocks = blocks > max_blocks ? blocks : max_blocks;
+    }
+    bool failed = false;
 #pragma omp parallel num_threads(t)
-    run_block_size<false>(block_size, p);
-    return NNBS_OK;
+    {
+      if (block_size == 16) run_fp32<16>(p, max_blocks, t, &failed);
+      else if (block_size == 32) run_fp32<32>(p, max_blocks, t, &failed);
+      else run_fp32<64>(p, max_blocks, t, &failed);
+    }
+    return failed ? NNBS_NO_MEMORY : NNBS_OK;
   }
   uint16_t* converted = nullptr;
   if (mixed) {
@@ -736,7 +893,7 @@ extern "C" int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t b
 #pragma omp parallel num_threads(t)
   {
     if (mixed) rows_to_bf16(static_cast<const float*>(x), ldx, m, k, converted);  // ends in a barrier
-    run_block_size<true>(block_size, p);
+    run_block_size(block_size, p);
   }
   free(converted);
   return NNBS_OK;

@@ -26,7 +26,7 @@ _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2}
 MODE_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
                "bf16_weights": (torch.float32, torch.bfloat16)}
 _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
-_MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory converting x to bf16",
+_MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
              4: "unsupported activation"}
 
 
