@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from nn_blocksparse.cpu import calibrate, planner
+from nn_blocksparse.cpu.dense import onednn_available
+from nn_blocksparse.cpu.isa import cpu_identity
 from nn_blocksparse.cpu.planner import Measurement, Profile
 
 
@@ -115,6 +117,9 @@ def test_this_machines_profile_is_found_by_model_isa_and_threads(tmp_path, monke
     (lambda d: d["profiles"][0]["measurements"][0].update(density=1.5), "density"),
     (lambda d: d["profiles"][0]["measurements"][0].update(speedup=float("nan")), "speedup"),
     (lambda d: d["profiles"][0]["measurements"][0].update(speedup="fast"), "speedup"),
+    (lambda d: d["profiles"][0].update(gelu_fusion={"fp16": 1.2}), "gelu_fusion"),
+    (lambda d: d["profiles"][0].update(gelu_fusion={"fp32": -1.0}), "gelu_fusion"),
+    (lambda d: d["profiles"][0].update(gelu_fusion=[1.2]), "gelu_fusion"),
 ])
 def test_a_bad_profile_file_is_refused_naming_the_field(tmp_path, monkeypatch, break_it, field):
     path = tmp_path / "profile.json"
@@ -133,24 +138,49 @@ def test_a_bad_profile_file_is_refused_naming_the_field(tmp_path, monkeypatch, b
         planner.read_profiles(path)
 
 
+def test_dense_gelu_is_fused_only_where_the_profile_measured_it_faster(tmp_path, monkeypatch):
+    fp32_faster_fused = Profile("Test CPU", "avx2", 2, make_profile(PROFILES["avx2_like"]).measurements,
+                                gelu_fusion={"fp32": 1.3, "bf16": 0.7})
+    assert planner.fuse_dense_gelu(torch.float32, fp32_faster_fused)
+    assert not planner.fuse_dense_gelu(torch.bfloat16, fp32_faster_fused)
+    assert not planner.fuse_dense_gelu(torch.float16, fp32_faster_fused)  # not measured: apart
+    assert not planner.fuse_dense_gelu(torch.float32, make_profile(PROFILES["avx2_like"]))  # older profiles
+    assert not planner.fuse_dense_gelu(torch.float32, None)  # no profile: apart, the bounded cost
+    # The field survives the file, and this machine's answer follows a profile written for it.
+    path = tmp_path / "profile.json"
+    monkeypatch.setenv(planner.PROFILE_ENV, str(path))
+    here = Profile(cpu_identity(), planner.native_isa() or "avx2", torch.get_num_threads(),
+                   fp32_faster_fused.measurements, gelu_fusion={"fp32": 1.3})
+    planner.write_profile(here, path)
+    (read,) = planner.read_profiles(path)
+    assert read.gelu_fusion == {"fp32": 1.3}
+    assert planner.fuse_dense_gelu(torch.float32) == (planner.native_isa() is not None)
+    planner.write_profile(Profile(here.cpu_model, here.isa, here.threads, here.measurements,
+                                  gelu_fusion={"fp32": 0.8}), path)
+    assert not planner.fuse_dense_gelu(torch.float32)  # written again: the kept answer is forgotten
+
+
 def test_calibrate_times_every_mode_and_writes_a_profile_the_planner_reads(tmp_path, monkeypatch):
     if planner.native_isa() is None:
         pytest.skip("no native kernel here: calibrate refuses (tested below)")
     calls = []
 
-    def scripted(fns):  # native is twice as fast per call
+    def scripted(fns):  # native is twice as fast per call, fused GELU 1.5x the separate one
         calls.append(sorted(fns))
         for fn in fns.values():
             fn()
-        return {"dense": 2.0, "native": 1.0}
+        return {"dense": 2.0, "native": 1.0, "fused": 1.0, "separate": 1.5}
 
     profile = calibrate.calibrate(rows=8, shapes=((64, 128),), densities=(0.5, 1.0), block_sizes=(16, 32),
                                   timer=scripted, log=lambda *_: None)
     assert {(m.mode, m.block_size, m.density) for m in profile.measurements} == {
         (mode, bs, d) for mode in planner.MODES for bs in (16, 32) for d in (0.5, 1.0)}
     assert all(m.speedup == 2.0 for m in profile.measurements)
-    assert len(profile.details["timings"]) == len(profile.measurements)
-    assert calls == [["dense", "native"]] * len(profile.measurements)  # the pair timed together, in turns
+    gelu_dtypes = [name for name, dtype in planner.GELU_DTYPES.items() if onednn_available(dtype)]
+    assert len(profile.details["timings"]) == len(profile.measurements) + len(gelu_dtypes)
+    # each pair timed together, in turns
+    assert calls == [["dense", "native"]] * len(profile.measurements) + [["fused", "separate"]] * len(gelu_dtypes)
+    assert profile.gelu_fusion == ({name: 1.5 for name in gelu_dtypes} or None)
     # The real thing, quick, through the command line: a file the planner reads back.
     path = tmp_path / "profile.json"
     assert calibrate.main(["--quick", "--out", str(path), "--rows", "32", "--repeats", "1"]) == 0

@@ -12,8 +12,11 @@ with fp32 activations, bf16 for "bf16"; the dense weights in the mode's weight d
 keeps them); the profile keeps the lower of the two shapes' speedups.
 About ten seconds on two cores; `--quick` (block size 32, densities 0.3 and 1.0, one shape) about
 one. Writes into the profile file (`planner.profile_path()`, or `--out`), replacing the entry of
-the same CPU (`isa.cpu_identity()`), ISA and thread count. Run it on a quiet machine: its numbers decide which
-matrices `patch_bert(mode="hybrid")` makes block-sparse.
+the same CPU (`isa.cpu_identity()`), ISA and thread count. It also times the dense linear's GELU at
+the FFN-in shape (3072x768), fused into oneDNN's epilogue against `F.gelu` after it, per activation
+dtype oneDNN runs (the profile's `gelu_fusion`, read by `planner.fuse_dense_gelu`). Run it on a
+quiet machine: its numbers decide which matrices `patch_bert(mode="hybrid")` makes block-sparse,
+and whether the dense ones fuse GELU.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from ..block_sparse_matrix import BlockSparseMatrix
 from ..layouts import random_block_sparse_weight
 from ..timing import interleaved_median_ms
 from .build import native_isa, native_status
-from .dense import PackedWeight, dense_linear_cpu
+from .dense import PackedWeight, dense_linear_cpu, onednn_available
 from .isa import cpu_identity
 from .launcher import MODE_DTYPES, block_sparse_linear_cpu
-from .planner import BLOCK_SIZES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
+from .planner import BLOCK_SIZES, GELU_DTYPES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
 
 SHAPES = ((768, 3072), (3072, 768))  # N x K
+GELU_SHAPE = (3072, 768)  # the FFN-in, where hybrid's dense linears apply GELU
 DENSITIES = (0.1, 0.3, 0.6, 1.0)
 ROWS = 256
 CPU = torch.device("cpu")
@@ -44,8 +48,8 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
               repeats: int = 5, timer=None, log=print) -> Profile:
     """Measure this machine and return its `Profile` (not written; see `main`).
 
-    `timer({"dense": fn, "native": fn}) -> {name: milliseconds}` replaces their medians over
-    `repeats` calls timed in turns (tests).
+    `timer({"dense": fn, "native": fn}) -> {name: milliseconds}` (and `{"fused": fn, "separate": fn}`
+    for GELU) replaces their medians over `repeats` calls timed in turns (tests).
     """
     isa = native_isa()
     if isa is None:
@@ -76,9 +80,26 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                                         "native_ms": round(native_ms, 4)})
                     measurements.append(Measurement(mode, block_size, density, min(speedups)))
                     log(f"  {mode:>12} bs={block_size:<2} density {density:.2f}: {min(speedups):.2f}x dense")
+        gelu_fusion = {}
+        for name, dtype in GELU_DTYPES.items():
+            if not onednn_available(dtype):
+                continue
+            generator = torch.Generator().manual_seed(2)
+            n, k = GELU_SHAPE
+            with torch.inference_mode(False):
+                weight = torch.randn(n, k, generator=generator).to(dtype)
+            bias = torch.randn(n, generator=generator).to(dtype)
+            x = torch.randn(rows, k, generator=generator).to(dtype)
+            packed = PackedWeight()
+            times = timer({fused: lambda fuse=fuse: dense_linear_cpu(x, weight, bias, "gelu", packed, fuse_gelu=fuse)
+                           for fused, fuse in (("fused", True), ("separate", False))})
+            gelu_fusion[name] = times["separate"] / times["fused"]
+            details.append({"gelu": name, "n": n, "k": k, "rows": rows, "fused_ms": round(times["fused"], 4),
+                            "separate_ms": round(times["separate"], 4)})
+            log(f"  dense GELU {name}: fused {gelu_fusion[name]:.2f}x F.gelu after the linear")
     return Profile(cpu_identity(), isa, torch.get_num_threads(), tuple(measurements),
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   details={"torch": torch.__version__, "timings": details})
+                   details={"torch": torch.__version__, "timings": details}, gelu_fusion=gelu_fusion or None)
 
 
 def main(argv=None) -> int:
@@ -106,6 +127,9 @@ def main(argv=None) -> int:
         thresholds = ", ".join(f"bs {bs}: {threshold_for(mode, bs, profile):.2f}"
                                for bs in sorted({m.block_size for m in profile.measurements}))
         print(f"block-sparse up to density ({mode}): {thresholds}")
+    for name in GELU_DTYPES:
+        if profile.gelu_fusion and name in profile.gelu_fusion:
+            print(f"dense GELU ({name}): {'fused' if profile.gelu_fusion[name] > 1.0 else 'after the linear'}")
     print(f"wrote {path}")
     return 0
 

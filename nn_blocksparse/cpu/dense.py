@@ -4,7 +4,8 @@ torch's fp32 `F.linear` runs MKL's sgemm, which on AMD CPUs takes its AVX2 code 
 CPU has AVX-512; oneDNN (`torch.ops.mkldnn._linear_pointwise`, the linear Inductor's CPU backend
 calls) picks its kernels by the CPU's instruction set, reads the weight as it lies unless given a
 `PackedWeight` (below; so by default an in-place change of the weight is seen by the next call)
-and fuses GELU (exact erf form) into its epilogue. It is what hybrid's dense matrices run, and
+and can fuse GELU (exact erf form) into its epilogue: it does where this machine's calibrated
+profile measured that faster than `F.gelu` after the linear (`planner.fuse_dense_gelu`). It is what hybrid's dense matrices run, and
 what the planner and `selection` compare the native kernel with: the dense baseline a CPU user
 can have.
 
@@ -30,6 +31,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from .planner import fuse_dense_gelu
 
 ONEDNN_ENV = "NN_BLOCKSPARSE_ONEDNN"
 ACTIVATIONS = (None, "gelu")
@@ -132,9 +135,12 @@ def takes_bf16_weights(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     activation: str | None = None, packed: PackedWeight | None = None) -> torch.Tensor:
+                     activation: str | None = None, packed: PackedWeight | None = None,
+                     fuse_gelu: bool | None = None) -> torch.Tensor:
     """`act(x @ weight^T + bias)`, `act` None or "gelu" (exact): oneDNN where it runs (module docstring), else
     `F.linear` then `F.gelu`. `packed`: where oneDNN runs, it reads this copy of `weight` instead.
+    `fuse_gelu`: GELU in oneDNN's epilogue (True) or `F.gelu` after it (False); None: as this
+    machine's profile says (`planner.fuse_dense_gelu`).
 
     fp32 `x` with a bf16 `weight` (and bias): x is rounded to bf16, the product accumulated in fp32 and
     rounded to bf16 (oneDNN's bf16 output), then returned in fp32.
@@ -142,10 +148,12 @@ def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if takes_bf16_weights(x, weight):
-        return dense_linear_cpu(x.to(torch.bfloat16), weight, bias, activation, packed).to(torch.float32)
+        return dense_linear_cpu(x.to(torch.bfloat16), weight, bias, activation, packed, fuse_gelu).to(torch.float32)
     if _onednn_runs(x, weight, bias):
-        attribute, algorithm = _ATTRIBUTES[activation]
         operand = weight if packed is None else packed.for_weight(weight)
-        return torch.ops.mkldnn._linear_pointwise(x, operand, bias, attribute, [], algorithm)
+        apart = activation == "gelu" and not (fuse_dense_gelu(x.dtype) if fuse_gelu is None else fuse_gelu)
+        attribute, algorithm = _ATTRIBUTES[None if apart else activation]
+        y = torch.ops.mkldnn._linear_pointwise(x, operand, bias, attribute, [], algorithm)
+        return F.gelu(y) if apart else y
     y = F.linear(x, weight, bias)
     return F.gelu(y) if activation == "gelu" else y

@@ -18,6 +18,12 @@ there is assumed (no more: fixed costs weigh more as the work shrinks).
   measured so far. Without the native kernel: never block-sparse (the pure-torch reference is
   slower than dense by construction).
 
+The profile also says whether the dense linear should fuse GELU into oneDNN's epilogue
+(`gelu_fusion`: per activation dtype, the time of the linear followed by `F.gelu` over the fused
+one, measured at an FFN-in shape): fused where that ratio is above 1, else the two apart
+(`fuse_dense_gelu`). oneDNN's GELU epilogue is not equally fast on every ISA, so this is measured
+too; without a measurement the two run apart, whose cost is bounded by one pass over the output.
+
 Compute modes (activations, weights): "fp32" (fp32, fp32), "bf16" (bf16, bf16) and "bf16_weights"
 (fp32 activations, bf16 weights; the dense layers beside them keep bf16 weights too, so it is
 measured against the dense linear on bf16 weights with fp32 activations).
@@ -41,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .build import cache_dir, native_isa, write_atomically
+from .build import CACHE_ENV, cache_dir, native_isa, write_atomically
 from .isa import ISAS, cpu_identity
 from .launcher import MODE_DTYPES, NATIVE_BLOCK_SIZES
 
@@ -55,6 +61,7 @@ REQUIRED_SPEEDUP = 1.1
 # AVX512_BF16 kernels.
 DEFAULT_EFFICIENCY = {"fp32": 0.6, "bf16": 0.35, "bf16_weights": 0.35}
 _THRESHOLD_STEP = 0.01
+GELU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the dense linear's activation dtypes
 
 
 def compute_mode(activation_dtype: torch.dtype, weight_dtype: torch.dtype) -> str | None:
@@ -78,6 +85,7 @@ class Profile:
     measurements: tuple[Measurement, ...]
     created: str = ""
     details: dict | None = None  # the calibration's raw timings, kept for reading, not used
+    gelu_fusion: dict | None = None  # {"fp32" | "bf16": separate ms / fused ms}, see the module doc
 
     def efficiency_points(self, mode: str, block_size: int) -> list[tuple[float, float]]:
         """(density, speedup x density) measured for `mode` and `block_size`, ascending in density."""
@@ -88,6 +96,7 @@ class Profile:
         return {"cpu_model": self.cpu_model, "isa": self.isa, "threads": self.threads, "created": self.created,
                 "measurements": [{"mode": m.mode, "block_size": m.block_size, "density": m.density,
                                   "speedup": m.speedup} for m in self.measurements],
+                **({"gelu_fusion": self.gelu_fusion} if self.gelu_fusion else {}),
                 **({"details": self.details} if self.details else {})}
 
 
@@ -117,10 +126,20 @@ def profile_from_json(entry: dict, where: str = "profile") -> Profile:
             float(_field(item, "density", numbers.Real, at, lambda v: finite(v) and 0 < v <= 1, "a number in (0, 1]")),
             float(_field(item, "speedup", numbers.Real, at, lambda v: finite(v) and v > 0, "a finite number > 0")),
         ))
+    gelu_fusion = entry.get("gelu_fusion")
+    if gelu_fusion is not None:
+        if not isinstance(gelu_fusion, dict) or not gelu_fusion:
+            raise ValueError(f"{where}.gelu_fusion must be a non-empty object, got {gelu_fusion!r}")
+        for name in gelu_fusion:
+            if name not in GELU_DTYPES:
+                raise ValueError(f"{where}.gelu_fusion keys must be among {tuple(GELU_DTYPES)}, got {name!r}")
+            _field(gelu_fusion, name, numbers.Real, f"{where}.gelu_fusion", lambda v: math.isfinite(v) and v > 0,
+                   "a finite number > 0")
+        gelu_fusion = {name: float(value) for name, value in gelu_fusion.items()}
     created = entry.get("created", "")
     details = entry.get("details")
     return Profile(model, isa, threads, tuple(measurements), created if isinstance(created, str) else "",
-                   details if isinstance(details, dict) else None)
+                   details if isinstance(details, dict) else None, gelu_fusion)
 
 
 def profile_path() -> Path:
@@ -158,6 +177,7 @@ def write_profile(profile: Profile, path: Path | None = None) -> Path:
         kept = []
     document = {"format": PROFILE_FORMAT, "profiles": [p.to_json() for p in [*kept, profile]]}
     write_atomically(path, lambda temporary: temporary.write_text(json.dumps(document, indent=1)))
+    _fuse_here.cache_clear()
     return path
 
 
@@ -245,3 +265,22 @@ def use_block_sparse(density: float, weight_dtype: torch.dtype = torch.float32,
     """Whether a weight of this block density should be block-sparse here (see `density_threshold`)."""
     threshold = density_threshold(weight_dtype, activation_dtype, block_size, profile)
     return threshold > 0.0 and density <= threshold
+
+
+def fuse_dense_gelu(dtype: torch.dtype, profile: Profile | None = _NO_PROFILE) -> bool:
+    """Whether the dense linear should fuse GELU into oneDNN's epilogue for `dtype` activations here:
+    where `profile` (default: this machine's) measured the fused form faster (see the module doc).
+
+    The dense linear asks on every call, so this machine's answer is kept per thread count and
+    profile file (`write_profile` forgets it): finding and reading the profile costs more than a
+    small GELU.
+    """
+    if profile is _NO_PROFILE:
+        return _fuse_here(dtype, torch.get_num_threads(), os.environ.get(PROFILE_ENV), os.environ.get(CACHE_ENV))
+    name = next((name for name, known in GELU_DTYPES.items() if known == dtype), None)
+    return profile is not None and bool(profile.gelu_fusion) and profile.gelu_fusion.get(name, 0.0) > 1.0
+
+
+@functools.lru_cache(maxsize=16)
+def _fuse_here(dtype: torch.dtype, threads: int, profile_env: str | None, cache_env: str | None) -> bool:
+    return fuse_dense_gelu(dtype, current_profile())
