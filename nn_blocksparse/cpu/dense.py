@@ -5,9 +5,9 @@ CPU has AVX-512; oneDNN (`torch.ops.mkldnn._linear_pointwise`, the linear Induct
 calls) picks its kernels by the CPU's instruction set, reads the weight as it lies unless given a
 `PackedWeight` (below; so by default an in-place change of the weight is seen by the next call)
 and can fuse GELU (exact erf form) into its epilogue: it does where this machine's calibrated
-profile measured that faster than `F.gelu` after the linear (`planner.fuse_dense_gelu`). It is what hybrid's dense matrices run, and
-what the planner and `selection` compare the native kernel with: the dense baseline a CPU user
-can have.
+profile measured that faster than `F.gelu` after the linear (`planner.fuse_dense_gelu`). It is
+what hybrid's dense matrices run, and what the planner and `selection` compare the native kernel
+with: the dense baseline a CPU user can have.
 
 `PackedWeight` holds oneDNN's blocked copy of one weight (`torch.ops.mkldnn._reorder_linear_weight`),
 which `dense_linear_cpu(..., packed=...)` reads instead of the plain weight: oneDNN otherwise
