@@ -84,7 +84,9 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], warmup: int =
     Each fn first gets `warmup` untimed calls. Then come `rounds` rounds (at most `repeats`); in each,
     every fn in turn runs one untimed call (its caches and thread pool back after the others had
     the cores) and then its share of `repeats` timed calls, split as evenly as the rounds allow.
-    The median is over all of a fn's timed calls.
+    Round r starts at the r-th fn (mod their number), so that no fn always runs right after the
+    same other one: what a call leaves behind (threads still spinning, caches it filled) then
+    weighs on every fn alike. The median is over all of a fn's timed calls.
     """
     if warmup < 0 or repeats < 1 or rounds < 1:
         raise ValueError(f"warmup must be >= 0, repeats and rounds >= 1, got warmup={warmup}, repeats={repeats}, "
@@ -95,8 +97,10 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], warmup: int =
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for share in shares:
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for index, share in enumerate(shares):
+        start = index % len(order)
+        for name, fn in order[start:] + order[:start]:
             fn()
             times[name] += _cpu_times_ms(fn, share)
     return {name: statistics.median(values) for name, values in times.items()}

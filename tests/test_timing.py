@@ -33,9 +33,18 @@ def test_interleaved_calls_take_turns_and_each_gets_its_own_median():
 
     times = interleaved_median_ms({"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.012)},
                                   warmup=1, repeats=5, rounds=2)
-    # warm-up; round 1: untimed + 3 timed each; round 2: untimed + 2 timed each.
-    assert order == ["fast", "slow"] + ["fast"] * 4 + ["slow"] * 4 + ["fast"] * 3 + ["slow"] * 3
+    # warm-up; round 1: untimed + 3 timed each; round 2 (the order rotated): untimed + 2 timed each.
+    assert order == ["fast", "slow"] + ["fast"] * 4 + ["slow"] * 4 + ["slow"] * 3 + ["fast"] * 3
     assert 1.0 <= times["fast"] < 10.0 <= 12.0 <= times["slow"]
+
+
+def test_each_fn_takes_each_place_in_the_rounds():
+    """Rounds rotate the order: over as many rounds as fns, each fn runs first once, second once..."""
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    interleaved_median_ms(fns, warmup=0, repeats=3, rounds=3)
+    rounds = [order[i:i + 6:2] for i in range(0, 18, 6)]  # each fn: 1 untimed + 1 timed call per round
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
 
 
 def test_interleaving_keeps_a_drift_out_of_the_ratio():
