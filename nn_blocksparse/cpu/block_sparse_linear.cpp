@@ -658,7 +658,8 @@ void run_fp32(const Problem<float>& p, int64_t max_blocks, int threads, bool* fa
   const int64_t chunks = wanted_chunks < max_chunks ? wanted_chunks : max_chunks;
   const int64_t chunk_rows = ((p.m + chunks - 1) / chunks + MR - 1) / MR * MR;
   const int64_t tasks = p.block_rows * ((p.m + chunk_rows - 1) / chunk_rows);
-  float* transposed = static_cast<float*>(scratch(static_cast<size_t>(max_blocks > 0 ? max_blocks : 1) * BS * BS * sizeof(float)));
+  const size_t scratch_bytes = static_cast<size_t>(max_blocks > 0 ? max_blocks : 1) * BS * BS * sizeof(float);
+  float* transposed = static_cast<float*>(scratch(scratch_bytes));
   if (!transposed) {
 #pragma omp atomic write
     *failed = true;
@@ -671,7 +672,8 @@ void run_fp32(const Problem<float>& p, int64_t max_blocks, int threads, bool* fa
     const int64_t end = first + chunk_rows < p.m ? first + chunk_rows : p.m;
     const int64_t start = p.row_offsets[r];
     const int64_t blocks = p.row_offsets[r + 1] - start;
-    for (int64_t b = 0; b < blocks; ++b) transpose_block<BS>(p.values + (start + b) * BS * BS, transposed + b * BS * BS);
+    for (int64_t b = 0; b < blocks; ++b)
+      transpose_block<BS>(p.values + (start + b) * BS * BS, transposed + b * BS * BS);
     for (int64_t n0 = 0; n0 < BS; n0 += NV * L) {
       for (int64_t i = first; i < end; i += MR) {
         const int rows = end - i < MR ? static_cast<int>(end - i) : MR;
