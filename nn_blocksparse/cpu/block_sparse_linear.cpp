@@ -62,6 +62,10 @@
 #define NNBS_BUILD_KEY "unkeyed"
 #endif
 #define NNBS_ABI_VERSION 3
+// Built with -fvisibility=hidden (build.py), so only the entry points below leave the library: a
+// process loads one build per ISA (tests, benchmarks), and exported inline or template code, or a
+// function-local thread_local (a process-wide unique symbol), would be shared between them.
+#define NNBS_EXPORT __attribute__((visibility("default")))
 
 namespace nnbs {
 
@@ -852,7 +856,7 @@ enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY
 // y [m, ldy] = act(x [m, ldx] @ W^T + bias) for W [block_rows * bs, k] in BSR; activation 0 (none)
 // or 1 (gelu). Dtypes (x, W -> y): fp32, fp32 -> fp32; bf16, bf16 -> bf16; fp32, bf16 -> fp32 (x
 // rounded to bf16 first, fp32 accumulation). Bias fp32 or bf16 (or null).
-extern "C" int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t block_rows, int64_t k,
+extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t block_rows, int64_t k,
                                         const void* x, int64_t ldx, int32_t x_dtype, const void* values,
                                         int32_t w_dtype, const int32_t* row_offsets, const int32_t* col_indices,
                                         const void* bias, int32_t bias_dtype, int32_t activation, void* y,
@@ -903,7 +907,7 @@ extern "C" int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t b
 
 // out [B, S, H * D] = self-attention of the fused projection qkv [B, S, 3 * H * D] (fp32, contiguous),
 // `mask` null or an additive fp32 [B, S] over the keys; `scale` multiplies q . k. D a multiple of 4.
-extern "C" int nnbs_attention(int64_t batch, int64_t s_len, int64_t heads, int64_t d, const float* qkv,
+extern "C" NNBS_EXPORT int nnbs_attention(int64_t batch, int64_t s_len, int64_t heads, int64_t d, const float* qkv,
                               const float* mask, float scale, float* out, int32_t threads) {
   using namespace nnbs;
   constexpr int L = NNBS_VECTOR_LANES;
@@ -941,7 +945,7 @@ extern "C" int nnbs_attention(int64_t batch, int64_t s_len, int64_t heads, int64
 }
 
 // GELU of n fp32 values with the epilogue's own code (tests check it against float64).
-extern "C" void nnbs_gelu(const float* in, float* out, int64_t n) {
+extern "C" NNBS_EXPORT void nnbs_gelu(const float* in, float* out, int64_t n) {
   const int64_t whole = n / 4 * 4;
   memmove(out, in, whole * sizeof(float));
   nnbs::gelu_span(out, whole);
@@ -954,7 +958,7 @@ extern "C" void nnbs_gelu(const float* in, float* out, int64_t n) {
 // What the launcher checks after loading: the ABI, the ISA this copy was compiled for, and the key
 // of its source, flags and compiler (a cached library that is not exactly the one asked for is
 // rebuilt, never used).
-extern "C" int nnbs_abi_version(void) { return NNBS_ABI_VERSION; }
-extern "C" const char* nnbs_isa(void) { return NNBS_ISA; }
-extern "C" const char* nnbs_build_key(void) { return NNBS_BUILD_KEY; }
-extern "C" int nnbs_has_bf16_dot(void) { return NNBS_BF16_DOT; }
+extern "C" NNBS_EXPORT int nnbs_abi_version(void) { return NNBS_ABI_VERSION; }
+extern "C" NNBS_EXPORT const char* nnbs_isa(void) { return NNBS_ISA; }
+extern "C" NNBS_EXPORT const char* nnbs_build_key(void) { return NNBS_BUILD_KEY; }
+extern "C" NNBS_EXPORT int nnbs_has_bf16_dot(void) { return NNBS_BF16_DOT; }

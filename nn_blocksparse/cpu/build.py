@@ -38,8 +38,10 @@ SOURCE = Path(__file__).with_name("block_sparse_linear.cpp")
 HARNESS_SOURCE = Path(__file__).with_name("kernel_harness.cpp")
 ABI_VERSION = 3  # the .cpp's NNBS_ABI_VERSION
 # -fopenmp: the parallel loop runs on torch's own libgomp (see the .cpp header). -ffp-contract=off:
-# every fused multiply-add is an explicit one, the same on every compiler.
-COMMON_FLAGS = ("-O3", "-std=gnu++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
+# every fused multiply-add is an explicit one, the same on every compiler. -fvisibility=hidden: each
+# ISA's build keeps its code and scratch buffers to itself when several are loaded (the .cpp exports
+# its entry points explicitly).
+COMMON_FLAGS = ("-O3", "-std=gnu++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden")
 ISA_FLAGS = {
     "avx512_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
     "avx512": ("-mavx512f", "-mavx512vl", "-mfma"),  # VL: 256-bit code (bs 16 bf16) may use all 32 registers
