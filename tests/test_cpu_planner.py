@@ -18,6 +18,7 @@ from nn_blocksparse.cpu import calibrate, planner
 from nn_blocksparse.cpu.dense import onednn_available
 from nn_blocksparse.cpu.isa import cpu_identity
 from nn_blocksparse.cpu.planner import Measurement, Profile
+from nn_blocksparse.dtypes import DTYPE_NAMES
 
 
 def make_profile(speedups: dict[float, float], mode="fp32", block_size=32, isa="avx2", threads=2,
@@ -176,7 +177,7 @@ def test_calibrate_times_every_mode_and_writes_a_profile_the_planner_reads(tmp_p
     assert {(m.mode, m.block_size, m.density) for m in profile.measurements} == {
         (mode, bs, d) for mode in planner.MODES for bs in (16, 32) for d in (0.5, 1.0)}
     assert all(m.speedup == 2.0 for m in profile.measurements)
-    gelu_dtypes = [name for name, dtype in planner.GELU_DTYPES.items() if onednn_available(dtype)]
+    gelu_dtypes = [DTYPE_NAMES[dtype] for dtype in planner.GELU_DTYPES if onednn_available(dtype)]
     assert len(profile.details["timings"]) == len(profile.measurements) + len(gelu_dtypes)
     # each pair timed together, in turns
     assert calls == [["dense", "native"]] * len(profile.measurements) + [["fused", "separate"]] * len(gelu_dtypes)

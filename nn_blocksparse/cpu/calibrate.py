@@ -29,13 +29,15 @@ from pathlib import Path
 import torch
 
 from ..block_sparse_matrix import BlockSparseMatrix
+from ..dtypes import DTYPE_NAMES
 from ..layouts import random_block_sparse_weight
 from ..timing import interleaved_median_ms
 from .build import native_isa, native_status
 from .dense import PackedWeight, dense_linear_cpu, onednn_available
 from .isa import cpu_identity
 from .launcher import MODE_DTYPES, block_sparse_linear_cpu
-from .planner import BLOCK_SIZES, GELU_DTYPES, MODES, Measurement, Profile, profile_path, threshold_for, write_profile
+from .planner import (BLOCK_SIZES, GELU_DTYPES, MODES, Measurement, Profile, profile_path, threshold_for,
+                      write_profile)
 
 SHAPES = ((768, 3072), (3072, 768))  # N x K
 GELU_SHAPE = (3072, 768)  # the FFN-in, where hybrid's dense linears apply GELU
@@ -81,9 +83,10 @@ def calibrate(rows: int = ROWS, shapes=SHAPES, densities=DENSITIES, block_sizes=
                     measurements.append(Measurement(mode, block_size, density, min(speedups)))
                     log(f"  {mode:>12} bs={block_size:<2} density {density:.2f}: {min(speedups):.2f}x dense")
         gelu_fusion = {}
-        for name, dtype in GELU_DTYPES.items():
+        for dtype in GELU_DTYPES:
             if not onednn_available(dtype):
                 continue
+            name = DTYPE_NAMES[dtype]
             generator = torch.Generator().manual_seed(2)
             n, k = GELU_SHAPE
             with torch.inference_mode(False):
@@ -127,9 +130,8 @@ def main(argv=None) -> int:
         thresholds = ", ".join(f"bs {bs}: {threshold_for(mode, bs, profile):.2f}"
                                for bs in sorted({m.block_size for m in profile.measurements}))
         print(f"block-sparse up to density ({mode}): {thresholds}")
-    for name in GELU_DTYPES:
-        if profile.gelu_fusion and name in profile.gelu_fusion:
-            print(f"dense GELU ({name}): {'fused' if profile.gelu_fusion[name] > 1.0 else 'after the linear'}")
+    for name, ratio in (profile.gelu_fusion or {}).items():
+        print(f"dense GELU ({name}): {'fused' if ratio > 1.0 else 'after the linear'}")
     print(f"wrote {path}")
     return 0
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPE_NAMES
 from .build import CACHE_ENV, cache_dir, native_isa, write_atomically
 from .isa import ISAS, cpu_identity
 from .launcher import MODE_DTYPES, NATIVE_BLOCK_SIZES
@@ -61,7 +62,8 @@ REQUIRED_SPEEDUP = 1.1
 # AVX512_BF16 kernels.
 DEFAULT_EFFICIENCY = {"fp32": 0.6, "bf16": 0.35, "bf16_weights": 0.35}
 _THRESHOLD_STEP = 0.01
-GELU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the dense linear's activation dtypes
+GELU_DTYPES = (torch.float32, torch.bfloat16)  # the dense linear's activation dtypes, named by DTYPE_NAMES
+GELU_NAMES = tuple(DTYPE_NAMES[dtype] for dtype in GELU_DTYPES)
 
 
 def compute_mode(activation_dtype: torch.dtype, weight_dtype: torch.dtype) -> str | None:
@@ -131,8 +133,8 @@ def profile_from_json(entry: dict, where: str = "profile") -> Profile:
         if not isinstance(gelu_fusion, dict) or not gelu_fusion:
             raise ValueError(f"{where}.gelu_fusion must be a non-empty object, got {gelu_fusion!r}")
         for name in gelu_fusion:
-            if name not in GELU_DTYPES:
-                raise ValueError(f"{where}.gelu_fusion keys must be among {tuple(GELU_DTYPES)}, got {name!r}")
+            if name not in GELU_NAMES:
+                raise ValueError(f"{where}.gelu_fusion keys must be among {GELU_NAMES}, got {name!r}")
             _field(gelu_fusion, name, numbers.Real, f"{where}.gelu_fusion", lambda v: math.isfinite(v) and v > 0,
                    "a finite number > 0")
         gelu_fusion = {name: float(value) for name, value in gelu_fusion.items()}
@@ -277,8 +279,9 @@ def fuse_dense_gelu(dtype: torch.dtype, profile: Profile | None = _NO_PROFILE) -
     """
     if profile is _NO_PROFILE:
         return _fuse_here(dtype, torch.get_num_threads(), os.environ.get(PROFILE_ENV), os.environ.get(CACHE_ENV))
-    name = next((name for name, known in GELU_DTYPES.items() if known == dtype), None)
-    return profile is not None and bool(profile.gelu_fusion) and profile.gelu_fusion.get(name, 0.0) > 1.0
+    if profile is None or not profile.gelu_fusion:
+        return False
+    return profile.gelu_fusion.get(DTYPE_NAMES.get(dtype), 0.0) > 1.0
 
 
 @functools.lru_cache(maxsize=16)
