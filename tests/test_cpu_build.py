@@ -24,7 +24,7 @@ import pytest
 from helpers import ROOT, run_python
 from nn_blocksparse.cpu import build, isa
 
-X86_ISAS = ("avx512_bf16", "avx512", "avx2")
+X86_ISAS = ("amx_bf16", "avx512_bf16", "avx512", "avx2")
 ARM_ISAS = ("neon_bf16", "neon")
 LINUX = sys.platform.startswith("linux")
 
@@ -115,6 +115,20 @@ def test_isa_choice_follows_cpu_features_and_environment(monkeypatch):
         monkeypatch.setenv(isa.ISA_ENV, lacking)
         with pytest.warns(RuntimeWarning, match=f"{isa.ISA_ENV}={lacking} needs .*{missing}.*using avx512 instead"):
             assert isa.choose_isa()[0] == "avx512"
+    # AMX needs the OS's grant of tile state as well as the CPU's features.
+    amx = isa.REQUIRED_FEATURES["amx_bf16"]
+    monkeypatch.setattr(isa, "cpu_features", lambda: amx | {"avx2"})
+    for granted, best in ((True, "amx_bf16"), (False, "avx512_bf16")):
+        monkeypatch.setattr(isa, "os_grants_tiles", lambda granted=granted: granted)
+        monkeypatch.setenv(isa.ISA_ENV, "amx_bf16")
+        if granted:
+            assert isa.choose_isa() == ("amx_bf16", f"forced by {isa.ISA_ENV}")
+        else:
+            with pytest.warns(RuntimeWarning, match="amx_bf16 needs .*grant of AMX tile state.*using avx512_bf16"):
+                assert isa.choose_isa()[0] == "avx512_bf16"
+        monkeypatch.delenv(isa.ISA_ENV)
+        assert isa.runnable_isas()[0] == best
+    monkeypatch.setattr(isa, "cpu_features", lambda: frozenset({"avx2", "fma", "avx512f", "avx512vl"}))
     monkeypatch.setenv(isa.ISA_ENV, "sse9")
     with pytest.warns(RuntimeWarning, match="not one of"):
         assert isa.choose_isa()[0] == "avx512"
@@ -175,6 +189,23 @@ def test_failed_build_warns_and_runs_the_reference(tmp_path):
     assert _lines(result, "ISA") == ["None"]
     assert _lines(result, "STATUS")[0].startswith("could not build or load the native kernel")
     assert any("slow pure-torch reference" in w for w in _lines(result, "WARNING"))
+
+
+@needs_native
+def test_a_variant_that_fails_to_build_gives_way_to_the_next(tmp_path):
+    # A compiler without the best variant's instructions (an older GCC and AMX, say): the next
+    # variant this CPU runs takes over, with a warning.
+    if len(isa.runnable_isas()) < 2:
+        pytest.skip("this CPU runs one native variant")
+    best, runner_up = isa.runnable_isas()[:2]
+    compiler = tmp_path / "cxx"
+    compiler.write_text(f"#!/bin/sh\ncase \"$*\" in *'NNBS_ISA=\"{best}\"'*) exit 1;; esac\n"
+                        f"exec {build.compiler_for(best)} \"$@\"\n")
+    compiler.chmod(0o755)
+    result = run_python(_CHECK, CXX=str(compiler), NN_BLOCKSPARSE_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert _lines(result, "ISA") == [runner_up] and _lines(result, "STATUS") == ["ok"]
+    assert any(f"({best})" in w and f"using {runner_up}" in w for w in _lines(result, "WARNING")), result.stdout
 
 
 @needs_native

@@ -141,17 +141,35 @@ def test_python_threads_serving_one_layer_agree_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(alone_reference, together_reference))
 
 
-def test_non_finite_x_reaches_only_the_rows_whose_blocks_read_it():
+@pytest.mark.skipif("amx_bf16" not in runnable_isas(), reason="needs a CPU with AMX tiles that Linux grants")
+def test_amx_kernel_and_torchs_amx_gemm_take_turns_on_the_same_threads():
+    # Both load tile configurations into the same OpenMP threads (oneDNN's bf16 GEMM runs on AMX
+    # here): each must load its own, never compute with what the other left configured.
+    generator = torch.Generator().manual_seed(4)
+    matrix = BlockSparseMatrix.from_dense(random_block_sparse_weight(192, 256, 32, 0.5, seed=4).to(torch.bfloat16), 32)
+    x = torch.randn(70, 256, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(48, 80, generator=generator).to(torch.bfloat16)
+    other = torch.randn(33, 80, generator=generator).to(torch.bfloat16)
+    expected = expected_output(x, matrix, None, None)
+    for _ in range(3):
+        assert_close_to_reference(run_path("amx_bf16", x, matrix, None, None), expected, torch.bfloat16)
+        assert_close_to_reference(torch.nn.functional.linear(other, weight), other.double() @ weight.double().T,
+                                  torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_non_finite_x_reaches_only_the_rows_whose_blocks_read_it(mode):
+    x_dtype, weight_dtype = MODES[mode]
     n, k, bs = 256, 256, 32
     weight = random_block_sparse_weight(n, k, bs, 0.4, seed=12)
     blocks = weight.view(n // bs, bs, k // bs, bs)
     blocks[:, :, 3] = 0
     blocks[::2, :, 3] = torch.randn(n // bs // 2, bs, bs)
-    matrix = BlockSparseMatrix.from_dense(weight, bs)
-    x = torch.randn(40, k)
+    matrix = BlockSparseMatrix.from_dense(weight.to(weight_dtype), bs)
+    x = torch.randn(40, k).to(x_dtype)
     x[:, 3 * bs + 5] = float("inf")
     for path in PATHS[:-1]:
-        y = run_path(path, x, matrix, torch.randn(n), None).view(40, n // bs, bs)
+        y = run_path(path, x, matrix, torch.randn(n).to(weight_dtype), None).view(40, n // bs, bs)
         assert torch.isfinite(y[:, 1::2]).all() and not torch.isfinite(y[:, 0::2]).any(), path
 
 

@@ -47,6 +47,14 @@
 #error "block_sparse_linear.cpp needs AVX-512, AVX2 + FMA or aarch64 NEON (see build.py's flags)"
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define NNBS_AMX 1  // bf16 on tile registers (the amx_bf16 build)
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define NNBS_AMX 0
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define NNBS_BF16_DOT 1  // vdpbf16ps
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
@@ -712,6 +720,171 @@ inline void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint
   }
 }
 
+// ------------------------------------------------------------------------------ bf16 on AMX tiles
+// With AMX (the amx_bf16 build), bf16 runs on tile registers: TDPBF16PS multiplies a 16 x 32 bf16
+// tile by a 32 x 16 one into a 16 x 16 fp32 tile. The stored blocks are the left operand exactly as
+// they lie (16 rows of W, 32 k each, stride bs): the right operand must be (k, k+1) pairs down its
+// rows, which x^T is, so x -- shared by every block-row -- is repacked once per call instead of
+// transposing every block in every task. Per step, 2 tiles of W (32 features) and 2 of x^T (32 rows
+// of x) feed 4 accumulator tiles, the most that 8 tile registers hold. The accumulators hold
+// y^T: each is transposed once, in vector registers, in the epilogue. Each output is one thread's sum
+// over the block-row in a fixed order (the hardware's within a tile step): bit-identical for any
+// thread count. fp32 x (bf16 weights) is rounded to bf16 while it is repacked.
+#if NNBS_AMX
+namespace amx {
+
+constexpr int TILE_ROWS = 16;     // rows of every tile (and m or n per accumulator)
+constexpr int PACK_ROWS = 32;     // rows of x per task: 2 tiles of x^T
+constexpr int PAIR_GROUP = 16;    // k pairs per repacked 16 x 16 group (one tile row of 64 bytes)
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Linux grants a process AMX's tile state only on request (arch_prctl), once per process.
+inline bool os_grants_tiles() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted;
+}
+
+// Tiles 0-3: accumulators (16 x 16 fp32); 4, 5: W (16 rows of kw bf16); 6, 7: x^T (kw / 2 rows of
+// 16 (k, k+1) pairs).
+inline TileConfig tile_config(int kw) {
+  TileConfig c = {};
+  c.palette = 1;
+  for (int t = 0; t < 4; ++t) c.rows[t] = TILE_ROWS, c.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) c.rows[t] = TILE_ROWS, c.colsb[t] = static_cast<uint16_t>(2 * kw);
+  for (int t = 6; t < 8; ++t) c.rows[t] = static_cast<uint8_t>(kw / 2), c.colsb[t] = 64;
+  return c;
+}
+
+// The 16 (k, k+1) pairs of one row of x at pair p0, as 32-bit lanes (bf16 x read as is, fp32 x
+// rounded); `pairs` < 16 zero-fills the rest.
+template <bool FP32>
+inline vf<16> row_pairs(const void* x, int64_t ldx, int64_t row, int64_t p0, int pairs) {
+  vu<16> out = {};
+  if constexpr (FP32) {
+    alignas(64) float values[2 * PAIR_GROUP] = {};
+    memcpy(values, static_cast<const float*>(x) + row * ldx + 2 * p0, 2 * pairs * sizeof(float));
+    const vu<16> a = round_to_bf16<16>(load_f<16>(values)), b = round_to_bf16<16>(load_f<16>(values + 16));
+    const vu<16> even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const vu<16> odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    out = even | (odd << 16);
+  } else {
+    memcpy(&out, static_cast<const uint16_t*>(x) + row * ldx + 2 * p0, 2 * pairs * sizeof(uint16_t));
+  }
+  return as_f<16>(out);
+}
+
+// xt[(chunk * k_pairs + p) * 16 + i] = the pair p of row 16 chunk + i of x (zeros past m), for
+// every row chunk padded to PACK_ROWS: the right operand of the tile products. Shared by the team.
+template <bool FP32>
+void pack_x(const void* x, int64_t ldx, int64_t m, int64_t k, uint32_t* xt) {
+  const int64_t k_pairs = k / 2, groups = (k_pairs + PAIR_GROUP - 1) / PAIR_GROUP;
+  const int64_t chunks = (m + PACK_ROWS - 1) / PACK_ROWS * (PACK_ROWS / TILE_ROWS);
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < chunks * groups; ++task) {
+    const int64_t chunk = task / groups, p0 = task % groups * PAIR_GROUP;
+    const int pairs = k_pairs - p0 < PAIR_GROUP ? static_cast<int>(k_pairs - p0) : PAIR_GROUP;
+    vf<16> rows[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      const int64_t row = chunk * TILE_ROWS + i;
+      rows[i] = row < m ? row_pairs<FP32>(x, ldx, row, p0, pairs) : vf<16>{};
+    }
+    transpose_rows<16>(rows);
+    for (int p = 0; p < pairs; ++p) memcpy(xt + (chunk * k_pairs + p0 + p) * 16, &rows[p], sizeof rows[p]);
+  }
+}
+
+// One 16 x 16 accumulator (features n.., rows row..) out: transposed to rows of y, bias, GELU, rounding.
+inline void store_accumulator(const float* tile, const Epilogue& e, int64_t row, int64_t rows, int64_t n) {
+  vf<16> lines[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) lines[i] = load_f<16>(tile + 16 * i);
+  transpose_rows<16>(lines);
+  vf<16> bias = {};
+  if (e.bias && e.bias_bf16) {
+    typedef uint16_t u16x16 __attribute__((vector_size(32)));
+    u16x16 raw;
+    memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n, sizeof raw);
+    bias = as_f<16>(__builtin_convertvector(raw, vu<16>) << 16);
+  } else if (e.bias) {
+    bias = load_f<16>(static_cast<const float*>(e.bias) + n);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    vf<16> v = lines[i] + bias;
+    if (e.gelu) v = gelu<16>(v);
+    if (e.y_bf16) {
+      typedef uint16_t u16x16 __attribute__((vector_size(32)));
+      const u16x16 rounded = __builtin_convertvector(round_to_bf16<16>(v), u16x16);
+      memcpy(static_cast<uint16_t*>(e.y) + (row + i) * e.ldy + n, &rounded, sizeof rounded);
+    } else {
+      memcpy(static_cast<float*>(e.y) + (row + i) * e.ldy + n, &v, sizeof v);
+    }
+  }
+}
+
+// Called by every thread of a parallel region, after pack_x: tasks of (block-row, 32 rows of x),
+// each pass over the block-row covering 32 of its features (16 where bs is 16).
+template <int BS>
+void run(const Problem<uint16_t>& p, const uint32_t* xt, int64_t k) {
+  constexpr int KW = BS < 32 ? BS : 32;               // k per tile step
+  constexpr int NT = BS / TILE_ROWS < 2 ? BS / TILE_ROWS : 2;  // W tiles per step
+  constexpr int PASSES = BS / (NT * TILE_ROWS);
+  const int64_t k_pairs = k / 2;
+  const TileConfig config = tile_config(KW);
+  _tile_loadconfig(&config);
+  const int64_t row_tasks = (p.m + PACK_ROWS - 1) / PACK_ROWS;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < p.block_rows * row_tasks; ++task) {
+    const int64_t r = task / row_tasks, first = task % row_tasks * PACK_ROWS;
+    const int64_t start = p.row_offsets[r], blocks = p.row_offsets[r + 1] - start;
+    const uint32_t* xt0 = xt + first / TILE_ROWS * k_pairs * 16;
+    const uint32_t* xt1 = xt0 + k_pairs * 16;
+    for (int pass = 0; pass < PASSES; ++pass) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint16_t* w = p.values + (start + b) * BS * BS + pass * NT * TILE_ROWS * BS;
+        const int64_t pair = static_cast<int64_t>(p.col_indices[start + b]) * (BS / 2);
+        for (int s = 0; s < BS / KW; ++s) {
+          _tile_loadd(4, w + s * KW, BS * sizeof(uint16_t));
+          _tile_loadd(6, xt0 + (pair + s * KW / 2) * 16, 64);
+          _tile_loadd(7, xt1 + (pair + s * KW / 2) * 16, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if constexpr (NT == 2) {
+            _tile_loadd(5, w + TILE_ROWS * BS + s * KW, BS * sizeof(uint16_t));
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      }
+      alignas(64) float tile[4][TILE_ROWS * 16];
+      _tile_stored(0, tile[0], 64);
+      _tile_stored(1, tile[1], 64);
+      if constexpr (NT == 2) {
+        _tile_stored(2, tile[2], 64);
+        _tile_stored(3, tile[3], 64);
+      }
+      for (int t = 0; t < NT; ++t)
+        for (int j = 0; j < 2; ++j) {
+          const int64_t row = first + j * TILE_ROWS;
+          const int64_t rows = p.m - row < TILE_ROWS ? p.m - row : TILE_ROWS;
+          if (rows > 0) store_accumulator(tile[2 * t + j], p.e, row, rows, r * BS + (pass * NT + t) * TILE_ROWS);
+        }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace amx
+#endif
 
 // ------------------------------------------------------------------------------ attention (fp32)
 // out[b, i, h, :] = softmax_j(q_i . k_j * scale + mask[b, j]) v_j for an encoder's self-attention,
@@ -851,7 +1024,8 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
 // Dtype codes shared with the launcher (launcher.py: _DTYPE_CODES).
 enum { NNBS_NONE = 0, NNBS_F32 = 1, NNBS_BF16 = 2 };
 // Return codes.
-enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4 };
+enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4,
+       NNBS_NO_TILES = 5 };
 
 // y [m, ldy] = act(x [m, ldx] @ W^T + bias) for W [block_rows * bs, k] in BSR; activation 0 (none)
 // or 1 (gelu). Dtypes (x, W -> y): fp32, fp32 -> fp32; bf16, bf16 -> bf16; fp32, bf16 -> fp32 (x
@@ -889,6 +1063,24 @@ extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t 
     }
     return failed ? NNBS_NO_MEMORY : NNBS_OK;
   }
+#if NNBS_AMX
+  if (!amx::os_grants_tiles()) return NNBS_NO_TILES;
+  // x^T for the tile products, its rows padded to whole tasks (zeros).
+  const size_t packed_rows = static_cast<size_t>((m + amx::PACK_ROWS - 1) / amx::PACK_ROWS * amx::PACK_ROWS);
+  uint32_t* xt = static_cast<uint32_t*>(scratch(packed_rows * static_cast<size_t>(k) * sizeof(uint16_t)));
+  if (!xt) return NNBS_NO_MEMORY;
+  const Problem<uint16_t> tiles{m, block_rows, nullptr, 0, static_cast<const uint16_t*>(values), row_offsets,
+                                col_indices, e};
+#pragma omp parallel num_threads(t)
+  {
+    if (mixed) amx::pack_x<true>(x, ldx, m, k, xt);  // ends in a barrier
+    else amx::pack_x<false>(x, ldx, m, k, xt);
+    if (block_size == 16) amx::run<16>(tiles, xt, k);
+    else if (block_size == 32) amx::run<32>(tiles, xt, k);
+    else amx::run<64>(tiles, xt, k);
+  }
+  return NNBS_OK;
+#endif
   uint16_t* converted = nullptr;
   if (mixed) {
     converted = static_cast<uint16_t*>(malloc(static_cast<size_t>(m) * static_cast<size_t>(k) * sizeof(uint16_t)));
@@ -962,3 +1154,4 @@ extern "C" NNBS_EXPORT int nnbs_abi_version(void) { return NNBS_ABI_VERSION; }
 extern "C" NNBS_EXPORT const char* nnbs_isa(void) { return NNBS_ISA; }
 extern "C" NNBS_EXPORT const char* nnbs_build_key(void) { return NNBS_BUILD_KEY; }
 extern "C" NNBS_EXPORT int nnbs_has_bf16_dot(void) { return NNBS_BF16_DOT; }
+extern "C" NNBS_EXPORT int nnbs_has_tiles(void) { return NNBS_AMX; }

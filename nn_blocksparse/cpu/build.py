@@ -43,6 +43,7 @@ ABI_VERSION = 3  # the .cpp's NNBS_ABI_VERSION
 # its entry points explicitly).
 COMMON_FLAGS = ("-O3", "-std=gnu++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden")
 ISA_FLAGS = {
+    "amx_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16"),
     "avx512_bf16": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
     "avx512": ("-mavx512f", "-mavx512vl", "-mfma"),  # VL: 256-bit code (bs 16 bf16) may use all 32 registers
     "avx2": ("-mavx2", "-mfma"),
@@ -251,14 +252,23 @@ def _decide() -> tuple[NativeLibrary | None, str]:
         if _current is None:
             isa, why = choose_isa()
             library, status = None, why
-            if isa is not None:
+            # A variant that fails to build (a compiler without AMX, say) gives way to the next one
+            # this CPU runs; a forced variant gives way to none.
+            candidates = runnable_isas() if why == "the best this CPU runs" else ()
+            fallbacks = [isa, *candidates[candidates.index(isa) + 1:]] if isa in candidates else [isa]
+            failures = []
+            for candidate in fallbacks if isa is not None else ():
                 try:
-                    library, status = library_for(isa), "ok"
+                    library, status = library_for(candidate), "ok"
+                    break
                 except NativeBuildError as error:
-                    status = f"could not build or load the native kernel ({isa}): {error}"
-                    # A CPU that should have had the fast path: say so once, loudly.
-                    warnings.warn(f"nn_blocksparse: {status}; using the slow pure-torch reference", RuntimeWarning,
-                                  stacklevel=3)
+                    failures.append(f"could not build or load the native kernel ({candidate}): {error}")
+            if failures:
+                instead = library.isa if library is not None else "the slow pure-torch reference"
+                if library is None:
+                    status = failures[-1]
+                # A CPU that should have had a faster path: say so once, loudly.
+                warnings.warn(f"nn_blocksparse: using {instead}: {'; '.join(failures)}", RuntimeWarning, stacklevel=3)
             _current = (library, status)
         return _current
 
@@ -280,6 +290,6 @@ def native_status() -> str:
 
 
 def native_isa() -> str | None:
-    """The ISA of the native kernel in use ("avx512_bf16", "avx512", "avx2", "neon_bf16", "neon"), or None."""
+    """The ISA of the native kernel in use (one of `isa.ISAS`: "amx_bf16", "avx512_bf16", ...), or None."""
     library = native_library()
     return None if library is None else library.isa

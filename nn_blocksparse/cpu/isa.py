@@ -1,7 +1,8 @@
 """Which instruction set the native CPU kernel runs: this CPU's features and `NN_BLOCKSPARSE_ISA`.
 
 The kernel source compiles to one variant per ISA (`ISAS`, best first within each architecture):
-`"avx512_bf16"` (AVX-512 with vdpbf16ps), `"avx512"`, `"avx2"` (AVX2 + FMA) on x86-64, and
+`"amx_bf16"` (AVX-512 with bf16 on AMX tiles), `"avx512_bf16"` (AVX-512 with vdpbf16ps), `"avx512"`,
+`"avx2"` (AVX2 + FMA) on x86-64, and
 `"neon_bf16"` (BFDOT) and `"neon"` on aarch64. The best variant this CPU can run is chosen, read
 from the kernel's view of the CPU (`/proc/cpuinfo`, Linux); `NN_BLOCKSPARSE_ISA` picks another:
 
@@ -13,17 +14,19 @@ from the kernel's view of the CPU (`/proc/cpuinfo`, Linux); `NN_BLOCKSPARSE_ISA`
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
 import sys
 import warnings
 
-ISAS = ("avx512_bf16", "avx512", "avx2", "neon_bf16", "neon")
-ARCHITECTURE = {"avx512_bf16": "x86_64", "avx512": "x86_64", "avx2": "x86_64", "neon_bf16": "aarch64",
+ISAS = ("amx_bf16", "avx512_bf16", "avx512", "avx2", "neon_bf16", "neon")
+ARCHITECTURE = {"amx_bf16": "x86_64", "avx512_bf16": "x86_64", "avx512": "x86_64", "avx2": "x86_64", "neon_bf16": "aarch64",
                 "neon": "aarch64"}
 # CPU features (as /proc/cpuinfo names them) each variant's instructions need.
 REQUIRED_FEATURES = {
+    "amx_bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma", "amx_tile", "amx_bf16"}),
     "avx512_bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"}),
     "avx512": frozenset({"avx512f", "avx512vl", "fma"}),
     "avx2": frozenset({"avx2", "fma"}),
@@ -85,12 +88,35 @@ def cpu_identity() -> str:
     return cpu_model()
 
 
+@functools.lru_cache(maxsize=1)
+def os_grants_tiles() -> bool:
+    """Whether Linux lets this process use AMX's tile registers, which it grants only on request
+    (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once; the grant is the process's)."""
+    if machine() != "x86_64" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    except (OSError, AttributeError):
+        return False
+
+
+def missing_for(isa: str) -> list[str]:
+    """What this machine lacks to run `isa` (CPU features, or the OS's grant of AMX tiles); [] if nothing."""
+    if not sys.platform.startswith("linux"):
+        return ["Linux"]
+    missing = sorted(REQUIRED_FEATURES[isa] - cpu_features())
+    if not missing and "amx_tile" in REQUIRED_FEATURES[isa] and not os_grants_tiles():
+        missing = ["the OS's grant of AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; Linux 5.16 or later)"]
+    return missing
+
+
 def runnable_isas() -> tuple[str, ...]:
     """The variants this CPU runs, best first (Linux only: features come from /proc/cpuinfo)."""
     if not sys.platform.startswith("linux"):
         return ()
-    features, arch = cpu_features(), machine()
-    return tuple(isa for isa in ISAS if ARCHITECTURE[isa] == arch and REQUIRED_FEATURES[isa] <= features)
+    arch = machine()
+    return tuple(isa for isa in ISAS if ARCHITECTURE[isa] == arch and not missing_for(isa))
 
 
 def choose_isa() -> tuple[str | None, str]:
@@ -111,7 +137,7 @@ def choose_isa() -> tuple[str | None, str]:
     elif ARCHITECTURE[requested] != machine():
         problem = f"{ISA_ENV}={requested} needs an {ARCHITECTURE[requested]} CPU; this one lacks it (it is {machine()})"
     elif requested not in runnable:
-        missing = sorted(REQUIRED_FEATURES[requested] - cpu_features()) or ["Linux"]
+        missing = missing_for(requested)
         problem = f"{ISA_ENV}={requested} needs CPU features this CPU lacks ({', '.join(missing)})"
     else:
         return requested, f"forced by {ISA_ENV}"

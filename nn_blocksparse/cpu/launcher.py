@@ -27,7 +27,7 @@ MODE_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, 
                "bf16_weights": (torch.float32, torch.bfloat16)}
 _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
 _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
-             4: "unsupported activation"}
+             4: "unsupported activation", 5: "the OS did not grant this process AMX tile state"}
 
 
 def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:
