@@ -764,18 +764,25 @@ inline TileConfig tile_config(int kw) {
 // rounded); `pairs` < 16 zero-fills the rest.
 template <bool FP32>
 inline vf<16> row_pairs(const void* x, int64_t ldx, int64_t row, int64_t p0, int pairs) {
-  vu<16> out = {};
   if constexpr (FP32) {
-    alignas(64) float values[2 * PAIR_GROUP] = {};
-    memcpy(values, static_cast<const float*>(x) + row * ldx + 2 * p0, 2 * pairs * sizeof(float));
-    const vu<16> a = round_to_bf16<16>(load_f<16>(values)), b = round_to_bf16<16>(load_f<16>(values + 16));
-    const vu<16> even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const vu<16> odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    out = even | (odd << 16);
+    const float* source = static_cast<const float*>(x) + row * ldx + 2 * p0;
+    vf<16> low, high;
+    if (pairs == PAIR_GROUP) {  // the common case as two plain loads, not a call to memcpy
+      low = load_f<16>(source), high = load_f<16>(source + 16);
+    } else {
+      alignas(64) float values[2 * PAIR_GROUP] = {};
+      memcpy(values, source, 2 * pairs * sizeof(float));
+      low = load_f<16>(values), high = load_f<16>(values + 16);
+    }
+    // vcvtne2ps2bf16: 32 values rounded to nearest even, in order, so each 32-bit lane is a (k, k+1) pair.
+    return (vf<16>)_mm512_cvtne2ps_pbh((__m512)high, (__m512)low);
   } else {
-    memcpy(&out, static_cast<const uint16_t*>(x) + row * ldx + 2 * p0, 2 * pairs * sizeof(uint16_t));
+    const uint16_t* source = static_cast<const uint16_t*>(x) + row * ldx + 2 * p0;
+    if (pairs == PAIR_GROUP) return as_f<16>(load_u<16>(source));
+    vu<16> out = {};
+    memcpy(&out, source, 2 * pairs * sizeof(uint16_t));
+    return as_f<16>(out);
   }
-  return as_f<16>(out);
 }
 
 // xt[(chunk * k_pairs + p) * 16 + i] = the pair p of row 16 chunk + i of x (zeros past m), for
@@ -799,30 +806,41 @@ void pack_x(const void* x, int64_t ldx, int64_t m, int64_t k, uint32_t* xt) {
   }
 }
 
-// One 16 x 16 accumulator (features n.., rows row..) out: transposed to rows of y, bias, GELU, rounding.
-inline void store_accumulator(const float* tile, const Epilogue& e, int64_t row, int64_t rows, int64_t n) {
-  vf<16> lines[16];
+// NT accumulators side by side (features n .. n + 16 NT, rows row .. row + rows) into y: each
+// transposed to rows of y in registers, bias, GELU, rounding (vcvtne2ps2bf16), a row's 16 NT outputs
+// written together (a whole cache line where NT is 2 and y is bf16).
+template <int NT>
+inline void store_accumulators(const float (*tiles)[TILE_ROWS * 16], const Epilogue& e, int64_t row, int64_t rows,
+                               int64_t n) {
+  vf<16> lines[NT][16], bias[NT];
+  for (int t = 0; t < NT; ++t) {
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) lines[i] = load_f<16>(tile + 16 * i);
-  transpose_rows<16>(lines);
-  vf<16> bias = {};
-  if (e.bias && e.bias_bf16) {
-    typedef uint16_t u16x16 __attribute__((vector_size(32)));
-    u16x16 raw;
-    memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n, sizeof raw);
-    bias = as_f<16>(__builtin_convertvector(raw, vu<16>) << 16);
-  } else if (e.bias) {
-    bias = load_f<16>(static_cast<const float*>(e.bias) + n);
+    for (int i = 0; i < 16; ++i) lines[t][i] = load_f<16>(tiles[t] + 16 * i);
+    transpose_rows<16>(lines[t]);
+    bias[t] = vf<16>{};
+    if (e.bias && e.bias_bf16) {
+      typedef uint16_t u16x16 __attribute__((vector_size(32)));
+      u16x16 raw;
+      memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n + 16 * t, sizeof raw);
+      bias[t] = as_f<16>(__builtin_convertvector(raw, vu<16>) << 16);
+    } else if (e.bias) {
+      bias[t] = load_f<16>(static_cast<const float*>(e.bias) + n + 16 * t);
+    }
   }
   for (int64_t i = 0; i < rows; ++i) {
-    vf<16> v = lines[i] + bias;
-    if (e.gelu) v = gelu<16>(v);
+    vf<16> v[NT];
+    for (int t = 0; t < NT; ++t) v[t] = e.gelu ? gelu<16>(lines[t][i] + bias[t]) : lines[t][i] + bias[t];
     if (e.y_bf16) {
-      typedef uint16_t u16x16 __attribute__((vector_size(32)));
-      const u16x16 rounded = __builtin_convertvector(round_to_bf16<16>(v), u16x16);
-      memcpy(static_cast<uint16_t*>(e.y) + (row + i) * e.ldy + n, &rounded, sizeof rounded);
+      uint16_t* out = static_cast<uint16_t*>(e.y) + (row + i) * e.ldy + n;
+      if constexpr (NT == 2) {
+        const __m512bh both = _mm512_cvtne2ps_pbh((__m512)v[1], (__m512)v[0]);
+        memcpy(out, &both, sizeof both);
+      } else {
+        const __m256bh one = _mm512_cvtneps_pbh((__m512)v[0]);
+        memcpy(out, &one, sizeof one);
+      }
     } else {
-      memcpy(static_cast<float*>(e.y) + (row + i) * e.ldy + n, &v, sizeof v);
+      memcpy(static_cast<float*>(e.y) + (row + i) * e.ldy + n, v, sizeof v);
     }
   }
 }
@@ -838,7 +856,10 @@ void run(const Problem<uint16_t>& p, const uint32_t* xt, int64_t k) {
   const TileConfig config = tile_config(KW);
   _tile_loadconfig(&config);
   const int64_t row_tasks = (p.m + PACK_ROWS - 1) / PACK_ROWS;
-#pragma omp for schedule(dynamic, 1)
+  // Dealt round-robin, not dynamically: the same call gives each thread the same tasks every time,
+  // so its part of y (and of a reused output buffer) stays in that core's cache instead of moving
+  // between cores from call to call, the cost that dominated a dynamically scheduled epilogue.
+#pragma omp for schedule(static, 1)
   for (int64_t task = 0; task < p.block_rows * row_tasks; ++task) {
     const int64_t r = task / row_tasks, first = task % row_tasks * PACK_ROWS;
     const int64_t start = p.row_offsets[r], blocks = p.row_offsets[r + 1] - start;
@@ -852,6 +873,14 @@ void run(const Problem<uint16_t>& p, const uint32_t* xt, int64_t k) {
       for (int64_t b = 0; b < blocks; ++b) {
         const uint16_t* w = p.values + (start + b) * BS * BS + pass * NT * TILE_ROWS * BS;
         const int64_t pair = static_cast<int64_t>(p.col_indices[start + b]) * (BS / 2);
+        if (b + 1 < blocks) {
+          // The next block's x^T rows sit at an offset no hardware prefetcher predicts.
+          const int64_t next = static_cast<int64_t>(p.col_indices[start + b + 1]) * (BS / 2);
+          for (int line = 0; line < BS / 2 * 64; line += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(xt0 + next * 16) + line, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(xt1 + next * 16) + line, _MM_HINT_T0);
+          }
+        }
         for (int s = 0; s < BS / KW; ++s) {
           _tile_loadd(4, w + s * KW, BS * sizeof(uint16_t));
           _tile_loadd(6, xt0 + (pair + s * KW / 2) * 16, 64);
@@ -865,19 +894,19 @@ void run(const Problem<uint16_t>& p, const uint32_t* xt, int64_t k) {
           }
         }
       }
-      alignas(64) float tile[4][TILE_ROWS * 16];
-      _tile_stored(0, tile[0], 64);
-      _tile_stored(1, tile[1], 64);
+      // tile[j][t]: rows first + 16 j.., features 16 t.. of the pass.
+      alignas(64) float tile[2][NT][TILE_ROWS * 16];
+      _tile_stored(0, tile[0][0], 64);
+      _tile_stored(1, tile[1][0], 64);
       if constexpr (NT == 2) {
-        _tile_stored(2, tile[2], 64);
-        _tile_stored(3, tile[3], 64);
+        _tile_stored(2, tile[0][1], 64);
+        _tile_stored(3, tile[1][1], 64);
       }
-      for (int t = 0; t < NT; ++t)
-        for (int j = 0; j < 2; ++j) {
-          const int64_t row = first + j * TILE_ROWS;
-          const int64_t rows = p.m - row < TILE_ROWS ? p.m - row : TILE_ROWS;
-          if (rows > 0) store_accumulator(tile[2 * t + j], p.e, row, rows, r * BS + (pass * NT + t) * TILE_ROWS);
-        }
+      for (int j = 0; j < 2; ++j) {
+        const int64_t row = first + j * TILE_ROWS;
+        const int64_t rows = p.m - row < TILE_ROWS ? p.m - row : TILE_ROWS;
+        if (rows > 0) store_accumulators<NT>(tile[j], p.e, row, rows, r * BS + pass * NT * TILE_ROWS);
+      }
     }
   }
   _tile_release();
