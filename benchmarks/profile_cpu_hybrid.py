@@ -27,7 +27,7 @@ One CSV row per (model, size, method, category): milliseconds per forward, share
 forward, top-level calls per forward, and `forward_ms_unprofiled` (the same forward timed without the
 profiler by `common.time_ms`, to see the profiler's overhead). The environment record holds the load
 average before and after: a breakdown is only worth keeping from a quiet machine.
-Writes `cpu_hybrid_profile_<cpu>[_quick].csv`. `--quick`: MiniLM, 1x128, 2 repeats.
+Writes `cpu_hybrid_profile[_<dtype>]_<cpu>[_quick].csv` (the dtype named unless fp32). `--quick`: MiniLM, 1x128, 2 repeats.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ def main(argv=None) -> int:
         environment = common.environment_record(CPU)
         rows = run(args)
     environment.update(loadavg_before=load_before, loadavg_after=common.load_average())
-    path = common.write_csv(common.results_path(args.out, "cpu_hybrid_profile", CPU, args.quick), rows, COLUMNS,
-                            environment)
+    stem = "cpu_hybrid_profile" + ("" if args.dtype == torch.float32 else "_" + DTYPE_NAMES[args.dtype])
+    path = common.write_csv(common.results_path(args.out, stem, CPU, args.quick), rows, COLUMNS, environment)
     print(f"\nload average before {load_before}, after {environment['loadavg_after']}\nwrote\n  {path}")
     return 0
 

@@ -4,8 +4,9 @@
   a pure function of the stored BSR tensors (`launcher.py`): the native kernel
   (`block_sparse_linear.cpp`, one source compiled per ISA by `build.py`), else the pure-torch
   reference (`reference.py`).
-- `native_isa()` / `native_status()`: the ISA in use ("avx512_bf16", "avx512", "avx2", "neon_bf16",
-  "neon") or None, and why (`isa.py`: CPU features, `NN_BLOCKSPARSE_ISA`, `NN_BLOCKSPARSE_NATIVE`).
+- `native_isa()` / `native_status()`: the ISA in use ("amx_bf16", "avx512_bf16", "avx512", "avx2",
+  "neon_bf16", "neon") or None, and why (`isa.py`: CPU features, the OS's grant of AMX tiles,
+  `NN_BLOCKSPARSE_ISA`, `NN_BLOCKSPARSE_NATIVE`).
 - `dense_linear_cpu(x, weight, bias, activation)`: the dense linear beside it (`dense.py`): oneDNN
   (ISA-specific kernels, GELU fused) where torch has it, else `F.linear`.
 - `density_threshold(...)` / `use_block_sparse(...)`: whether block-sparse beats that dense linear
