@@ -28,8 +28,10 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .block_sparse_matrix import BlockSparseMatrix, check_block_sparse_matrix
-from .functional import Launch, backend_name, block_sparse_linear_tensors, launch_table, runs_triton
+from .cpu.launcher import NativeLinearCall
+from .functional import Launch, backend_name, block_sparse_linear_tensors, launch_table, resolve_backend, runs_triton
 from .kernels import ACTIVATIONS
+from .ops import direct_call_allowed
 
 _BLOCK_TENSORS = ("values", "row_offsets", "col_indices", "row_order")
 _METADATA_KEY = "nn_blocksparse.BlockSparseLinear"
@@ -138,8 +140,26 @@ class BlockSparseLinear(nn.Module):
         the Triton backend, the launch table and row groups (`functional.launch_table`)."""
         device = self.values.device
         self._launch = None
+        self._native = None  # ((backend, key), NativeLinearCall or None): the CPU forward's direct call, made on first use
         if device.type in ("cuda", "cpu") and runs_triton(self.backend, device):
             self._launch = launch_table(self._matrix, self.values.dtype, device)
+
+    def _native_forward(self, input: torch.Tensor) -> torch.Tensor | None:
+        """The CPU forward straight into the native kernel (`NativeLinearCall`), or None where it does not
+        apply: what `block_sparse_linear_tensors` would compute, without its per-call checks of the weight."""
+        values, row_offsets, col_indices, _ = self._block_tensors()
+        bias = self._parameters.get("bias")
+        key = (self.backend, NativeLinearCall.key(values, row_offsets, col_indices, bias, self.activation))
+        native = self._native
+        if native is None or native[0] != key:
+            call = None
+            if values.device.type == "cpu" and resolve_backend(self.backend, values.device) == "cpu":
+                call = NativeLinearCall.prepare(values, row_offsets, col_indices, bias, self.activation,
+                                                self.in_features)
+            native = self._native = (key, call)
+        if native[1] is None or not direct_call_allowed(input):
+            return None
+        return native[1](input, values, row_offsets, col_indices, bias)
 
     def _launch_for(self, rows: int) -> Launch:
         if self._launch is None:
@@ -152,11 +172,22 @@ class BlockSparseLinear(nn.Module):
             # (and derived from) again. A trace (torch.compile, torch.export) stands its own tensors
             # in for the stored ones: what was validated and prepared for those holds.
             self.matrix  # noqa: B018 - the property revalidates
+            if input.is_cpu:
+                y = self._native_forward(input)
+                if y is not None:
+                    return y
         return block_sparse_linear_tensors(input, self.values, self.row_offsets, self.col_indices, self.row_order,
                                            (self.out_features, self.in_features), self.bias, self.activation,
                                            self.backend, self._launch_for)
 
     # ------------------------------------------------------------------ state
+    def __getstate__(self):
+        # Copies and pickles leave the direct native call behind (it holds the loaded library's
+        # functions); the copy makes its own on first use.
+        state = dict(super().__getstate__())
+        state["_native"] = None
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
         self._refresh_matrix()  # new tensors (device, dtype): validated again, derived tables redone

@@ -44,7 +44,7 @@ import torch
 
 from .cpu import block_sparse_linear_cpu
 from .cpu.attention import self_attention_cpu
-from .cpu.dense import PLAIN_TENSORS
+from .cpu.launcher import PLAIN_TENSORS
 from .kernels import block_sparse_linear as triton_block_sparse_linear
 from .kernels.block_sparse_linear import interpreter_enabled
 from .kernels.configs import KernelConfig, m_bucket
@@ -153,6 +153,11 @@ def _plain_eager(*tensors: torch.Tensor | None) -> bool:
     return all(tensor is None or (type(tensor) in PLAIN_TENSORS
                                   and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
                for tensor in tensors)
+
+
+def direct_call_allowed(*tensors: torch.Tensor | None) -> bool:
+    """Whether a plain eager call may skip the op entirely (no trace, mode, wrapped tensor or profiler)."""
+    return _plain_eager(*tensors) and not torch._C._autograd._profiler_enabled()
 
 
 def _direct(name: str, function, *args):

@@ -57,6 +57,41 @@ def test_cpu_path_reads_the_stored_values_so_changes_are_never_stale():
         assert sparse.to(torch.float16)(x.half()).dtype == torch.float16
 
 
+def test_cpu_forward_calls_the_kernel_directly_and_follows_every_change(monkeypatch):
+    # Plain eager CPU calls skip the general path's per-call checks (NativeLinearCall), yet follow a
+    # new activation, a replaced bias and tensors swapped through `.data`, as the general path does.
+    from nn_blocksparse import functional, linear as linear_module
+    from nn_blocksparse.cpu import native_isa
+
+    if native_isa() is None:
+        pytest.skip("no native kernel here: the general path runs")
+    linear = make_linear()
+    sparse = BlockSparseLinear.from_linear(linear)
+    x = torch.randn(2, 3, 128)
+
+    def general_path(*args):
+        raise AssertionError("took the general path")
+
+    with torch.inference_mode(), monkeypatch.context() as patch:
+        patch.setattr(linear_module, "block_sparse_linear_tensors", general_path)
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, linear.bias), torch.float32)
+        sparse.activation = "gelu"
+        expected = torch.nn.functional.gelu(dense_reference(x, linear.weight, linear.bias))
+        assert_close_to_reference(sparse(x), expected, torch.float32)
+        sparse.activation = None
+        bias = torch.randn(linear.out_features)
+        sparse.bias = nn.Parameter(bias, requires_grad=False)
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, bias), torch.float32)
+    # Grad-requiring input: the general path's dense fallback (and its warning), not the kernel.
+    with pytest.warns(UserWarning):
+        assert sparse(x.clone().requires_grad_()).requires_grad
+    # Fewer stored blocks swapped in past the module's checks: refused, never read out of bounds.
+    with torch.no_grad():
+        sparse.values.data = sparse.values.data[:1].clone()
+    with pytest.raises(ValueError, match="one entry per block"):
+        sparse(x)
+
+
 def test_bf16_weights_take_fp32_input_on_cpu():
     # Mixed precision: bf16 values and bias, fp32 x and y; x is rounded to bf16 inside the kernel.
     linear = make_linear()

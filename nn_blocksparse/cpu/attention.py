@@ -19,7 +19,7 @@ import math
 import torch
 
 from .build import native_library
-from .dense import PLAIN_TENSORS as _PLAIN
+from .launcher import PLAIN_TENSORS as _PLAIN
 
 _MESSAGES = {1: "head size must be a multiple of 4", 3: "out of memory for the attention's scratch"}
 

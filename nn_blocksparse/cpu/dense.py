@@ -32,6 +32,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .launcher import PLAIN_TENSORS
 from .planner import fuse_dense_gelu
 
 ONEDNN_ENV = "NN_BLOCKSPARSE_ONEDNN"
@@ -79,9 +80,6 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     return os.environ.get(ONEDNN_ENV, "1") != "0" and dtype in _DTYPES and _probe(dtype)
 
 
-# Tensors the native and oneDNN paths take; subclasses that trace or wrap (fake, functional) keep the
-# ops torch dispatches.
-PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _onednn_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -26,6 +26,9 @@ _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2}
 MODE_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
                "bf16_weights": (torch.float32, torch.bfloat16)}
 _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
+# Tensors the native and oneDNN paths take; subclasses that trace or wrap (fake, functional) keep the
+# ops torch dispatches.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
              4: "unsupported activation", 5: "the OS did not grant this process AMX tile state"}
 
@@ -108,3 +111,67 @@ def native_block_sparse_linear(library, x2d: torch.Tensor, values: torch.Tensor,
     if code:
         raise RuntimeError(f"native block-sparse kernel: {_MESSAGES.get(code, f'error {code}')}")
     return y
+
+
+class NativeLinearCall:
+    """`block_sparse_linear_cpu` for one weight, with what does not change between calls checked once.
+
+    `NativeLinearCall.prepare(values, row_offsets, col_indices, bias, activation, in_features)` checks
+    the weight's side as `block_sparse_linear_cpu` does (the indices already validated for
+    `[N, in_features]`) and returns None where the native kernel would not run it. Its owner keeps it
+    for as long as `NativeLinearCall.key(...)` of its tensors and activation stays the same (shapes
+    and dtypes: a tensor swapped under its owner through `.data` is checked again, not read out of
+    bounds), and prepares again otherwise. Calling it with
+    `x [..., in_features]` returns y, or None where it cannot serve x (a dtype the weight does not pair
+    with, a tensor subclass, gradients wanted, a non-unit stride along K, no rows), and the caller
+    takes the general path. The tensors' addresses are read on every call. For a module's forward,
+    where the general path's tens of microseconds of Python per call show (the interpreter's caches
+    are cold after a kernel that filled L2).
+    """
+
+    __slots__ = ("library", "block_size", "block_rows", "k", "n", "x_dtypes", "codes")
+
+    @classmethod
+    def prepare(cls, values, row_offsets, col_indices, bias, activation, in_features: int):
+        library = native_library()
+        x_dtypes = tuple(x for x, w in _NATIVE_DTYPES if w == getattr(values, "dtype", None))
+        if (library is None or not x_dtypes or in_features == 0
+                or (bias is not None and getattr(bias, "dtype", None) not in _DTYPE_CODES)):
+            return None  # (no input features: the general path returns the bias)
+        _check(torch.empty(0, in_features, dtype=x_dtypes[0]), values, row_offsets, col_indices, bias, activation)
+        if not (values.is_contiguous() and row_offsets.is_contiguous() and col_indices.is_contiguous()
+                and (bias is None or bias.is_contiguous())):
+            return None
+        call = cls()
+        call.library, call.block_size, call.k = library, values.shape[2], in_features
+        call.block_rows = row_offsets.shape[0] - 1
+        call.n = call.block_rows * call.block_size
+        call.x_dtypes = x_dtypes
+        call.codes = (_DTYPE_CODES[values.dtype], 0 if bias is None else _DTYPE_CODES[bias.dtype],
+                      1 if activation == "gelu" else 0)
+        return call
+
+    @staticmethod
+    def key(values, row_offsets, col_indices, bias, activation) -> tuple:
+        """What a call was prepared for: equal keys, the same prepared call."""
+        return (values.shape, values.dtype, row_offsets.shape, col_indices.shape,
+                None if bias is None else (bias.shape, bias.dtype), activation)
+
+    def __call__(self, x, values, row_offsets, col_indices, bias):
+        if (type(x) not in PLAIN_TENSORS or x.dtype not in self.x_dtypes or not x.is_cpu or x.dim() < 1
+                or x.shape[-1] != self.k or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        x2d = x if x.dim() == 2 else x.reshape(-1, self.k)
+        m = x2d.shape[0]
+        if m == 0 or (x2d.stride(1) != 1 and self.k > 1 and m > 1):
+            return None
+        y = torch.empty(m, self.n, dtype=x.dtype)
+        w_code, bias_code, activation_code = self.codes
+        x_code = _DTYPE_CODES[x.dtype]
+        code = self.library.linear(
+            self.block_size, m, self.block_rows, self.k, x2d.data_ptr(), x2d.stride(0), x_code, values.data_ptr(),
+            w_code, row_offsets.data_ptr(), col_indices.data_ptr(), None if bias is None else bias.data_ptr(),
+            bias_code, activation_code, y.data_ptr(), self.n, x_code, torch.get_num_threads())
+        if code:
+            raise RuntimeError(f"native block-sparse kernel: {_MESSAGES.get(code, f'error {code}')}")
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.n)
