@@ -80,6 +80,42 @@ def test_every_path_mode_block_size_and_tail(path, mode, block_size):
     assert torch.count_nonzero(check(path, mode, empty, 9, None, "gelu")) == 0
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("path", PATHS)
+def test_widths_that_are_not_a_whole_tile_step_and_no_width_at_all(path, mode):
+    # K = 48 at 16x16 blocks: 24 (k, k+1) pairs, a tile step and a half (the AMX kernel repacks x in
+    # groups of 16 pairs); K = 0: no input features, the product is the bias.
+    _, weight_dtype = MODES[mode]
+    matrix = BlockSparseMatrix.from_dense(random_block_sparse_weight(64, 48, 16, 0.7, seed=5).to(weight_dtype), 16)
+    check(path, mode, matrix, 37, torch.randn(64).to(weight_dtype), "gelu")
+    empty = BlockSparseMatrix.from_dense(torch.zeros(64, 0, dtype=weight_dtype), 16)
+    bias = torch.randn(64).to(weight_dtype)
+    torch.testing.assert_close(check(path, mode, empty, 5, bias, None), bias.to(MODES[mode][0]).expand(5, 64))
+
+
+def test_no_input_features_as_a_fresh_process_s_first_call():
+    # Each build's scratch buffers are its own and start empty: K = 0 must not read an empty one as a
+    # failed allocation (bf16 on AMX sizes its scratch by K).
+
+    result = run_python("""
+        import torch
+        from nn_blocksparse import BlockSparseMatrix
+        from nn_blocksparse.cpu.build import library_for
+        from nn_blocksparse.cpu.isa import runnable_isas
+        from nn_blocksparse.cpu.launcher import native_block_sparse_linear
+        for isa in runnable_isas():
+            # bf16 first: the fp32 path allocates scratch. (x, weights): bf16, bf16 weights with fp32 x, fp32.
+            for x_dtype, dtype in ((torch.bfloat16,) * 2, (torch.float32, torch.bfloat16), (torch.float32,) * 2):
+                matrix = BlockSparseMatrix.from_dense(torch.zeros(64, 0, dtype=dtype), 16)
+                bias = torch.randn(64).to(dtype)
+                y = native_block_sparse_linear(library_for(isa), torch.randn(5, 0).to(x_dtype), matrix.values,
+                                               matrix.row_offsets, matrix.col_indices, bias, None)
+                assert torch.equal(y, bias.to(x_dtype).expand(5, 64)), (isa, x_dtype, dtype)
+        print("ok", len(runnable_isas()))
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
+
+
 def test_gelu_is_exact_to_fp32_rounding():
     # The epilogue's GELU (erf form) on a sweep, against torch's exact GELU in float64: absolute
     # error within 2.5e-7 * max(1, |v|) (torch's own fp32 GELU: up to 1.6e-7 * max(1, |v|)).

@@ -1096,7 +1096,8 @@ extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t 
   if (!amx::os_grants_tiles()) return NNBS_NO_TILES;
   // x^T for the tile products, its rows padded to whole tasks (zeros).
   const size_t packed_rows = static_cast<size_t>((m + amx::PACK_ROWS - 1) / amx::PACK_ROWS * amx::PACK_ROWS);
-  uint32_t* xt = static_cast<uint32_t*>(scratch(packed_rows * static_cast<size_t>(k) * sizeof(uint16_t)));
+  // (At least a cache line: with K = 0 the product is the bias, and scratch(0) may be null.)
+  uint32_t* xt = static_cast<uint32_t*>(scratch(packed_rows * static_cast<size_t>(k) * sizeof(uint16_t) + 64));
   if (!xt) return NNBS_NO_MEMORY;
   const Problem<uint16_t> tiles{m, block_rows, nullptr, 0, static_cast<const uint16_t*>(values), row_offsets,
                                 col_indices, e};
@@ -1112,7 +1113,8 @@ extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t 
 #endif
   uint16_t* converted = nullptr;
   if (mixed) {
-    converted = static_cast<uint16_t*>(malloc(static_cast<size_t>(m) * static_cast<size_t>(k) * sizeof(uint16_t)));
+    // (+ 64: malloc(0), with K = 0, may return null.)
+    converted = static_cast<uint16_t*>(malloc(static_cast<size_t>(m) * static_cast<size_t>(k) * sizeof(uint16_t) + 64));
     if (!converted) return NNBS_NO_MEMORY;
   }
   const Problem<uint16_t> p{m, block_rows, mixed ? converted : static_cast<const uint16_t*>(x), mixed ? k : ldx,
