@@ -140,7 +140,7 @@ class BlockSparseLinear(nn.Module):
         the Triton backend, the launch table and row groups (`functional.launch_table`)."""
         device = self.values.device
         self._launch = None
-        self._native = None  # ((backend, key), NativeLinearCall or None): the CPU forward's direct call, made on first use
+        self._native = None  # ((backend, key), NativeLinearCall or None): the CPU forward's direct call
         if device.type in ("cuda", "cpu") and runs_triton(self.backend, device):
             self._launch = launch_table(self._matrix, self.values.dtype, device)
 

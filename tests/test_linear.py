@@ -85,6 +85,12 @@ def test_cpu_forward_calls_the_kernel_directly_and_follows_every_change(monkeypa
     # Grad-requiring input: the general path's dense fallback (and its warning), not the kernel.
     with pytest.warns(UserWarning):
         assert sparse(x.clone().requires_grad_()).requires_grad
+    # Another layout swapped in past the module's checks: read as the general path reads it.
+    with torch.no_grad():
+        sparse.values.data = sparse.values.data.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not sparse.values.is_contiguous()
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse(x)
     # Fewer stored blocks swapped in past the module's checks: refused, never read out of bounds.
     with torch.no_grad():
         sparse.values.data = sparse.values.data[:1].clone()

@@ -22,8 +22,8 @@ import sys
 import warnings
 
 ISAS = ("amx_bf16", "avx512_bf16", "avx512", "avx2", "neon_bf16", "neon")
-ARCHITECTURE = {"amx_bf16": "x86_64", "avx512_bf16": "x86_64", "avx512": "x86_64", "avx2": "x86_64", "neon_bf16": "aarch64",
-                "neon": "aarch64"}
+ARCHITECTURE = {"amx_bf16": "x86_64", "avx512_bf16": "x86_64", "avx512": "x86_64", "avx2": "x86_64",
+                "neon_bf16": "aarch64", "neon": "aarch64"}
 # CPU features (as /proc/cpuinfo names them) each variant's instructions need.
 REQUIRED_FEATURES = {
     "amx_bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma", "amx_tile", "amx_bf16"}),

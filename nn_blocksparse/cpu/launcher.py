@@ -119,9 +119,9 @@ class NativeLinearCall:
     `NativeLinearCall.prepare(values, row_offsets, col_indices, bias, activation, in_features)` checks
     the weight's side as `block_sparse_linear_cpu` does (the indices already validated for
     `[N, in_features]`) and returns None where the native kernel would not run it. Its owner keeps it
-    for as long as `NativeLinearCall.key(...)` of its tensors and activation stays the same (shapes
-    and dtypes: a tensor swapped under its owner through `.data` is checked again, not read out of
-    bounds), and prepares again otherwise. Calling it with
+    for as long as `NativeLinearCall.key(...)` of its tensors and activation stays the same (shapes,
+    dtypes, contiguity: a tensor swapped under its owner through `.data` is checked again, not read
+    out of bounds or as another layout), and prepares again otherwise. Calling it with
     `x [..., in_features]` returns y, or None where it cannot serve x (a dtype the weight does not pair
     with, a tensor subclass, gradients wanted, a non-unit stride along K, no rows), and the caller
     takes the general path. The tensors' addresses are read on every call. For a module's forward,
@@ -154,8 +154,9 @@ class NativeLinearCall:
     @staticmethod
     def key(values, row_offsets, col_indices, bias, activation) -> tuple:
         """What a call was prepared for: equal keys, the same prepared call."""
-        return (values.shape, values.dtype, row_offsets.shape, col_indices.shape,
-                None if bias is None else (bias.shape, bias.dtype), activation)
+        return (values.shape, values.dtype, values.is_contiguous(), row_offsets.shape, row_offsets.is_contiguous(),
+                col_indices.shape, col_indices.is_contiguous(),
+                None if bias is None else (bias.shape, bias.dtype, bias.is_contiguous()), activation)
 
     def __call__(self, x, values, row_offsets, col_indices, bias):
         if (type(x) not in PLAIN_TENSORS or x.dtype not in self.x_dtypes or not x.is_cpu or x.dim() < 1
