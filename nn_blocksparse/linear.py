@@ -31,7 +31,7 @@ from .block_sparse_matrix import BlockSparseMatrix, check_block_sparse_matrix
 from .cpu.launcher import NativeLinearCall
 from .functional import Launch, backend_name, block_sparse_linear_tensors, launch_table, resolve_backend, runs_triton
 from .kernels import ACTIVATIONS
-from .ops import direct_call_allowed
+from .ops import direct, plain_eager
 
 _BLOCK_TENSORS = ("values", "row_offsets", "col_indices", "row_order")
 _METADATA_KEY = "nn_blocksparse.BlockSparseLinear"
@@ -157,9 +157,9 @@ class BlockSparseLinear(nn.Module):
                 call = NativeLinearCall.prepare(values, row_offsets, col_indices, bias, self.activation,
                                                 self.in_features)
             native = self._native = (key, call)
-        if native[1] is None or not direct_call_allowed(input):
+        if native[1] is None or not plain_eager(input):
             return None
-        return native[1](input, values, row_offsets, col_indices, bias)
+        return direct("linear_cpu", native[1], input, values, row_offsets, col_indices, bias)
 
     def _launch_for(self, rows: int) -> Launch:
         if self._launch is None:

@@ -146,7 +146,8 @@ def _attention_cpu_fake(qkv, num_heads, head_dim, attention_mask):
 # against `ours_<isa>`). So plain eager calls run the implementation directly. Traces, fake or
 # functorch-wrapped tensors and active dispatch or function modes get the op, so that whatever
 # intercepts ops still sees it; under the profiler the direct call is a range named after the op.
-def _plain_eager(*tensors: torch.Tensor | None) -> bool:
+def plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on these tensors may run an op's implementation directly (`direct`)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()):
         return False
@@ -155,12 +156,8 @@ def _plain_eager(*tensors: torch.Tensor | None) -> bool:
                for tensor in tensors)
 
 
-def direct_call_allowed(*tensors: torch.Tensor | None) -> bool:
-    """Whether a plain eager call may skip the op entirely (no trace, mode, wrapped tensor or profiler)."""
-    return _plain_eager(*tensors) and not torch._C._autograd._profiler_enabled()
-
-
-def _direct(name: str, function, *args):
+def direct(name: str, function, *args):
+    """`function(*args)` in place of the op `name`; under the profiler, in a range named after the op."""
     if torch._C._autograd._profiler_enabled():
         with torch.autograd.profiler.record_function(f"{NAMESPACE}::{name}"):
             return function(*args)
@@ -169,15 +166,15 @@ def _direct(name: str, function, *args):
 
 def call_linear_cpu(x, values, row_offsets, col_indices, bias, activation) -> torch.Tensor:
     """`linear_cpu`, called directly in plain eager mode (above)."""
-    if _plain_eager(x, values, row_offsets, col_indices, bias):
-        return _direct("linear_cpu", block_sparse_linear_cpu, x, values, row_offsets, col_indices, bias, activation)
+    if plain_eager(x, values, row_offsets, col_indices, bias):
+        return direct("linear_cpu", block_sparse_linear_cpu, x, values, row_offsets, col_indices, bias, activation)
     return linear_cpu(x, values, row_offsets, col_indices, bias, activation)
 
 
 def call_attention_cpu(qkv, num_heads: int, head_dim: int, attention_mask) -> torch.Tensor:
     """`attention_cpu`, called directly in plain eager mode (above)."""
-    if _plain_eager(qkv, attention_mask):
-        return _direct("attention_cpu", self_attention_cpu, qkv, num_heads, head_dim, attention_mask)
+    if plain_eager(qkv, attention_mask):
+        return direct("attention_cpu", self_attention_cpu, qkv, num_heads, head_dim, attention_mask)
     return attention_cpu(qkv, num_heads, head_dim, attention_mask)
 
 
