@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from .launcher import PLAIN_TENSORS
-from .planner import fuse_dense_gelu
+from .planner import GELU_DTYPES, fuse_dense_gelu
 
 ONEDNN_ENV = "NN_BLOCKSPARSE_ONEDNN"
 ACTIVATIONS = (None, "gelu")
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = GELU_DTYPES  # what oneDNN runs here; the planner names them too (it cannot import this module)
 _ATTRIBUTES = {None: ("none", ""), "gelu": ("gelu", "none")}  # oneDNN post-op, algorithm ("none": erf GELU)
 
 

@@ -62,7 +62,8 @@ REQUIRED_SPEEDUP = 1.1
 # AVX512_BF16 kernels.
 DEFAULT_EFFICIENCY = {"fp32": 0.6, "bf16": 0.35, "bf16_weights": 0.35}
 _THRESHOLD_STEP = 0.01
-GELU_DTYPES = (torch.float32, torch.bfloat16)  # the dense linear's activation dtypes, named by DTYPE_NAMES
+# The dense linear's (`dense.py`'s oneDNN) activation dtypes, kept here: dense imports the planner.
+GELU_DTYPES = (torch.float32, torch.bfloat16)
 GELU_NAMES = tuple(DTYPE_NAMES[dtype] for dtype in GELU_DTYPES)
 
 
