@@ -147,8 +147,10 @@ class BlockSparseLinear(nn.Module):
     def _native_forward(self, input: torch.Tensor) -> torch.Tensor | None:
         """The CPU forward straight into the native kernel (`NativeLinearCall`), or None where it does not
         apply: what `block_sparse_linear_tensors` would compute, without its per-call checks of the weight."""
+        if "parametrizations" in self._modules:
+            return None  # parametrized tensors are computed on access: the general path reads them
         values, row_offsets, col_indices, _ = self._block_tensors()
-        bias = self._parameters.get("bias")
+        bias = self.bias  # a Parameter, a buffer or None, as the general path reads it
         key = (self.backend, NativeLinearCall.key(values, row_offsets, col_indices, bias, self.activation))
         native = self._native
         if native is None or native[0] != key:
@@ -157,7 +159,7 @@ class BlockSparseLinear(nn.Module):
                 call = NativeLinearCall.prepare(values, row_offsets, col_indices, bias, self.activation,
                                                 self.in_features)
             native = self._native = (key, call)
-        if native[1] is None or not plain_eager(input):
+        if native[1] is None or not plain_eager(input, values, row_offsets, col_indices, bias):
             return None
         return direct("linear_cpu", native[1], input, values, row_offsets, col_indices, bias)
 

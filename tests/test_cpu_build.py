@@ -128,6 +128,16 @@ def test_isa_choice_follows_cpu_features_and_environment(monkeypatch):
                 assert isa.choose_isa()[0] == "avx512_bf16"
         monkeypatch.delenv(isa.ISA_ENV)
         assert isa.runnable_isas()[0] == best
+    # Turned off, or forced to a variant without tiles, the process never asks for the tile state.
+    def refuse():
+        raise AssertionError("asked Linux for AMX tile state")
+
+    monkeypatch.setattr(isa, "os_grants_tiles", refuse)
+    monkeypatch.setenv(isa.ISA_ENV, "avx2")
+    assert isa.choose_isa() == ("avx2", f"forced by {isa.ISA_ENV}")
+    monkeypatch.setenv(isa.NATIVE_ENV, "0")
+    assert isa.choose_isa()[0] is None
+    monkeypatch.delenv(isa.NATIVE_ENV)
     monkeypatch.setattr(isa, "cpu_features", lambda: frozenset({"avx2", "fma", "avx512f", "avx512vl"}))
     monkeypatch.setenv(isa.ISA_ENV, "sse9")
     with pytest.warns(RuntimeWarning, match="not one of"):

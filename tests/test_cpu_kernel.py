@@ -193,6 +193,16 @@ def test_amx_kernel_and_torchs_amx_gemm_take_turns_on_the_same_threads():
                                   torch.bfloat16)
 
 
+@pytest.mark.skipif("amx_bf16" not in runnable_isas(), reason="needs a CPU with AMX tiles that Linux grants")
+def test_amx_kernel_takes_a_batch_larger_than_the_scratch_it_keeps():
+    # x^T above 64 MiB is allocated for the call alone, not kept in the calling thread's scratch.
+    matrix = BlockSparseMatrix.from_dense(random_block_sparse_weight(32, 768, 32, 0.5, seed=6).to(torch.bfloat16), 32)
+    x = torch.randn(44_000, 768, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    assert x.numel() * 2 > 64 << 20
+    y = run_path("amx_bf16", x, matrix, None, None)
+    assert_close_to_reference(y, expected_output(x, matrix, None, None), torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_non_finite_x_reaches_only_the_rows_whose_blocks_read_it(mode):
     x_dtype, weight_dtype = MODES[mode]

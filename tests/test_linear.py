@@ -82,9 +82,37 @@ def test_cpu_forward_calls_the_kernel_directly_and_follows_every_change(monkeypa
         bias = torch.randn(linear.out_features)
         sparse.bias = nn.Parameter(bias, requires_grad=False)
         assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, bias), torch.float32)
-    # Grad-requiring input: the general path's dense fallback (and its warning), not the kernel.
+    # A bias that is a buffer, or computed by a parametrization, is read as the general path reads it.
+    del sparse.bias
+    sparse.register_buffer("bias", bias.clone())
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, bias), torch.float32)
+    del sparse.bias
+    sparse.bias = nn.Parameter(bias.clone(), requires_grad=False)
+
+    class Doubled(nn.Module):
+        def forward(self, tensor):
+            return 2 * tensor
+
+    torch.nn.utils.parametrize.register_parametrization(sparse, "bias", Doubled())
+    with torch.inference_mode():
+        assert_close_to_reference(sparse(x), dense_reference(x, linear.weight, 2 * bias), torch.float32)
+    torch.nn.utils.parametrize.remove_parametrizations(sparse, "bias")
+    # A bias of neither x's dtype nor the weight's: refused, as on the general path.
+    with torch.no_grad():
+        sparse.bias.data = sparse.bias.data.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        sparse(x)
+    with torch.no_grad():
+        sparse.bias.data = bias.clone()
+    # Gradients wanted (of x, or of the bias): the general path's dense fallback and its warning.
     with pytest.warns(UserWarning):
         assert sparse(x.clone().requires_grad_()).requires_grad
+    sparse.bias.requires_grad_(True)
+    with pytest.warns(UserWarning):
+        sparse(x).sum().backward()
+    assert sparse.bias.grad is not None and sparse.bias.grad.abs().sum() > 0
+    sparse.bias.requires_grad_(False)
     # Another layout swapped in past the module's checks: read as the general path reads it.
     with torch.no_grad():
         sparse.values.data = sparse.values.data.transpose(1, 2).contiguous().transpose(1, 2)

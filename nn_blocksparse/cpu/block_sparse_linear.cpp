@@ -1053,8 +1053,7 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
 // Dtype codes shared with the launcher (launcher.py: _DTYPE_CODES).
 enum { NNBS_NONE = 0, NNBS_F32 = 1, NNBS_BF16 = 2 };
 // Return codes.
-enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4,
-       NNBS_NO_TILES = 5 };
+enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4 };
 
 // y [m, ldy] = act(x [m, ldx] @ W^T + bias) for W [block_rows * bs, k] in BSR; activation 0 (none)
 // or 1 (gelu). Dtypes (x, W -> y): fp32, fp32 -> fp32; bf16, bf16 -> bf16; fp32, bf16 -> fp32 (x
@@ -1093,23 +1092,31 @@ extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t 
     return failed ? NNBS_NO_MEMORY : NNBS_OK;
   }
 #if NNBS_AMX
-  if (!amx::os_grants_tiles()) return NNBS_NO_TILES;
-  // x^T for the tile products, its rows padded to whole tasks (zeros).
-  const size_t packed_rows = static_cast<size_t>((m + amx::PACK_ROWS - 1) / amx::PACK_ROWS * amx::PACK_ROWS);
-  // (At least a cache line: with K = 0 the product is the bias, and scratch(0) may be null.)
-  uint32_t* xt = static_cast<uint32_t*>(scratch(packed_rows * static_cast<size_t>(k) * sizeof(uint16_t) + 64));
-  if (!xt) return NNBS_NO_MEMORY;
-  const Problem<uint16_t> tiles{m, block_rows, nullptr, 0, static_cast<const uint16_t*>(values), row_offsets,
-                                col_indices, e};
+  // Without Linux's grant of the tile state (a process that never asked), the vector bf16 code below.
+  if (amx::os_grants_tiles()) {
+    // x^T for the tile products, its rows padded to whole tasks (zeros). Kept in the calling thread's
+    // scratch up to AMX_SCRATCH_MAX bytes, allocated for this call alone above that (a large batch
+    // would otherwise stay allocated in every thread that ever ran one). At least a cache line: with
+    // K = 0 the product is the bias, and an empty request may give null.
+    constexpr size_t AMX_SCRATCH_MAX = size_t{64} << 20;
+    const size_t packed_rows = static_cast<size_t>((m + amx::PACK_ROWS - 1) / amx::PACK_ROWS * amx::PACK_ROWS);
+    const size_t bytes = packed_rows * static_cast<size_t>(k) * sizeof(uint16_t) + 64;
+    void* owned = bytes > AMX_SCRATCH_MAX ? malloc(bytes) : nullptr;
+    uint32_t* xt = static_cast<uint32_t*>(owned ? owned : bytes > AMX_SCRATCH_MAX ? nullptr : scratch(bytes));
+    if (!xt) return NNBS_NO_MEMORY;
+    const Problem<uint16_t> tiles{m, block_rows, nullptr, 0, static_cast<const uint16_t*>(values), row_offsets,
+                                  col_indices, e};
 #pragma omp parallel num_threads(t)
-  {
-    if (mixed) amx::pack_x<true>(x, ldx, m, k, xt);  // ends in a barrier
-    else amx::pack_x<false>(x, ldx, m, k, xt);
-    if (block_size == 16) amx::run<16>(tiles, xt, k);
-    else if (block_size == 32) amx::run<32>(tiles, xt, k);
-    else amx::run<64>(tiles, xt, k);
+    {
+      if (mixed) amx::pack_x<true>(x, ldx, m, k, xt);  // ends in a barrier
+      else amx::pack_x<false>(x, ldx, m, k, xt);
+      if (block_size == 16) amx::run<16>(tiles, xt, k);
+      else if (block_size == 32) amx::run<32>(tiles, xt, k);
+      else amx::run<64>(tiles, xt, k);
+    }
+    free(owned);
+    return NNBS_OK;
   }
-  return NNBS_OK;
 #endif
   uint16_t* converted = nullptr;
   if (mixed) {

@@ -120,27 +120,32 @@ def runnable_isas() -> tuple[str, ...]:
 
 
 def choose_isa() -> tuple[str | None, str]:
-    """(the variant to run or None, why): the environment's choice where the CPU runs it, else the best."""
-    runnable = runnable_isas()
+    """(the variant to run or None, why): the environment's choice where the CPU runs it, else the best.
+
+    The environment is read first: a process that turns the kernel off, or forces a variant it
+    runs, never asks Linux for AMX's tile state (a grant it keeps for good, and that enlarges every
+    signal frame).
+    """
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None, f"disabled by {NATIVE_ENV}=0"
     requested = os.environ.get(ISA_ENV, "").strip().lower()
     if requested == "none":
         return None, f"disabled by {ISA_ENV}=none"
     if requested in ("", "auto"):
+        runnable = runnable_isas()
         if runnable:
             return runnable[0], "the best this CPU runs"
         return None, f"no native variant for this CPU ({machine()}; the kernel needs AVX2 + FMA or NEON)"
-    best = runnable[0] if runnable else None
     if requested not in ISAS:
         problem = f"{ISA_ENV}={requested!r} is not one of {ISAS + ('none', 'auto')}"
     elif ARCHITECTURE[requested] != machine():
         problem = f"{ISA_ENV}={requested} needs an {ARCHITECTURE[requested]} CPU; this one lacks it (it is {machine()})"
-    elif requested not in runnable:
-        missing = missing_for(requested)
-        problem = f"{ISA_ENV}={requested} needs CPU features this CPU lacks ({', '.join(missing)})"
+    elif missing := missing_for(requested):
+        problem = f"{ISA_ENV}={requested} needs what this machine lacks ({', '.join(missing)})"
     else:
         return requested, f"forced by {ISA_ENV}"
+    runnable = runnable_isas()
+    best = runnable[0] if runnable else None
     instead = best or "the pure-torch reference"
     warnings.warn(f"nn_blocksparse: {problem}; using {instead} instead", RuntimeWarning, stacklevel=3)
     return best, f"{problem}; using {instead}"

@@ -30,7 +30,7 @@ _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
 # ops torch dispatches.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
-             4: "unsupported activation", 5: "the OS did not grant this process AMX tile state"}
+             4: "unsupported activation"}
 
 
 def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:
@@ -120,8 +120,10 @@ class NativeLinearCall:
     the weight's side as `block_sparse_linear_cpu` does (the indices already validated for
     `[N, in_features]`) and returns None where the native kernel would not run it. Its owner keeps it
     for as long as `NativeLinearCall.key(...)` of its tensors and activation stays the same (shapes,
-    dtypes, contiguity: a tensor swapped under its owner through `.data` is checked again, not read
-    out of bounds or as another layout), and prepares again otherwise. Calling it with
+    dtypes, contiguity, device: a tensor of another kind swapped under its owner through `.data` is
+    checked again, not read out of bounds or as another layout), and prepares again otherwise; index
+    contents swapped in through `.data` (which no version counter sees) are not validated again, on
+    this path as on the general one. Calling it with
     `x [..., in_features]` returns y, or None where it cannot serve x (a dtype the weight does not pair
     with, a tensor subclass, gradients wanted, a non-unit stride along K, no rows), and the caller
     takes the general path. The tensors' addresses are read on every call. For a module's forward,
@@ -134,7 +136,10 @@ class NativeLinearCall:
     @classmethod
     def prepare(cls, values, row_offsets, col_indices, bias, activation, in_features: int):
         library = native_library()
-        x_dtypes = tuple(x for x, w in _NATIVE_DTYPES if w == getattr(values, "dtype", None))
+        # The x dtypes this weight pairs with, and its bias with (of x's dtype or the weight's, as on
+        # the general path).
+        x_dtypes = tuple(x for x, w in _NATIVE_DTYPES if w == getattr(values, "dtype", None)
+                         and (bias is None or getattr(bias, "dtype", None) in (x, w)))
         if (library is None or not x_dtypes or in_features == 0
                 or (bias is not None and getattr(bias, "dtype", None) not in _DTYPE_CODES)):
             return None  # (no input features: the general path returns the bias)
@@ -154,14 +159,16 @@ class NativeLinearCall:
     @staticmethod
     def key(values, row_offsets, col_indices, bias, activation) -> tuple:
         """What a call was prepared for: equal keys, the same prepared call."""
-        return (values.shape, values.dtype, values.is_contiguous(), row_offsets.shape, row_offsets.is_contiguous(),
-                col_indices.shape, col_indices.is_contiguous(),
-                None if bias is None else (bias.shape, bias.dtype, bias.is_contiguous()), activation)
+        return (values.shape, values.dtype, values.is_contiguous(), values.is_cpu,
+                row_offsets.shape, row_offsets.is_contiguous(), row_offsets.is_cpu,
+                col_indices.shape, col_indices.is_contiguous(), col_indices.is_cpu,
+                None if bias is None else (bias.shape, bias.dtype, bias.is_contiguous(), bias.is_cpu), activation)
 
     def __call__(self, x, values, row_offsets, col_indices, bias):
         if (type(x) not in PLAIN_TENSORS or x.dtype not in self.x_dtypes or not x.is_cpu or x.dim() < 1
-                or x.shape[-1] != self.k or (x.requires_grad and torch.is_grad_enabled())):
-            return None
+                or x.shape[-1] != self.k or (torch.is_grad_enabled() and (
+                    x.requires_grad or (bias is not None and bias.requires_grad)))):
+            return None  # (gradients wanted: the general path's dense fallback)
         x2d = x if x.dim() == 2 else x.reshape(-1, self.k)
         m = x2d.shape[0]
         if m == 0 or (x2d.stride(1) != 1 and self.k > 1 and m > 1):
