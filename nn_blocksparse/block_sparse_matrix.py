@@ -186,8 +186,10 @@ def _to_index_dtype(indices: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _index_versions(tensors) -> tuple:
-    """Version counters of tensors (None for inference tensors, which do not keep one)."""
-    return tuple(None if t.is_inference() else t._version for t in tensors)
+    """(version counter, address) of tensors (None for an inference tensor's counter, which it does not
+    keep): an in-place write bumps the first, new storage put under the same tensor (`.data = ...`,
+    which bumps no counter) changes the second."""
+    return tuple((None if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
 
 
 def heaviest_rows_first(row_offsets: torch.Tensor) -> torch.Tensor:
@@ -244,10 +246,11 @@ class BlockSparseMatrix:
         return self.row_offsets, self.col_indices, self.row_order
 
     def check_unchanged(self) -> bool:
-        """Whether an index tensor was modified in place since it was validated (a version-counter
-        comparison); if so, validate it again (raising if it is no longer valid) and drop the row
-        groups derived from the old indices. Tables derived elsewhere must be dropped by the caller.
-        Inference tensors keep no version counter: their in-place changes are not seen."""
+        """Whether an index tensor was modified in place, or given new storage through `.data`, since
+        it was validated (its version counter and address); if so, validate it again (raising if it
+        is no longer valid) and drop the row groups derived from the old indices. Tables derived
+        elsewhere must be dropped by the caller. Inference tensors keep no version counter: their
+        in-place changes are not seen."""
         versions = _index_versions(self._indices())
         if versions == tuple(self._validated):
             return False

@@ -119,6 +119,14 @@ def test_cpu_forward_calls_the_kernel_directly_and_follows_every_change(monkeypa
     assert not sparse.values.is_contiguous()
     with pytest.raises(ValueError, match="contiguous"):
         sparse(x)
+    # Index contents swapped in through `.data` (no version counter sees it): validated again, refused.
+    original = sparse.col_indices.data
+    with torch.no_grad():
+        sparse.col_indices.data = torch.full_like(original, 10**8)
+    with pytest.raises(ValueError):
+        sparse(x)
+    with torch.no_grad():
+        sparse.col_indices.data = original
     # Fewer stored blocks swapped in past the module's checks: refused, never read out of bounds.
     with torch.no_grad():
         sparse.values.data = sparse.values.data[:1].clone()

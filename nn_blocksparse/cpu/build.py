@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .isa import ARCHITECTURE, ISAS, choose_isa, machine, runnable_isas
+from .isa import ARCHITECTURE, FORCED, ISAS, choose_isa, machine, runnable_isas
 
 SOURCE = Path(__file__).with_name("block_sparse_linear.cpp")
 HARNESS_SOURCE = Path(__file__).with_name("kernel_harness.cpp")
@@ -253,8 +253,8 @@ def _decide() -> tuple[NativeLibrary | None, str]:
             isa, why = choose_isa()
             library, status = None, why
             # A variant that fails to build (a compiler without AMX, say) gives way to the next one
-            # this CPU runs; a forced variant gives way to none.
-            candidates = runnable_isas() if why == "the best this CPU runs" else ()
+            # this CPU runs; a variant the environment forced gives way to none.
+            candidates = () if why == FORCED else runnable_isas()
             fallbacks = [isa, *candidates[candidates.index(isa) + 1:]] if isa in candidates else [isa]
             failures = []
             for candidate in fallbacks if isa is not None else ():

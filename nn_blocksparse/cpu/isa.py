@@ -34,6 +34,7 @@ REQUIRED_FEATURES = {
     "neon": frozenset({"asimd"}),
 }
 ISA_ENV = "NN_BLOCKSPARSE_ISA"
+FORCED = f"forced by {ISA_ENV}"  # choose_isa's reason when the environment's variant runs
 NATIVE_ENV = "NN_BLOCKSPARSE_NATIVE"
 
 
@@ -143,7 +144,7 @@ def choose_isa() -> tuple[str | None, str]:
     elif missing := missing_for(requested):
         problem = f"{ISA_ENV}={requested} needs what this machine lacks ({', '.join(missing)})"
     else:
-        return requested, f"forced by {ISA_ENV}"
+        return requested, FORCED
     runnable = runnable_isas()
     best = runnable[0] if runnable else None
     instead = best or "the pure-torch reference"

@@ -122,8 +122,7 @@ class NativeLinearCall:
     for as long as `NativeLinearCall.key(...)` of its tensors and activation stays the same (shapes,
     dtypes, contiguity, device: a tensor of another kind swapped under its owner through `.data` is
     checked again, not read out of bounds or as another layout), and prepares again otherwise; index
-    contents swapped in through `.data` (which no version counter sees) are not validated again, on
-    this path as on the general one. Calling it with
+    contents are the owner's matrix's to revalidate (`BlockSparseMatrix.check_unchanged`). Calling it with
     `x [..., in_features]` returns y, or None where it cannot serve x (a dtype the weight does not pair
     with, a tensor subclass, gradients wanted, a non-unit stride along K, no rows), and the caller
     takes the general path. The tensors' addresses are read on every call. For a module's forward,
