@@ -84,9 +84,12 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], warmup: int =
     Each fn first gets `warmup` untimed calls. Then come `rounds` rounds (at most `repeats`); in each,
     every fn in turn runs one untimed call (its caches and thread pool back after the others had
     the cores) and then its share of `repeats` timed calls, split as evenly as the rounds allow.
-    Round r starts at the r-th fn (mod their number), so that no fn always runs right after the
-    same other one: what a call leaves behind (threads still spinning, caches it filled) then
-    weighs on every fn alike. The median is over all of a fn's timed calls.
+    The rounds' orders are the rows of a balanced Latin square (`round_orders`): over n rounds of n
+    fns (2n where n is odd) each fn takes each place equally often and follows each other fn equally
+    often. What a call leaves behind that one untimed call does not clear (a kernel timed right after
+    oneDNN's bf16 GEMM ran measurably slower than after itself) then weighs on every fn alike;
+    rotating one order would keep each fn behind the same neighbour in every round. The median is over all of a fn's
+    timed calls.
     """
     if warmup < 0 or repeats < 1 or rounds < 1:
         raise ValueError(f"warmup must be >= 0, repeats and rounds >= 1, got warmup={warmup}, repeats={repeats}, "
@@ -97,10 +100,26 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], warmup: int =
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns.items())
+    items = list(fns.items())
+    orders = round_orders(len(items))
     for index, share in enumerate(shares):
-        start = index % len(order)
-        for name, fn in order[start:] + order[:start]:
+        for position in orders[index % len(orders)]:
+            name, fn = items[position]
             fn()
             times[name] += _cpu_times_ms(fn, share)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def round_orders(n: int) -> list[list[int]]:
+    """The rows of a balanced Latin square (Williams' design) on n items: n orders where n is even,
+    2n where it is odd; over them every item takes every place, and follows every other item, equally
+    often."""
+    base, low, high = [0], 1, n - 1
+    while len(base) < n:
+        base.append(low)
+        low += 1
+        if len(base) < n:
+            base.append(high)
+            high -= 1
+    orders = [[(item + shift) % n for item in base] for shift in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders

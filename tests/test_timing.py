@@ -2,6 +2,7 @@
 several calls), bad arguments refused."""
 
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -38,13 +39,22 @@ def test_interleaved_calls_take_turns_and_each_gets_its_own_median():
     assert 1.0 <= times["fast"] < 10.0 <= 12.0 <= times["slow"]
 
 
-def test_each_fn_takes_each_place_in_the_rounds():
-    """Rounds rotate the order: over as many rounds as fns, each fn runs first once, second once..."""
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 6])
+def test_each_fn_takes_each_place_and_follows_each_other_fn_equally_often(count):
+    """The rounds' orders: a balanced Latin square (2n rounds for an odd n, n for an even one)."""
+    names = "abcdef"[:count]
+    rounds = 2 * count if count % 2 else count
     order = []
-    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    interleaved_median_ms(fns, warmup=0, repeats=3, rounds=3)
-    rounds = [order[i:i + 6:2] for i in range(0, 18, 6)]  # each fn: 1 untimed + 1 timed call per round
-    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    fns = {name: (lambda name=name: order.append(name)) for name in names}
+    interleaved_median_ms(fns, warmup=0, repeats=rounds, rounds=rounds)
+    # Each fn: 1 untimed + 1 timed call per round.
+    played = [order[i:i + 2 * count:2] for i in range(0, 2 * count * rounds, 2 * count)]
+    assert all(sorted(one) == list(names) for one in played)
+    for place in range(count):
+        assert Counter(one[place] for one in played) == {name: rounds // count for name in names}
+    followers = Counter((one[i], one[i + 1]) for one in played for i in range(count - 1))
+    pairs = [(a, b) for a in names for b in names if a != b]
+    assert set(followers) == set(pairs) and len(set(followers.values())) <= 1, followers
 
 
 def test_interleaving_keeps_a_drift_out_of_the_ratio():
