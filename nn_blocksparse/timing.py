@@ -87,9 +87,9 @@ def interleaved_median_ms(fns: Mapping[str, Callable[[], object]], warmup: int =
     The rounds' orders are the rows of a balanced Latin square (`round_orders`): over n rounds of n
     fns (2n where n is odd) each fn takes each place equally often and follows each other fn equally
     often. What a call leaves behind that one untimed call does not clear (a kernel timed right after
-    oneDNN's bf16 GEMM ran measurably slower than behind another method) then weighs on every fn alike;
-    rotating one order would keep each fn behind the same neighbour in every round. The median is over all of a fn's
-    timed calls.
+    oneDNN's bf16 GEMM ran measurably slower than behind another method) then weighs on every fn
+    alike; rotating one order would keep each fn behind the same neighbour in every round. The median
+    is over all of a fn's timed calls.
     """
     if warmup < 0 or repeats < 1 or rounds < 1:
         raise ValueError(f"warmup must be >= 0, repeats and rounds >= 1, got warmup={warmup}, repeats={repeats}, "

@@ -1192,4 +1192,3 @@ extern "C" NNBS_EXPORT int nnbs_abi_version(void) { return NNBS_ABI_VERSION; }
 extern "C" NNBS_EXPORT const char* nnbs_isa(void) { return NNBS_ISA; }
 extern "C" NNBS_EXPORT const char* nnbs_build_key(void) { return NNBS_BUILD_KEY; }
 extern "C" NNBS_EXPORT int nnbs_has_bf16_dot(void) { return NNBS_BF16_DOT; }
-extern "C" NNBS_EXPORT int nnbs_has_tiles(void) { return NNBS_AMX; }

@@ -255,9 +255,12 @@ def _decide() -> tuple[NativeLibrary | None, str]:
             # A variant that fails to build (a compiler without AMX, say) gives way to the next one
             # this CPU runs; a variant the environment forced gives way to none.
             candidates = () if why == FORCED else runnable_isas()
-            fallbacks = [isa, *candidates[candidates.index(isa) + 1:]] if isa in candidates else [isa]
+            if isa is None:
+                fallbacks = []
+            else:
+                fallbacks = list(candidates[candidates.index(isa):]) if isa in candidates else [isa]
             failures = []
-            for candidate in fallbacks if isa is not None else ():
+            for candidate in fallbacks:
                 try:
                     library, status = library_for(candidate), "ok"
                     break

@@ -80,8 +80,6 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     return os.environ.get(ONEDNN_ENV, "1") != "0" and dtype in _DTYPES and _probe(dtype)
 
 
-
-
 def _onednn_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if not (type(x) in PLAIN_TENSORS and type(weight) in PLAIN_TENSORS and x.is_cpu and weight.is_cpu
             and x.dtype == weight.dtype and weight.is_contiguous() and weight.dim() == 2 and x.dim() >= 1

@@ -103,14 +103,22 @@ def native_block_sparse_linear(library, x2d: torch.Tensor, values: torch.Tensor,
     y = torch.empty(m, n, dtype=x2d.dtype)
     if m == 0 or n == 0:
         return y
+    _run(library, block_size, row_offsets.numel() - 1, x2d, values, _DTYPE_CODES[values.dtype], row_offsets,
+         col_indices, bias, 0 if bias is None else _DTYPE_CODES[bias.dtype], 1 if activation == "gelu" else 0, y)
+    return y
+
+
+def _run(library, block_size: int, block_rows: int, x2d, values, w_code: int, row_offsets, col_indices, bias,
+         bias_code: int, activation_code: int, y) -> None:
+    """One `nnbs_block_sparse_linear` call into y (x2d's dtype, [M, N] contiguous), everything checked."""
+    m, k = x2d.shape
+    x_code = _DTYPE_CODES[x2d.dtype]
     code = library.linear(
-        block_size, m, row_offsets.numel() - 1, k, x2d.data_ptr(), x2d.stride(0), _DTYPE_CODES[x2d.dtype],
-        values.data_ptr(), _DTYPE_CODES[values.dtype], row_offsets.data_ptr(), col_indices.data_ptr(),
-        None if bias is None else bias.data_ptr(), 0 if bias is None else _DTYPE_CODES[bias.dtype],
-        1 if activation == "gelu" else 0, y.data_ptr(), n, _DTYPE_CODES[y.dtype], torch.get_num_threads())
+        block_size, m, block_rows, k, x2d.data_ptr(), x2d.stride(0), x_code, values.data_ptr(), w_code,
+        row_offsets.data_ptr(), col_indices.data_ptr(), None if bias is None else bias.data_ptr(), bias_code,
+        activation_code, y.data_ptr(), y.shape[1], x_code, torch.get_num_threads())
     if code:
         raise RuntimeError(f"native block-sparse kernel: {_MESSAGES.get(code, f'error {code}')}")
-    return y
 
 
 class NativeLinearCall:
@@ -139,8 +147,7 @@ class NativeLinearCall:
         # the general path).
         x_dtypes = tuple(x for x, w in _NATIVE_DTYPES if w == getattr(values, "dtype", None)
                          and (bias is None or getattr(bias, "dtype", None) in (x, w)))
-        if (library is None or not x_dtypes or in_features == 0
-                or (bias is not None and getattr(bias, "dtype", None) not in _DTYPE_CODES)):
+        if library is None or not x_dtypes or in_features == 0:
             return None  # (no input features: the general path returns the bias)
         _check(torch.empty(0, in_features, dtype=x_dtypes[0]), values, row_offsets, col_indices, bias, activation)
         if not (values.is_contiguous() and row_offsets.is_contiguous() and col_indices.is_contiguous()
@@ -174,11 +181,6 @@ class NativeLinearCall:
             return None
         y = torch.empty(m, self.n, dtype=x.dtype)
         w_code, bias_code, activation_code = self.codes
-        x_code = _DTYPE_CODES[x.dtype]
-        code = self.library.linear(
-            self.block_size, m, self.block_rows, self.k, x2d.data_ptr(), x2d.stride(0), x_code, values.data_ptr(),
-            w_code, row_offsets.data_ptr(), col_indices.data_ptr(), None if bias is None else bias.data_ptr(),
-            bias_code, activation_code, y.data_ptr(), self.n, x_code, torch.get_num_threads())
-        if code:
-            raise RuntimeError(f"native block-sparse kernel: {_MESSAGES.get(code, f'error {code}')}")
+        _run(self.library, self.block_size, self.block_rows, x2d, values, w_code, row_offsets, col_indices, bias,
+             bias_code, activation_code, y)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.n)
