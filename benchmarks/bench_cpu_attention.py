@@ -1,7 +1,7 @@
 """CPU self-attention: the native kernel (`cpu.attention.self_attention_cpu`) against SDPA, side by side.
 
     python -m benchmarks.bench_cpu_attention [--out DIR] [--quick] [--threads 2] [--models bert-base,minilm]
-        [--sizes 1x128,8x128,1x384] [--heads 12] [--repeats N] [--warmup N]
+        [--sizes 1x128,8x128,1x384] [--heads 12] [--dtype fp32|bf16] [--repeats N] [--warmup N]
 
 Each case is one layer's attention as `FusedSelfAttention` computes it from the fused projection
 `qkv [B, S, 3 * H * D]` (random, seeded) to the context `[B, S, H * D]` the output projection reads:
@@ -12,13 +12,18 @@ Each case is one layer's attention as `FusedSelfAttention` computes it from the 
 - `native_<isa>`: the same kernel compiled for each ISA this CPU runs (e.g. `native_avx2` beside
   `native_avx512` on an AVX-512 machine).
 
+`--dtype bf16`: qkv rounded to bf16, against SDPA in bf16 (the mask in bf16, as `FusedSelfAttention`
+gives it); the native methods are the builds that run bf16 attention (`native_amx_bf16`, on AMX
+tiles), and `native` has no time where the process's build does not (the note says so).
+
 Models fix the head size (BERT-base 64, MiniLM 32); `--heads` (default 12) is the head count of
 the unpruned layer. Each case runs with no mask (`mask=none`) and with a key-padding mask
 (`mask=padding`: additive `[B, 1, 1, S]`, the second half of batch 0's keys masked, as transformers
 builds it). Every output is checked against the same attention in float64 before anything is
 timed; the methods are then timed in turns (`common.time_side_by_side`). Columns: `gflops` counts
 QK^T and PV (4 B H S^2 D), `speedup_vs_sdpa` is SDPA's time over the method's in the same run,
-`max_abs_diff` is against float64. Writes `cpu_attention_<cpu>[_quick].csv` and `.png`.
+`max_abs_diff` is against float64 (of the bf16 inputs, in bf16). Writes
+`cpu_attention[_bf16]_<cpu>[_quick].csv` and `.png`.
 `--quick`: BERT-base 1x64, 3 repeats: a check that the script runs (its times mean nothing).
 """
 
@@ -30,22 +35,26 @@ import torch
 import torch.nn.functional as F
 
 from nn_blocksparse.cpu.attention import self_attention_cpu
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
 
 from . import common
 
 CPU = torch.device("cpu")
-COLUMNS = ["model", "batch", "seq", "heads", "head_dim", "mask", "method", "time_ms", "gflops",
+COLUMNS = ["model", "batch", "seq", "heads", "head_dim", "mask", "dtype", "method", "time_ms", "gflops",
            "speedup_vs_sdpa", "max_abs_diff", "note"]
 HEAD_DIMS = {"bert-base": 64, "minilm": 32}
 FULL_SIZES, QUICK_SIZES = ((1, 128), (8, 128), (1, 384)), ((1, 64),)
 MASKS = ("none", "padding")
-TOLERANCE = 1e-4  # fp32 softmax and sums against float64, over max(1, max |reference|)
+# Against float64, over max(1, max |reference|): fp32 softmax and sums; bf16 outputs and probabilities.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+BF16_ISAS = ("amx_bf16",)  # builds whose attention takes bf16
 
 
-def attention_inputs(batch: int, seq: int, heads: int, head_dim: int, mask: str, seed: int = 0):
-    """(qkv `[B, S, 3 H D]`, the additive key mask `[B, 1, 1, S]` or None)."""
+def attention_inputs(batch: int, seq: int, heads: int, head_dim: int, mask: str, seed: int = 0,
+                     dtype: torch.dtype = torch.float32):
+    """(qkv `[B, S, 3 H D]` in `dtype`, the additive fp32 key mask `[B, 1, 1, S]` or None)."""
     generator = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=generator)
+    qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=generator).to(dtype)
     if mask == "none":
         return qkv, None
     padding = torch.zeros(batch, 1, 1, seq)
@@ -57,7 +66,7 @@ def sdpa_attention(qkv: torch.Tensor, heads: int, head_dim: int, mask: torch.Ten
     """`FusedSelfAttention`'s SDPA path: split the heads, SDPA, merge them."""
     batch, seq, _ = qkv.shape
     query, key, value = qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=None if mask is None else mask.to(qkv.dtype))
     return context.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
@@ -71,19 +80,21 @@ def float64_attention(qkv: torch.Tensor, heads: int, head_dim: int, mask: torch.
 
 
 def method_runs(qkv, heads: int, head_dim: int, mask) -> tuple[dict, dict[str, str]]:
-    """(`{method: fn}`, `{method: note}`): SDPA, the native kernel in use, and one per runnable ISA."""
+    """(`{method: fn}`, `{method: note}`): SDPA, the native kernel in use, and one per runnable ISA
+    that takes qkv's dtype."""
     from nn_blocksparse.cpu.build import NativeBuildError, library_for, native_isa
-    from nn_blocksparse.cpu.isa import runnable_isas
 
     runs = {"sdpa": lambda: sdpa_attention(qkv, heads, head_dim, mask)}
     notes = {}
     isa = native_isa()
     if isa is None:
         notes["native"] = "no native kernel here (nn_blocksparse.cpu.native_status() says why)"
+    elif qkv.dtype == torch.bfloat16 and isa not in BF16_ISAS:
+        notes["native"] = f"isa={isa}: no bf16 attention in this build (SDPA runs it)"
     else:
         runs["native"] = lambda: self_attention_cpu(qkv, heads, head_dim, mask)
         notes["native"] = f"isa={isa}"
-    for name in runnable_isas():
+    for name in method_isas(qkv.dtype):
         try:
             library = library_for(name)
         except NativeBuildError as error:
@@ -94,17 +105,23 @@ def method_runs(qkv, heads: int, head_dim: int, mask) -> tuple[dict, dict[str, s
     return runs, notes
 
 
-def method_names() -> tuple[str, ...]:
+def method_isas(dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
+    """The runnable ISAs whose attention takes `dtype`."""
     from nn_blocksparse.cpu.isa import runnable_isas
 
-    return ("sdpa", "native", *(f"native_{isa}" for isa in runnable_isas()))
+    return tuple(isa for isa in runnable_isas() if dtype == torch.float32 or isa in BF16_ISAS)
 
 
-def run_case(model: str, batch: int, seq: int, heads: int, mask: str, warmup: int, repeats: int) -> list[dict]:
+def method_names(dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
+    return ("sdpa", "native", *(f"native_{isa}" for isa in method_isas(dtype)))
+
+
+def run_case(model: str, batch: int, seq: int, heads: int, mask: str, warmup: int, repeats: int,
+             dtype: torch.dtype = torch.float32) -> list[dict]:
     head_dim = HEAD_DIMS[model]
-    qkv, mask_tensor = attention_inputs(batch, seq, heads, head_dim, mask)
+    qkv, mask_tensor = attention_inputs(batch, seq, heads, head_dim, mask, dtype=dtype)
     reference = float64_attention(qkv, heads, head_dim, mask_tensor)
-    limit = TOLERANCE * max(1.0, reference.abs().max().item())
+    limit = TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
     runs, notes = method_runs(qkv, heads, head_dim, mask_tensor)
     diffs = {}
     with torch.inference_mode():
@@ -116,11 +133,11 @@ def run_case(model: str, batch: int, seq: int, heads: int, mask: str, warmup: in
         times, errors = common.time_side_by_side(runs, CPU, warmup=warmup, repeats=repeats)
     flops = 4 * batch * heads * seq * seq * head_dim
     rows = []
-    for name in method_names():
+    for name in method_names(dtype):
         time_value = times.get(name, math.nan)
         note = "; ".join(filter(None, (notes.get(name), errors.get(name))))
         rows.append({"model": model, "batch": batch, "seq": seq, "heads": heads, "head_dim": head_dim, "mask": mask,
-                     "method": name, "time_ms": time_value, "gflops": flops / (time_value * 1e6),
+                     "dtype": DTYPE_NAMES[dtype], "method": name, "time_ms": time_value, "gflops": flops / (time_value * 1e6),
                      "speedup_vs_sdpa": times["sdpa"] / time_value, "max_abs_diff": diffs.get(name, math.nan),
                      "note": note})
     return rows
@@ -131,6 +148,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="bert-base,minilm", help=f"subset of {','.join(HEAD_DIMS)}")
     parser.add_argument("--sizes", help="batch x seq list (default 1x128,8x128,1x384)")
     parser.add_argument("--heads", type=int, default=12, help="heads per layer (default 12)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="qkv's dtype (default fp32)")
     parser.add_argument("--repeats", type=int, help="timing repeats (default 30, --quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 3, --quick 1)")
     args = parser.parse_args(argv)
@@ -144,16 +162,17 @@ def parse_args(argv=None):
                   else list(QUICK_SIZES if args.quick else FULL_SIZES))
     args.repeats = args.repeats or (3 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.dtype = dtype_from_name(args.dtype)
     if args.threads < 1 or args.heads < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--threads, --heads and --repeats must be at least 1, --warmup at least 0")
     return args
 
 
-def plot(rows: list[dict], path, title: str):
+def plot(rows: list[dict], path, title: str, dtype: torch.dtype = torch.float32):
     cases = [(row["model"], row["batch"], row["seq"], row["mask"]) for row in rows if row["method"] == "sdpa"]
     series = {method: [next(row["speedup_vs_sdpa"] for row in rows
                             if (row["model"], row["batch"], row["seq"], row["mask"]) == case and row["method"] == method)
-                       for case in cases] for method in method_names() if method != "sdpa"}
+                       for case in cases] for method in method_names(dtype) if method != "sdpa"}
     labels = [f"{model}\n{batch}x{seq} {mask}" for model, batch, seq, mask in cases]
     return common.grouped_bars(labels, series, path, title, "speedup vs SDPA", {"SDPA": 1.0}, max_width=16.0)
 
@@ -167,16 +186,17 @@ def main(argv=None) -> int:
         for model in args.models:
             for batch, seq in args.sizes:
                 for mask in MASKS:
-                    case_rows = run_case(model, batch, seq, args.heads, mask, args.warmup, args.repeats)
+                    case_rows = run_case(model, batch, seq, args.heads, mask, args.warmup, args.repeats, args.dtype)
                     rows.extend(case_rows)
                     print(f"{model} {batch}x{seq} mask={mask}: " + "  ".join(
                         f"{row['method']} {row['time_ms']:.3f}ms ({row['speedup_vs_sdpa']:.2f}x)" for row in case_rows),
                         flush=True)
         environment["loadavg_after"] = common.load_average()
-        path = common.write_csv(common.results_path(args.out, "cpu_attention", CPU, args.quick), rows, COLUMNS,
-                                environment)
-        png = plot(rows, common.results_path(args.out, "cpu_attention", CPU, args.quick, ".png"),
-                   f"self-attention, {args.heads} heads, {common.cpu_model()}, {torch.get_num_threads()} threads")
+        stem = "cpu_attention" if args.dtype == torch.float32 else f"cpu_attention_{DTYPE_NAMES[args.dtype]}"
+        path = common.write_csv(common.results_path(args.out, stem, CPU, args.quick), rows, COLUMNS, environment)
+        png = plot(rows, common.results_path(args.out, stem, CPU, args.quick, ".png"),
+                   f"self-attention ({DTYPE_NAMES[args.dtype]}), {args.heads} heads, {common.cpu_model()}, "
+                   f"{torch.get_num_threads()} threads", args.dtype)
         print("\nwrote", path, png, sep="\n  ")
     return 0
 

@@ -25,6 +25,7 @@ from benchmarks import (bench_compile, bench_cpu, bench_cpu_attention, bench_cpu
                         bench_ffn_alignment, bench_kernel, common, engines, graph_check, launch_overhead,
                         profile_cpu_hybrid, run_all, tune_kernel, warm_triton_cache)
 from nn_blocksparse.cpu import native_isa  # noqa: E402
+from nn_blocksparse.dtypes import dtype_from_name  # noqa: E402
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -295,20 +296,27 @@ def test_bench_cpu_engines_refuses_to_time_a_wrong_answer():
         bench_cpu_engines.check_accuracy("x", reference * float("nan"), reference, torch.float32)
 
 
-def test_bench_cpu_attention_quick(tmp_path):
-    assert bench_cpu_attention.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
-    path = tmp_path / f"cpu_attention_{common.device_tag(torch.device('cpu'))}_quick.csv"
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bench_cpu_attention_quick(tmp_path, dtype):
+    assert bench_cpu_attention.main(["--quick", "--threads", THREADS, "--out", str(tmp_path), "--dtype", dtype]) == 0
+    stem = "cpu_attention" if dtype == "fp32" else f"cpu_attention_{dtype}"
+    path = tmp_path / f"{stem}_{common.device_tag(torch.device('cpu'))}_quick.csv"
     rows = read(path, bench_cpu_attention.COLUMNS)
     assert {"loadavg_before", "loadavg_after"} <= set(common.read_csv(path)[0])
+    torch_dtype = dtype_from_name(dtype)
     assert {(row["mask"], row["method"]) for row in rows} == {
-        (mask, method) for mask in bench_cpu_attention.MASKS for method in bench_cpu_attention.method_names()}
+        (mask, method) for mask in bench_cpu_attention.MASKS for method in bench_cpu_attention.method_names(torch_dtype)}
     for row in rows:
-        assert (row["model"], row["batch"], row["seq"], row["heads"], row["head_dim"]) == ("bert-base", "1", "64", "12", "64")
+        assert (row["model"], row["batch"], row["seq"], row["heads"], row["head_dim"], row["dtype"]) == (
+            "bert-base", "1", "64", "12", "64", dtype)
         if row["method"] == "native" and native_isa() is None:  # no native kernel here: no time, and why
             assert math.isnan(number(row["time_ms"])) and "no native kernel" in row["note"], row
             continue
+        if row["method"] == "native" and dtype == "bf16" and native_isa() not in bench_cpu_attention.BF16_ISAS:
+            assert math.isnan(number(row["time_ms"])) and "no bf16 attention" in row["note"], row
+            continue
         time_ms = number(row["time_ms"])
-        assert time_ms > 0 and number(row["max_abs_diff"]) <= 1e-4, row
+        assert time_ms > 0 and number(row["max_abs_diff"]) <= (1e-4 if dtype == "fp32" else 2e-2), row
         assert number(row["gflops"]) == pytest.approx(4 * 12 * 64 * 64 * 64 / (time_ms * 1e6), rel=1e-4)
         sdpa = next(r for r in rows if r["mask"] == row["mask"] and r["method"] == "sdpa")
         assert number(row["speedup_vs_sdpa"]) == pytest.approx(number(sdpa["time_ms"]) / time_ms, rel=1e-4)

@@ -4,13 +4,17 @@ in float64, and where `FusedSelfAttention` takes it (otherwise SDPA)."""
 import pytest
 import torch
 
+import nn_blocksparse.attention as attention_module
 from nn_blocksparse.attention import FusedSelfAttention
 from nn_blocksparse.cpu.attention import runs_native_attention, self_attention_cpu
-from nn_blocksparse.cpu.build import library_for
+from nn_blocksparse.cpu.build import library_for, native_isa
 from nn_blocksparse.cpu.isa import runnable_isas
 
 ISAS = runnable_isas()
 needs_native = pytest.mark.skipif(not ISAS, reason="no native variant runs here (the ARM harness checks NEON)")
+TILES = "amx_bf16" in ISAS
+needs_tiles = pytest.mark.skipif(not TILES, reason="bf16 attention runs on AMX tiles only (its build compiles "
+                                                   "everywhere: test_cpu_build)")
 
 
 def reference(qkv, heads, head_dim, mask):
@@ -68,13 +72,14 @@ def test_what_takes_the_native_attention_and_what_stays_on_sdpa():
     with pytest.raises(ValueError, match="3 x 2 heads x 4 expected"):
         self_attention_cpu(torch.randn(2, 9, 48), 2, 4)
     # What would take the kernel out of bounds is refused before the call, naming it.
-    for bad, message in ((torch.randn(2, 9, 48).bfloat16(), "contiguous fp32"),
+    bf16_refusal = "multiple of 32 in torch.bfloat16" if TILES else "contiguous fp32"
+    for bad, message in ((torch.randn(2, 9, 48).bfloat16(), bf16_refusal),
                          (torch.randn(9, 2, 48).transpose(0, 1), "contiguous fp32"), (torch.randn(9, 48), "contiguous fp32")):
         with pytest.raises(ValueError, match=message):
             self_attention_cpu(bad, 2, 8)
     with pytest.raises(ValueError, match="multiple of 4"):
         self_attention_cpu(torch.randn(2, 9, 36), 2, 6)
-    with pytest.raises(ValueError, match="additive fp32 mask over the keys"):
+    with pytest.raises(ValueError, match="additive mask over the keys"):
         self_attention_cpu(torch.randn(2, 9, 48), 2, 8, torch.zeros(2, 1, 9, 9))
 
 
@@ -90,3 +95,84 @@ def test_fused_attention_gives_the_same_context_either_way():
             context, _ = attention(hidden, m, return_probabilities=True)  # always the explicit softmax
             expected = reference(attention.qkv(hidden), 4, 16, m)
             assert (ours.double() - expected).abs().max() < 1e-5 and (context.double() - expected).abs().max() < 1e-5
+
+
+def sdpa_bf16(qkv, heads, head_dim, mask):
+    batch, seq, _ = qkv.shape
+    query, key, value = qkv.view(batch, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    context = torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                               attn_mask=None if mask is None else mask.bfloat16())
+    return context.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+@needs_tiles
+@pytest.mark.parametrize("batch, seq, heads, head_dim", [(1, 128, 7, 64), (8, 37, 4, 32), (2, 13, 3, 64),
+                                                          (1, 1, 1, 32), (3, 100, 2, 96), (1, 200, 2, 64)])
+def test_bf16_attention_on_tiles_matches_float64_as_closely_as_sdpa(batch, seq, heads, head_dim):
+    # Against float64 on the same bf16 inputs: bf16 outputs are off by their own rounding (and the
+    # probabilities' rounding to bf16), as SDPA's bf16 path is: no worse than it, by a stated margin.
+    generator = torch.Generator().manual_seed(seq + head_dim)
+    qkv = (2 * torch.randn(batch, seq, 3 * heads * head_dim, generator=generator)).bfloat16()
+    padding = torch.zeros(batch, 1, 1, seq)
+    padding[0, ..., (seq + 1) // 2:] = torch.finfo(torch.float32).min
+    library = library_for("amx_bf16")
+    for mask in (None, padding, padding.bfloat16()):
+        out = self_attention_cpu(qkv, heads, head_dim, mask, library=library)
+        assert out.dtype == torch.bfloat16 and out.shape == (batch, seq, heads * head_dim)
+        expected = reference(qkv.float(), heads, head_dim, mask)
+        error = (out.double() - expected).abs().max().item()
+        sdpa_error = (sdpa_bf16(qkv, heads, head_dim, mask).double() - expected).abs().max().item()
+        assert error <= 1.25 * sdpa_error + 2e-3 and error < 0.05, (error, sdpa_error)
+
+
+@needs_tiles
+def test_bf16_attention_is_bit_identical_for_any_thread_count():
+    qkv = torch.randn(2, 70, 3 * 3 * 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs.append(self_attention_cpu(qkv, 3, 32, library=library_for("amx_bf16")))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+def test_where_bf16_attention_runs():
+    qkv = torch.randn(2, 9, 3 * 2 * 32).bfloat16()
+    with torch.inference_mode():
+        # On AMX, D a multiple of 32 with a key mask in fp32 or bf16; elsewhere, SDPA.
+        assert runs_native_attention(qkv, 32, None, 0.0) == (TILES and native_isa() == "amx_bf16")
+        assert runs_native_attention(qkv, 32, torch.zeros(2, 1, 1, 9).bfloat16(), 0.0) == (
+            TILES and native_isa() == "amx_bf16")
+        assert not runs_native_attention(torch.randn(2, 9, 3 * 2 * 16).bfloat16(), 16, None, 0.0)
+        assert not runs_native_attention(qkv, 32, torch.zeros(2, 1, 1, 9, dtype=torch.float16), 0.0)
+    for isa in ISAS:
+        if isa != "amx_bf16":  # the kernels without tiles refuse bf16, naming the dtypes they take
+            with pytest.raises(ValueError, match="contiguous fp32 CPU tensor"):
+                self_attention_cpu(qkv, 2, 32, library=library_for(isa))
+
+
+def test_fused_attention_in_bf16_takes_the_tiles_where_they_run():
+    # A bf16 module with transformers' bf16 padding mask: the AMX kernel where it runs (SDPA
+    # elsewhere), as close to float64 as the explicit softmax in bf16.
+    torch.manual_seed(0)
+    attention = FusedSelfAttention(torch.nn.Linear(64, 3 * 2 * 32), num_heads=2, head_dim=32).eval().bfloat16()
+    hidden = torch.randn(3, 40, 64).bfloat16()
+    mask = torch.zeros(3, 1, 1, 40, dtype=torch.bfloat16)
+    mask[1, ..., 25:] = torch.finfo(torch.bfloat16).min
+    calls = []
+    original = attention_module.ops.call_attention_cpu
+    try:
+        attention_module.ops.call_attention_cpu = lambda *args: calls.append(1) or original(*args)
+        with torch.inference_mode():
+            ours = attention(hidden, mask)
+            context, _ = attention(hidden, mask, return_probabilities=True)
+            expected = reference(attention.qkv(hidden).float(), 2, 32, mask.float())
+    finally:
+        attention_module.ops.call_attention_cpu = original
+    assert bool(calls) == (native_isa() == "amx_bf16")
+    assert ours.dtype == torch.bfloat16
+    error, explicit_error = ((out.double() - expected).abs().max().item() for out in (ours, context))
+    assert error <= 1.25 * explicit_error + 2e-3 and error < 0.05, (error, explicit_error)

@@ -5,11 +5,16 @@
 neither the heads' split nor their merge is copied. At BERT's sequence lengths it is faster than
 SDPA's CPU kernel, whose small GEMMs go through MKL's AVX2 path on AMD CPUs (docs/cpu.md).
 
-`runs_native_attention(...)` says whether a call can take this path: fp32 CPU tensors, `qkv`
-contiguous, D a multiple of 4, no dropout, no tracing, a native kernel here, and a mask that is
-None or additive over the keys only (`[B, 1, 1, S]`, what a padded batch gives). Everything else
-stays on SDPA, which computes the same thing. `self_attention_cpu` checks what keeps the kernel in
-bounds (dtype, layout, sizes, mask) and raises naming it. Knows nothing of `nn.Module` or BERT.
+bf16 runs on AMX tiles where the kernel in use is the amx_bf16 build (`nnbs_attention_bf16`:
+scores and softmax in fp32, the normalized probabilities rounded to bf16 for P V, as SDPA's bf16
+path rounds them), for D a multiple of 32; elsewhere bf16 stays on SDPA.
+
+`runs_native_attention(...)` says whether a call can take this path: fp32 (or, on AMX, bf16) CPU
+tensors, `qkv` contiguous, D a multiple of 4 (32 in bf16), no dropout, no tracing, a native kernel
+here, and a mask that is None or additive over the keys only (`[B, 1, 1, S]`, what a padded batch
+gives; fp32, or bf16 with bf16 qkv). Everything else stays on SDPA, which computes the same thing.
+`self_attention_cpu` checks what keeps the kernel in bounds (dtype, layout, sizes, mask) and raises
+naming it. Knows nothing of `nn.Module` or BERT.
 """
 
 from __future__ import annotations
@@ -21,35 +26,43 @@ import torch
 from .build import native_library
 from .launcher import PLAIN_TENSORS as _PLAIN
 
-_MESSAGES = {1: "head size must be a multiple of 4", 3: "out of memory for the attention's scratch"}
+_MESSAGES = {1: "unsupported head size", 2: "no bf16 attention in this build (or no AMX tile state granted)",
+             3: "out of memory for the attention's scratch"}
 
 
-def _is_key_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> bool:
-    """An additive fp32 CPU mask over the keys, `[B or 1, 1, 1, S]` (not per query, per head, or boolean)."""
-    return (type(attention_mask) in _PLAIN and attention_mask.dtype == torch.float32 and attention_mask.is_cpu
+def _runs_bf16(library) -> bool:
+    """Whether `library` runs bf16 attention (on AMX tiles)."""
+    return library is not None and library.isa == "amx_bf16"
+
+
+def _is_key_mask(attention_mask: torch.Tensor, dtype: torch.dtype, batch: int, seq: int) -> bool:
+    """An additive CPU mask over the keys, `[B or 1, 1, 1, S]` (not per query, per head, or boolean), in
+    fp32 or the row's `dtype`."""
+    return (type(attention_mask) in _PLAIN and attention_mask.dtype in (torch.float32, dtype) and attention_mask.is_cpu
             and attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1) and attention_mask.shape[3] == seq
             and attention_mask.shape[0] in (1, batch))
 
 
-def _refusal(qkv, head_dim, attention_mask) -> str | None:
-    """Why the kernel cannot take these inputs in bounds (dtype, layout, head size, mask), or None."""
-    if not (type(qkv) in _PLAIN and qkv.dim() == 3 and qkv.dtype == torch.float32 and qkv.is_cpu
-            and qkv.is_contiguous()):
-        return (f"qkv must be a contiguous fp32 CPU tensor [B, S, 3 * H * D], got "
+def _refusal(qkv, head_dim, attention_mask, library) -> str | None:
+    """Why `library`'s kernel cannot take these inputs in bounds (dtype, layout, head size, mask), or None."""
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16"} if _runs_bf16(library) else {torch.float32: "fp32"}
+    if not (type(qkv) in _PLAIN and qkv.dim() == 3 and qkv.dtype in dtypes and qkv.is_cpu and qkv.is_contiguous()):
+        return (f"qkv must be a contiguous {' or '.join(dtypes.values())} CPU tensor [B, S, 3 * H * D] here, got "
                 f"{getattr(qkv, 'dtype', type(qkv))} of shape {tuple(getattr(qkv, 'shape', ()))}")
-    if not (isinstance(head_dim, int) and head_dim > 0 and head_dim % 4 == 0):
-        return f"head_dim must be a positive multiple of 4, got {head_dim}"
-    if attention_mask is not None and not _is_key_mask(attention_mask, qkv.shape[0], qkv.shape[1]):
-        return "the native attention takes no mask or an additive fp32 mask over the keys [B, 1, 1, S]"
+    multiple = 32 if qkv.dtype == torch.bfloat16 else 4
+    if not (isinstance(head_dim, int) and head_dim > 0 and head_dim % multiple == 0):
+        return f"head_dim must be a positive multiple of {multiple} in {qkv.dtype}, got {head_dim}"
+    if attention_mask is not None and not _is_key_mask(attention_mask, qkv.dtype, qkv.shape[0], qkv.shape[1]):
+        return ("the native attention takes no mask or an additive mask over the keys [B, 1, 1, S] (fp32, or "
+                "qkv's dtype)")
     return None
 
 
 def runs_native_attention(qkv: torch.Tensor, head_dim: int, attention_mask, dropout: float) -> bool:
-    if dropout or torch.compiler.is_compiling() or _refusal(qkv, head_dim, attention_mask) is not None:
+    if dropout or torch.compiler.is_compiling() or (torch.is_grad_enabled() and qkv.requires_grad):
         return False
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return False
-    return native_library() is not None
+    library = native_library()
+    return library is not None and _refusal(qkv, head_dim, attention_mask, library) is None
 
 
 def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
@@ -58,7 +71,10 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
 
     `library`: a `build.NativeLibrary` (default: this process's), for tests of every ISA.
     """
-    refusal = _refusal(qkv, head_dim, attention_mask)
+    library = library or native_library()
+    if library is None:
+        raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
+    refusal = _refusal(qkv, head_dim, attention_mask, library)
     if refusal is not None:
         raise ValueError(refusal)
     if not (isinstance(num_heads, int) and num_heads > 0):
@@ -66,15 +82,14 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
     batch, seq, width = qkv.shape
     if width != 3 * num_heads * head_dim:
         raise ValueError(f"qkv has {width} features, 3 x {num_heads} heads x {head_dim} expected")
-    mask = None if attention_mask is None else attention_mask.reshape(-1, seq).expand(batch, seq).contiguous()
-    library = library or native_library()
-    if library is None:
-        raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
-    out = torch.empty(batch, seq, num_heads * head_dim, dtype=torch.float32)
+    mask = (None if attention_mask is None
+            else attention_mask.reshape(-1, seq).expand(batch, seq).to(torch.float32).contiguous())
+    out = torch.empty(batch, seq, num_heads * head_dim, dtype=qkv.dtype)
     if out.numel() == 0:
         return out
-    code = library.attention(batch, seq, num_heads, head_dim, qkv.data_ptr(), None if mask is None else mask.data_ptr(),
-                             1.0 / math.sqrt(head_dim), out.data_ptr(), torch.get_num_threads())
+    kernel = library.attention_bf16 if qkv.dtype == torch.bfloat16 else library.attention
+    code = kernel(batch, seq, num_heads, head_dim, qkv.data_ptr(), None if mask is None else mask.data_ptr(),
+                  1.0 / math.sqrt(head_dim), out.data_ptr(), torch.get_num_threads())
     if code:
         raise RuntimeError(f"native attention: {_MESSAGES.get(code, f'error {code}')}")
     return out

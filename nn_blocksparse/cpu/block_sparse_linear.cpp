@@ -69,7 +69,7 @@
 #ifndef NNBS_BUILD_KEY
 #define NNBS_BUILD_KEY "unkeyed"
 #endif
-#define NNBS_ABI_VERSION 3
+#define NNBS_ABI_VERSION 4
 // Built with -fvisibility=hidden (build.py), so only the entry points below leave the library: a
 // process loads one build per ISA (tests, benchmarks), and exported inline or template code, or a
 // function-local thread_local (a process-wide unique symbol), would be shared between them.
@@ -720,6 +720,22 @@ inline void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint
   }
 }
 
+// e^x for x <= 0 (scores less their row's max), -inf and anything below -87.3 giving 0: x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by its Taylor polynomial of degree TERMS - 1 (relative error below 2e-8
+// there with 8 terms, for fp32; below 3e-6 with 6, for probabilities rounded to bf16), 2^n put into
+// the exponent bits.
+template <int L, int TERMS = 8>
+inline vf<L> exp_nonpositive(vf<L> x) {
+  static const float taylor[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+  const vi<L> underflow = (vi<L>)(x < -87.3f);
+  const vf<L> clamped = underflow ? splat<L>(0.0f) : x;
+  const vi<L> n = __builtin_convertvector(clamped * 1.44269504088896341f - 0.5f, vi<L>);  // round(x log2 e)
+  const vf<L> nf = __builtin_convertvector(n, vf<L>);
+  const vf<L> r = fmadd<L>(nf, splat<L>(-1.42860677e-06f), fmadd<L>(nf, splat<L>(-0.693145752f), clamped));
+  const vf<L> scale = as_f<L>((vu<L>)((n + 127) << 23));
+  return as_f<L>(as_u<L>(polynomial<L, TERMS>(r, taylor) * scale) & ~(vu<L>)underflow);
+}
+
 // ------------------------------------------------------------------------------ bf16 on AMX tiles
 // With AMX (the amx_bf16 build), bf16 runs on tile registers: TDPBF16PS multiplies a 16 x 32 bf16
 // tile by a 32 x 16 one into a 16 x 16 fp32 tile. The stored blocks are the left operand exactly as
@@ -788,22 +804,25 @@ inline vf<16> row_pairs(const void* x, int64_t ldx, int64_t row, int64_t p0, int
 // xt[(chunk * k_pairs + p) * 16 + i] = the pair p of row 16 chunk + i of x (zeros past m), for
 // every row chunk padded to PACK_ROWS: the right operand of the tile products. Shared by the team.
 template <bool FP32>
+inline void pack_group(const void* x, int64_t ldx, int64_t m, int64_t k_pairs, uint32_t* xt, int64_t chunk,
+                       int64_t p0) {
+  const int pairs = k_pairs - p0 < PAIR_GROUP ? static_cast<int>(k_pairs - p0) : PAIR_GROUP;
+  vf<16> rows[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    const int64_t row = chunk * TILE_ROWS + i;
+    rows[i] = row < m ? row_pairs<FP32>(x, ldx, row, p0, pairs) : vf<16>{};
+  }
+  transpose_rows<16>(rows);
+  for (int p = 0; p < pairs; ++p) memcpy(xt + (chunk * k_pairs + p0 + p) * 16, &rows[p], sizeof rows[p]);
+}
+template <bool FP32>
 void pack_x(const void* x, int64_t ldx, int64_t m, int64_t k, uint32_t* xt) {
   const int64_t k_pairs = k / 2, groups = (k_pairs + PAIR_GROUP - 1) / PAIR_GROUP;
   const int64_t chunks = (m + PACK_ROWS - 1) / PACK_ROWS * (PACK_ROWS / TILE_ROWS);
 #pragma omp for schedule(static)
-  for (int64_t task = 0; task < chunks * groups; ++task) {
-    const int64_t chunk = task / groups, p0 = task % groups * PAIR_GROUP;
-    const int pairs = k_pairs - p0 < PAIR_GROUP ? static_cast<int>(k_pairs - p0) : PAIR_GROUP;
-    vf<16> rows[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      const int64_t row = chunk * TILE_ROWS + i;
-      rows[i] = row < m ? row_pairs<FP32>(x, ldx, row, p0, pairs) : vf<16>{};
-    }
-    transpose_rows<16>(rows);
-    for (int p = 0; p < pairs; ++p) memcpy(xt + (chunk * k_pairs + p0 + p) * 16, &rows[p], sizeof rows[p]);
-  }
+  for (int64_t task = 0; task < chunks * groups; ++task)
+    pack_group<FP32>(x, ldx, m, k_pairs, xt, task / groups, task % groups * PAIR_GROUP);
 }
 
 // NT accumulators side by side (features n .. n + 16 NT, rows row .. row + rows) into y: each
@@ -912,6 +931,202 @@ void run(const Problem<uint16_t>& p, const uint32_t* xt, int64_t k) {
   _tile_release();
 }
 
+// ------------------------------------------------------------------------------ attention on tiles (bf16)
+// The fp32 attention's task split and layout (qkv [B, S, 3 * H * D] in, [B, S, H * D] out), in bf16
+// with fp32 accumulation, for D a multiple of 32. Per task (batch, head, block of query rows, 32 at a
+// step): the head's keys packed as K^T (k, k+1) pairs, pack_x's layout (the right operand of
+// Q K^T); its values packed as (V[j], V[j + 1]) pairs along j, keys padded to 32 with zeros (the
+// right operand of P V); a step's 32 queries copied (zeros past S, so no tile reads past qkv).
+// Scores go to fp32 rows, the softmax runs in fp32 (exp_nonpositive), and the probabilities,
+// normalized, are rounded to bf16 as the left operand of P V. Each output is one thread's, summed
+// in a fixed order: bit-identical for any thread count.
+constexpr int QUERY_STEP = 2 * TILE_ROWS;
+
+// Every tile 16 rows of 64 bytes: 16 x 16 fp32 accumulators, 16 x 32 bf16 left operands, 16 pair
+// rows of 16 pairs on the right.
+inline TileConfig square_tile_config() {
+  TileConfig c = {};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.rows[t] = TILE_ROWS, c.colsb[t] = 64;
+  return c;
+}
+
+struct AttentionScratch {
+  uint32_t* kp;   // keys16 * D / 2 pairs
+  uint32_t* vp;   // keys32 / 2 * D pairs
+  uint16_t* q;    // QUERY_STEP x D
+  float* scores;  // QUERY_STEP x keys32 (each C tile stored here, then softmax in place)
+  uint16_t* p;    // QUERY_STEP x keys32
+  float* out;     // 2 tiles of 16 x 16
+  float* key_bias;  // keys32
+};
+
+inline size_t attention_scratch_floats(int64_t keys32, int64_t d) {
+  return static_cast<size_t>(keys32 * d / 2 + keys32 / 2 * d + QUERY_STEP * d / 2 + QUERY_STEP * keys32 +
+                             QUERY_STEP * keys32 / 2 + 2 * 256 + keys32) + 64;
+}
+
+inline AttentionScratch attention_scratch(float* base, int64_t keys32, int64_t d) {
+  AttentionScratch a;
+  a.kp = reinterpret_cast<uint32_t*>(base);
+  a.vp = a.kp + keys32 * d / 2;
+  a.q = reinterpret_cast<uint16_t*>(a.vp + keys32 / 2 * d);
+  a.scores = reinterpret_cast<float*>(a.q + QUERY_STEP * d);
+  a.p = reinterpret_cast<uint16_t*>(a.scores + QUERY_STEP * keys32);
+  a.out = reinterpret_cast<float*>(a.p + QUERY_STEP * keys32);
+  a.key_bias = a.out + 2 * 256;
+  return a;
+}
+
+// e^x for x <= 0 to about 3e-6 (for probabilities rounded to bf16): exp_nonpositive's reduction
+// x = n ln2 + r with fewer instructions, since the softmax is most of this kernel's vector work:
+// vscalefps applies 2^n (no exponent arithmetic), a degree-5 Taylor polynomial gives e^r, and x
+// below -87.3 (-inf included) gives 0.
+inline __m512 exp_for_probabilities(__m512 x) {
+  const __m512 floor = _mm512_set1_ps(-87.3f);
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, floor, _CMP_GE_OQ);
+  const __m512 clamped = _mm512_max_ps(x, floor);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145752f), clamped);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860677e-06f), r);
+  __m512 e = _mm512_set1_ps(1.0f / 120);
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 24));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 6));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(kept, e, n);
+}
+
+inline vf<16> widen_bf16x16(const uint16_t* p) {
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  u16x16 raw;
+  memcpy(&raw, p, sizeof raw);
+  return as_f<16>(__builtin_convertvector(raw, vu<16>) << 16);
+}
+
+void attention_task_bf16(const uint16_t* qkv, int64_t s_len, int64_t heads, int64_t d, const float* mask, float scale,
+                         uint16_t* out, int64_t b, int64_t h, int64_t first, int64_t rows, const AttentionScratch& a) {
+  const int64_t row_stride = 3 * heads * d, width = heads * d;
+  const int64_t keys16 = (s_len + 15) / 16 * 16, keys32 = (s_len + 31) / 32 * 32, d_pairs = d / 2;
+  const uint16_t* base = qkv + b * s_len * row_stride;
+  // K^T pairs, 16 keys per chunk (zeros past S).
+  for (int64_t chunk = 0; chunk < keys16 / 16; ++chunk)
+    for (int64_t p0 = 0; p0 < d_pairs; p0 += PAIR_GROUP)
+      pack_group<false>(base + width + h * d, row_stride, s_len, d_pairs, a.kp, chunk, p0);
+  // V pairs along keys: vp[p * D + e] = (V[2p][e], V[2p + 1][e]), zeros past S.
+  for (int64_t p = 0; p < keys32 / 2; ++p) {
+    const int64_t j = 2 * p;
+    const uint16_t* v0 = base + j * row_stride + 2 * width + h * d;
+    const uint16_t* v1 = v0 + row_stride;
+    for (int64_t e = 0; e < d; e += 16) {
+      typedef uint16_t u16x16 __attribute__((vector_size(32)));
+      u16x16 low = {}, high = {};
+      if (j < s_len) memcpy(&low, v0 + e, sizeof low);
+      if (j + 1 < s_len) memcpy(&high, v1 + e, sizeof high);
+      const vu<16> pairs = __builtin_convertvector(low, vu<16>) | (__builtin_convertvector(high, vu<16>) << 16);
+      memcpy(a.vp + p * d + e, &pairs, sizeof pairs);
+    }
+  }
+  for (int64_t j = 0; j < keys32; ++j) a.key_bias[j] = j < s_len ? (mask ? mask[b * s_len + j] : 0.0f) : -INFINITY;
+  for (int64_t i0 = first; i0 < first + rows; i0 += QUERY_STEP) {
+    const int64_t qr = first + rows - i0 < QUERY_STEP ? first + rows - i0 : QUERY_STEP;
+    for (int64_t r = 0; r < QUERY_STEP; ++r) {
+      if (r < qr) memcpy(a.q + r * d, base + (i0 + r) * row_stride + h * d, d * sizeof(uint16_t));
+      else memset(a.q + r * d, 0, d * sizeof(uint16_t));
+    }
+    // Scores: 2 query tiles x 16 keys per tile step, D in steps of 32. Up to D = 64 the query tiles
+    // (2 x 2) stay in tile registers 2, 3, 5, 6 for every key tile.
+    const bool resident = d <= 64;
+    if (resident) {
+      _tile_loadd(2, a.q, d * sizeof(uint16_t));
+      _tile_loadd(3, a.q + TILE_ROWS * d, d * sizeof(uint16_t));
+      if (d == 64) {
+        _tile_loadd(5, a.q + 32, d * sizeof(uint16_t));
+        _tile_loadd(6, a.q + TILE_ROWS * d + 32, d * sizeof(uint16_t));
+      }
+    }
+    for (int64_t kt = 0; kt < keys16 / 16; ++kt) {
+      _tile_zero(0);
+      _tile_zero(1);
+      if (resident) {
+        _tile_loadd(4, a.kp + kt * d_pairs * 16, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 3, 4);
+        if (d == 64) {
+          _tile_loadd(7, a.kp + (kt * d_pairs + 16) * 16, 64);
+          _tile_dpbf16ps(0, 5, 7);
+          _tile_dpbf16ps(1, 6, 7);
+        }
+      } else {
+        for (int64_t e = 0; e < d; e += 32) {
+          _tile_loadd(2, a.q + e, d * sizeof(uint16_t));
+          _tile_loadd(3, a.q + TILE_ROWS * d + e, d * sizeof(uint16_t));
+          _tile_loadd(4, a.kp + (kt * d_pairs + e / 2) * 16, 64);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(1, 3, 4);
+        }
+      }
+      _tile_stored(0, a.scores + kt * 16, keys32 * sizeof(float));
+      _tile_stored(1, a.scores + TILE_ROWS * keys32 + kt * 16, keys32 * sizeof(float));
+    }
+    // Softmax numerators rounded to bf16 as P (rows past the task's: zeros, their outputs are not
+    // written); the sums, of the fp32 numerators, divide the outputs.
+    float inverse_sum[QUERY_STEP];
+    for (int64_t r = 0; r < QUERY_STEP; ++r) {
+      float* row = a.scores + r * keys32;
+      uint16_t* p = a.p + r * keys32;
+      if (r >= qr) {
+        memset(p, 0, keys32 * sizeof(uint16_t));
+        continue;
+      }
+      vf<16> maxima = splat<16>(-INFINITY);
+      for (int64_t j = 0; j < keys32; j += 16) {
+        vf<16> v = load_f<16>(row + j) * scale + load_f<16>(a.key_bias + j);
+        if (j >= keys16) v = splat<16>(-INFINITY);  // never stored by a tile
+        memcpy(row + j, &v, sizeof v);
+        maxima = v > maxima ? v : maxima;
+      }
+      float maximum = _mm512_reduce_max_ps((__m512)maxima);
+      if (maximum == -INFINITY) maximum = 0.0f;  // every key masked out: 0 / 0 = NaN below, as SDPA
+      vf<16> sums = {};
+      for (int64_t j = 0; j < keys32; j += 32) {
+        const vf<16> low = (vf<16>)exp_for_probabilities((__m512)(load_f<16>(row + j) - maximum));
+        const vf<16> high = (vf<16>)exp_for_probabilities((__m512)(load_f<16>(row + j + 16) - maximum));
+        sums += low + high;
+        const __m512bh both = _mm512_cvtne2ps_pbh((__m512)high, (__m512)low);
+        memcpy(p + j, &both, sizeof both);
+      }
+      inverse_sum[r] = 1.0f / _mm512_reduce_add_ps((__m512)sums);
+    }
+    // Out = P V: per query tile, D in pairs of 16-wide tiles, keys in steps of 32.
+    for (int qt = 0; qt < 2; ++qt) {
+      const int64_t row0 = qt * TILE_ROWS;
+      if (row0 >= qr) break;
+      for (int64_t e = 0; e < d; e += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t j = 0; j < keys32; j += 32) {
+          _tile_loadd(4, a.p + row0 * keys32 + j, keys32 * sizeof(uint16_t));
+          _tile_loadd(5, a.vp + (j / 2) * d + e, d * sizeof(uint32_t));
+          _tile_loadd(6, a.vp + (j / 2) * d + e + 16, d * sizeof(uint32_t));
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        _tile_stored(0, a.out, 64);
+        _tile_stored(1, a.out + 256, 64);
+        for (int64_t r = 0; r < TILE_ROWS && row0 + r < qr; ++r) {
+          const float inverse = inverse_sum[row0 + r];
+          const __m512bh both = _mm512_cvtne2ps_pbh((__m512)(load_f<16>(a.out + 256 + 16 * r) * inverse),
+                                                    (__m512)(load_f<16>(a.out + 16 * r) * inverse));
+          memcpy(out + (b * s_len + i0 + row0 + r) * width + h * d + e, &both, sizeof both);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace amx
 #endif
 
@@ -925,21 +1140,6 @@ void run(const Problem<uint16_t>& p, const uint32_t* xt, int64_t k) {
 // (max, exp, sum; the exp is `exp_nonpositive`), and the weighted sum of V rows along d, scaled by
 // 1 / sum at the end. Each output is one thread's sum in a fixed order: bit-identical for any
 // thread count.
-
-// e^x for x <= 0 (scores less their row's max), -inf and anything below -87.3 giving 0: x = n ln2 + r
-// with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (relative error below 2e-8 there), 2^n
-// put into the exponent bits.
-template <int L>
-inline vf<L> exp_nonpositive(vf<L> x) {
-  static const float taylor[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
-  const vi<L> underflow = (vi<L>)(x < -87.3f);
-  const vf<L> clamped = underflow ? splat<L>(0.0f) : x;
-  const vi<L> n = __builtin_convertvector(clamped * 1.44269504088896341f - 0.5f, vi<L>);  // round(x log2 e)
-  const vf<L> nf = __builtin_convertvector(n, vf<L>);
-  const vf<L> r = fmadd<L>(nf, splat<L>(-1.42860677e-06f), fmadd<L>(nf, splat<L>(-0.693145752f), clamped));
-  const vf<L> scale = as_f<L>((vu<L>)((n + 127) << 23));
-  return as_f<L>(as_u<L>(polynomial<L, 8>(r, taylor) * scale) & ~(vu<L>)underflow);
-}
 
 constexpr int ATTENTION_ROWS = 4;  // query rows per step: they share each load of kt and of V
 // Vectors per query row in a step (of keys for the scores, of D for p V): ATTENTION_ROWS x this many
@@ -1047,6 +1247,7 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
     for (; d0 < d; d0 += 4) weighted_values<4, 1>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
   }
 }
+
 
 }  // namespace nnbs
 
@@ -1172,6 +1373,54 @@ extern "C" NNBS_EXPORT int nnbs_attention(int64_t batch, int64_t s_len, int64_t 
     }
   }
   return failed ? NNBS_NO_MEMORY : NNBS_OK;
+}
+
+// out [B, S, H * D] bf16 = self-attention of qkv [B, S, 3 * H * D] bf16 (contiguous) on AMX tiles,
+// `mask` null or an additive fp32 [B, S]; D a multiple of 32. NNBS_BAD_DTYPES from a build without
+// AMX or in a process without Linux's grant of the tile state.
+extern "C" NNBS_EXPORT int nnbs_attention_bf16(int64_t batch, int64_t s_len, int64_t heads, int64_t d,
+                                              const uint16_t* qkv, const float* mask, float scale, uint16_t* out,
+                                              int32_t threads) {
+  using namespace nnbs;
+#if NNBS_AMX
+  if (!amx::os_grants_tiles()) return NNBS_BAD_DTYPES;
+  if (batch <= 0 || s_len <= 0 || heads <= 0 || d <= 0) return NNBS_OK;
+  if (d % 32) return NNBS_BAD_BLOCK_SIZE;
+  const int t = threads > 0 ? threads : 1;
+  // Tasks as the fp32 attention's, in blocks of whole query steps.
+  const int64_t pairs = batch * heads;
+  const int64_t steps = (s_len + amx::QUERY_STEP - 1) / amx::QUERY_STEP;
+  int64_t blocks = (4 * t + pairs - 1) / pairs;
+  blocks = blocks < steps ? blocks : steps;
+  const int64_t per_block = (steps + blocks - 1) / blocks * amx::QUERY_STEP;
+  blocks = (s_len + per_block - 1) / per_block;
+  const int64_t keys32 = (s_len + 31) / 32 * 32;
+  const size_t bytes = amx::attention_scratch_floats(keys32, d) * sizeof(float);
+  int failed = 0;
+#pragma omp parallel num_threads(t)
+  {
+    float* base = static_cast<float*>(scratch(bytes));
+    if (!base) {
+#pragma omp atomic write
+      failed = 1;
+    }
+    const amx::AttentionScratch a = amx::attention_scratch(base, keys32, d);
+    const amx::TileConfig config = amx::square_tile_config();
+    _tile_loadconfig(&config);
+#pragma omp for schedule(static, 1)
+    for (int64_t task = 0; task < pairs * blocks; ++task) {
+      if (!base) continue;
+      const int64_t pair = task / blocks, first = (task % blocks) * per_block;
+      const int64_t rows = s_len - first < per_block ? s_len - first : per_block;
+      amx::attention_task_bf16(qkv, s_len, heads, d, mask, scale, out, pair / heads, pair % heads, first, rows, a);
+    }
+    _tile_release();
+  }
+  return failed ? NNBS_NO_MEMORY : NNBS_OK;
+#else
+  (void)batch, (void)s_len, (void)heads, (void)d, (void)qkv, (void)mask, (void)scale, (void)out, (void)threads;
+  return NNBS_BAD_DTYPES;
+#endif
 }
 
 // GELU of n fp32 values with the epilogue's own code (tests check it against float64).

@@ -36,7 +36,7 @@ from .isa import ARCHITECTURE, FORCED, ISAS, choose_isa, machine, runnable_isas
 
 SOURCE = Path(__file__).with_name("block_sparse_linear.cpp")
 HARNESS_SOURCE = Path(__file__).with_name("kernel_harness.cpp")
-ABI_VERSION = 3  # the .cpp's NNBS_ABI_VERSION
+ABI_VERSION = 4  # the .cpp's NNBS_ABI_VERSION
 # -fopenmp: the parallel loop runs on torch's own libgomp (see the .cpp header). -ffp-contract=off:
 # every fused multiply-add is an explicit one, the same on every compiler. -fvisibility=hidden: each
 # ISA's build keeps its code and scratch buffers to itself when several are loaded (the .cpp exports
@@ -196,13 +196,14 @@ _ATTENTION_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _POINTER, ctypes.c_flo
 @dataclass(frozen=True)
 class NativeLibrary:
     """A loaded, checked build of the kernel: `linear` is `nnbs_block_sparse_linear`, `attention`
-    `nnbs_attention` (see the .cpp)."""
+    `nnbs_attention`, `attention_bf16` `nnbs_attention_bf16` (see the .cpp)."""
 
     isa: str
     path: Path
     linear: object  # ctypes function; the call releases the GIL
     gelu: object
     attention: object  # nnbs_attention
+    attention_bf16: object  # nnbs_attention_bf16 (runs in the amx_bf16 build only)
 
 
 def load_library(isa: str) -> NativeLibrary:
@@ -224,7 +225,9 @@ def load_library(isa: str) -> NativeLibrary:
     gelu.restype, gelu.argtypes = None, [_POINTER, _POINTER, _I64]
     attention = handle.nnbs_attention
     attention.restype, attention.argtypes = ctypes.c_int, _ATTENTION_ARGUMENTS
-    return NativeLibrary(isa, path, linear, gelu, attention)
+    attention_bf16 = handle.nnbs_attention_bf16
+    attention_bf16.restype, attention_bf16.argtypes = ctypes.c_int, _ATTENTION_ARGUMENTS
+    return NativeLibrary(isa, path, linear, gelu, attention, attention_bf16)
 
 
 def _text(function) -> str:
