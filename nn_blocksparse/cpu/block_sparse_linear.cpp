@@ -1141,7 +1141,20 @@ void attention_task_bf16(const uint16_t* qkv, int64_t s_len, int64_t heads, int6
 // 1 / sum at the end. Each output is one thread's sum in a fixed order: bit-identical for any
 // thread count.
 
-constexpr int ATTENTION_ROWS = 4;  // query rows per step: they share each load of kt and of V
+// The largest lane, halving the vector at each step.
+template <int L>
+inline float lane_max(vf<L> v) {
+  if constexpr (L == 4) {
+    const float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
+    return a > b ? a : b;
+  } else {
+    constexpr auto half = std::make_index_sequence<L / 2>();
+    const vf<L / 2> low = low_half<L>(v, half), high = high_half<L>(v, half);
+    return lane_max<L / 2>(low > high ? low : high);
+  }
+}
+
+constexpr int ATTENTION_ROWS = 6;  // query rows per step: they share each load of kt and of V
 // Vectors per query row in a step (of keys for the scores, of D for p V): ATTENTION_ROWS x this many
 // accumulators, which must stay in registers: 16 of AVX-512's and NEON's 32, 8 of AVX2's 16.
 constexpr int ATTENTION_VECTORS = NNBS_VECTOR_LANES == 8 ? 2 : 4;
@@ -1158,7 +1171,7 @@ inline void weighted_values(const float* scores, int64_t padded, int64_t s_len, 
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       const vf<L> value = load_f<L>(row + v * L);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < ATTENTION_ROWS; ++r) acc[r][v] = fmadd<L>(splat<L>(scores[r * padded + j]), value, acc[r][v]);
     }
   }
@@ -1175,10 +1188,21 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
   const int64_t row_stride = 3 * heads * d, width = heads * d;
   const int64_t padded = (s_len + L - 1) / L * L;
   const float* base = qkv + b * s_len * row_stride;
-  // Keys transposed: kt[dd * padded + j] = k[j][dd], zeros past S.
-  for (int64_t j = 0; j < padded; ++j) {
-    const float* key = base + j * row_stride + width + h * d;
-    for (int64_t dd = 0; dd < d; ++dd) kt[dd * padded + j] = j < s_len ? key[dd] : 0.0f;
+  // Keys transposed: kt[dd * padded + j] = k[j][dd], zeros past S; L x L squares in registers (a
+  // store a value, to a line each, would cost as much as a small head's products), D's tail by value.
+  const float* keys = base + width + h * d;
+  for (int64_t j0 = 0; j0 < padded; j0 += L) {
+    int64_t dd = 0;
+    for (; dd + L <= d; dd += L) {
+      vf<L> square[L];
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) square[i] = j0 + i < s_len ? load_f<L>(keys + (j0 + i) * row_stride + dd) : vf<L>{};
+      transpose_rows<L>(square);
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) memcpy(kt + (dd + i) * padded + j0, &square[i], sizeof square[i]);
+    }
+    for (; dd < d; ++dd)
+      for (int64_t j = j0; j < j0 + L; ++j) kt[dd * padded + j] = j < s_len ? keys[j * row_stride + dd] : 0.0f;
   }
   // What every score of a key gets added: the mask, or -inf past S (those keys weigh 0).
   float* key_bias = scores + ATTENTION_ROWS * padded;
@@ -1187,8 +1211,10 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
     const int qr = first + rows - i0 < ATTENTION_ROWS ? static_cast<int>(first + rows - i0) : ATTENTION_ROWS;
     const float* query[ATTENTION_ROWS];
     for (int r = 0; r < ATTENTION_ROWS; ++r) query[r] = base + (i0 + (r < qr ? r : 0)) * row_stride + h * d;
-    // Scores, ATTENTION_VECTORS vectors of keys at a time.
+    // Scores, ATTENTION_VECTORS vectors of keys at a time, and each row's running maximum.
     constexpr int AV = ATTENTION_VECTORS;
+    vf<L> maxima[ATTENTION_ROWS];
+    for (int r = 0; r < ATTENTION_ROWS; ++r) maxima[r] = splat<L>(-INFINITY);
     for (int64_t j0 = 0; j0 < padded; j0 += AV * L) {
       const int vectors = padded - j0 >= AV * L ? AV : static_cast<int>((padded - j0) / L);
       vf<L> acc[ATTENTION_ROWS][AV] = {};
@@ -1196,7 +1222,7 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
         const float* row = kt + dd * padded + j0;
         vf<L> kv[AV];
         for (int v = 0; v < AV; ++v) kv[v] = v < vectors ? load_f<L>(row + v * L) : vf<L>{};
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < ATTENTION_ROWS; ++r) {
           const vf<L> qv = splat<L>(query[r][dd]);
 #pragma GCC unroll 4
@@ -1207,29 +1233,29 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
         for (int v = 0; v < vectors; ++v) {
           const vf<L> value = fmadd<L>(acc[r][v], splat<L>(scale), load_f<L>(key_bias + j0 + v * L));
           memcpy(scores + r * padded + j0 + v * L, &value, sizeof value);
+          maxima[r] = value > maxima[r] ? value : maxima[r];
         }
     }
-    // Softmax numerators and their sums.
-    float inverse_sum[ATTENTION_ROWS];
-    for (int r = 0; r < qr; ++r) {
-      float* row = scores + r * padded;
-      vf<L> maxima = splat<L>(-INFINITY);
-      for (int64_t j = 0; j < padded; j += L) {
-        const vf<L> v = load_f<L>(row + j);
-        maxima = v > maxima ? v : maxima;
+    // Softmax numerators and their sums, every row of the step at once: one row's reductions
+    // alone are chains of dependent steps. (Rows past qr repeat the first row's query: finite,
+    // unused.)
+    float maximum[ATTENTION_ROWS], inverse_sum[ATTENTION_ROWS];
+    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+      maximum[r] = lane_max<L>(maxima[r]);
+      if (maximum[r] == -INFINITY) maximum[r] = 0.0f;  // every key masked out: zeros below, then 0 / 0 = NaN, as SDPA
+    }
+    vf<L> sums[ATTENTION_ROWS] = {};
+    for (int64_t j = 0; j < padded; j += L)
+#pragma GCC unroll 8
+      for (int r = 0; r < ATTENTION_ROWS; ++r) {
+        float* at = scores + r * padded + j;
+        const vf<L> e = exp_nonpositive<L>(load_f<L>(at) - maximum[r]);
+        memcpy(at, &e, sizeof e);
+        sums[r] += e;
       }
-      float maximum = -INFINITY;
-      for (int l = 0; l < L; ++l) maximum = maxima[l] > maximum ? maxima[l] : maximum;
-      if (maximum == -INFINITY) maximum = 0.0f;  // every key masked out: zeros below, then 0 / 0 = NaN, as SDPA
-      vf<L> sums = {};
-      for (int64_t j = 0; j < padded; j += L) {
-        const vf<L> e = exp_nonpositive<L>(load_f<L>(row + j) - maximum);
-        memcpy(row + j, &e, sizeof e);
-        sums += e;
-      }
-      float sum = 0.0f;
-      for (int l = 0; l < L; ++l) sum += sums[l];
-      inverse_sum[r] = 1.0f / sum;
+    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+      const vf<4> four = fold_to_4<L>(sums[r]);
+      inverse_sum[r] = 1.0f / ((four[0] + four[1]) + (four[2] + four[3]));
     }
     // out = p V / sum: V rows along d, AV vectors of L at a time (a count the compiler knows, so the
     // accumulators stay in registers), then fewer, then what is left of D by 4 floats.
