@@ -5,9 +5,11 @@ Knows nothing of BERT: it is given a QKV projection (any module mapping `[..., h
 heads), a head count and a head size. The head count is per instance, so a pruned model can
 keep a different number of heads in every layer. The projection is one matmul (one kernel
 launch, x read once) instead of three; attention itself runs in
-`torch.nn.functional.scaled_dot_product_attention`, or on CPU in fp32 inference in the native
-kernel's attention (`cpu.attention.self_attention_cpu`, through `ops.call_attention_cpu`), which
-reads the projection's output as it lies and writes the heads merged.
+`torch.nn.functional.scaled_dot_product_attention`, or on CPU in inference in the native kernel's
+attention (`cpu.attention.self_attention_cpu`, through `ops.call_attention_cpu`; fp32, and bf16 on
+AMX), which reads the projection's output as it lies and writes the heads merged. A projection
+with bf16 weights on fp32 activations rounds its inputs to bf16; the attention's two products then
+do the same where the native kernel runs them on AMX tiles (the softmax stays fp32).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class FusedSelfAttention(nn.Module):
         projected = self.qkv(hidden_states)
         dropout = self.dropout if self.training else 0.0
         if not return_probabilities and runs_native_attention(projected, self.head_dim, attention_mask, dropout):
-            return ops.call_attention_cpu(projected, self.num_heads, self.head_dim, attention_mask)
+            return ops.call_attention_cpu(projected, self.num_heads, self.head_dim, attention_mask,
+                                          projected.dtype == torch.float32 and self._bf16_weights())
         qkv = projected.view(batch, seq, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, head_dim]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -58,6 +61,12 @@ class FusedSelfAttention(nn.Module):
             return context.transpose(1, 2).reshape(batch, seq, self.inner_size), probabilities
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         return context.transpose(1, 2).reshape(batch, seq, self.inner_size)
+
+    def _bf16_weights(self) -> bool:
+        """Whether the projection keeps bf16 weights (for fp32 activations): its products round their
+        inputs to bf16, and so do the attention's where the native kernel runs them on AMX tiles."""
+        weight = next(self.qkv.parameters(), None)
+        return weight is not None and weight.dtype == torch.bfloat16
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"

@@ -7,7 +7,8 @@ reading any data, so the modules that call them trace without a graph break and 
 - `nn_blocksparse::linear_cpu(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices,
   Tensor? bias, str? activation) -> Tensor`: the CPU path (`block_sparse_linear_cpu`), opaque to
   the compiler.
-- `nn_blocksparse::attention_cpu(Tensor qkv, int num_heads, int head_dim, Tensor? attention_mask) -> Tensor`:
+- `nn_blocksparse::attention_cpu(Tensor qkv, int num_heads, int head_dim, Tensor? attention_mask,
+  bool bf16_products=False) -> Tensor`:
   the native CPU self-attention (`cpu.attention.self_attention_cpu`) of a fused `[B, S, 3 * H * D]`
   projection, `[B, S, H * D]` out; called only where `runs_native_attention` holds (never in a trace).
 - `nn_blocksparse::linear_triton(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices,
@@ -130,12 +131,13 @@ def _linear_cpu_fake(x, values, row_offsets, col_indices, bias, activation):
 
 # ---------------------------------------------------------------------------------- attention_cpu
 @torch.library.custom_op(f"{NAMESPACE}::attention_cpu", mutates_args=(), device_types="cpu")
-def attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    return self_attention_cpu(qkv, num_heads, head_dim, attention_mask)
+def attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int, attention_mask: torch.Tensor | None,
+                  bf16_products: bool = False) -> torch.Tensor:
+    return self_attention_cpu(qkv, num_heads, head_dim, attention_mask, bf16_products=bf16_products)
 
 
 @attention_cpu.register_fake
-def _attention_cpu_fake(qkv, num_heads, head_dim, attention_mask):
+def _attention_cpu_fake(qkv, num_heads, head_dim, attention_mask, bf16_products=False):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], num_heads * head_dim)
 
 
@@ -171,11 +173,12 @@ def call_linear_cpu(x, values, row_offsets, col_indices, bias, activation) -> to
     return linear_cpu(x, values, row_offsets, col_indices, bias, activation)
 
 
-def call_attention_cpu(qkv, num_heads: int, head_dim: int, attention_mask) -> torch.Tensor:
+def call_attention_cpu(qkv, num_heads: int, head_dim: int, attention_mask, bf16_products: bool = False) -> torch.Tensor:
     """`attention_cpu`, called directly in plain eager mode (above)."""
     if plain_eager(qkv, attention_mask):
-        return direct("attention_cpu", self_attention_cpu, qkv, num_heads, head_dim, attention_mask)
-    return attention_cpu(qkv, num_heads, head_dim, attention_mask)
+        return direct("attention_cpu", self_attention_cpu, qkv, num_heads, head_dim, attention_mask, None,
+                      bf16_products)
+    return attention_cpu(qkv, num_heads, head_dim, attention_mask, bf16_products)
 
 
 # ---------------------------------------------------------------------------------- linear_triton

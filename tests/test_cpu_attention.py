@@ -6,6 +6,7 @@ import torch
 
 import nn_blocksparse.attention as attention_module
 from nn_blocksparse.attention import FusedSelfAttention
+from nn_blocksparse.dense_linear import DenseLinear
 from nn_blocksparse.cpu.attention import runs_native_attention, self_attention_cpu
 from nn_blocksparse.cpu.build import library_for, native_isa
 from nn_blocksparse.cpu.isa import runnable_isas
@@ -176,3 +177,45 @@ def test_fused_attention_in_bf16_takes_the_tiles_where_they_run():
     assert ours.dtype == torch.bfloat16
     error, explicit_error = ((out.double() - expected).abs().max().item() for out in (ours, context))
     assert error <= 1.25 * explicit_error + 2e-3 and error < 0.05, (error, explicit_error)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_products_round_only_the_products_inputs_where_tiles_run(isa):
+    # fp32 qkv with bf16_products: on AMX, q, k, v (and the probabilities) rounded to bf16 for the
+    # products, fp32 out: against float64 of the rounded q, k, v it is off by the probabilities'
+    # rounding alone, well inside bf16 SDPA's error. Elsewhere it is the fp32 kernel, bit for bit.
+    generator = torch.Generator().manual_seed(5)
+    qkv = 2 * torch.randn(2, 70, 3 * 3 * 64, generator=generator)
+    padding = torch.zeros(2, 1, 1, 70)
+    padding[0, ..., 40:] = torch.finfo(torch.float32).min
+    library = library_for(isa)
+    for mask in (None, padding):
+        out = self_attention_cpu(qkv, 3, 64, mask, library=library, bf16_products=True)
+        assert out.dtype == torch.float32
+        if isa != "amx_bf16":
+            assert torch.equal(out, self_attention_cpu(qkv, 3, 64, mask, library=library))
+            continue
+        rounded = qkv.bfloat16()
+        expected = reference(rounded.float(), 3, 64, mask)
+        error = (out.double() - expected).abs().max().item()
+        sdpa_error = (sdpa_bf16(rounded, 3, 64, mask).double() - expected).abs().max().item()
+        assert 0 < error < sdpa_error, (error, sdpa_error)
+
+
+def test_fused_attention_with_bf16_weights_asks_for_bf16_products():
+    torch.manual_seed(0)
+    attention = FusedSelfAttention(torch.nn.Linear(64, 3 * 2 * 32), num_heads=2, head_dim=32).eval()
+    hidden = torch.randn(2, 20, 64)
+    seen = []
+    original = attention_module.ops.call_attention_cpu
+    try:
+        attention_module.ops.call_attention_cpu = lambda *args: seen.append(args[-1]) or original(*args)
+        with torch.inference_mode():
+            attention(hidden)
+            # bf16 weights on fp32 activations, as patch_bert(..., weight_dtype=torch.bfloat16) keeps them.
+            attention.qkv = DenseLinear.from_tensors(attention.qkv.weight.bfloat16(), attention.qkv.bias.bfloat16())
+            attention(hidden)
+    finally:
+        attention_module.ops.call_attention_cpu = original
+    assert seen == ([False, True] if ISAS else [])

@@ -6,8 +6,11 @@ neither the heads' split nor their merge is copied. At BERT's sequence lengths i
 SDPA's CPU kernel, whose small GEMMs go through MKL's AVX2 path on AMD CPUs (docs/cpu.md).
 
 bf16 runs on AMX tiles where the kernel in use is the amx_bf16 build (`nnbs_attention_bf16`:
-scores and softmax in fp32, the normalized probabilities rounded to bf16 for P V, as SDPA's bf16
-path rounds them), for D a multiple of 32; elsewhere bf16 stays on SDPA.
+scores and softmax in fp32, the probabilities rounded to bf16 for P V, as SDPA's bf16 path rounds
+them), for D a multiple of 32; elsewhere bf16 stays on SDPA. `bf16_products=True` asks the same of
+fp32 qkv (a model with bf16 weights and fp32 activations, whose linears round their inputs to bf16
+too): q, k, v and the probabilities rounded to bf16 for the two products only, the softmax, sums
+and output fp32; where the tiles do not run it, the fp32 kernel (exact) runs instead.
 
 `runs_native_attention(...)` says whether a call can take this path: fp32 (or, on AMX, bf16) CPU
 tensors, `qkv` contiguous, D a multiple of 4 (32 in bf16), no dropout, no tracing, a native kernel
@@ -24,6 +27,7 @@ import math
 import torch
 
 from .build import native_library
+from .launcher import _DTYPE_CODES
 from .launcher import PLAIN_TENSORS as _PLAIN
 
 _MESSAGES = {1: "unsupported head size", 2: "no bf16 attention in this build (or no AMX tile state granted)",
@@ -65,11 +69,19 @@ def runs_native_attention(qkv: torch.Tensor, head_dim: int, attention_mask, drop
     return library is not None and _refusal(qkv, head_dim, attention_mask, library) is None
 
 
+def _on_tiles(qkv, head_dim, bf16_products: bool, library) -> bool:
+    """Whether the call runs `nnbs_attention_bf16` (bf16 qkv, or fp32 with `bf16_products`, on AMX)."""
+    return qkv.dtype == torch.bfloat16 or (bf16_products and _runs_bf16(library) and head_dim % 32 == 0)
+
+
 def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
-                       attention_mask: torch.Tensor | None = None, library=None) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None, library=None,
+                       bf16_products: bool = False) -> torch.Tensor:
     """`[B, S, H * D]` attention of `qkv [B, S, 3 * H * D]`; call where `runs_native_attention` holds.
 
     `library`: a `build.NativeLibrary` (default: this process's), for tests of every ISA.
+    `bf16_products`: fp32 qkv with the products' inputs rounded to bf16 where the tiles run (module
+    docstring).
     """
     library = library or native_library()
     if library is None:
@@ -87,9 +99,13 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
     out = torch.empty(batch, seq, num_heads * head_dim, dtype=qkv.dtype)
     if out.numel() == 0:
         return out
-    kernel = library.attention_bf16 if qkv.dtype == torch.bfloat16 else library.attention
-    code = kernel(batch, seq, num_heads, head_dim, qkv.data_ptr(), None if mask is None else mask.data_ptr(),
-                  1.0 / math.sqrt(head_dim), out.data_ptr(), torch.get_num_threads())
+    mask_pointer, scale, threads = None if mask is None else mask.data_ptr(), 1.0 / math.sqrt(head_dim), torch.get_num_threads()
+    if _on_tiles(qkv, head_dim, bf16_products, library):
+        code = library.attention_bf16(batch, seq, num_heads, head_dim, qkv.data_ptr(), _DTYPE_CODES[qkv.dtype],
+                                      mask_pointer, scale, out.data_ptr(), threads)
+    else:
+        code = library.attention(batch, seq, num_heads, head_dim, qkv.data_ptr(), mask_pointer, scale, out.data_ptr(),
+                                 threads)
     if code:
         raise RuntimeError(f"native attention: {_MESSAGES.get(code, f'error {code}')}")
     return out

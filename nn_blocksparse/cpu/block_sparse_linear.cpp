@@ -999,32 +999,41 @@ inline __m512 exp_for_probabilities(__m512 x) {
   return _mm512_maskz_scalef_ps(kept, e, n);
 }
 
-inline vf<16> widen_bf16x16(const uint16_t* p) {
-  typedef uint16_t u16x16 __attribute__((vector_size(32)));
-  u16x16 raw;
-  memcpy(&raw, p, sizeof raw);
-  return as_f<16>(__builtin_convertvector(raw, vu<16>) << 16);
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+// 16 values of a qkv row as bf16: read as they are, or fp32 rounded to nearest even.
+template <bool FP32>
+inline u16x16 bf16x16(const void* row, int64_t at) {
+  u16x16 out;
+  if constexpr (FP32) {
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(static_cast<const float*>(row) + at));
+    memcpy(&out, &rounded, sizeof out);
+  } else {
+    memcpy(&out, static_cast<const uint16_t*>(row) + at, sizeof out);
+  }
+  return out;
 }
 
-void attention_task_bf16(const uint16_t* qkv, int64_t s_len, int64_t heads, int64_t d, const float* mask, float scale,
-                         uint16_t* out, int64_t b, int64_t h, int64_t first, int64_t rows, const AttentionScratch& a) {
+// FP32: qkv and out fp32, q, k, v and the probabilities rounded to bf16 for the two products only
+// (bf16 weights with fp32 activations); else qkv and out bf16.
+template <bool FP32>
+void attention_task_bf16(const void* qkv, int64_t s_len, int64_t heads, int64_t d, const float* mask, float scale,
+                         void* out, int64_t b, int64_t h, int64_t first, int64_t rows, const AttentionScratch& a) {
   const int64_t row_stride = 3 * heads * d, width = heads * d;
   const int64_t keys16 = (s_len + 15) / 16 * 16, keys32 = (s_len + 31) / 32 * 32, d_pairs = d / 2;
-  const uint16_t* base = qkv + b * s_len * row_stride;
+  const size_t value_bytes = FP32 ? sizeof(float) : sizeof(uint16_t);
+  const char* base = static_cast<const char*>(qkv) + b * s_len * row_stride * value_bytes;
+  const auto at = [&](int64_t j, int64_t column) { return base + (j * row_stride + column) * value_bytes; };
   // K^T pairs, 16 keys per chunk (zeros past S).
   for (int64_t chunk = 0; chunk < keys16 / 16; ++chunk)
     for (int64_t p0 = 0; p0 < d_pairs; p0 += PAIR_GROUP)
-      pack_group<false>(base + width + h * d, row_stride, s_len, d_pairs, a.kp, chunk, p0);
+      pack_group<FP32>(at(0, width + h * d), row_stride, s_len, d_pairs, a.kp, chunk, p0);
   // V pairs along keys: vp[p * D + e] = (V[2p][e], V[2p + 1][e]), zeros past S.
   for (int64_t p = 0; p < keys32 / 2; ++p) {
     const int64_t j = 2 * p;
-    const uint16_t* v0 = base + j * row_stride + 2 * width + h * d;
-    const uint16_t* v1 = v0 + row_stride;
     for (int64_t e = 0; e < d; e += 16) {
-      typedef uint16_t u16x16 __attribute__((vector_size(32)));
-      u16x16 low = {}, high = {};
-      if (j < s_len) memcpy(&low, v0 + e, sizeof low);
-      if (j + 1 < s_len) memcpy(&high, v1 + e, sizeof high);
+      const u16x16 low = j < s_len ? bf16x16<FP32>(at(j, 2 * width + h * d), e) : u16x16{};
+      const u16x16 high = j + 1 < s_len ? bf16x16<FP32>(at(j + 1, 2 * width + h * d), e) : u16x16{};
       const vu<16> pairs = __builtin_convertvector(low, vu<16>) | (__builtin_convertvector(high, vu<16>) << 16);
       memcpy(a.vp + p * d + e, &pairs, sizeof pairs);
     }
@@ -1032,10 +1041,11 @@ void attention_task_bf16(const uint16_t* qkv, int64_t s_len, int64_t heads, int6
   for (int64_t j = 0; j < keys32; ++j) a.key_bias[j] = j < s_len ? (mask ? mask[b * s_len + j] : 0.0f) : -INFINITY;
   for (int64_t i0 = first; i0 < first + rows; i0 += QUERY_STEP) {
     const int64_t qr = first + rows - i0 < QUERY_STEP ? first + rows - i0 : QUERY_STEP;
-    for (int64_t r = 0; r < QUERY_STEP; ++r) {
-      if (r < qr) memcpy(a.q + r * d, base + (i0 + r) * row_stride + h * d, d * sizeof(uint16_t));
-      else memset(a.q + r * d, 0, d * sizeof(uint16_t));
-    }
+    for (int64_t r = 0; r < QUERY_STEP; ++r)
+      for (int64_t e = 0; e < d; e += 16) {
+        const u16x16 values = r < qr ? bf16x16<FP32>(at(i0 + r, h * d), e) : u16x16{};
+        memcpy(a.q + r * d + e, &values, sizeof values);
+      }
     // Scores: 2 query tiles x 16 keys per tile step, D in steps of 32. Up to D = 64 the query tiles
     // (2 x 2) stay in tile registers 2, 3, 5, 6 for every key tile.
     const bool resident = d <= 64;
@@ -1118,9 +1128,15 @@ void attention_task_bf16(const uint16_t* qkv, int64_t s_len, int64_t heads, int6
         _tile_stored(1, a.out + 256, 64);
         for (int64_t r = 0; r < TILE_ROWS && row0 + r < qr; ++r) {
           const float inverse = inverse_sum[row0 + r];
-          const __m512bh both = _mm512_cvtne2ps_pbh((__m512)(load_f<16>(a.out + 256 + 16 * r) * inverse),
-                                                    (__m512)(load_f<16>(a.out + 16 * r) * inverse));
-          memcpy(out + (b * s_len + i0 + row0 + r) * width + h * d + e, &both, sizeof both);
+          const vf<16> low = load_f<16>(a.out + 16 * r) * inverse, high = load_f<16>(a.out + 256 + 16 * r) * inverse;
+          const int64_t element = (b * s_len + i0 + row0 + r) * width + h * d + e;
+          if constexpr (FP32) {
+            memcpy(static_cast<float*>(out) + element, &low, sizeof low);
+            memcpy(static_cast<float*>(out) + element + 16, &high, sizeof high);
+          } else {
+            const __m512bh both = _mm512_cvtne2ps_pbh((__m512)high, (__m512)low);
+            memcpy(static_cast<uint16_t*>(out) + element, &both, sizeof both);
+          }
         }
       }
     }
@@ -1401,15 +1417,16 @@ extern "C" NNBS_EXPORT int nnbs_attention(int64_t batch, int64_t s_len, int64_t 
   return failed ? NNBS_NO_MEMORY : NNBS_OK;
 }
 
-// out [B, S, H * D] bf16 = self-attention of qkv [B, S, 3 * H * D] bf16 (contiguous) on AMX tiles,
-// `mask` null or an additive fp32 [B, S]; D a multiple of 32. NNBS_BAD_DTYPES from a build without
-// AMX or in a process without Linux's grant of the tile state.
+// out [B, S, H * D] = self-attention of qkv [B, S, 3 * H * D] (contiguous) on AMX tiles, both bf16
+// (`io_dtype` NNBS_BF16) or both fp32 (NNBS_F32: q, k, v and the probabilities rounded to bf16 for
+// the products), `mask` null or an additive fp32 [B, S]; D a multiple of 32. NNBS_BAD_DTYPES from a
+// build without AMX or in a process without Linux's grant of the tile state.
 extern "C" NNBS_EXPORT int nnbs_attention_bf16(int64_t batch, int64_t s_len, int64_t heads, int64_t d,
-                                              const uint16_t* qkv, const float* mask, float scale, uint16_t* out,
-                                              int32_t threads) {
+                                              const void* qkv, int32_t io_dtype, const float* mask, float scale,
+                                              void* out, int32_t threads) {
   using namespace nnbs;
 #if NNBS_AMX
-  if (!amx::os_grants_tiles()) return NNBS_BAD_DTYPES;
+  if (!amx::os_grants_tiles() || (io_dtype != NNBS_F32 && io_dtype != NNBS_BF16)) return NNBS_BAD_DTYPES;
   if (batch <= 0 || s_len <= 0 || heads <= 0 || d <= 0) return NNBS_OK;
   if (d % 32) return NNBS_BAD_BLOCK_SIZE;
   const int t = threads > 0 ? threads : 1;
@@ -1438,13 +1455,18 @@ extern "C" NNBS_EXPORT int nnbs_attention_bf16(int64_t batch, int64_t s_len, int
       if (!base) continue;
       const int64_t pair = task / blocks, first = (task % blocks) * per_block;
       const int64_t rows = s_len - first < per_block ? s_len - first : per_block;
-      amx::attention_task_bf16(qkv, s_len, heads, d, mask, scale, out, pair / heads, pair % heads, first, rows, a);
+      if (io_dtype == NNBS_F32)
+        amx::attention_task_bf16<true>(qkv, s_len, heads, d, mask, scale, out, pair / heads, pair % heads, first, rows, a);
+      else
+        amx::attention_task_bf16<false>(qkv, s_len, heads, d, mask, scale, out, pair / heads, pair % heads, first, rows,
+                                        a);
     }
     _tile_release();
   }
   return failed ? NNBS_NO_MEMORY : NNBS_OK;
 #else
-  (void)batch, (void)s_len, (void)heads, (void)d, (void)qkv, (void)mask, (void)scale, (void)out, (void)threads;
+  (void)batch, (void)s_len, (void)heads, (void)d, (void)qkv, (void)io_dtype, (void)mask, (void)scale, (void)out,
+      (void)threads;
   return NNBS_BAD_DTYPES;
 #endif
 }

@@ -191,6 +191,7 @@ _POINTER, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 _LINEAR_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I64, _I32, _POINTER, _I32, _POINTER, _POINTER, _POINTER, _I32,
                      _I32, _POINTER, _I64, _I32, _I32]
 _ATTENTION_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _POINTER, ctypes.c_float, _POINTER, _I32]
+_ATTENTION_BF16_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I32, _POINTER, ctypes.c_float, _POINTER, _I32]
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ def load_library(isa: str) -> NativeLibrary:
     attention = handle.nnbs_attention
     attention.restype, attention.argtypes = ctypes.c_int, _ATTENTION_ARGUMENTS
     attention_bf16 = handle.nnbs_attention_bf16
-    attention_bf16.restype, attention_bf16.argtypes = ctypes.c_int, _ATTENTION_ARGUMENTS
+    attention_bf16.restype, attention_bf16.argtypes = ctypes.c_int, _ATTENTION_BF16_ARGUMENTS
     return NativeLibrary(isa, path, linear, gelu, attention, attention_bf16)
 
 
