@@ -73,7 +73,7 @@ def test_what_takes_the_native_attention_and_what_stays_on_sdpa():
     with pytest.raises(ValueError, match="3 x 2 heads x 4 expected"):
         self_attention_cpu(torch.randn(2, 9, 48), 2, 4)
     # What would take the kernel out of bounds is refused before the call, naming it.
-    bf16_refusal = "multiple of 32 in torch.bfloat16" if TILES else "contiguous fp32"
+    bf16_refusal = "multiple of 32 in torch.bfloat16" if native_isa() == "amx_bf16" else "contiguous fp32"
     for bad, message in ((torch.randn(2, 9, 48).bfloat16(), bf16_refusal),
                          (torch.randn(9, 2, 48).transpose(0, 1), "contiguous fp32"), (torch.randn(9, 48), "contiguous fp32")):
         with pytest.raises(ValueError, match=message):
@@ -219,3 +219,23 @@ def test_fused_attention_with_bf16_weights_asks_for_bf16_products():
     finally:
         attention_module.ops.call_attention_cpu = original
     assert seen == ([False, True] if ISAS else [])
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_and_fully_masked_rows_come_out_as_sdpa_gives_them(isa):
+    # A NaN in a key reaches every output of its head (SDPA's answer); a row whose every key is
+    # masked out with -inf gives zeros (SDPA's answer on the torch these tests run), on every path.
+    library = library_for(isa)
+    qkv = torch.randn(2, 20, 3 * 2 * 32, generator=torch.Generator().manual_seed(3))
+    qkv[0, 3, 2 * 32] = float("nan")  # batch 0, key 3, head 0
+    mask = torch.zeros(2, 1, 1, 20)
+    mask[1] = float("-inf")
+    runs = [(qkv, False)] + ([(qkv.bfloat16(), False), (qkv, True)] if isa == "amx_bf16" else [])
+    for inputs, bf16_products in runs:
+        out = self_attention_cpu(inputs, 2, 32, mask, library=library, bf16_products=bf16_products).float()
+        sdpa = sdpa_bf16(inputs, 2, 32, mask).float() if inputs.dtype == torch.bfloat16 else None
+        assert out[0, :, :32].isnan().all() and not out[0, :, 32:].isnan().any()
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        if sdpa is not None:
+            assert sdpa[0, :, :32].isnan().all() and torch.equal(sdpa[1], torch.zeros_like(sdpa[1]))

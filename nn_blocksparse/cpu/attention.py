@@ -84,11 +84,11 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
     docstring).
     """
     library = library or native_library()
-    if library is None:
-        raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
-    refusal = _refusal(qkv, head_dim, attention_mask, library)
+    refusal = _refusal(qkv, head_dim, attention_mask, library)  # (without a library: what fp32 takes)
     if refusal is not None:
         raise ValueError(refusal)
+    if library is None:
+        raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
     if not (isinstance(num_heads, int) and num_heads > 0):
         raise ValueError(f"num_heads must be an int > 0, got {num_heads!r}")
     batch, seq, width = qkv.shape

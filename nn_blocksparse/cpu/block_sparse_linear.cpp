@@ -720,22 +720,6 @@ inline void rows_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint
   }
 }
 
-// e^x for x <= 0 (scores less their row's max), -inf and anything below -87.3 giving 0: x = n ln2 + r
-// with |r| <= ln2 / 2, e^r by its Taylor polynomial of degree TERMS - 1 (relative error below 2e-8
-// there with 8 terms, for fp32; below 3e-6 with 6, for probabilities rounded to bf16), 2^n put into
-// the exponent bits.
-template <int L, int TERMS = 8>
-inline vf<L> exp_nonpositive(vf<L> x) {
-  static const float taylor[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
-  const vi<L> underflow = (vi<L>)(x < -87.3f);
-  const vf<L> clamped = underflow ? splat<L>(0.0f) : x;
-  const vi<L> n = __builtin_convertvector(clamped * 1.44269504088896341f - 0.5f, vi<L>);  // round(x log2 e)
-  const vf<L> nf = __builtin_convertvector(n, vf<L>);
-  const vf<L> r = fmadd<L>(nf, splat<L>(-1.42860677e-06f), fmadd<L>(nf, splat<L>(-0.693145752f), clamped));
-  const vf<L> scale = as_f<L>((vu<L>)((n + 127) << 23));
-  return as_f<L>(as_u<L>(polynomial<L, TERMS>(r, taylor) * scale) & ~(vu<L>)underflow);
-}
-
 // ------------------------------------------------------------------------------ bf16 on AMX tiles
 // With AMX (the amx_bf16 build), bf16 runs on tile registers: TDPBF16PS multiplies a 16 x 32 bf16
 // tile by a 32 x 16 one into a 16 x 16 fp32 tile. The stored blocks are the left operand exactly as
@@ -937,8 +921,8 @@ void run(const Problem<uint16_t>& p, const uint32_t* xt, int64_t k) {
 // step): the head's keys packed as K^T (k, k+1) pairs, pack_x's layout (the right operand of
 // Q K^T); its values packed as (V[j], V[j + 1]) pairs along j, keys padded to 32 with zeros (the
 // right operand of P V); a step's 32 queries copied (zeros past S, so no tile reads past qkv).
-// Scores go to fp32 rows, the softmax runs in fp32 (exp_nonpositive), and the probabilities,
-// normalized, are rounded to bf16 as the left operand of P V. Each output is one thread's, summed
+// Scores go to fp32 rows, the softmax runs in fp32 (exp_for_probabilities), and its numerators are
+// rounded to bf16 as the left operand of P V, the outputs divided by the fp32 sums. Each output is one thread's, summed
 // in a fixed order: bit-identical for any thread count.
 constexpr int QUERY_STEP = 2 * TILE_ROWS;
 
@@ -952,7 +936,7 @@ inline TileConfig square_tile_config() {
 }
 
 struct AttentionScratch {
-  uint32_t* kp;   // keys16 * D / 2 pairs
+  uint32_t* kp;   // keys16 * D / 2 pairs used (sized for keys32)
   uint32_t* vp;   // keys32 / 2 * D pairs
   uint16_t* q;    // QUERY_STEP x D
   float* scores;  // QUERY_STEP x keys32 (each C tile stored here, then softmax in place)
@@ -981,11 +965,12 @@ inline AttentionScratch attention_scratch(float* base, int64_t keys32, int64_t d
 // e^x for x <= 0 to about 3e-6 (for probabilities rounded to bf16): exp_nonpositive's reduction
 // x = n ln2 + r with fewer instructions, since the softmax is most of this kernel's vector work:
 // vscalefps applies 2^n (no exponent arithmetic), a degree-5 Taylor polynomial gives e^r, and x
-// below -87.3 (-inf included) gives 0.
+// below -87.3 (-inf included) gives 0; NaN stays NaN (the comparison is unordered-true and vmaxps
+// returns its second operand for NaN), so a NaN score reaches the output as in the fp32 kernel.
 inline __m512 exp_for_probabilities(__m512 x) {
   const __m512 floor = _mm512_set1_ps(-87.3f);
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, floor, _CMP_GE_OQ);
-  const __m512 clamped = _mm512_max_ps(x, floor);
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, floor, _CMP_NLT_UQ);
+  const __m512 clamped = _mm512_max_ps(floor, x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145752f), clamped);
@@ -1099,7 +1084,7 @@ void attention_task_bf16(const void* qkv, int64_t s_len, int64_t heads, int64_t 
         maxima = v > maxima ? v : maxima;
       }
       float maximum = _mm512_reduce_max_ps((__m512)maxima);
-      if (maximum == -INFINITY) maximum = 0.0f;  // every key masked out: 0 / 0 = NaN below, as SDPA
+      if (maximum == -INFINITY) maximum = 0.0f;  // every key masked out: every numerator 0
       vf<16> sums = {};
       for (int64_t j = 0; j < keys32; j += 32) {
         const vf<16> low = (vf<16>)exp_for_probabilities((__m512)(load_f<16>(row + j) - maximum));
@@ -1108,7 +1093,8 @@ void attention_task_bf16(const void* qkv, int64_t s_len, int64_t heads, int64_t 
         const __m512bh both = _mm512_cvtne2ps_pbh((__m512)high, (__m512)low);
         memcpy(p + j, &both, sizeof both);
       }
-      inverse_sum[r] = 1.0f / _mm512_reduce_add_ps((__m512)sums);
+      const float sum = _mm512_reduce_add_ps((__m512)sums);
+      inverse_sum[r] = sum == 0.0f ? 0.0f : 1.0f / sum;  // a row with every key masked out: zeros, as SDPA
     }
     // Out = P V: per query tile, D in pairs of 16-wide tiles, keys in steps of 32.
     for (int qt = 0; qt < 2; ++qt) {
@@ -1154,8 +1140,23 @@ void attention_task_bf16(const void* qkv, int64_t s_len, int64_t heads, int64_t 
 // keys transposed, `kt[d][j]` (S padded to a vector with zeros), so that scores run along j with
 // broadcast queries and need no lane reductions; then per QR query rows: scores (QR x S), softmax
 // (max, exp, sum; the exp is `exp_nonpositive`), and the weighted sum of V rows along d, scaled by
-// 1 / sum at the end. Each output is one thread's sum in a fixed order: bit-identical for any
-// thread count.
+// 1 / sum at the end (zeros for a row whose every key is masked out, as SDPA gives). Each output is
+// one thread's sum in a fixed order: bit-identical for any thread count.
+
+// e^x for x <= 0 (scores less their row's max), -inf and anything below -87.3 giving 0: x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (relative error below 2e-8 there), 2^n
+// put into the exponent bits.
+template <int L>
+inline vf<L> exp_nonpositive(vf<L> x) {
+  static const float taylor[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+  const vi<L> underflow = (vi<L>)(x < -87.3f);
+  const vf<L> clamped = underflow ? splat<L>(0.0f) : x;
+  const vi<L> n = __builtin_convertvector(clamped * 1.44269504088896341f - 0.5f, vi<L>);  // round(x log2 e)
+  const vf<L> nf = __builtin_convertvector(n, vf<L>);
+  const vf<L> r = fmadd<L>(nf, splat<L>(-1.42860677e-06f), fmadd<L>(nf, splat<L>(-0.693145752f), clamped));
+  const vf<L> scale = as_f<L>((vu<L>)((n + 127) << 23));
+  return as_f<L>(as_u<L>(polynomial<L, 8>(r, taylor) * scale) & ~(vu<L>)underflow);
+}
 
 // The largest lane, halving the vector at each step.
 template <int L>
@@ -1258,7 +1259,7 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
     float maximum[ATTENTION_ROWS], inverse_sum[ATTENTION_ROWS];
     for (int r = 0; r < ATTENTION_ROWS; ++r) {
       maximum[r] = lane_max<L>(maxima[r]);
-      if (maximum[r] == -INFINITY) maximum[r] = 0.0f;  // every key masked out: zeros below, then 0 / 0 = NaN, as SDPA
+      if (maximum[r] == -INFINITY) maximum[r] = 0.0f;  // every key masked out: every numerator 0
     }
     vf<L> sums[ATTENTION_ROWS] = {};
     for (int64_t j = 0; j < padded; j += L)
@@ -1271,7 +1272,8 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
       }
     for (int r = 0; r < ATTENTION_ROWS; ++r) {
       const vf<4> four = fold_to_4<L>(sums[r]);
-      inverse_sum[r] = 1.0f / ((four[0] + four[1]) + (four[2] + four[3]));
+      const float sum = (four[0] + four[1]) + (four[2] + four[3]);
+      inverse_sum[r] = sum == 0.0f ? 0.0f : 1.0f / sum;  // a row with every key masked out: zeros, as SDPA
     }
     // out = p V / sum: V rows along d, AV vectors of L at a time (a count the compiler knows, so the
     // accumulators stay in registers), then fewer, then what is left of D by 4 floats.
@@ -1289,7 +1291,6 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
     for (; d0 < d; d0 += 4) weighted_values<4, 1>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
   }
 }
-
 
 }  // namespace nnbs
 
