@@ -1292,6 +1292,19 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
   }
 }
 
+// Attention tasks are (batch, head, block of query rows): enough blocks per head to share out 4
+// tasks per thread, each a whole number of steps of `step` query rows.
+struct QueryBlocks {
+  int64_t count, rows;  // blocks per head, query rows per block (the last may have fewer)
+};
+inline QueryBlocks query_blocks(int64_t s_len, int64_t pairs, int threads, int64_t step) {
+  const int64_t steps = (s_len + step - 1) / step;
+  int64_t count = (4 * threads + pairs - 1) / pairs;
+  count = count < steps ? count : steps;
+  const int64_t rows = ((s_len + count - 1) / count + step - 1) / step * step;
+  return {(s_len + rows - 1) / rows, rows};
+}
+
 }  // namespace nnbs
 
 // Dtype codes shared with the launcher (launcher.py: _DTYPE_CODES).
@@ -1388,13 +1401,9 @@ extern "C" NNBS_EXPORT int nnbs_attention(int64_t batch, int64_t s_len, int64_t 
   if (batch <= 0 || s_len <= 0 || heads <= 0 || d <= 0) return NNBS_OK;
   if (d % 4) return NNBS_BAD_BLOCK_SIZE;
   const int t = threads > 0 ? threads : 1;
-  // Enough tasks to share out (4 per thread), in blocks of whole steps of query rows.
   const int64_t pairs = batch * heads;
-  int64_t blocks = (4 * t + pairs - 1) / pairs;
-  const int64_t max_blocks = (s_len + ATTENTION_ROWS - 1) / ATTENTION_ROWS;
-  blocks = blocks < max_blocks ? blocks : max_blocks;
-  const int64_t per_block = ((s_len + blocks - 1) / blocks + ATTENTION_ROWS - 1) / ATTENTION_ROWS * ATTENTION_ROWS;
-  blocks = (s_len + per_block - 1) / per_block;
+  const QueryBlocks split = query_blocks(s_len, pairs, t, ATTENTION_ROWS);
+  const int64_t blocks = split.count, per_block = split.rows;
   const int64_t padded = (s_len + L - 1) / L * L;
   // Each thread's transposed keys and score rows, in its own scratch.
   const size_t per_thread = static_cast<size_t>(padded) * static_cast<size_t>(d + ATTENTION_ROWS + 1) * sizeof(float);
@@ -1431,13 +1440,9 @@ extern "C" NNBS_EXPORT int nnbs_attention_bf16(int64_t batch, int64_t s_len, int
   if (batch <= 0 || s_len <= 0 || heads <= 0 || d <= 0) return NNBS_OK;
   if (d % 32) return NNBS_BAD_BLOCK_SIZE;
   const int t = threads > 0 ? threads : 1;
-  // Tasks as the fp32 attention's, in blocks of whole query steps.
   const int64_t pairs = batch * heads;
-  const int64_t steps = (s_len + amx::QUERY_STEP - 1) / amx::QUERY_STEP;
-  int64_t blocks = (4 * t + pairs - 1) / pairs;
-  blocks = blocks < steps ? blocks : steps;
-  const int64_t per_block = (steps + blocks - 1) / blocks * amx::QUERY_STEP;
-  blocks = (s_len + per_block - 1) / per_block;
+  const QueryBlocks split = query_blocks(s_len, pairs, t, amx::QUERY_STEP);
+  const int64_t blocks = split.count, per_block = split.rows;
   const int64_t keys32 = (s_len + 31) / 32 * 32;
   const size_t bytes = amx::attention_scratch_floats(keys32, d) * sizeof(float);
   int failed = 0;
