@@ -99,7 +99,8 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
     out = torch.empty(batch, seq, num_heads * head_dim, dtype=qkv.dtype)
     if out.numel() == 0:
         return out
-    mask_pointer, scale, threads = None if mask is None else mask.data_ptr(), 1.0 / math.sqrt(head_dim), torch.get_num_threads()
+    mask_pointer = None if mask is None else mask.data_ptr()
+    scale, threads = 1.0 / math.sqrt(head_dim), torch.get_num_threads()
     if _on_tiles(qkv, head_dim, bf16_products, library):
         code = library.attention_bf16(batch, seq, num_heads, head_dim, qkv.data_ptr(), _DTYPE_CODES[qkv.dtype],
                                       mask_pointer, scale, out.data_ptr(), threads)
