@@ -51,12 +51,15 @@ class DenseLinear(nn.Linear):
         """Forget the packed weight (`prepack=True`): the next CPU forward packs the weight as it lies."""
         self._packed.clear()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, bf16_output: bool = False) -> torch.Tensor:
+        """`bf16_output`: with bf16 weights on fp32 input, return the bf16 result itself rather than its
+        fp32 copy (the same values), for a consumer that rounds its input to bf16 anyway."""
         if input.is_cpu and not torch.compiler.is_compiling():
             return dense_linear_cpu(input, self.weight, self.bias, self.activation,
-                                    self._packed if self.prepack else None)
+                                    self._packed if self.prepack else None, bf16_output=bf16_output)
         if takes_bf16_weights(input, self.weight):
-            return self.forward(input.to(torch.bfloat16)).to(torch.float32)
+            y = self.forward(input.to(torch.bfloat16))
+            return y if bf16_output else y.to(torch.float32)
         y = F.linear(input, self.weight, self.bias)
         return F.gelu(y) if self.activation == "gelu" else y
 

@@ -54,6 +54,28 @@ def test_thin_layers_are_bit_identical_to_transformers_forward(pruned_minilm, si
     assert patched.state_dict().keys() == plain.state_dict().keys()
 
 
+def test_bf16_weight_ffns_pass_bf16_between_them_bit_identically(pruned_minilm, single_intra_op_thread):
+    # bf16 weights on fp32 activations: where both FFN matrices are bf16 DenseLinears with GELU fused,
+    # FFN-in's bf16 result goes to FFN-out without its fp32 copy: the same output, bit for bit, as
+    # transformers' forward (which makes the copy), and as DenseLinear's fp32 result.
+    from nn_blocksparse.bert.thin_layer import _bf16_between
+    from nn_blocksparse.dense_linear import DenseLinear
+
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.5, weight_dtype=torch.bfloat16)
+    layers = bert_layers(patched)
+    assert any(_bf16_between(layer.intermediate.dense, layer.output.dense, layer.intermediate.intermediate_act_fn)
+               for layer in layers)
+    inputs = padded_inputs(model.config.vocab_size)
+    plain = with_transformers_layers(patched)
+    with torch.inference_mode():
+        assert torch.equal(patched(**inputs).last_hidden_state, plain(**inputs).last_hidden_state)
+        ffn_in = next(layer.intermediate.dense for layer in layers if type(layer.intermediate.dense) is DenseLinear)
+        x = torch.randn(5, ffn_in.in_features)
+        kept = ffn_in(x, bf16_output=True)
+        assert kept.dtype == torch.bfloat16 and torch.equal(kept.float(), ffn_in(x))
+
+
 def test_resize_keeps_transformers_layers(pruned_minilm):
     patched = patch_bert(copy.deepcopy(pruned_minilm[0]), mode="resize")
     assert all(type(layer) is BertLayer for layer in bert_layers(patched))

@@ -12,6 +12,9 @@ directly:
     x = LayerNorm_1(attention_output(context) + x)
     y = LayerNorm_2(ffn_out(act(ffn_in(x))) + x)
 
+(With bf16 weights on fp32 activations and GELU fused into FFN-in, FFN-in's bf16 output goes to
+FFN-out as it is, without the fp32 copy FFN-out would round straight back: the same values.)
+
 Only where nothing else is asked of the layer: in eval mode (dropout is the identity), without
 cross-attention, cache, feed-forward chunking or `output_attentions`. Anything else runs
 transformers' own forward.
@@ -24,8 +27,19 @@ the dropouts) do not fire.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from transformers.models.bert.modeling_bert import BertLayer
+
+from ..dense_linear import DenseLinear
+
+
+def _bf16_between(ffn_in: nn.Module, ffn_out: nn.Module, activation: nn.Module) -> bool:
+    """Whether the FFN's two matrices are bf16-weight `DenseLinear`s with nothing between them (GELU
+    fused): FFN-in's bf16 result then goes to FFN-out as it is, not through an fp32 copy that FFN-out
+    rounds back to bf16 (the same values either way)."""
+    return (type(activation) is nn.Identity and type(ffn_in) is DenseLinear and type(ffn_out) is DenseLinear
+            and ffn_in.weight.dtype == torch.bfloat16 and ffn_out.weight.dtype == torch.bfloat16)
 
 
 class ThinBertLayer(BertLayer):
@@ -39,8 +53,12 @@ class ThinBertLayer(BertLayer):
         attention_output = self.attention.output
         context = self.attention.self.attention(hidden_states, attention_mask)
         hidden_states = attention_output.LayerNorm(attention_output.dense(context) + hidden_states)
-        intermediate = self.intermediate.intermediate_act_fn(self.intermediate.dense(hidden_states))
-        return self.output.LayerNorm(self.output.dense(intermediate) + hidden_states)
+        ffn_in, ffn_out = self.intermediate.dense, self.output.dense
+        if _bf16_between(ffn_in, ffn_out, self.intermediate.intermediate_act_fn):
+            intermediate = ffn_in(hidden_states, bf16_output=True)
+        else:
+            intermediate = self.intermediate.intermediate_act_fn(ffn_in(hidden_states))
+        return self.output.LayerNorm(ffn_out(intermediate) + hidden_states)
 
 
 def use_thin_layers(layers: list[nn.Module]) -> None:

@@ -132,19 +132,21 @@ def takes_bf16_weights(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      activation: str | None = None, packed: PackedWeight | None = None,
-                     fuse_gelu: bool | None = None) -> torch.Tensor:
+                     fuse_gelu: bool | None = None, bf16_output: bool = False) -> torch.Tensor:
     """`act(x @ weight^T + bias)`, `act` None or "gelu" (exact): oneDNN where it runs (module docstring), else
     `F.linear` then `F.gelu`. `packed`: where oneDNN runs, it reads this copy of `weight` instead.
     `fuse_gelu`: GELU in oneDNN's epilogue (True) or `F.gelu` after it (False); None: as this
     machine's profile says (`planner.fuse_dense_gelu`).
 
     fp32 `x` with a bf16 `weight` (and bias): x is rounded to bf16, the product accumulated in fp32 and
-    rounded to bf16 (oneDNN's bf16 output), then returned in fp32.
+    rounded to bf16 (oneDNN's bf16 output), then returned in fp32; with `bf16_output`, returned as it
+    is (the same values, without the copy: for a consumer that rounds its input to bf16 anyway).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if takes_bf16_weights(x, weight):
-        return dense_linear_cpu(x.to(torch.bfloat16), weight, bias, activation, packed, fuse_gelu).to(torch.float32)
+        y = dense_linear_cpu(x.to(torch.bfloat16), weight, bias, activation, packed, fuse_gelu)
+        return y if bf16_output else y.to(torch.float32)
     if _onednn_runs(x, weight, bias):
         operand = weight if packed is None else packed.for_weight(weight)
         apart = activation == "gelu" and not (fuse_dense_gelu(x.dtype) if fuse_gelu is None else fuse_gelu)
