@@ -273,6 +273,17 @@ struct Epilogue {
   bool y_bf16;
 };
 
+// bias[n .. n + L) in fp32 (bf16 widened), zeros without a bias.
+template <int L>
+inline vf<L> load_bias(const Epilogue& e, int64_t n) {
+  if (!e.bias) return vf<L>{};
+  if (!e.bias_bf16) return load_f<L>(static_cast<const float*>(e.bias) + n);
+  typedef uint16_t u16xL __attribute__((vector_size(2 * L)));
+  u16xL raw;
+  memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n, sizeof raw);
+  return as_f<L>(__builtin_convertvector(raw, vu<L>) << 16);
+}
+
 // Where a task's tiles put their outputs: y itself, or, with GELU, the task's fp32 buffer (GELU then
 // runs over the whole buffer at once: one tile's few vectors would wait on its polynomials' latency).
 struct Sink {
@@ -285,16 +296,7 @@ struct Sink {
 template <int MR>
 inline void finish_tile(const Epilogue& e, const Sink& sink, const vf<4>* sums, int64_t row, int64_t n_in_sink,
                         int64_t n) {
-  vf<4> bias = {};
-  if (e.bias) {
-    if (e.bias_bf16) {
-      u16x4 raw;
-      memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n, sizeof raw);
-      bias = as_f<4>(__builtin_convertvector(raw, vu<4>) << 16);
-    } else {
-      bias = load_f<4>(static_cast<const float*>(e.bias) + n);
-    }
-  }
+  const vf<4> bias = load_bias<4>(e, n);
   for (int i = 0; i < MR; ++i) {
     const vf<4> v = sums[i] + bias;
     const int64_t at = (row + i) * sink.ld + n_in_sink;
@@ -621,18 +623,7 @@ inline void outer_tile(const float* x, int64_t ldx, const float* wt, const int32
   }
   vf<L> bias[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    if (!e.bias) {
-      bias[v] = vf<L>{};
-    } else if (e.bias_bf16) {
-      typedef uint16_t u16xL __attribute__((vector_size(2 * L)));
-      u16xL raw;
-      memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n + v * L, sizeof raw);
-      bias[v] = as_f<L>(__builtin_convertvector(raw, vu<L>) << 16);
-    } else {
-      bias[v] = load_f<L>(static_cast<const float*>(e.bias) + n + v * L);
-    }
-  }
+  for (int v = 0; v < NV; ++v) bias[v] = load_bias<L>(e, n + v * L);
   float* y = static_cast<float*>(e.y) + row * e.ldy + n;
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -820,15 +811,7 @@ inline void store_accumulators(const float (*tiles)[TILE_ROWS * 16], const Epilo
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) lines[t][i] = load_f<16>(tiles[t] + 16 * i);
     transpose_rows<16>(lines[t]);
-    bias[t] = vf<16>{};
-    if (e.bias && e.bias_bf16) {
-      typedef uint16_t u16x16 __attribute__((vector_size(32)));
-      u16x16 raw;
-      memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n + 16 * t, sizeof raw);
-      bias[t] = as_f<16>(__builtin_convertvector(raw, vu<16>) << 16);
-    } else if (e.bias) {
-      bias[t] = load_f<16>(static_cast<const float*>(e.bias) + n + 16 * t);
-    }
+    bias[t] = load_bias<16>(e, n + 16 * t);
   }
   for (int64_t i = 0; i < rows; ++i) {
     vf<16> v[NT];
