@@ -536,6 +536,17 @@ inline void* scratch(size_t bytes) {
   return buffer.data;
 }
 
+// scratch(bytes) for a thread of a parallel region, setting the team's `failed` where it cannot be
+// had (the thread then skips its tasks; the call reports out of memory).
+inline void* team_scratch(size_t bytes, bool* failed) {
+  void* memory = scratch(bytes);
+  if (!memory) {
+#pragma omp atomic write
+    *failed = true;
+  }
+  return memory;
+}
+
 // ------------------------------------------------------------------------------ fp32 micro-kernel
 // The outer product (see the top of the file) needs no lane reductions and no 4-feature groups
 // re-reading x: a block-row's weights are read once per MR rows of x, and the transposed copy costs
@@ -662,11 +673,7 @@ void run_fp32(const Problem<float>& p, int64_t max_blocks, int threads, bool* fa
   const int64_t chunk_rows = ((p.m + chunks - 1) / chunks + MR - 1) / MR * MR;
   const int64_t tasks = p.block_rows * ((p.m + chunk_rows - 1) / chunk_rows);
   const size_t scratch_bytes = static_cast<size_t>(max_blocks > 0 ? max_blocks : 1) * BS * BS * sizeof(float);
-  float* transposed = static_cast<float*>(scratch(scratch_bytes));
-  if (!transposed) {
-#pragma omp atomic write
-    *failed = true;
-  }
+  float* transposed = static_cast<float*>(team_scratch(scratch_bytes, failed));
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
     if (!transposed) continue;
@@ -1342,7 +1349,7 @@ extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t 
     const size_t packed_rows = static_cast<size_t>((m + amx::PACK_ROWS - 1) / amx::PACK_ROWS * amx::PACK_ROWS);
     const size_t bytes = packed_rows * static_cast<size_t>(k) * sizeof(uint16_t) + 64;
     void* owned = bytes > AMX_SCRATCH_MAX ? malloc(bytes) : nullptr;
-    uint32_t* xt = static_cast<uint32_t*>(owned ? owned : bytes > AMX_SCRATCH_MAX ? nullptr : scratch(bytes));
+    uint32_t* xt = static_cast<uint32_t*>(bytes > AMX_SCRATCH_MAX ? owned : scratch(bytes));
     if (!xt) return NNBS_NO_MEMORY;
     const Problem<uint16_t> tiles{m, block_rows, nullptr, 0, static_cast<const uint16_t*>(values), row_offsets,
                                   col_indices, e};
@@ -1390,14 +1397,10 @@ extern "C" NNBS_EXPORT int nnbs_attention(int64_t batch, int64_t s_len, int64_t 
   const int64_t padded = (s_len + L - 1) / L * L;
   // Each thread's transposed keys and score rows, in its own scratch.
   const size_t per_thread = static_cast<size_t>(padded) * static_cast<size_t>(d + ATTENTION_ROWS + 1) * sizeof(float);
-  int failed = 0;
+  bool failed = false;
 #pragma omp parallel num_threads(t)
   {
-    float* kt = static_cast<float*>(scratch(per_thread));
-    if (!kt) {
-#pragma omp atomic write
-      failed = 1;
-    }
+    float* kt = static_cast<float*>(team_scratch(per_thread, &failed));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < pairs * blocks; ++task) {
       if (!kt) continue;
@@ -1428,14 +1431,10 @@ extern "C" NNBS_EXPORT int nnbs_attention_bf16(int64_t batch, int64_t s_len, int
   const int64_t blocks = split.count, per_block = split.rows;
   const int64_t keys32 = (s_len + 31) / 32 * 32;
   const size_t bytes = amx::attention_scratch_floats(keys32, d) * sizeof(float);
-  int failed = 0;
+  bool failed = false;
 #pragma omp parallel num_threads(t)
   {
-    float* base = static_cast<float*>(scratch(bytes));
-    if (!base) {
-#pragma omp atomic write
-      failed = 1;
-    }
+    float* base = static_cast<float*>(team_scratch(bytes, &failed));
     const amx::AttentionScratch a = amx::attention_scratch(base, keys32, d);
     const amx::TileConfig config = amx::square_tile_config();
     _tile_loadconfig(&config);
