@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nn_blocksparse.cpu.attention import self_attention_cpu
+from nn_blocksparse.cpu.attention import BF16_ISAS, self_attention_cpu
 from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
 
 from . import common
@@ -47,7 +47,6 @@ FULL_SIZES, QUICK_SIZES = ((1, 128), (8, 128), (1, 384)), ((1, 64),)
 MASKS = ("none", "padding")
 # Against float64, over max(1, max |reference|): fp32 softmax and sums; bf16 outputs and probabilities.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
-BF16_ISAS = ("amx_bf16",)  # builds whose attention takes bf16
 
 
 def attention_inputs(batch: int, seq: int, heads: int, head_dim: int, mask: str, seed: int = 0,

@@ -34,9 +34,12 @@ _MESSAGES = {1: "unsupported head size", 2: "no bf16 attention in this build (or
              3: "out of memory for the attention's scratch"}
 
 
+BF16_ISAS = ("amx_bf16",)  # the builds whose attention takes bf16 (on AMX tiles)
+
+
 def _runs_bf16(library) -> bool:
-    """Whether `library` runs bf16 attention (on AMX tiles)."""
-    return library is not None and library.isa == "amx_bf16"
+    """Whether `library` runs bf16 attention."""
+    return library is not None and library.isa in BF16_ISAS
 
 
 def _is_key_mask(attention_mask: torch.Tensor, dtype: torch.dtype, batch: int, seq: int) -> bool:
