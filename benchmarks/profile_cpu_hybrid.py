@@ -16,7 +16,8 @@ thread (a labelled range, or an ATen op called from Python outside one) is put i
   (`nn.Linear`): the ATen ops they called; `<name>_python`: the rest of their ranges (the module's
   own Python, checks and plan look-ups);
 - `embeddings`, `attention_mask`, `pooler`: their labelled ranges;
-- by ATen op: `attention` (our native CPU attention, SDPA, or softmax/matmul of an unfused attention); `layer_norm`; `gelu`
+- by ATen op: `attention` (our native CPU attention, SDPA, or softmax/matmul of an unfused attention); `layer_norm`
+  (the residual add included where the native add + layer norm runs it); `gelu`
   (where not fused into a linear); `residual_add`; `dropout` (the identity in eval mode, still
   dispatched); `copies` (contiguous, clone, copy_, cat, dtype conversions); `views` (view, reshape
   without copy, permute, transpose, unbind, ...); `other_ops`;
@@ -55,7 +56,7 @@ CATEGORIES = ("linear_blocksparse", "linear_blocksparse_python", "linear_dense",
 OP_CATEGORIES = {
     "attention": ("nn_blocksparse::attention_cpu", "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::softmax", "aten::_softmax", "aten::matmul", "aten::bmm", "aten::baddbmm"),
-    "layer_norm": ("aten::layer_norm", "aten::native_layer_norm"),
+    "layer_norm": ("aten::layer_norm", "aten::native_layer_norm", "nn_blocksparse::add_layer_norm_cpu"),
     "gelu": ("aten::gelu",),
     "residual_add": ("aten::add", "aten::add_"),
     "dropout": ("aten::dropout",),  # the identity in eval mode, but still a dispatched op

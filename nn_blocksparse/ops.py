@@ -11,6 +11,10 @@ reading any data, so the modules that call them trace without a graph break and 
   bool bf16_products=False) -> Tensor`:
   the native CPU self-attention (`cpu.attention.self_attention_cpu`) of a fused `[B, S, 3 * H * D]`
   projection, `[B, S, H * D]` out; called only where `runs_native_attention` holds (never in a trace).
+- `nn_blocksparse::add_layer_norm_cpu(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight,
+  Tensor? bias, float eps) -> Tensor`: `layer_norm(x + residual)` on the native kernel
+  (`cpu.layer_norm.add_layer_norm_cpu`), x's shape out; called only where `runs_native_add_layer_norm`
+  holds (never in a trace).
 - `nn_blocksparse::linear_triton(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices,
   Tensor row_order, Tensor[] row_groups, Tensor? bias, str? activation, SymInt[] launch_table) -> Tensor`:
   the Triton kernel, through the launcher `kernels.block_sparse_linear`. Where torch has
@@ -28,10 +32,11 @@ dynamic-shape compile of the triton_op) takes the symbolic entry, which adds no 
 tensors per grouping (`RowGroups` order: step_offsets, step_cols, step_blocks, group_rows,
 group_order), precomputed with the table.
 
-In plain eager mode the callers reach the CPU ops through `call_linear_cpu` / `call_attention_cpu`,
+In plain eager mode the callers reach the CPU ops through `call_linear_cpu` / `call_attention_cpu` /
+`call_add_layer_norm_cpu`,
 which call the implementations directly (see there); everything that intercepts ops still gets the ops.
 
-Inference only: neither op has an autograd formula (`functional.block_sparse_linear` computes
+Inference only: no op has an autograd formula (`functional.block_sparse_linear` computes
 densely when gradients are needed), and neither checks its inputs beyond what the launchers do;
 `functional.check_inputs` runs first.
 """
@@ -45,6 +50,7 @@ import torch
 
 from .cpu import block_sparse_linear_cpu
 from .cpu.attention import self_attention_cpu
+from .cpu.layer_norm import add_layer_norm_cpu as _add_layer_norm_cpu
 from .cpu.launcher import PLAIN_TENSORS
 from .kernels import block_sparse_linear as triton_block_sparse_linear
 from .kernels.block_sparse_linear import interpreter_enabled
@@ -141,6 +147,18 @@ def _attention_cpu_fake(qkv, num_heads, head_dim, attention_mask, bf16_products=
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], num_heads * head_dim)
 
 
+# ---------------------------------------------------------------------------------- add_layer_norm_cpu
+@torch.library.custom_op(f"{NAMESPACE}::add_layer_norm_cpu", mutates_args=(), device_types="cpu")
+def add_layer_norm_cpu(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Sequence[int],
+                       weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _add_layer_norm_cpu(x, residual, normalized_shape, weight, bias, eps)
+
+
+@add_layer_norm_cpu.register_fake
+def _add_layer_norm_cpu_fake(x, residual, normalized_shape, weight, bias, eps):
+    return torch.empty_like(x)
+
+
 # ---------------------------------------------------------------------------------- eager CPU calls
 # A custom op's eager dispatch (the C++ dispatcher calling back into Python, under
 # torch._dynamo.disable) cost tens to over a hundred microseconds a call in interleaved runs at BERT's
@@ -179,6 +197,13 @@ def call_attention_cpu(qkv, num_heads: int, head_dim: int, attention_mask, bf16_
         return direct("attention_cpu", self_attention_cpu, qkv, num_heads, head_dim, attention_mask, None,
                       bf16_products)
     return attention_cpu(qkv, num_heads, head_dim, attention_mask, bf16_products)
+
+
+def call_add_layer_norm_cpu(x, residual, normalized_shape, weight, bias, eps: float) -> torch.Tensor:
+    """`add_layer_norm_cpu`, called directly in plain eager mode (above)."""
+    if plain_eager(x, residual, weight, bias):
+        return direct("add_layer_norm_cpu", _add_layer_norm_cpu, x, residual, normalized_shape, weight, bias, eps)
+    return add_layer_norm_cpu(x, residual, normalized_shape, weight, bias, eps)
 
 
 # ---------------------------------------------------------------------------------- linear_triton

@@ -76,7 +76,7 @@ def test_every_x86_variant_compiles(variant):
         listing = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
                                  check=True).stdout
         exported = {line.split()[-1] for line in listing.splitlines() if line.strip()}
-        assert {"nnbs_block_sparse_linear", "nnbs_attention", "nnbs_attention_bf16"} <= exported
+        assert {"nnbs_block_sparse_linear", "nnbs_attention", "nnbs_attention_bf16", "nnbs_add_layer_norm"} <= exported
         assert all(name.startswith("nnbs_") for name in exported), sorted(exported)
 
 

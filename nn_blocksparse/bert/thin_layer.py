@@ -5,14 +5,17 @@ self-attention adapter, `BertSelfOutput`, `BertIntermediate`, `BertOutput`, two 
 keyword-deprecation wrappers and `apply_chunking_to_forward` before it reaches the modules that do
 the work. That Python is forward time no kernel can cut, and the faster the linears, the larger its
 share (`benchmarks/profile_cpu_hybrid.py` measures it, beside `hybrid_plain_layers`). So a patched
-layer calls the same modules, in the same order on the same tensors (the output is bit-identical),
-directly:
+layer calls the same modules, in the same order on the same tensors, directly:
 
     context = fused_attention(x, mask)
     x = LayerNorm_1(attention_output(context) + x)
     y = LayerNorm_2(ffn_out(act(ffn_in(x))) + x)
 
-(With bf16 weights on fp32 activations and GELU fused into FFN-in, FFN-in's bf16 output goes to
+Each residual add and the layer norm after it run as one `norm.add_layer_norm` (on CPU, one native
+pass over the stream: the statistics' additions in another order than torch's, so the output is
+close to transformers' forward, not bit for bit); a layer norm with hooks, or not a plain
+`nn.LayerNorm`, is called as a module instead. Everything else gives transformers' values bit for
+bit. (With bf16 weights on fp32 activations and GELU fused into FFN-in, FFN-in's bf16 output goes to
 FFN-out as it is, without the fp32 copy FFN-out would round straight back: the same values.)
 
 Only where nothing else is asked of the layer: in eval mode (dropout is the identity), without
@@ -20,7 +23,7 @@ cross-attention, cache, feed-forward chunking or `output_attentions`. Anything e
 transformers' own forward.
 The layer keeps its modules, so its state dict, `isinstance(layer, BertLayer)` and hooks on the
 layer itself (transformers' `output_hidden_states`) and on the modules that do the work (linears,
-layer norms, the fused attention) are unchanged; hooks on the containers it skips
+layer norms, the fused attention) still fire; hooks on the containers it skips
 (`BertAttention`, the self-attention adapter, `BertSelfOutput`, `BertIntermediate`, `BertOutput`,
 the dropouts) do not fire.
 """
@@ -32,6 +35,7 @@ import torch.nn as nn
 from transformers.models.bert.modeling_bert import BertLayer
 
 from ..dense_linear import DenseLinear
+from ..norm import add_layer_norm
 
 
 def _bf16_between(ffn_in: nn.Module, ffn_out: nn.Module, activation: nn.Module) -> bool:
@@ -40,6 +44,21 @@ def _bf16_between(ffn_in: nn.Module, ffn_out: nn.Module, activation: nn.Module) 
     rounds back to bf16 (the same values either way)."""
     return (type(activation) is nn.Identity and type(ffn_in) is DenseLinear and type(ffn_out) is DenseLinear
             and ffn_in.weight.dtype == torch.bfloat16 and ffn_out.weight.dtype == torch.bfloat16)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks (its own or global ones)."""
+    from torch.nn.modules import module as module_globals
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks
+                or module_globals._global_forward_pre_hooks)
+
+
+def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """`norm(x + residual)`: one `add_layer_norm` where `norm` is a plain `nn.LayerNorm` without hooks."""
+    if type(norm) is nn.LayerNorm and not _hooked(norm):
+        return add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return norm(x + residual)
 
 
 class ThinBertLayer(BertLayer):
@@ -52,13 +71,13 @@ class ThinBertLayer(BertLayer):
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
         attention_output = self.attention.output
         context = self.attention.self.attention(hidden_states, attention_mask)
-        hidden_states = attention_output.LayerNorm(attention_output.dense(context) + hidden_states)
+        hidden_states = _add_norm(attention_output.dense(context), hidden_states, attention_output.LayerNorm)
         ffn_in, ffn_out = self.intermediate.dense, self.output.dense
         if _bf16_between(ffn_in, ffn_out, self.intermediate.intermediate_act_fn):
             intermediate = ffn_in(hidden_states, bf16_output=True)
         else:
             intermediate = self.intermediate.intermediate_act_fn(ffn_in(hidden_states))
-        return self.output.LayerNorm(ffn_out(intermediate) + hidden_states)
+        return _add_norm(ffn_out(intermediate), hidden_states, self.output.LayerNorm)
 
 
 def use_thin_layers(layers: list[nn.Module]) -> None:

@@ -69,7 +69,7 @@
 #ifndef NNBS_BUILD_KEY
 #define NNBS_BUILD_KEY "unkeyed"
 #endif
-#define NNBS_ABI_VERSION 4
+#define NNBS_ABI_VERSION 5
 // Built with -fvisibility=hidden (build.py), so only the entry points below leave the library: a
 // process loads one build per ISA (tests, benchmarks), and exported inline or template code, or a
 // function-local thread_local (a process-wide unique symbol), would be shared between them.
@@ -90,7 +90,6 @@ template <int L>
 using vu = typename Vec<L>::u;
 template <int L>
 using vi = typename Vec<L>::i;
-typedef uint16_t u16x4 __attribute__((vector_size(8)));
 
 template <int L>
 inline vf<L> load_f(const float* p) {
@@ -273,15 +272,31 @@ struct Epilogue {
   bool y_bf16;
 };
 
+// p[j .. j + L) in fp32: fp32 values, or bf16 ones widened where `bf16`.
+template <int L>
+inline vf<L> load_widened(const void* p, int64_t j, bool bf16) {
+  if (!bf16) return load_f<L>(static_cast<const float*>(p) + j);
+  typedef uint16_t u16xL __attribute__((vector_size(2 * L)));
+  u16xL raw;
+  memcpy(&raw, static_cast<const uint16_t*>(p) + j, sizeof raw);
+  return as_f<L>(__builtin_convertvector(raw, vu<L>) << 16);
+}
+// v into p[j .. j + L): as fp32, or rounded to bf16 where `bf16`.
+template <int L>
+inline void store_narrowed(void* p, int64_t j, vf<L> v, bool bf16) {
+  if (!bf16) {
+    memcpy(static_cast<float*>(p) + j, &v, sizeof v);
+    return;
+  }
+  typedef uint16_t u16xL __attribute__((vector_size(2 * L)));
+  const u16xL rounded = __builtin_convertvector(round_to_bf16<L>(v), u16xL);
+  memcpy(static_cast<uint16_t*>(p) + j, &rounded, sizeof rounded);
+}
+
 // bias[n .. n + L) in fp32 (bf16 widened), zeros without a bias.
 template <int L>
 inline vf<L> load_bias(const Epilogue& e, int64_t n) {
-  if (!e.bias) return vf<L>{};
-  if (!e.bias_bf16) return load_f<L>(static_cast<const float*>(e.bias) + n);
-  typedef uint16_t u16xL __attribute__((vector_size(2 * L)));
-  u16xL raw;
-  memcpy(&raw, static_cast<const uint16_t*>(e.bias) + n, sizeof raw);
-  return as_f<L>(__builtin_convertvector(raw, vu<L>) << 16);
+  return e.bias ? load_widened<L>(e.bias, n, e.bias_bf16) : vf<L>{};
 }
 
 // Where a task's tiles put their outputs: y itself, or, with GELU, the task's fp32 buffer (GELU then
@@ -297,16 +312,7 @@ template <int MR>
 inline void finish_tile(const Epilogue& e, const Sink& sink, const vf<4>* sums, int64_t row, int64_t n_in_sink,
                         int64_t n) {
   const vf<4> bias = load_bias<4>(e, n);
-  for (int i = 0; i < MR; ++i) {
-    const vf<4> v = sums[i] + bias;
-    const int64_t at = (row + i) * sink.ld + n_in_sink;
-    if (sink.bf16) {
-      const u16x4 rounded = __builtin_convertvector(round_to_bf16<4>(v), u16x4);
-      memcpy(static_cast<uint16_t*>(sink.origin) + at, &rounded, sizeof rounded);
-    } else {
-      memcpy(static_cast<float*>(sink.origin) + at, &v, sizeof v);
-    }
-  }
+  for (int i = 0; i < MR; ++i) store_narrowed<4>(sink.origin, (row + i) * sink.ld + n_in_sink, sums[i] + bias, sink.bf16);
 }
 
 // GELU over `count` (a multiple of 4) contiguous values, two vectors at a time.
@@ -329,14 +335,11 @@ template <int BS>
 inline void store_buffer(const Epilogue& e, const float* buffer, int64_t rows, int64_t first_row, int64_t first_n) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* src = buffer + i * BS;
+    const int64_t at = (first_row + i) * e.ldy + first_n;
     if (e.y_bf16) {
-      uint16_t* dst = static_cast<uint16_t*>(e.y) + (first_row + i) * e.ldy + first_n;
-      for (int j = 0; j < BS; j += 4) {
-        const u16x4 rounded = __builtin_convertvector(round_to_bf16<4>(load_f<4>(src + j)), u16x4);
-        memcpy(dst + j, &rounded, sizeof rounded);
-      }
+      for (int j = 0; j < BS; j += 4) store_narrowed<4>(e.y, at + j, load_f<4>(src + j), true);
     } else {
-      memcpy(static_cast<float*>(e.y) + (first_row + i) * e.ldy + first_n, src, BS * sizeof(float));
+      memcpy(static_cast<float*>(e.y) + at, src, BS * sizeof(float));
     }
   }
 }
@@ -1295,6 +1298,179 @@ inline QueryBlocks query_blocks(int64_t s_len, int64_t pairs, int threads, int64
   return {(s_len + rows - 1) / rows, rows};
 }
 
+// ------------------------------------------------------------------------------ residual add + layer norm
+// out = layer_norm(x + residual) * weight + bias, row by row: an encoder layer's residual add and
+// norm in one pass over the stream instead of an add and a norm that each read and write it. The
+// sum is rounded to the io dtype first, as an add in that dtype is; the statistics are fp32 over the
+// row's rounded sums, kept in per-thread scratch between the passes: the mean, then the mean of the
+// squared deviations (not E[s^2] - E[s]^2, which cancels). Each row is one thread's, in a fixed
+// order of additions: bit-identical for any thread count.
+struct NormRows {
+  int64_t width;  // a multiple of 4 (8 in bf16)
+  const void* x;
+  const void* residual;
+  void* out;
+  bool io_bf16;
+  const void* weight;  // width values, or null (ones)
+  const void* bias;    // width values, or null (zeros)
+  bool params_bf16;
+  float eps;
+};
+
+template <int L>
+inline float lane_sum(vf<L> v) {
+  const vf<4> f = fold_to_4<L>(v);
+  return (f[0] + f[1]) + (f[2] + f[3]);
+}
+
+// Four accumulators for a row's statistics (one would wait on the adds' latency); the mean of what
+// they hold with `tail`'s, over `width` values.
+template <int L>
+inline float mean_of(const vf<L>* acc, vf<4> tail, int64_t width) {
+  return (lane_sum<L>((acc[0] + acc[1]) + (acc[2] + acc[3])) + lane_sum<4>(tail)) / static_cast<float>(width);
+}
+
+// The mean of the squared deviations of `sums [width]` from `mean`.
+template <int L>
+inline float variance_of(const float* __restrict sums, int64_t width, float mean) {
+  const int64_t whole = width / (4 * L) * (4 * L);
+  const vf<L> m = splat<L>(mean);
+  vf<L> acc[4] = {};
+  vf<4> tail{};
+  int64_t j = 0;
+  for (; j < whole; j += 4 * L)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const vf<L> d = load_f<L>(sums + j + u * L) - m;
+      acc[u] += d * d;
+    }
+  for (; j < width; j += 4) {
+    const vf<4> d = load_f<4>(sums + j) - splat<4>(mean);
+    tail += d * d;
+  }
+  return mean_of<L>(acc, tail, width);
+}
+
+// An fp32 row (parameters fp32, or bf16 widened where PARAMS_BF16, fixed at compile time: a test per
+// vector costs as much as the arithmetic at these sizes), four vectors at a time, the tail (width %
+// (4 L)) a vector of 4 at a time.
+template <int L, bool PARAMS_BF16>
+void add_layer_norm_row_fp32(const NormRows& p, int64_t row, float* __restrict sums) {
+  const int64_t width = p.width, whole = width / (4 * L) * (4 * L);
+  const float* __restrict x = static_cast<const float*>(p.x) + row * width;
+  const float* __restrict residual = static_cast<const float*>(p.residual) + row * width;
+  float* __restrict out = static_cast<float*>(p.out) + row * width;
+  vf<L> acc[4] = {};
+  vf<4> tail{};
+  int64_t j = 0;
+  for (; j < whole; j += 4 * L)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const vf<L> v = load_f<L>(x + j + u * L) + load_f<L>(residual + j + u * L);
+      memcpy(sums + j + u * L, &v, sizeof v);
+      acc[u] += v;
+    }
+  for (; j < width; j += 4) {
+    const vf<4> v = load_f<4>(x + j) + load_f<4>(residual + j);
+    memcpy(sums + j, &v, sizeof v);
+    tail += v;
+  }
+  const float mean = mean_of<L>(acc, tail, width);
+  const float rstd = 1.0f / sqrtf(variance_of<L>(sums, width, mean) + p.eps);
+  auto normalize = [&](auto lanes, int64_t j) {
+    constexpr int V = decltype(lanes)::value;
+    const vf<V> w = p.weight ? load_widened<V>(p.weight, j, PARAMS_BF16) : splat<V>(1.0f);
+    const vf<V> b = p.bias ? load_widened<V>(p.bias, j, PARAMS_BF16) : vf<V>{};
+    const vf<V> v = fmadd<V>((load_f<V>(sums + j) - splat<V>(mean)) * splat<V>(rstd), w, b);
+    memcpy(out + j, &v, sizeof v);
+  };
+  for (j = 0; j < width / L * L; j += L) normalize(std::integral_constant<int, L>{}, j);
+  for (; j < width; j += 4) normalize(std::integral_constant<int, 4>{}, j);
+}
+
+// A bf16 row: each 32-bit lane holds a (j, j + 1) pair, taken apart into its even and odd element as
+// two fp32 vectors (a shift, a mask) and put together again after rounding (a shift, an or), where
+// widening and narrowing conversions would cost more than the arithmetic. `sums` holds the even
+// elements' sums, then the odd ones'; `params` the weight's even and odd elements, then the bias's
+// (fp32, made once per call). Two vectors of pairs at a time, the tail (width % (4 L)) 8 elements at
+// a time (width is a multiple of 8).
+template <int L>
+void add_layer_norm_row_bf16(const NormRows& p, int64_t row, float* __restrict sums, const float* __restrict params) {
+  const int64_t half = p.width / 2, whole = half / (2 * L) * (2 * L);
+  const uint32_t* __restrict x = static_cast<const uint32_t*>(p.x) + row * half;
+  const uint32_t* __restrict residual = static_cast<const uint32_t*>(p.residual) + row * half;
+  uint32_t* __restrict out = static_cast<uint32_t*>(p.out) + row * half;
+  auto rounded = [](auto v) {
+    constexpr int V = sizeof v / sizeof(float);
+    return as_f<V>(round_to_bf16<V>(v) << 16);
+  };
+  auto sum_pairs = [&](auto lanes, int64_t k, auto& even_total, auto& odd_total) {
+    constexpr int V = decltype(lanes)::value;
+    const vu<V> a = load_u<V>(x + k), b = load_u<V>(residual + k);
+    const vf<V> even = rounded(even_bf16<V>(a) + even_bf16<V>(b)), odd = rounded(odd_bf16<V>(a) + odd_bf16<V>(b));
+    memcpy(sums + k, &even, sizeof even);
+    memcpy(sums + half + k, &odd, sizeof odd);
+    even_total += even;
+    odd_total += odd;
+  };
+  vf<L> acc[4] = {};
+  vf<4> tail[2] = {};
+  int64_t k = 0;
+  for (; k < whole; k += 2 * L) {
+    sum_pairs(std::integral_constant<int, L>{}, k, acc[0], acc[1]);
+    sum_pairs(std::integral_constant<int, L>{}, k + L, acc[2], acc[3]);
+  }
+  for (; k < half; k += 4) sum_pairs(std::integral_constant<int, 4>{}, k, tail[0], tail[1]);
+  const float mean = mean_of<L>(acc, tail[0] + tail[1], p.width);
+  const float rstd = 1.0f / sqrtf(variance_of<L>(sums, p.width, mean) + p.eps);
+  auto normalize = [&](auto lanes, int64_t k) {
+    constexpr int V = decltype(lanes)::value;
+    const vf<V> m = splat<V>(mean), r = splat<V>(rstd);
+    const vf<V> even = fmadd<V>((load_f<V>(sums + k) - m) * r, load_f<V>(params + k), load_f<V>(params + 2 * half + k));
+    const vf<V> odd = fmadd<V>((load_f<V>(sums + half + k) - m) * r, load_f<V>(params + half + k),
+                               load_f<V>(params + 3 * half + k));
+    const vu<V> pairs = round_to_bf16<V>(even) | (round_to_bf16<V>(odd) << 16);
+    memcpy(out + k, &pairs, sizeof pairs);
+  };
+  for (k = 0; k < half / L * L; k += L) normalize(std::integral_constant<int, L>{}, k);
+  for (; k < half; k += 4) normalize(std::integral_constant<int, 4>{}, k);
+}
+
+// A bf16 row's parameters in its even/odd order (see above), as fp32: weight (ones without one), bias
+// (zeros without one).
+inline void split_parameters(const NormRows& p, float* params) {
+  const int64_t half = p.width / 2;
+  auto value = [&](const void* v, int64_t j, float absent) {
+    if (!v) return absent;
+    if (!p.params_bf16) return static_cast<const float*>(v)[j];
+    const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(v)[j]) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+  };
+  for (int64_t k = 0; k < half; ++k) {
+    params[k] = value(p.weight, 2 * k, 1.0f);
+    params[half + k] = value(p.weight, 2 * k + 1, 1.0f);
+    params[2 * half + k] = value(p.bias, 2 * k, 0.0f);
+    params[3 * half + k] = value(p.bias, 2 * k + 1, 0.0f);
+  }
+}
+
+// Called by every thread of a parallel region; `failed` is set if scratch memory ran out.
+inline void add_layer_norm_rows(const NormRows& p, int64_t rows, bool* failed) {
+  constexpr int L = NNBS_VECTOR_LANES;
+  const size_t floats = static_cast<size_t>(p.width) * (p.io_bf16 ? 3 : 1);
+  float* sums = static_cast<float*>(team_scratch(floats * sizeof(float), failed));
+  if (sums && p.io_bf16) split_parameters(p, sums + p.width);
+#pragma omp for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    if (!sums) continue;
+    if (p.io_bf16) add_layer_norm_row_bf16<L>(p, row, sums, sums + p.width);
+    else if (p.params_bf16) add_layer_norm_row_fp32<L, true>(p, row, sums);
+    else add_layer_norm_row_fp32<L, false>(p, row, sums);
+  }
+}
+
 }  // namespace nnbs
 
 // Dtype codes shared with the launcher (launcher.py: _DTYPE_CODES).
@@ -1468,6 +1644,26 @@ extern "C" NNBS_EXPORT void nnbs_gelu(const float* in, float* out, int64_t n) {
     nnbs::vf<4> v = {in[j], 0.0f, 0.0f, 0.0f};
     out[j] = nnbs::gelu<4>(v)[0];
   }
+}
+
+// out [rows, width] = layer_norm(x + residual) * weight + bias (see above). x, residual and out:
+// io_dtype (fp32 or bf16), [rows, width] contiguous; weight and bias: width values of param_dtype
+// (fp32 or bf16), or null; width a multiple of 4 (8 in bf16).
+extern "C" NNBS_EXPORT int nnbs_add_layer_norm(int64_t rows, int64_t width, const void* x, const void* residual,
+                                   int32_t io_dtype, const void* weight, const void* bias, int32_t param_dtype,
+                                   float eps, void* out, int32_t threads) {
+  using namespace nnbs;
+  if (width % (io_dtype == NNBS_BF16 ? 8 : 4)) return NNBS_BAD_BLOCK_SIZE;
+  const bool io_ok = io_dtype == NNBS_F32 || io_dtype == NNBS_BF16;
+  const bool params_ok = param_dtype == NNBS_F32 || param_dtype == NNBS_BF16;
+  if (!io_ok || !params_ok) return NNBS_BAD_DTYPES;
+  if (rows <= 0 || width <= 0) return NNBS_OK;
+  const NormRows p{width, x, residual, out, io_dtype == NNBS_BF16, weight, bias, param_dtype == NNBS_BF16, eps};
+  const int64_t team = threads < 1 ? 1 : threads < rows ? threads : rows;
+  bool failed = false;
+#pragma omp parallel num_threads(team)
+  add_layer_norm_rows(p, rows, &failed);
+  return failed ? NNBS_NO_MEMORY : NNBS_OK;
 }
 
 // What the launcher checks after loading: the ABI, the ISA this copy was compiled for, and the key

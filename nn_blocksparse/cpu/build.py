@@ -36,7 +36,7 @@ from .isa import ARCHITECTURE, FORCED, ISAS, choose_isa, machine, runnable_isas
 
 SOURCE = Path(__file__).with_name("block_sparse_linear.cpp")
 HARNESS_SOURCE = Path(__file__).with_name("kernel_harness.cpp")
-ABI_VERSION = 4  # the .cpp's NNBS_ABI_VERSION
+ABI_VERSION = 5  # the .cpp's NNBS_ABI_VERSION
 # -fopenmp: the parallel loop runs on torch's own libgomp (see the .cpp header). -ffp-contract=off:
 # every fused multiply-add is an explicit one, the same on every compiler. -fvisibility=hidden: each
 # ISA's build keeps its code and scratch buffers to itself when several are loaded (the .cpp exports
@@ -192,12 +192,15 @@ _LINEAR_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I64, _I32, _POINTER, _I3
                      _I32, _POINTER, _I64, _I32, _I32]
 _ATTENTION_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _POINTER, ctypes.c_float, _POINTER, _I32]
 _ATTENTION_BF16_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I32, _POINTER, ctypes.c_float, _POINTER, _I32]
+_ADD_LAYER_NORM_ARGUMENTS = [_I64, _I64, _POINTER, _POINTER, _I32, _POINTER, _POINTER, _I32, ctypes.c_float, _POINTER,
+                             _I32]
 
 
 @dataclass(frozen=True)
 class NativeLibrary:
     """A loaded, checked build of the kernel: `linear` is `nnbs_block_sparse_linear`, `attention`
-    `nnbs_attention`, `attention_bf16` `nnbs_attention_bf16` (see the .cpp)."""
+    `nnbs_attention`, `attention_bf16` `nnbs_attention_bf16`, `add_layer_norm` `nnbs_add_layer_norm`
+    (see the .cpp)."""
 
     isa: str
     path: Path
@@ -205,6 +208,7 @@ class NativeLibrary:
     gelu: object
     attention: object  # nnbs_attention
     attention_bf16: object  # nnbs_attention_bf16 (runs in the amx_bf16 build only)
+    add_layer_norm: object  # nnbs_add_layer_norm
 
 
 def load_library(isa: str) -> NativeLibrary:
@@ -228,7 +232,9 @@ def load_library(isa: str) -> NativeLibrary:
     attention.restype, attention.argtypes = ctypes.c_int, _ATTENTION_ARGUMENTS
     attention_bf16 = handle.nnbs_attention_bf16
     attention_bf16.restype, attention_bf16.argtypes = ctypes.c_int, _ATTENTION_BF16_ARGUMENTS
-    return NativeLibrary(isa, path, linear, gelu, attention, attention_bf16)
+    add_layer_norm = handle.nnbs_add_layer_norm
+    add_layer_norm.restype, add_layer_norm.argtypes = ctypes.c_int, _ADD_LAYER_NORM_ARGUMENTS
+    return NativeLibrary(isa, path, linear, gelu, attention, attention_bf16, add_layer_norm)
 
 
 def _text(function) -> str:

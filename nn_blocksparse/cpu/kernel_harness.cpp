@@ -4,7 +4,7 @@
 //
 // Every case is compared against a double-precision reference of the same problem (x and W rounded
 // to bf16 first where the kernel computes in bf16); GELU against erfc in double; attention against
-// softmax in double. Prints one line per
+// softmax in double; the residual add + layer norm against its statistics in double. Prints one line per
 // failure and "ok <cases>" at the end; the exit status is the number of failures (capped at 100).
 
 #include "block_sparse_linear.cpp"
@@ -178,6 +178,64 @@ int attention_case(int64_t batch, int64_t s_len, int64_t heads, int64_t d, bool 
   return 1;
 }
 
+// layer_norm(x + residual) * weight + bias over rows of `width` (fp32, or bf16 io and parameters),
+// against double statistics of the rounded sums, within a rounding of the io dtype; and bit-identical
+// for 1 and 3 threads.
+int layer_norm_case(int64_t rows, int64_t width, bool bf16, bool params) {
+  const int64_t count = rows * width;
+  std::vector<float> x(count), residual(count), weight(width), bias(width);
+  for (auto& v : x) v = static_cast<float>(3.0 * uniform() + 1.0);
+  for (auto& v : residual) v = static_cast<float>(uniform());
+  for (auto& v : weight) v = static_cast<float>(uniform() + 1.5);
+  for (auto& v : bias) v = static_cast<float>(uniform());
+  std::vector<uint16_t> x16(count), residual16(count), weight16(width), bias16(width), out16(count), again16(count);
+  if (bf16) {
+    for (int64_t j = 0; j < count; ++j) x[j] = from_bf16(x16[j] = to_bf16(x[j]));
+    for (int64_t j = 0; j < count; ++j) residual[j] = from_bf16(residual16[j] = to_bf16(residual[j]));
+    for (int64_t j = 0; j < width; ++j) weight[j] = from_bf16(weight16[j] = to_bf16(weight[j]));
+    for (int64_t j = 0; j < width; ++j) bias[j] = from_bf16(bias16[j] = to_bf16(bias[j]));
+  }
+  std::vector<float> out(count), again(count);
+  const int32_t io = bf16 ? NNBS_BF16 : NNBS_F32;
+  const void* w = !params ? nullptr : bf16 ? static_cast<const void*>(weight16.data()) : weight.data();
+  const void* b = !params ? nullptr : bf16 ? static_cast<const void*>(bias16.data()) : bias.data();
+  const float eps = 1e-5f;
+  for (int threads : {1, 3}) {
+    void* target = bf16 ? static_cast<void*>(threads == 1 ? out16.data() : again16.data())
+                        : static_cast<void*>(threads == 1 ? out.data() : again.data());
+    if (nnbs_add_layer_norm(rows, width, bf16 ? static_cast<const void*>(x16.data()) : x.data(),
+                            bf16 ? static_cast<const void*>(residual16.data()) : residual.data(), io, w, b, io, eps,
+                            target, threads) != NNBS_OK)
+      fail("layer norm refused");
+  }
+  if (bf16 ? out16 != again16 : memcmp(out.data(), again.data(), count * sizeof(float)) != 0)
+    fail("layer norm thread counts");
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<double> sums(width);
+    double mean = 0.0, variance = 0.0;
+    for (int64_t j = 0; j < width; ++j) {
+      const float sum = x[r * width + j] + residual[r * width + j];
+      mean += sums[j] = bf16 ? from_bf16(to_bf16(sum)) : sum;
+    }
+    mean /= static_cast<double>(width);
+    for (int64_t j = 0; j < width; ++j) variance += (sums[j] - mean) * (sums[j] - mean);
+    const double rstd = 1.0 / sqrt(variance / static_cast<double>(width) + eps);
+    for (int64_t j = 0; j < width; ++j) {
+      const double expected = (sums[j] - mean) * rstd * (params ? weight[j] : 1.0) + (params ? bias[j] : 0.0);
+      const double got = bf16 ? from_bf16(out16[r * width + j]) : out[r * width + j];
+      // bf16: the output's rounding (half an ulp, 2^-9 relative) and the fp32 statistics' error.
+      const double allowed = bf16 ? fabs(expected) * 4.0e-3 + 1e-3 : 2e-5 * (1.0 + fabs(expected));
+      if (!(fabs(got - expected) <= allowed)) {
+        printf("  layer norm rows %lld width %lld bf16 %d: out[%lld, %lld] = %.8g, expected %.8g\n", (long long)rows,
+               (long long)width, bf16, (long long)r, (long long)j, got, expected);
+        fail("layer norm");
+        return 1;
+      }
+    }
+  }
+  return 1;
+}
+
 }  // namespace
 
 int main() {
@@ -229,6 +287,17 @@ int main() {
   for (int64_t s_len : {1, 13, 37, 128})
     for (int64_t d : {4, 32, 36, 64}) cases += attention_case(2, s_len, 3, d, s_len > 1);
   if (nnbs_attention(1, 4, 1, 6, nullptr, nullptr, 1.0f, nullptr, 1) != NNBS_BAD_BLOCK_SIZE) fail("head size 6 accepted");
+  // Add + layer norm: widths with and without a vector tail, one row and many, with and without
+  // parameters.
+  for (bool bf16 : {false, true})
+    for (int64_t width : {8, 24, 384, 776})
+      for (int64_t rows : {1, 5, 64}) cases += layer_norm_case(rows, width, bf16, rows != 5);
+  if (nnbs_add_layer_norm(1, 6, nullptr, nullptr, NNBS_F32, nullptr, nullptr, NNBS_F32, 1e-5f, nullptr, 1) !=
+      NNBS_BAD_BLOCK_SIZE)
+    fail("layer norm width 6 accepted");
+  if (nnbs_add_layer_norm(1, 12, nullptr, nullptr, NNBS_BF16, nullptr, nullptr, NNBS_BF16, 1e-5f, nullptr, 1) !=
+      NNBS_BAD_BLOCK_SIZE)
+    fail("bf16 layer norm width 12 accepted");
   printf("%s %d\n", failures ? "failed" : "ok", cases);
   return failures > 100 ? 100 : failures;
 }

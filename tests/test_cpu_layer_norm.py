@@ -1,0 +1,142 @@
+"""The native residual add + layer norm (`cpu.layer_norm.add_layer_norm_cpu`) on every ISA this CPU runs,
+against float64 statistics of the rounded sums, and where `norm.add_layer_norm` takes it (otherwise torch)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nn_blocksparse.cpu.build import library_for
+from nn_blocksparse.cpu.isa import runnable_isas
+from nn_blocksparse.cpu.layer_norm import add_layer_norm_cpu, runs_native_add_layer_norm
+from nn_blocksparse.norm import add_layer_norm
+
+ISAS = runnable_isas()
+needs_native = pytest.mark.skipif(not ISAS, reason="no native variant runs here (the ARM harness checks NEON)")
+
+
+def reference(x, residual, weight, bias, eps):
+    """float64 layer norm of x + residual rounded to x's dtype (as the add in that dtype rounds it)."""
+    sums = (x + residual).double()
+    mean = sums.mean(-1, keepdim=True)
+    variance = ((sums - mean) ** 2).mean(-1, keepdim=True)
+    out = (sums - mean) / torch.sqrt(variance + eps)
+    if weight is not None:
+        out = out * weight.double()
+    if bias is not None:
+        out = out + bias.double()
+    return out
+
+
+def inputs(shape, dtype, param_dtype, affine, seed):
+    generator = torch.Generator().manual_seed(seed)
+    width = shape[-1]
+    x = (3 * torch.randn(shape, generator=generator) + 2).to(dtype)  # an offset: the mean matters
+    residual = torch.randn(shape, generator=generator).to(dtype)
+    weight = (torch.rand(width, generator=generator) + 0.5).to(param_dtype) if affine else None
+    bias = torch.randn(width, generator=generator).to(param_dtype) if affine else None
+    return x, residual, weight, bias
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(1, 128, 768), (1024, 384), (3, 5, 72), (1, 8), (7, 776)])
+def test_native_add_layer_norm_matches_float64(isa, dtype, param_dtype, shape):
+    for affine in (True, False):
+        x, residual, weight, bias = inputs(shape, dtype, param_dtype, affine, seed=shape[-1])
+        out = add_layer_norm_cpu(x, residual, (shape[-1],), weight, bias, 1e-12, library=library_for(isa))
+        assert out.shape == x.shape and out.dtype == dtype
+        expected = reference(x, residual, weight, bias, 1e-12)
+        error = (out.double() - expected).abs()
+        if dtype == torch.float32:
+            assert error.max().item() < 1e-5 * (1 + expected.abs().max().item())
+        else:  # one bf16 rounding of the output (2^-9 relative), and fp32 statistics
+            assert (error <= expected.abs() * 2.0 ** -8 + 1e-3).all()
+        # ... and what torch's add and norm in that dtype give, to their roundings.
+        torch_out = F.layer_norm(x + residual, (shape[-1],), weight, bias, 1e-12)
+        limit = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+        assert ((out.double() - torch_out.double()).abs() <= limit * (1 + torch_out.double().abs())).all()
+
+
+@needs_native
+def test_native_add_layer_norm_is_bit_identical_for_any_thread_count():
+    before = torch.get_num_threads()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, residual, weight, bias = inputs((37, 392), dtype, dtype, True, seed=0)
+        try:
+            outputs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outputs.append(add_layer_norm_cpu(x, residual, (392,), weight, bias, 1e-5))
+        finally:
+            torch.set_num_threads(before)
+        assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+@needs_native
+def test_native_add_layer_norm_keeps_a_nan_in_its_row():
+    x, residual, weight, bias = inputs((4, 64), torch.float32, torch.float32, True, seed=1)
+    x[2, 5] = float("nan")
+    out = add_layer_norm_cpu(x, residual, (64,), weight, bias, 1e-5)
+    assert out[2].isnan().all()  # the row's statistics are NaN
+    expected = reference(x, residual, weight, bias, 1e-5)
+    keep = torch.tensor([0, 1, 3])
+    assert (out[keep].double() - expected[keep]).abs().max().item() < 1e-5
+
+
+def test_what_takes_the_native_norm_and_what_stays_on_torch():
+    x, residual, weight, bias = inputs((2, 9, 64), torch.float32, torch.float32, True, seed=2)
+    native = bool(ISAS)
+    with torch.inference_mode():
+        assert runs_native_add_layer_norm(x, residual, (64,), weight, bias, 1e-5) is native
+        assert runs_native_add_layer_norm(x, residual, (64,), None, None, 0.0) is native
+    refused = [
+        (x, residual.double(), (64,), weight, bias, 1e-5),  # another dtype
+        (x, residual[:, :8], (64,), weight, bias, 1e-5),  # another shape
+        (x.transpose(0, 1), residual.transpose(0, 1), (64,), weight, bias, 1e-5),  # not contiguous
+        (x, residual, (9, 64), weight.expand(9, 64), bias.expand(9, 64), 1e-5),  # over two dimensions
+        (x[..., :62], residual[..., :62], (62,), weight[:62], bias[:62], 1e-5),  # width not a multiple of 4
+        (x, residual, (64,), weight.half(), bias.half(), 1e-5),  # fp16 parameters
+        (x, residual, (64,), weight, bias.bfloat16(), 1e-5),  # mixed parameter dtypes
+        (x, residual, (64,), weight.bfloat16(), bias.bfloat16(), 1e-5),  # bf16 parameters on fp32 (torch refuses too)
+        (x, residual, (64,), weight, bias, float("nan")),  # eps not a number
+        (x.double(), residual.double(), (64,), weight.double(), bias.double(), 1e-5),  # fp64
+    ]
+    bf16 = x.bfloat16()[..., :60]
+    refused.append((bf16, bf16, (60,), None, None, 1e-5))  # bf16 width not a multiple of 8
+    for case in refused:
+        with torch.inference_mode():
+            assert not runs_native_add_layer_norm(*case)
+        with pytest.raises(ValueError):
+            add_layer_norm_cpu(*case)
+    # Gradients wanted: torch's ops, which record them.
+    leaf = x.clone().requires_grad_()
+    assert not runs_native_add_layer_norm(leaf, residual, (64,), weight, bias, 1e-5)
+    out = add_layer_norm(leaf, residual, (64,), weight, bias, 1e-5)
+    out.sum().backward()
+    assert leaf.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_layer_norm_is_torchs_layer_norm_of_the_sum(dtype):
+    # Whichever path runs (native where it can, torch elsewhere), the same values to rounding.
+    for shape, normalized in (((2, 9, 64), (64,)), ((2, 9, 62), (62,)), ((3, 4, 8), (4, 8))):
+        x, residual, _, _ = inputs(shape, dtype, dtype, False, seed=3)
+        weight = torch.rand(normalized, generator=torch.Generator().manual_seed(4)).to(dtype) + 0.5
+        bias = torch.randn(normalized, generator=torch.Generator().manual_seed(5)).to(dtype)
+        with torch.inference_mode():
+            out = add_layer_norm(x, residual, normalized, weight, bias, 1e-5)
+        expected = F.layer_norm(x + residual, normalized, weight, bias, 1e-5)
+        limit = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+        assert out.shape == expected.shape and out.dtype == dtype
+        assert ((out.double() - expected.double()).abs() <= limit * (1 + expected.double().abs())).all()
+
+
+@needs_native
+def test_add_layer_norm_op_traces_with_its_fake():
+    from nn_blocksparse import ops
+
+    x, residual, weight, bias = inputs((2, 5, 32), torch.float32, torch.float32, True, seed=6)
+    torch.library.opcheck(ops.add_layer_norm_cpu, (x, residual, [32], weight, bias, 1e-5),
+                          test_utils=("test_schema", "test_faketensor"))
