@@ -178,6 +178,21 @@ inline vu<L> round_to_bf16(vf<L> v) {
   return (is_nan & ((bits >> 16) | 0x40u)) | (~is_nan & rounded);
 }
 
+// round_to_bf16 in one conversion where the CPU has one (AVX512_BF16's vcvtneps2bf16: also to nearest
+// even, NaN kept quiet, but a denormal input becomes a zero of its sign), for code that rounds more
+// than it computes; elsewhere round_to_bf16 itself.
+template <int L>
+inline vu<L> round_to_bf16_fast(vf<L> v) {
+#if NNBS_BF16_DOT && !defined(__aarch64__)
+  if constexpr (L == 16) return (vu<L>)_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)v));
+  else if constexpr (L == 8) return (vu<L>)_mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh((__m256)v));
+  else if constexpr (L == 4) return (vu<L>)_mm_cvtepu16_epi32((__m128i)_mm_cvtneps_pbh((__m128)v));
+  else return round_to_bf16<L>(v);
+#else
+  return round_to_bf16<L>(v);
+#endif
+}
+
 // ------------------------------------------------------------------------------ lane reductions
 // Pairwise sums inside each 4-lane segment: segment s of the result is
 // (a[4s] + a[4s+1], a[4s+2] + a[4s+3], b[4s] + b[4s+1], b[4s+2] + b[4s+3]).
@@ -1301,7 +1316,8 @@ inline QueryBlocks query_blocks(int64_t s_len, int64_t pairs, int threads, int64
 // ------------------------------------------------------------------------------ residual add + layer norm
 // out = layer_norm(x + residual) * weight + bias, row by row: an encoder layer's residual add and
 // norm in one pass over the stream instead of an add and a norm that each read and write it. The
-// sum is rounded to the io dtype first, as an add in that dtype is; the statistics are fp32 over the
+// sum is rounded to the io dtype first, as an add in that dtype is (bf16 by round_to_bf16_fast: a
+// denormal sum is a zero there on CPUs with AVX512_BF16); the statistics are fp32 over the
 // row's rounded sums, kept in per-thread scratch between the passes: the mean, then the mean of the
 // squared deviations (not E[s^2] - E[s]^2, which cancels). Each row is one thread's, in a fixed
 // order of additions: bit-identical for any thread count.
@@ -1402,7 +1418,7 @@ void add_layer_norm_row_bf16(const NormRows& p, int64_t row, float* __restrict s
   uint32_t* __restrict out = static_cast<uint32_t*>(p.out) + row * half;
   auto rounded = [](auto v) {
     constexpr int V = sizeof v / sizeof(float);
-    return as_f<V>(round_to_bf16<V>(v) << 16);
+    return as_f<V>(round_to_bf16_fast<V>(v) << 16);
   };
   auto sum_pairs = [&](auto lanes, int64_t k, auto& even_total, auto& odd_total) {
     constexpr int V = decltype(lanes)::value;
@@ -1429,7 +1445,7 @@ void add_layer_norm_row_bf16(const NormRows& p, int64_t row, float* __restrict s
     const vf<V> even = fmadd<V>((load_f<V>(sums + k) - m) * r, load_f<V>(params + k), load_f<V>(params + 2 * half + k));
     const vf<V> odd = fmadd<V>((load_f<V>(sums + half + k) - m) * r, load_f<V>(params + half + k),
                                load_f<V>(params + 3 * half + k));
-    const vu<V> pairs = round_to_bf16<V>(even) | (round_to_bf16<V>(odd) << 16);
+    const vu<V> pairs = round_to_bf16_fast<V>(even) | (round_to_bf16_fast<V>(odd) << 16);
     memcpy(out + k, &pairs, sizeof pairs);
   };
   for (k = 0; k < half / L * L; k += L) normalize(std::integral_constant<int, L>{}, k);

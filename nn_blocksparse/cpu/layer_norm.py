@@ -3,7 +3,8 @@
 An encoder layer ends each of its two blocks with a residual add and a layer norm; torch runs them
 as two ops that each read and write the residual stream, with a dispatch each, and its bf16 norm is
 slower than its fp32 one. `nnbs_add_layer_norm` does both per row: the sum rounded to the io dtype
-(as the add in that dtype rounds it), then mean and variance in fp32 over the rounded sums, then
+(as the add in that dtype rounds it; in bf16 on CPUs with AVX512_BF16 by its conversion instruction,
+which takes a denormal as zero), then mean and variance in fp32 over the rounded sums, then
 `(s - mean) / sqrt(var + eps) * weight + bias`, rounded once to the io dtype. The same values as
 `F.layer_norm(x + residual, ...)` up to the order of the statistics' additions; bit-identical for
 any thread count.
