@@ -13,7 +13,7 @@ reading any data, so the modules that call them trace without a graph break and 
   projection, `[B, S, H * D]` out; called only where `runs_native_attention` holds (never in a trace).
 - `nn_blocksparse::add_layer_norm_cpu(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight,
   Tensor? bias, float eps) -> Tensor`: `layer_norm(x + residual)` on the native kernel
-  (`cpu.layer_norm.add_layer_norm_cpu`), x's shape out; called only where `runs_native_add_layer_norm`
+  (`cpu.layer_norm.add_layer_norm_cpu`), x's shape and the promoted dtype of x and residual out; called only where `runs_native_add_layer_norm`
   holds (never in a trace).
 - `nn_blocksparse::linear_triton(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices,
   Tensor row_order, Tensor[] row_groups, Tensor? bias, str? activation, SymInt[] launch_table) -> Tensor`:
@@ -156,7 +156,7 @@ def add_layer_norm_cpu(x: torch.Tensor, residual: torch.Tensor, normalized_shape
 
 @add_layer_norm_cpu.register_fake
 def _add_layer_norm_cpu_fake(x, residual, normalized_shape, weight, bias, eps):
-    return torch.empty_like(x)
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
 
 
 # ---------------------------------------------------------------------------------- eager CPU calls

@@ -27,11 +27,11 @@ def reference(x, residual, weight, bias, eps):
     return out
 
 
-def inputs(shape, dtype, param_dtype, affine, seed):
+def inputs(shape, dtype, param_dtype, affine, seed, residual_dtype=None):
     generator = torch.Generator().manual_seed(seed)
     width = shape[-1]
     x = (3 * torch.randn(shape, generator=generator) + 2).to(dtype)  # an offset: the mean matters
-    residual = torch.randn(shape, generator=generator).to(dtype)
+    residual = torch.randn(shape, generator=generator).to(residual_dtype or dtype)
     weight = (torch.rand(width, generator=generator) + 0.5).to(param_dtype) if affine else None
     bias = torch.randn(width, generator=generator).to(param_dtype) if affine else None
     return x, residual, weight, bias
@@ -39,13 +39,17 @@ def inputs(shape, dtype, param_dtype, affine, seed):
 
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dtype, residual_dtype, param_dtype", [
+    (torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.float32)])  # promoted: fp32
 @pytest.mark.parametrize("shape", [(1, 128, 768), (1024, 384), (3, 5, 72), (1, 8), (7, 776)])
-def test_native_add_layer_norm_matches_float64(isa, dtype, param_dtype, shape):
+def test_native_add_layer_norm_matches_float64(isa, dtype, residual_dtype, param_dtype, shape):
     for affine in (True, False):
-        x, residual, weight, bias = inputs(shape, dtype, param_dtype, affine, seed=shape[-1])
+        x, residual, weight, bias = inputs(shape, dtype, param_dtype, affine, seed=shape[-1],
+                                           residual_dtype=residual_dtype)
         out = add_layer_norm_cpu(x, residual, (shape[-1],), weight, bias, 1e-12, library=library_for(isa))
+        dtype = torch.promote_types(dtype, residual_dtype)
         assert out.shape == x.shape and out.dtype == dtype
         expected = reference(x, residual, weight, bias, 1e-12)
         error = (out.double() - expected).abs()
@@ -92,7 +96,7 @@ def test_what_takes_the_native_norm_and_what_stays_on_torch():
         assert runs_native_add_layer_norm(x, residual, (64,), weight, bias, 1e-5) is native
         assert runs_native_add_layer_norm(x, residual, (64,), None, None, 0.0) is native
     refused = [
-        (x, residual.double(), (64,), weight, bias, 1e-5),  # another dtype
+        (x, residual.double(), (64,), weight, bias, 1e-5),  # an fp64 residual
         (x, residual[:, :8], (64,), weight, bias, 1e-5),  # another shape
         (x.transpose(0, 1), residual.transpose(0, 1), (64,), weight, bias, 1e-5),  # not contiguous
         (x, residual, (9, 64), weight.expand(9, 64), bias.expand(9, 64), 1e-5),  # over two dimensions

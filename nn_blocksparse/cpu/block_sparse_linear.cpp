@@ -1319,14 +1319,16 @@ inline QueryBlocks query_blocks(int64_t s_len, int64_t pairs, int threads, int64
 // sum is rounded to the io dtype first, as an add in that dtype is (bf16 by round_to_bf16_fast: a
 // denormal sum is a zero there on CPUs with AVX512_BF16); the statistics are fp32 over the
 // row's rounded sums, kept in per-thread scratch between the passes: the mean, then the mean of the
-// squared deviations (not E[s^2] - E[s]^2, which cancels). Each row is one thread's, in a fixed
-// order of additions: bit-identical for any thread count.
+// squared deviations (not E[s^2] - E[s]^2, which cancels). fp32 rows may take either input in
+// bf16 (widened: the sum is then the fp32 add of torch's type promotion). Each row is one thread's,
+// in a fixed order of additions: bit-identical for any thread count.
 struct NormRows {
   int64_t width;  // a multiple of 4 (8 in bf16)
   const void* x;
   const void* residual;
   void* out;
-  bool io_bf16;
+  bool x_bf16, residual_bf16;  // both where out_bf16
+  bool out_bf16;
   const void* weight;  // width values, or null (ones)
   const void* bias;    // width values, or null (zeros)
   bool params_bf16;
@@ -1367,30 +1369,26 @@ inline float variance_of(const float* __restrict sums, int64_t width, float mean
   return mean_of<L>(acc, tail, width);
 }
 
-// An fp32 row (parameters fp32, or bf16 widened where PARAMS_BF16, fixed at compile time: a test per
-// vector costs as much as the arithmetic at these sizes), four vectors at a time, the tail (width %
-// (4 L)) a vector of 4 at a time.
-template <int L, bool PARAMS_BF16>
+// An fp32 row (its inputs and parameters fp32, or bf16 widened where X_BF16, RESIDUAL_BF16,
+// PARAMS_BF16, fixed at compile time: a test per vector costs as much as the arithmetic at these
+// sizes), four vectors at a time, the tail (width % (4 L)) a vector of 4 at a time.
+template <int L, bool X_BF16, bool RESIDUAL_BF16, bool PARAMS_BF16>
 void add_layer_norm_row_fp32(const NormRows& p, int64_t row, float* __restrict sums) {
-  const int64_t width = p.width, whole = width / (4 * L) * (4 * L);
-  const float* __restrict x = static_cast<const float*>(p.x) + row * width;
-  const float* __restrict residual = static_cast<const float*>(p.residual) + row * width;
-  float* __restrict out = static_cast<float*>(p.out) + row * width;
+  const int64_t width = p.width, whole = width / (4 * L) * (4 * L), at = row * width;
+  float* __restrict out = static_cast<float*>(p.out) + at;
+  auto sum = [&](auto lanes, int64_t j) {
+    constexpr int V = decltype(lanes)::value;
+    const vf<V> v = load_widened<V>(p.x, at + j, X_BF16) + load_widened<V>(p.residual, at + j, RESIDUAL_BF16);
+    memcpy(sums + j, &v, sizeof v);
+    return v;
+  };
   vf<L> acc[4] = {};
   vf<4> tail{};
   int64_t j = 0;
   for (; j < whole; j += 4 * L)
 #pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {
-      const vf<L> v = load_f<L>(x + j + u * L) + load_f<L>(residual + j + u * L);
-      memcpy(sums + j + u * L, &v, sizeof v);
-      acc[u] += v;
-    }
-  for (; j < width; j += 4) {
-    const vf<4> v = load_f<4>(x + j) + load_f<4>(residual + j);
-    memcpy(sums + j, &v, sizeof v);
-    tail += v;
-  }
+    for (int u = 0; u < 4; ++u) acc[u] += sum(std::integral_constant<int, L>{}, j + u * L);
+  for (; j < width; j += 4) tail += sum(std::integral_constant<int, 4>{}, j);
   const float mean = mean_of<L>(acc, tail, width);
   const float rstd = 1.0f / sqrtf(variance_of<L>(sums, width, mean) + p.eps);
   auto normalize = [&](auto lanes, int64_t j) {
@@ -1475,15 +1473,24 @@ inline void split_parameters(const NormRows& p, float* params) {
 // Called by every thread of a parallel region; `failed` is set if scratch memory ran out.
 inline void add_layer_norm_rows(const NormRows& p, int64_t rows, bool* failed) {
   constexpr int L = NNBS_VECTOR_LANES;
-  const size_t floats = static_cast<size_t>(p.width) * (p.io_bf16 ? 3 : 1);
+  const size_t floats = static_cast<size_t>(p.width) * (p.out_bf16 ? 3 : 1);
   float* sums = static_cast<float*>(team_scratch(floats * sizeof(float), failed));
-  if (sums && p.io_bf16) split_parameters(p, sums + p.width);
+  if (sums && p.out_bf16) split_parameters(p, sums + p.width);
+  // The fp32 row for these dtypes: one instance per combination.
+  void (*fp32_row)(const NormRows&, int64_t, float*) =
+      p.x_bf16 ? (p.residual_bf16 ? (p.params_bf16 ? add_layer_norm_row_fp32<L, true, true, true>
+                                                    : add_layer_norm_row_fp32<L, true, true, false>)
+                                  : (p.params_bf16 ? add_layer_norm_row_fp32<L, true, false, true>
+                                                    : add_layer_norm_row_fp32<L, true, false, false>))
+               : (p.residual_bf16 ? (p.params_bf16 ? add_layer_norm_row_fp32<L, false, true, true>
+                                                    : add_layer_norm_row_fp32<L, false, true, false>)
+                                  : (p.params_bf16 ? add_layer_norm_row_fp32<L, false, false, true>
+                                                    : add_layer_norm_row_fp32<L, false, false, false>));
 #pragma omp for schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     if (!sums) continue;
-    if (p.io_bf16) add_layer_norm_row_bf16<L>(p, row, sums, sums + p.width);
-    else if (p.params_bf16) add_layer_norm_row_fp32<L, true>(p, row, sums);
-    else add_layer_norm_row_fp32<L, false>(p, row, sums);
+    if (p.out_bf16) add_layer_norm_row_bf16<L>(p, row, sums, sums + p.width);
+    else fp32_row(p, row, sums);
   }
 }
 
@@ -1662,19 +1669,23 @@ extern "C" NNBS_EXPORT void nnbs_gelu(const float* in, float* out, int64_t n) {
   }
 }
 
-// out [rows, width] = layer_norm(x + residual) * weight + bias (see above). x, residual and out:
-// io_dtype (fp32 or bf16), [rows, width] contiguous; weight and bias: width values of param_dtype
-// (fp32 or bf16), or null; width a multiple of 4 (8 in bf16).
-extern "C" NNBS_EXPORT int nnbs_add_layer_norm(int64_t rows, int64_t width, const void* x, const void* residual,
-                                   int32_t io_dtype, const void* weight, const void* bias, int32_t param_dtype,
-                                   float eps, void* out, int32_t threads) {
+// out [rows, width] = layer_norm(x + residual) * weight + bias (see above), [rows, width] contiguous
+// each. out_dtype fp32 or bf16; x and residual of out_dtype, or, for fp32 out, either of them bf16;
+// weight and bias: width values of param_dtype (fp32 or bf16), or null; width a multiple of 4 (8 in
+// bf16).
+extern "C" NNBS_EXPORT int nnbs_add_layer_norm(int64_t rows, int64_t width, const void* x, int32_t x_dtype,
+                                   const void* residual, int32_t residual_dtype, const void* weight,
+                                   const void* bias, int32_t param_dtype, float eps, void* out, int32_t out_dtype,
+                                   int32_t threads) {
   using namespace nnbs;
-  if (width % (io_dtype == NNBS_BF16 ? 8 : 4)) return NNBS_BAD_BLOCK_SIZE;
-  const bool io_ok = io_dtype == NNBS_F32 || io_dtype == NNBS_BF16;
-  const bool params_ok = param_dtype == NNBS_F32 || param_dtype == NNBS_BF16;
-  if (!io_ok || !params_ok) return NNBS_BAD_DTYPES;
+  auto is_float = [](int32_t code) { return code == NNBS_F32 || code == NNBS_BF16; };
+  if (!is_float(x_dtype) || !is_float(residual_dtype) || !is_float(param_dtype) || !is_float(out_dtype) ||
+      (out_dtype == NNBS_BF16 && (x_dtype != NNBS_BF16 || residual_dtype != NNBS_BF16)))
+    return NNBS_BAD_DTYPES;
+  if (width % (out_dtype == NNBS_BF16 ? 8 : 4)) return NNBS_BAD_BLOCK_SIZE;
   if (rows <= 0 || width <= 0) return NNBS_OK;
-  const NormRows p{width, x, residual, out, io_dtype == NNBS_BF16, weight, bias, param_dtype == NNBS_BF16, eps};
+  const NormRows p{width, x, residual, out, x_dtype == NNBS_BF16, residual_dtype == NNBS_BF16,
+                   out_dtype == NNBS_BF16, weight, bias, param_dtype == NNBS_BF16, eps};
   const int64_t team = threads < 1 ? 1 : threads < rows ? threads : rows;
   bool failed = false;
 #pragma omp parallel num_threads(team)

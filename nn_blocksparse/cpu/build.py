@@ -192,8 +192,8 @@ _LINEAR_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I64, _I32, _POINTER, _I3
                      _I32, _POINTER, _I64, _I32, _I32]
 _ATTENTION_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _POINTER, ctypes.c_float, _POINTER, _I32]
 _ATTENTION_BF16_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I32, _POINTER, ctypes.c_float, _POINTER, _I32]
-_ADD_LAYER_NORM_ARGUMENTS = [_I64, _I64, _POINTER, _POINTER, _I32, _POINTER, _POINTER, _I32, ctypes.c_float, _POINTER,
-                             _I32]
+_ADD_LAYER_NORM_ARGUMENTS = [_I64, _I64, _POINTER, _I32, _POINTER, _I32, _POINTER, _POINTER, _I32, ctypes.c_float,
+                             _POINTER, _I32, _I32]
 
 
 @dataclass(frozen=True)

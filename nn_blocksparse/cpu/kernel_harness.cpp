@@ -178,10 +178,11 @@ int attention_case(int64_t batch, int64_t s_len, int64_t heads, int64_t d, bool 
   return 1;
 }
 
-// layer_norm(x + residual) * weight + bias over rows of `width` (fp32, or bf16 io and parameters),
-// against double statistics of the rounded sums, within a rounding of the io dtype; and bit-identical
-// for 1 and 3 threads.
-int layer_norm_case(int64_t rows, int64_t width, bool bf16, bool params) {
+// layer_norm(x + residual) * weight + bias over rows of `width` (kind 0: fp32; 1: bf16 rows and
+// parameters; 2: bf16 x, fp32 residual, parameters and output), against double statistics of the
+// (rounded) sums, within a rounding of the output dtype; and bit-identical for 1 and 3 threads.
+int layer_norm_case(int64_t rows, int64_t width, int kind, bool params) {
+  const bool bf16 = kind == 1;
   const int64_t count = rows * width;
   std::vector<float> x(count), residual(count), weight(width), bias(width);
   for (auto& v : x) v = static_cast<float>(3.0 * uniform() + 1.0);
@@ -189,23 +190,24 @@ int layer_norm_case(int64_t rows, int64_t width, bool bf16, bool params) {
   for (auto& v : weight) v = static_cast<float>(uniform() + 1.5);
   for (auto& v : bias) v = static_cast<float>(uniform());
   std::vector<uint16_t> x16(count), residual16(count), weight16(width), bias16(width), out16(count), again16(count);
+  for (int64_t j = 0; j < count && kind > 0; ++j) x[j] = from_bf16(x16[j] = to_bf16(x[j]));
   if (bf16) {
-    for (int64_t j = 0; j < count; ++j) x[j] = from_bf16(x16[j] = to_bf16(x[j]));
     for (int64_t j = 0; j < count; ++j) residual[j] = from_bf16(residual16[j] = to_bf16(residual[j]));
     for (int64_t j = 0; j < width; ++j) weight[j] = from_bf16(weight16[j] = to_bf16(weight[j]));
     for (int64_t j = 0; j < width; ++j) bias[j] = from_bf16(bias16[j] = to_bf16(bias[j]));
   }
   std::vector<float> out(count), again(count);
-  const int32_t io = bf16 ? NNBS_BF16 : NNBS_F32;
+  const int32_t out_dtype = bf16 ? NNBS_BF16 : NNBS_F32;
   const void* w = !params ? nullptr : bf16 ? static_cast<const void*>(weight16.data()) : weight.data();
   const void* b = !params ? nullptr : bf16 ? static_cast<const void*>(bias16.data()) : bias.data();
   const float eps = 1e-5f;
   for (int threads : {1, 3}) {
     void* target = bf16 ? static_cast<void*>(threads == 1 ? out16.data() : again16.data())
                         : static_cast<void*>(threads == 1 ? out.data() : again.data());
-    if (nnbs_add_layer_norm(rows, width, bf16 ? static_cast<const void*>(x16.data()) : x.data(),
-                            bf16 ? static_cast<const void*>(residual16.data()) : residual.data(), io, w, b, io, eps,
-                            target, threads) != NNBS_OK)
+    if (nnbs_add_layer_norm(rows, width, kind > 0 ? static_cast<const void*>(x16.data()) : x.data(),
+                            kind > 0 ? NNBS_BF16 : NNBS_F32,
+                            bf16 ? static_cast<const void*>(residual16.data()) : residual.data(), out_dtype, w, b,
+                            out_dtype, eps, target, out_dtype, threads) != NNBS_OK)
       fail("layer norm refused");
   }
   if (bf16 ? out16 != again16 : memcmp(out.data(), again.data(), count * sizeof(float)) != 0)
@@ -226,8 +228,8 @@ int layer_norm_case(int64_t rows, int64_t width, bool bf16, bool params) {
       // bf16: the output's rounding (half an ulp, 2^-9 relative) and the fp32 statistics' error.
       const double allowed = bf16 ? fabs(expected) * 4.0e-3 + 1e-3 : 2e-5 * (1.0 + fabs(expected));
       if (!(fabs(got - expected) <= allowed)) {
-        printf("  layer norm rows %lld width %lld bf16 %d: out[%lld, %lld] = %.8g, expected %.8g\n", (long long)rows,
-               (long long)width, bf16, (long long)r, (long long)j, got, expected);
+        printf("  layer norm rows %lld width %lld kind %d: out[%lld, %lld] = %.8g, expected %.8g\n", (long long)rows,
+               (long long)width, kind, (long long)r, (long long)j, got, expected);
         fail("layer norm");
         return 1;
       }
@@ -289,14 +291,17 @@ int main() {
   if (nnbs_attention(1, 4, 1, 6, nullptr, nullptr, 1.0f, nullptr, 1) != NNBS_BAD_BLOCK_SIZE) fail("head size 6 accepted");
   // Add + layer norm: widths with and without a vector tail, one row and many, with and without
   // parameters.
-  for (bool bf16 : {false, true})
+  for (int kind = 0; kind < 3; ++kind)
     for (int64_t width : {8, 24, 384, 776})
-      for (int64_t rows : {1, 5, 64}) cases += layer_norm_case(rows, width, bf16, rows != 5);
-  if (nnbs_add_layer_norm(1, 6, nullptr, nullptr, NNBS_F32, nullptr, nullptr, NNBS_F32, 1e-5f, nullptr, 1) !=
-      NNBS_BAD_BLOCK_SIZE)
+      for (int64_t rows : {1, 5, 64}) cases += layer_norm_case(rows, width, kind, rows != 5);
+  if (nnbs_add_layer_norm(1, 6, nullptr, NNBS_F32, nullptr, NNBS_F32, nullptr, nullptr, NNBS_F32, 1e-5f, nullptr,
+                          NNBS_F32, 1) != NNBS_BAD_BLOCK_SIZE)
     fail("layer norm width 6 accepted");
-  if (nnbs_add_layer_norm(1, 12, nullptr, nullptr, NNBS_BF16, nullptr, nullptr, NNBS_BF16, 1e-5f, nullptr, 1) !=
-      NNBS_BAD_BLOCK_SIZE)
+  if (nnbs_add_layer_norm(1, 16, nullptr, NNBS_F32, nullptr, NNBS_BF16, nullptr, nullptr, NNBS_BF16, 1e-5f, nullptr,
+                          NNBS_BF16, 1) != NNBS_BAD_DTYPES)
+    fail("fp32 x into a bf16 layer norm accepted");
+  if (nnbs_add_layer_norm(1, 12, nullptr, NNBS_BF16, nullptr, NNBS_BF16, nullptr, nullptr, NNBS_BF16, 1e-5f, nullptr,
+                          NNBS_BF16, 1) != NNBS_BAD_BLOCK_SIZE)
     fail("bf16 layer norm width 12 accepted");
   printf("%s %d\n", failures ? "failed" : "ok", cases);
   return failures > 100 ? 100 : failures;

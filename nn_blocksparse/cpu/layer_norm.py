@@ -2,19 +2,21 @@
 
 An encoder layer ends each of its two blocks with a residual add and a layer norm; torch runs them
 as two ops that each read and write the residual stream, with a dispatch each, and its bf16 norm is
-slower than its fp32 one. `nnbs_add_layer_norm` does both per row: the sum rounded to the io dtype
-(as the add in that dtype rounds it; in bf16 on CPUs with AVX512_BF16 by its conversion instruction,
-which takes a denormal as zero), then mean and variance in fp32 over the rounded sums, then
-`(s - mean) / sqrt(var + eps) * weight + bias`, rounded once to the io dtype. The same values as
-`F.layer_norm(x + residual, ...)` up to the order of the statistics' additions; bit-identical for
-any thread count.
+slower than its fp32 one. `nnbs_add_layer_norm` does both per row: the sum in the dtype of
+`x + residual` (rounded to bf16 where both are bf16, as the add in bf16 rounds it; on CPUs with
+AVX512_BF16 by its conversion instruction, which takes a denormal as zero), then mean and variance
+in fp32 over the sums, then `(s - mean) / sqrt(var + eps) * weight + bias`, rounded once to that
+dtype. The same values as `F.layer_norm(x + residual, ...)` up to the order of the statistics'
+additions; bit-identical for any thread count.
 
 `runs_native_add_layer_norm(...)` says whether a call can take this path: plain CPU tensors, `x` and
-`residual` of one shape and dtype (fp32 or bf16), contiguous, normalized over the last dimension only,
-that dimension a multiple of 4 (8 in bf16), `weight`/`bias` None or contiguous `[width]` fp32 or x's dtype (the
-same where both are given), no gradient wanted, no tracing, a native kernel here. Everything else
-computes `F.layer_norm(x + residual, ...)`. `add_layer_norm_cpu` checks what keeps the kernel in
-bounds and raises naming it. Knows nothing of `nn.Module` or BERT.
+`residual` of one shape, each fp32 or bf16 (the output of their promoted dtype, as `x + residual`
+gives: a bf16 FFN output onto an fp32 residual stream is fp32), contiguous, normalized over the last
+dimension only, that dimension a multiple of 4 (8 in bf16), `weight`/`bias` None or contiguous
+`[width]` fp32 or the output's dtype (the same where both are given), no gradient wanted, no
+tracing, a native kernel here. Everything else computes `F.layer_norm(x + residual, ...)`.
+`add_layer_norm_cpu` checks what keeps the kernel in bounds and raises naming it. Knows nothing of
+`nn.Module` or BERT.
 """
 
 from __future__ import annotations
@@ -32,21 +34,27 @@ _MESSAGES = {1: "the normalized width must be a multiple of 4 (8 in bf16)", 2: "
 _IO_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def output_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
+    """The dtype of `x + residual` (torch's promotion: fp32 where either is fp32)."""
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
 def _refusal(x, residual, normalized_shape, weight, bias, eps) -> str | None:
     """Why the kernel cannot take these inputs in bounds, or None."""
-    if not (type(x) in _PLAIN and type(residual) in _PLAIN and x.dtype in _IO_DTYPES and x.is_cpu and x.dim() >= 1):
-        return f"x must be a plain fp32 or bf16 CPU tensor of at least one dimension, got {getattr(x, 'dtype', type(x))}"
-    if not (residual.dtype == x.dtype and residual.shape == x.shape and residual.is_cpu):
-        return (f"residual must match x ({x.dtype}, {tuple(x.shape)}), got {residual.dtype}, "
-                f"{tuple(residual.shape)}")
+    if not (type(x) in _PLAIN and type(residual) in _PLAIN and x.dim() >= 1 and x.is_cpu and residual.is_cpu
+            and x.dtype in _IO_DTYPES and residual.dtype in _IO_DTYPES):
+        return (f"x and residual must be plain fp32 or bf16 CPU tensors of at least one dimension, got "
+                f"{getattr(x, 'dtype', type(x))} and {getattr(residual, 'dtype', type(residual))}")
+    if residual.shape != x.shape:
+        return f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
     if not (x.is_contiguous() and residual.is_contiguous()):
         return "x and residual must be contiguous"
-    width = x.shape[-1]
+    width, out_dtype = x.shape[-1], output_dtype(x, residual)
     if tuple(normalized_shape) != (width,):
         return f"the native norm normalizes over the last dimension only ({width}), got {tuple(normalized_shape)}"
-    multiple = 8 if x.dtype == torch.bfloat16 else 4
+    multiple = 8 if out_dtype == torch.bfloat16 else 4
     if width % multiple:
-        return f"the normalized width must be a multiple of {multiple} in {x.dtype}, got {width}"
+        return f"the normalized width must be a multiple of {multiple} in {out_dtype}, got {width}"
     params = [tensor for tensor in (weight, bias) if tensor is not None]
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and not (type(tensor) in _PLAIN and tensor.dtype in _IO_DTYPES and tensor.is_cpu
@@ -55,8 +63,9 @@ def _refusal(x, residual, normalized_shape, weight, bias, eps) -> str | None:
                     f"{getattr(tensor, 'dtype', type(tensor))} of shape {tuple(getattr(tensor, 'shape', ()))}")
     if len({tensor.dtype for tensor in params}) > 1:
         return f"weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}"
-    if params and params[0].dtype not in (torch.float32, x.dtype):
-        return f"weight and bias must be fp32 or x's dtype ({x.dtype}), as torch's layer norm takes, got {params[0].dtype}"
+    if params and params[0].dtype not in (torch.float32, out_dtype):
+        return (f"weight and bias must be fp32 or the sum's dtype ({out_dtype}), as torch's layer norm takes, got "
+                f"{params[0].dtype}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         return f"eps must be a finite number >= 0, got {eps!r}"
     return None
@@ -80,15 +89,16 @@ def add_layer_norm_cpu(x: torch.Tensor, residual: torch.Tensor, normalized_shape
     library = library or native_library()
     if library is None:
         raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=output_dtype(x, residual))
     width = x.shape[-1]
     if out.numel() == 0:
         return out
     param_dtype = next((tensor.dtype for tensor in (weight, bias) if tensor is not None), torch.float32)
     code = library.add_layer_norm(
-        x.numel() // width, width, x.data_ptr(), residual.data_ptr(), _DTYPE_CODES[x.dtype],
-        None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(),
-        _DTYPE_CODES[param_dtype], float(eps), out.data_ptr(), torch.get_num_threads())
+        x.numel() // width, width, x.data_ptr(), _DTYPE_CODES[x.dtype], residual.data_ptr(),
+        _DTYPE_CODES[residual.dtype], None if weight is None else weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), _DTYPE_CODES[param_dtype], float(eps), out.data_ptr(),
+        _DTYPE_CODES[out.dtype], torch.get_num_threads())
     if code:
         raise RuntimeError(f"native add + layer norm: {_MESSAGES.get(code, f'error {code}')}")
     return out
