@@ -21,11 +21,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_compile, bench_cpu, bench_cpu_attention, bench_cpu_engines, bench_e2e,  # noqa: E402
+from benchmarks import (bench_compile, bench_cpu, bench_cpu_attention, bench_cpu_engines, bench_cpu_norm, bench_e2e,  # noqa: E402
                         bench_ffn_alignment, bench_kernel, common, engines, graph_check, launch_overhead,
                         profile_cpu_hybrid, run_all, tune_kernel, warm_triton_cache)
 from nn_blocksparse.cpu import native_isa  # noqa: E402
-from nn_blocksparse.dtypes import dtype_from_name  # noqa: E402
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name  # noqa: E402
 
 ENVIRONMENT_KEYS = {"date", "device", "device_name", "cpu", "torch_threads", "torch", "cuda", "triton",
                     "transformers"}
@@ -328,6 +328,29 @@ def test_bench_cpu_attention_refuses_a_wrong_answer(monkeypatch):
                         torch.zeros(qkv.shape[0], qkv.shape[1], heads * head_dim))
     with pytest.raises(RuntimeError, match="sdpa differs from float64"):
         bench_cpu_attention.run_case("minilm", 1, 8, 2, "none", warmup=0, repeats=1)
+
+
+def test_bench_cpu_norm_quick(tmp_path):
+    assert bench_cpu_norm.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    path = tmp_path / f"cpu_norm_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    rows = read(path, bench_cpu_norm.COLUMNS)
+    assert {"loadavg_before", "loadavg_after"} <= set(common.read_csv(path)[0])
+    cases = {(DTYPE_NAMES[x], DTYPE_NAMES[residual]) for x, residual in bench_cpu_norm.DTYPE_CASES}
+    assert {(row["x_dtype"], row["residual_dtype"], row["method"]) for row in rows} == {
+        (x, residual, method) for x, residual in cases for method in bench_cpu_norm.method_names()}
+    for row in rows:
+        assert (row["model"], row["batch"], row["seq"], row["width"]) == ("bert-base", "1", "128", "768")
+        if row["method"] == "native" and native_isa() is None:  # no native kernel here: no time, and why
+            assert math.isnan(number(row["time_ms"])) and "no native kernel" in row["note"], row
+            continue
+        time_ms = number(row["time_ms"])
+        out_dtype = "fp32" if "fp32" in (row["x_dtype"], row["residual_dtype"]) else "bf16"
+        # The script checked max(1, max |reference|) times the tolerance; layer norm outputs stay under 10.
+        assert time_ms > 0 and number(row["max_abs_diff"]) <= 10 * bench_cpu_norm.TOLERANCE[dtype_from_name(out_dtype)], row
+        reference = next(r for r in rows if (r["x_dtype"], r["residual_dtype"], r["method"]) ==
+                         (row["x_dtype"], row["residual_dtype"], "torch"))
+        assert number(row["speedup_vs_torch"]) == pytest.approx(number(reference["time_ms"]) / time_ms, rel=1e-4)
+    assert_png(path.with_suffix(".png"))
 
 
 def test_profile_cpu_hybrid_quick(tmp_path):
