@@ -49,17 +49,18 @@ def test_native_add_layer_norm_matches_float64(isa, dtype, residual_dtype, param
         x, residual, weight, bias = inputs(shape, dtype, param_dtype, affine, seed=shape[-1],
                                            residual_dtype=residual_dtype)
         out = add_layer_norm_cpu(x, residual, (shape[-1],), weight, bias, 1e-12, library=library_for(isa))
-        dtype = torch.promote_types(dtype, residual_dtype)
-        assert out.shape == x.shape and out.dtype == dtype
+        out_dtype = torch.promote_types(dtype, residual_dtype)
+        assert x.dtype == dtype and residual.dtype == residual_dtype
+        assert out.shape == x.shape and out.dtype == out_dtype
         expected = reference(x, residual, weight, bias, 1e-12)
         error = (out.double() - expected).abs()
-        if dtype == torch.float32:
+        if out_dtype == torch.float32:
             assert error.max().item() < 1e-5 * (1 + expected.abs().max().item())
         else:  # one bf16 rounding of the output (2^-9 relative), and fp32 statistics
             assert (error <= expected.abs() * 2.0 ** -8 + 1e-3).all()
         # ... and what torch's add and norm in that dtype give, to their roundings.
         torch_out = F.layer_norm(x + residual, (shape[-1],), weight, bias, 1e-12)
-        limit = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+        limit = 1e-5 if out_dtype == torch.float32 else 2.0 ** -7
         assert ((out.double() - torch_out.double()).abs() <= limit * (1 + torch_out.double().abs())).all()
 
 
@@ -109,6 +110,8 @@ def test_what_takes_the_native_norm_and_what_stays_on_torch():
     ]
     bf16 = x.bfloat16()[..., :60]
     refused.append((bf16, bf16, (60,), None, None, 1e-5))  # bf16 width not a multiple of 8
+    refused.append((x, residual, 64, weight, bias, 1e-5))  # not a tuple
+    refused.append((torch._neg_view(x), residual, (64,), weight, bias, 1e-5))  # a negated view: memory is -x
     for case in refused:
         with torch.inference_mode():
             assert not runs_native_add_layer_norm(*case)

@@ -13,8 +13,8 @@ layer calls the same modules, in the same order on the same tensors, directly:
 
 Each residual add and the layer norm after it run as one `norm.add_layer_norm` (on CPU, one native
 pass over the stream: the statistics' additions in another order than torch's, so the output is
-close to transformers' forward, not bit for bit); a layer norm with hooks, or not a plain
-`nn.LayerNorm`, is called as a module instead. Everything else gives transformers' values bit for
+close to transformers' forward, not bit for bit); a layer norm with hooks (forward or backward) or a
+forward of its own, or not a plain `nn.LayerNorm`, is called as a module instead. Everything else gives transformers' values bit for
 bit. (With bf16 weights on fp32 activations and GELU fused into FFN-in, FFN-in's bf16 output goes to
 FFN-out as it is, without the fp32 copy FFN-out would round straight back: the same values.)
 
@@ -46,17 +46,21 @@ def _bf16_between(ffn_in: nn.Module, ffn_out: nn.Module, activation: nn.Module) 
             and ffn_in.weight.dtype == torch.bfloat16 and ffn_out.weight.dtype == torch.bfloat16)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` would run forward hooks (its own or global ones)."""
+def _called_plainly(module: nn.Module) -> bool:
+    """Whether calling `module` would run nothing but its class's forward: no forward or backward hooks
+    (its own or global ones) and no forward of its own (a wrapper set on the instance, as offloading
+    libraries set)."""
     from torch.nn.modules import module as module_globals
 
-    return bool(module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks
-                or module_globals._global_forward_pre_hooks)
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+                or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks)
 
 
 def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """`norm(x + residual)`: one `add_layer_norm` where `norm` is a plain `nn.LayerNorm` without hooks."""
-    if type(norm) is nn.LayerNorm and not _hooked(norm):
+    """`norm(x + residual)`: one `add_layer_norm` where `norm` is a plain `nn.LayerNorm` called plainly."""
+    if type(norm) is nn.LayerNorm and _called_plainly(norm):
         return add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return norm(x + residual)
 

@@ -178,9 +178,9 @@ inline vu<L> round_to_bf16(vf<L> v) {
   return (is_nan & ((bits >> 16) | 0x40u)) | (~is_nan & rounded);
 }
 
-// round_to_bf16 in one conversion where the CPU has one (AVX512_BF16's vcvtneps2bf16: also to nearest
-// even, NaN kept quiet, but a denormal input becomes a zero of its sign), for code that rounds more
-// than it computes; elsewhere round_to_bf16 itself.
+// round_to_bf16 in one conversion in the builds that have one (AVX512_BF16's vcvtneps2bf16: also to
+// nearest even, NaN kept quiet, but a denormal input becomes a zero of its sign), for code that rounds
+// more than it computes; in the other builds round_to_bf16 itself.
 template <int L>
 inline vu<L> round_to_bf16_fast(vf<L> v) {
 #if NNBS_BF16_DOT && !defined(__aarch64__)
@@ -1316,8 +1316,8 @@ inline QueryBlocks query_blocks(int64_t s_len, int64_t pairs, int threads, int64
 // ------------------------------------------------------------------------------ residual add + layer norm
 // out = layer_norm(x + residual) * weight + bias, row by row: an encoder layer's residual add and
 // norm in one pass over the stream instead of an add and a norm that each read and write it. The
-// sum is rounded to the io dtype first, as an add in that dtype is (bf16 by round_to_bf16_fast: a
-// denormal sum is a zero there on CPUs with AVX512_BF16); the statistics are fp32 over the
+// sum is rounded to the io dtype first, as an add in that dtype is (bf16 by round_to_bf16_fast, as the
+// output: a denormal becomes a zero in the builds with AVX512_BF16); the statistics are fp32 over the
 // row's rounded sums, kept in per-thread scratch between the passes: the mean, then the mean of the
 // squared deviations (not E[s^2] - E[s]^2, which cancels). fp32 rows may take either input in
 // bf16 (widened: the sum is then the fp32 add of torch's type promotion). Each row is one thread's,

@@ -3,10 +3,11 @@
 An encoder layer ends each of its two blocks with a residual add and a layer norm; torch runs them
 as two ops that each read and write the residual stream, with a dispatch each, and its bf16 norm is
 slower than its fp32 one. `nnbs_add_layer_norm` does both per row: the sum in the dtype of
-`x + residual` (rounded to bf16 where both are bf16, as the add in bf16 rounds it; on CPUs with
-AVX512_BF16 by its conversion instruction, which takes a denormal as zero), then mean and variance
-in fp32 over the sums, then `(s - mean) / sqrt(var + eps) * weight + bias`, rounded once to that
-dtype. The same values as `F.layer_norm(x + residual, ...)` up to the order of the statistics'
+`x + residual` (rounded to bf16 where both are bf16, as the add in bf16 rounds it), then mean and
+variance in fp32 over the sums, then `(s - mean) / sqrt(var + eps) * weight + bias`, rounded once to
+that dtype. The avx512_bf16 and amx_bf16 builds round to bf16 with AVX512_BF16's conversion
+instruction, which takes a denormal, sum or output, as a zero of its sign; the other builds round
+denormals too. The same values as `F.layer_norm(x + residual, ...)` up to the order of the statistics'
 additions; bit-identical for any thread count.
 
 `runs_native_add_layer_norm(...)` says whether a call can take this path: plain CPU tensors, `x` and
@@ -41,6 +42,9 @@ def output_dtype(x: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
 
 def _refusal(x, residual, normalized_shape, weight, bias, eps) -> str | None:
     """Why the kernel cannot take these inputs in bounds, or None."""
+    if not (isinstance(normalized_shape, (tuple, list, torch.Size))
+            and all(isinstance(size, int) for size in normalized_shape)):
+        return f"normalized_shape must be a tuple of ints, got {normalized_shape!r}"
     if not (type(x) in _PLAIN and type(residual) in _PLAIN and x.dim() >= 1 and x.is_cpu and residual.is_cpu
             and x.dtype in _IO_DTYPES and residual.dtype in _IO_DTYPES):
         return (f"x and residual must be plain fp32 or bf16 CPU tensors of at least one dimension, got "
@@ -49,6 +53,8 @@ def _refusal(x, residual, normalized_shape, weight, bias, eps) -> str | None:
         return f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
     if not (x.is_contiguous() and residual.is_contiguous()):
         return "x and residual must be contiguous"
+    if any(tensor is not None and (tensor.is_neg() or tensor.is_conj()) for tensor in (x, residual, weight, bias)):
+        return "negated or conjugated views are not read as the kernel reads memory: resolve them first"
     width, out_dtype = x.shape[-1], output_dtype(x, residual)
     if tuple(normalized_shape) != (width,):
         return f"the native norm normalizes over the last dimension only ({width}), got {tuple(normalized_shape)}"
