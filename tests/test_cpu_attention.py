@@ -239,3 +239,12 @@ def test_nan_and_fully_masked_rows_come_out_as_sdpa_gives_them(isa):
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         if sdpa is not None:
             assert sdpa[0, :, :32].isnan().all() and torch.equal(sdpa[1], torch.zeros_like(sdpa[1]))
+
+
+@needs_native
+def test_a_negated_view_of_qkv_is_read_as_its_values():
+    qkv = torch.randn(2, 9, 3 * 2 * 32, generator=torch.Generator().manual_seed(3))
+    negated = torch._neg_view(qkv)
+    assert negated.is_neg() and negated.is_contiguous()
+    out = self_attention_cpu(negated, 2, 32)
+    assert (out.double() - reference(-qkv, 2, 32, None)).abs().max().item() < 5e-5

@@ -290,3 +290,18 @@ def test_first_use_from_many_threads_is_safe_in_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr
     built = list((tmp_path / "native").glob("*.so")) if (tmp_path / "native").exists() else []
     assert len(built) == (0 if "ISA None" in result.stdout else 1)
+
+
+def test_negated_views_are_read_as_their_values():
+    # A view with torch's negative bit set holds -x in memory: the native paths read its values.
+    weight = random_block_sparse_weight(64, 96, 32, 0.6, seed=5)
+    layer = BlockSparseLinear.from_dense(weight, torch.randn(64), block_size=32)
+    x = torch.randn(7, 96)
+    negated = torch._neg_view(x)
+    assert negated.is_neg() and negated.is_contiguous()
+    with torch.inference_mode():
+        assert_close_to_reference(layer(negated), dense_reference(-x, weight, layer.bias, None), torch.float32)
+        matrix = layer.matrix
+        y = block_sparse_linear_cpu(negated, torch._neg_view(matrix.values), matrix.row_offsets, matrix.col_indices,
+                                    None)
+        assert_close_to_reference(y, dense_reference(-x, -weight, None, None), torch.float32)

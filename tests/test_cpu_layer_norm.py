@@ -111,7 +111,6 @@ def test_what_takes_the_native_norm_and_what_stays_on_torch():
     bf16 = x.bfloat16()[..., :60]
     refused.append((bf16, bf16, (60,), None, None, 1e-5))  # bf16 width not a multiple of 8
     refused.append((x, residual, 64, weight, bias, 1e-5))  # not a tuple
-    refused.append((torch._neg_view(x), residual, (64,), weight, bias, 1e-5))  # a negated view: memory is -x
     for case in refused:
         with torch.inference_mode():
             assert not runs_native_add_layer_norm(*case)
@@ -147,3 +146,13 @@ def test_add_layer_norm_op_traces_with_its_fake():
     x, residual, weight, bias = inputs((2, 5, 32), torch.float32, torch.float32, True, seed=6)
     torch.library.opcheck(ops.add_layer_norm_cpu, (x, residual, [32], weight, bias, 1e-5),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_native
+def test_negated_views_are_read_as_their_values():
+    x, residual, weight, bias = inputs((3, 64), torch.float32, torch.float32, True, seed=8)
+    views = [torch._neg_view(tensor) for tensor in (x, residual, weight, bias)]
+    assert all(view.is_neg() and view.is_contiguous() for view in views)
+    out = add_layer_norm_cpu(*views[:2], (64,), *views[2:], 1e-5)
+    expected = reference(-x, -residual, -weight, -bias, 1e-5)
+    assert (out.double() - expected).abs().max().item() < 1e-5

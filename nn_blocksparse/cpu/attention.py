@@ -27,7 +27,7 @@ import math
 import torch
 
 from .build import native_library
-from .launcher import _DTYPE_CODES
+from .launcher import _DTYPE_CODES, stored
 from .launcher import PLAIN_TENSORS as _PLAIN
 
 _MESSAGES = {1: "unsupported head size", 2: "no bf16 attention in this build (or no AMX tile state granted)",
@@ -97,8 +97,9 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
     batch, seq, width = qkv.shape
     if width != 3 * num_heads * head_dim:
         raise ValueError(f"qkv has {width} features, 3 x {num_heads} heads x {head_dim} expected")
+    qkv = stored(qkv)
     mask = (None if attention_mask is None
-            else attention_mask.reshape(-1, seq).expand(batch, seq).to(torch.float32).contiguous())
+            else stored(attention_mask).reshape(-1, seq).expand(batch, seq).to(torch.float32).contiguous())
     out = torch.empty(batch, seq, num_heads * head_dim, dtype=qkv.dtype)
     if out.numel() == 0:
         return out

@@ -29,6 +29,14 @@ _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
 # Tensors the native and oneDNN paths take; subclasses that trace or wrap (fake, functional) keep the
 # ops torch dispatches.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def stored(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """`tensor` with its values in memory: a view whose negative or conjugate bit is set (its memory
+    holds -x or conj(x)) materialized, anything else as it is. What every native entry point reads."""
+    if tensor is None or not (tensor.is_neg() or tensor.is_conj()):
+        return tensor
+    return tensor.resolve_neg().resolve_conj()
 _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
              4: "unsupported activation"}
 
@@ -81,6 +89,7 @@ def block_sparse_linear_cpu(x2d: torch.Tensor, values: torch.Tensor, row_offsets
     only: no autograd graph is recorded.
     """
     _check(x2d, values, row_offsets, col_indices, bias, activation)
+    x2d, values, bias = stored(x2d), stored(values), stored(bias)
     library = native_library()
     if library is None or (x2d.dtype, values.dtype) not in _NATIVE_DTYPES or (
             bias is not None and bias.dtype not in _DTYPE_CODES):
@@ -132,7 +141,7 @@ class NativeLinearCall:
     checked again, not read out of bounds or as another layout), and prepares again otherwise; index
     contents are the owner's matrix's to revalidate (`BlockSparseMatrix.check_unchanged`). Calling it with
     `x [..., in_features]` returns y, or None where it cannot serve x (a dtype the weight does not pair
-    with, a tensor subclass, gradients wanted, a non-unit stride along K, no rows), and the caller
+    with, a tensor subclass, a negated view, gradients wanted, a non-unit stride along K, no rows), and the caller
     takes the general path. The tensors' addresses are read on every call. For a module's forward,
     where the general path's tens of microseconds of Python per call show (the interpreter's caches
     are cold after a kernel that filled L2).
@@ -147,8 +156,8 @@ class NativeLinearCall:
         # the general path).
         x_dtypes = tuple(x for x, w in _NATIVE_DTYPES if w == getattr(values, "dtype", None)
                          and (bias is None or getattr(bias, "dtype", None) in (x, w)))
-        if library is None or not x_dtypes or in_features == 0:
-            return None  # (no input features: the general path returns the bias)
+        if library is None or not x_dtypes or in_features == 0 or values.is_neg() or (bias is not None and bias.is_neg()):
+            return None  # (no input features: the general path returns the bias; negated views: it resolves them)
         _check(torch.empty(0, in_features, dtype=x_dtypes[0]), values, row_offsets, col_indices, bias, activation)
         if not (values.is_contiguous() and row_offsets.is_contiguous() and col_indices.is_contiguous()
                 and (bias is None or bias.is_contiguous())):
@@ -165,13 +174,14 @@ class NativeLinearCall:
     @staticmethod
     def key(values, row_offsets, col_indices, bias, activation) -> tuple:
         """What a call was prepared for: equal keys, the same prepared call."""
-        return (values.shape, values.dtype, values.is_contiguous(), values.is_cpu,
+        return (values.shape, values.dtype, values.is_contiguous(), values.is_cpu, values.is_neg(),
                 row_offsets.shape, row_offsets.is_contiguous(), row_offsets.is_cpu,
                 col_indices.shape, col_indices.is_contiguous(), col_indices.is_cpu,
-                None if bias is None else (bias.shape, bias.dtype, bias.is_contiguous(), bias.is_cpu), activation)
+                None if bias is None else (bias.shape, bias.dtype, bias.is_contiguous(), bias.is_cpu, bias.is_neg()),
+                activation)
 
     def __call__(self, x, values, row_offsets, col_indices, bias):
-        if (type(x) not in PLAIN_TENSORS or x.dtype not in self.x_dtypes or not x.is_cpu or x.dim() < 1
+        if (type(x) not in PLAIN_TENSORS or x.dtype not in self.x_dtypes or not x.is_cpu or x.dim() < 1 or x.is_neg()
                 or x.shape[-1] != self.k or (torch.is_grad_enabled() and (
                     x.requires_grad or (bias is not None and bias.requires_grad)))):
             return None  # (gradients wanted: the general path's dense fallback)

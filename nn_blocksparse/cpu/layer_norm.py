@@ -27,7 +27,7 @@ import math
 import torch
 
 from .build import native_library
-from .launcher import _DTYPE_CODES
+from .launcher import _DTYPE_CODES, stored
 from .launcher import PLAIN_TENSORS as _PLAIN
 
 _MESSAGES = {1: "the normalized width must be a multiple of 4 (8 in bf16)", 2: "unsupported dtypes",
@@ -53,8 +53,6 @@ def _refusal(x, residual, normalized_shape, weight, bias, eps) -> str | None:
         return f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
     if not (x.is_contiguous() and residual.is_contiguous()):
         return "x and residual must be contiguous"
-    if any(tensor is not None and (tensor.is_neg() or tensor.is_conj()) for tensor in (x, residual, weight, bias)):
-        return "negated or conjugated views are not read as the kernel reads memory: resolve them first"
     width, out_dtype = x.shape[-1], output_dtype(x, residual)
     if tuple(normalized_shape) != (width,):
         return f"the native norm normalizes over the last dimension only ({width}), got {tuple(normalized_shape)}"
@@ -95,6 +93,7 @@ def add_layer_norm_cpu(x: torch.Tensor, residual: torch.Tensor, normalized_shape
     library = library or native_library()
     if library is None:
         raise RuntimeError("no native CPU kernel here (nn_blocksparse.cpu.native_status() says why)")
+    x, residual, weight, bias = stored(x), stored(residual), stored(weight), stored(bias)
     out = torch.empty(x.shape, dtype=output_dtype(x, residual))
     width = x.shape[-1]
     if out.numel() == 0:
