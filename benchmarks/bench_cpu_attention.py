@@ -122,14 +122,8 @@ def run_case(model: str, batch: int, seq: int, heads: int, mask: str, warmup: in
     reference = float64_attention(qkv, heads, head_dim, mask_tensor)
     limit = TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
     runs, notes = method_runs(qkv, heads, head_dim, mask_tensor)
-    diffs = {}
-    with torch.inference_mode():
-        for name, run in runs.items():
-            diffs[name] = common.max_abs_diff(run(), reference)
-            if not diffs[name] <= limit:
-                raise RuntimeError(f"{model} {batch}x{seq} mask={mask}: {name} differs from float64 by "
-                                   f"{diffs[name]:.3g} > {limit:.3g}: not timing a wrong answer")
-        times, errors = common.time_side_by_side(runs, CPU, warmup=warmup, repeats=repeats)
+    diffs, times, errors = common.checked_then_timed(runs, reference, limit, f"{model} {batch}x{seq} mask={mask}", CPU,
+                                                     warmup, repeats)
     flops = 4 * batch * heads * seq * seq * head_dim
     rows = []
     for name in method_names(dtype):
@@ -151,16 +145,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timing repeats (default 30, --quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 3, --quick 1)")
     args = parser.parse_args(argv)
-    args.models = common.parse_list(args.models)
-    unknown = sorted(set(args.models) - set(HEAD_DIMS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {sorted(HEAD_DIMS)}")
-    if args.quick:
-        args.models = ["bert-base"]
-    args.sizes = ([common.parse_shape(size) for size in common.parse_list(args.sizes)] if args.sizes
-                  else list(QUICK_SIZES if args.quick else FULL_SIZES))
-    args.repeats = args.repeats or (3 if args.quick else 30)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    common.resolve_models_and_sizes(parser, args, HEAD_DIMS, FULL_SIZES, QUICK_SIZES, repeats=30, warmup=3)
     args.dtype = dtype_from_name(args.dtype)
     if args.threads < 1 or args.heads < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--threads, --heads and --repeats must be at least 1, --warmup at least 0")

@@ -99,14 +99,8 @@ def run_case(model: str, batch: int, seq: int, x_dtype, residual_dtype, warmup: 
     out_dtype = torch.promote_types(x_dtype, residual_dtype)
     limit = TOLERANCE[out_dtype] * max(1.0, reference.abs().max().item())
     runs, notes = method_runs(x, residual, weight, bias)
-    diffs = {}
-    with torch.inference_mode():
-        for name, run in runs.items():
-            diffs[name] = common.max_abs_diff(run(), reference)
-            if not diffs[name] <= limit:
-                raise RuntimeError(f"{model} {batch}x{seq} {DTYPE_NAMES[x_dtype]}+{DTYPE_NAMES[residual_dtype]}: {name} "
-                                   f"differs from float64 by {diffs[name]:.3g} > {limit:.3g}: not timing a wrong answer")
-        times, errors = common.time_side_by_side(runs, CPU, warmup=warmup, repeats=repeats)
+    case = f"{model} {batch}x{seq} {DTYPE_NAMES[x_dtype]}+{DTYPE_NAMES[residual_dtype]}"
+    diffs, times, errors = common.checked_then_timed(runs, reference, limit, case, CPU, warmup, repeats)
     rows = []
     for name in method_names():
         time_value = times.get(name, math.nan)
@@ -124,16 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timing repeats (default 50, --quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 5, --quick 1)")
     args = parser.parse_args(argv)
-    args.models = common.parse_list(args.models)
-    unknown = sorted(set(args.models) - set(WIDTHS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {sorted(WIDTHS)}")
-    if args.quick:
-        args.models = ["bert-base"]
-    args.sizes = ([common.parse_shape(size) for size in common.parse_list(args.sizes)] if args.sizes
-                  else list(QUICK_SIZES if args.quick else FULL_SIZES))
-    args.repeats = args.repeats or (3 if args.quick else 50)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    common.resolve_models_and_sizes(parser, args, WIDTHS, FULL_SIZES, QUICK_SIZES, repeats=50, warmup=5)
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--threads and --repeats must be at least 1, --warmup at least 0")
     return args

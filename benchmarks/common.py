@@ -140,6 +140,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
                      cuda_warmup_ms=cuda_warmup_ms, cuda_rep_ms=cuda_rep_ms)
 
 
+def checked_then_timed(runs: Mapping[str, Callable[[], object]], reference: torch.Tensor, limit: float, case: str,
+                       device: torch.device, warmup: int, repeats: int):
+    """(`{name: max |diff|}`, `{name: time_ms}`, `{name: why it has no time}`): each of `runs` checked
+    against `reference` (a float64 result of the same problem) first, a RuntimeError naming `case` and
+    the method where one differs by more than `limit` (a wrong answer is not timed), then all timed
+    side by side (`time_side_by_side`), in inference mode."""
+    diffs = {}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            diffs[name] = max_abs_diff(run(), reference)
+            if not diffs[name] <= limit:
+                raise RuntimeError(f"{case}: {name} differs from float64 by {diffs[name]:.3g} > {limit:.3g}: "
+                                   "not timing a wrong answer")
+        times, errors = time_side_by_side(runs, device, warmup=warmup, repeats=repeats)
+    return diffs, times, errors
+
+
 def time_side_by_side(runs: Mapping[str, Callable[[], object]], device: torch.device, warmup: int = 3,
                       repeats: int = 20, **cuda_options) -> tuple[dict[str, float], dict[str, str]]:
     """(`{name: time_ms}`, `{name: why it has no time}`) of methods compared in one table: timed in turns
@@ -246,6 +263,23 @@ def base_parser(description: str, default_threads: int | None = None) -> argpars
     parser.add_argument("--threads", type=int, default=default_threads,
                         help=f"torch.set_num_threads for CPU work (default: {default_threads or 'torch default'})")
     return parser
+
+
+def resolve_models_and_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, known_models,
+                             full_sizes, quick_sizes, repeats: int, warmup: int) -> None:
+    """In place: `args.models` parsed and checked against `known_models` (`--quick`: BERT-base only),
+    `args.sizes` as (batch, seq) pairs (default `full_sizes`, `quick_sizes` with `--quick`), and
+    `args.repeats` / `args.warmup` defaulted to `repeats` / `warmup` (3 and 1 with `--quick`)."""
+    args.models = parse_list(args.models)
+    unknown = sorted(set(args.models) - set(known_models))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {sorted(known_models)}")
+    if args.quick:
+        args.models = ["bert-base"]
+    args.sizes = ([parse_shape(size) for size in parse_list(args.sizes)] if args.sizes
+                  else list(quick_sizes if args.quick else full_sizes))
+    args.repeats = args.repeats or (3 if args.quick else repeats)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else warmup)
 
 
 def add_cuda_graph_argument(parser: argparse.ArgumentParser) -> None:
