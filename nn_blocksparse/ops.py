@@ -13,8 +13,8 @@ reading any data, so the modules that call them trace without a graph break and 
   projection, `[B, S, H * D]` out; called only where `runs_native_attention` holds (never in a trace).
 - `nn_blocksparse::add_layer_norm_cpu(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight,
   Tensor? bias, float eps) -> Tensor`: `layer_norm(x + residual)` on the native kernel
-  (`cpu.layer_norm.add_layer_norm_cpu`), x's shape and the promoted dtype of x and residual out; called only where `runs_native_add_layer_norm`
-  holds (never in a trace).
+  (`cpu.layer_norm.add_layer_norm_cpu`), out in x's shape and the dtype of `x + residual`; called only
+  where `runs_native_add_layer_norm` holds (never in a trace).
 - `nn_blocksparse::linear_triton(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices,
   Tensor row_order, Tensor[] row_groups, Tensor? bias, str? activation, SymInt[] launch_table) -> Tensor`:
   the Triton kernel, through the launcher `kernels.block_sparse_linear`. Where torch has
@@ -33,11 +33,11 @@ tensors per grouping (`RowGroups` order: step_offsets, step_cols, step_blocks, g
 group_order), precomputed with the table.
 
 In plain eager mode the callers reach the CPU ops through `call_linear_cpu` / `call_attention_cpu` /
-`call_add_layer_norm_cpu`,
-which call the implementations directly (see there); everything that intercepts ops still gets the ops.
+`call_add_layer_norm_cpu`, which call the implementations directly (see there); everything that
+intercepts ops still gets the ops.
 
 Inference only: no op has an autograd formula (`functional.block_sparse_linear` computes
-densely when gradients are needed), and neither checks its inputs beyond what the launchers do;
+densely when gradients are needed), and none checks its inputs beyond what the launchers do;
 `functional.check_inputs` runs first.
 """
 

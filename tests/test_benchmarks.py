@@ -21,8 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import (bench_compile, bench_cpu, bench_cpu_attention, bench_cpu_engines, bench_cpu_norm, bench_e2e,  # noqa: E402
-                        bench_ffn_alignment, bench_kernel, common, engines, graph_check, launch_overhead,
+from benchmarks import (bench_compile, bench_cpu, bench_cpu_attention, bench_cpu_engines, bench_cpu_norm,  # noqa: E402
+                        bench_e2e, bench_ffn_alignment, bench_kernel, common, engines, graph_check, launch_overhead,
                         profile_cpu_hybrid, run_all, tune_kernel, warm_triton_cache)
 from nn_blocksparse.cpu import native_isa  # noqa: E402
 from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name  # noqa: E402
@@ -346,7 +346,8 @@ def test_bench_cpu_norm_quick(tmp_path):
         time_ms = number(row["time_ms"])
         out_dtype = "fp32" if "fp32" in (row["x_dtype"], row["residual_dtype"]) else "bf16"
         # The script checked max(1, max |reference|) times the tolerance; layer norm outputs stay under 10.
-        assert time_ms > 0 and number(row["max_abs_diff"]) <= 10 * bench_cpu_norm.TOLERANCE[dtype_from_name(out_dtype)], row
+        limit = 10 * bench_cpu_norm.TOLERANCE[dtype_from_name(out_dtype)]
+        assert time_ms > 0 and number(row["max_abs_diff"]) <= limit, row
         reference = next(r for r in rows if (r["x_dtype"], r["residual_dtype"], r["method"]) ==
                          (row["x_dtype"], row["residual_dtype"], "torch"))
         assert number(row["speedup_vs_torch"]) == pytest.approx(number(reference["time_ms"]) / time_ms, rel=1e-4)

@@ -14,9 +14,10 @@ layer calls the same modules, in the same order on the same tensors, directly:
 Each residual add and the layer norm after it run as one `norm.add_layer_norm` (on CPU, one native
 pass over the stream: the statistics' additions in another order than torch's, so the output is
 close to transformers' forward, not bit for bit); a layer norm with hooks (forward or backward) or a
-forward of its own, or not a plain `nn.LayerNorm`, is called as a module instead. Everything else gives transformers' values bit for
-bit. (With bf16 weights on fp32 activations and GELU fused into FFN-in, FFN-in's bf16 output goes to
-FFN-out as it is, without the fp32 copy FFN-out would round straight back: the same values.)
+forward of its own, or not a plain `nn.LayerNorm`, is called as a module instead. Everything else
+gives transformers' values bit for bit. (With bf16 weights on fp32 activations and GELU fused into
+FFN-in, FFN-in's bf16 output goes to FFN-out as it is, without the fp32 copy FFN-out would round
+straight back: the same values.)
 
 Only where nothing else is asked of the layer: in eval mode (dropout is the identity), without
 cross-attention, cache, feed-forward chunking or `output_attentions`. Anything else runs

@@ -327,7 +327,8 @@ template <int MR>
 inline void finish_tile(const Epilogue& e, const Sink& sink, const vf<4>* sums, int64_t row, int64_t n_in_sink,
                         int64_t n) {
   const vf<4> bias = load_bias<4>(e, n);
-  for (int i = 0; i < MR; ++i) store_narrowed<4>(sink.origin, (row + i) * sink.ld + n_in_sink, sums[i] + bias, sink.bf16);
+  for (int i = 0; i < MR; ++i)
+    store_narrowed<4>(sink.origin, (row + i) * sink.ld + n_in_sink, sums[i] + bias, sink.bf16);
 }
 
 // GELU over `count` (a multiple of 4) contiguous values, two vectors at a time.

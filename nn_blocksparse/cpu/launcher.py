@@ -29,6 +29,8 @@ _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
 # Tensors the native and oneDNN paths take; subclasses that trace or wrap (fake, functional) keep the
 # ops torch dispatches.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
+             4: "unsupported activation"}
 
 
 def stored(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -37,8 +39,6 @@ def stored(tensor: torch.Tensor | None) -> torch.Tensor | None:
     if tensor is None or not (tensor.is_neg() or tensor.is_conj()):
         return tensor
     return tensor.resolve_neg().resolve_conj()
-_MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
-             4: "unsupported activation"}
 
 
 def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:
@@ -141,8 +141,8 @@ class NativeLinearCall:
     checked again, not read out of bounds or as another layout), and prepares again otherwise; index
     contents are the owner's matrix's to revalidate (`BlockSparseMatrix.check_unchanged`). Calling it with
     `x [..., in_features]` returns y, or None where it cannot serve x (a dtype the weight does not pair
-    with, a tensor subclass, a negated view, gradients wanted, a non-unit stride along K, no rows), and the caller
-    takes the general path. The tensors' addresses are read on every call. For a module's forward,
+    with, a tensor subclass, a negated view, gradients wanted, a non-unit stride along K, no rows), and
+    the caller takes the general path. The tensors' addresses are read on every call. For a module's forward,
     where the general path's tens of microseconds of Python per call show (the interpreter's caches
     are cold after a kernel that filled L2).
     """
@@ -156,7 +156,8 @@ class NativeLinearCall:
         # the general path).
         x_dtypes = tuple(x for x, w in _NATIVE_DTYPES if w == getattr(values, "dtype", None)
                          and (bias is None or getattr(bias, "dtype", None) in (x, w)))
-        if library is None or not x_dtypes or in_features == 0 or values.is_neg() or (bias is not None and bias.is_neg()):
+        negated = values.is_neg() or (bias is not None and bias.is_neg())
+        if library is None or not x_dtypes or in_features == 0 or negated:
             return None  # (no input features: the general path returns the bias; negated views: it resolves them)
         _check(torch.empty(0, in_features, dtype=x_dtypes[0]), values, row_offsets, col_indices, bias, activation)
         if not (values.is_contiguous() and row_offsets.is_contiguous() and col_indices.is_contiguous()
@@ -181,8 +182,8 @@ class NativeLinearCall:
                 activation)
 
     def __call__(self, x, values, row_offsets, col_indices, bias):
-        if (type(x) not in PLAIN_TENSORS or x.dtype not in self.x_dtypes or not x.is_cpu or x.dim() < 1 or x.is_neg()
-                or x.shape[-1] != self.k or (torch.is_grad_enabled() and (
+        if (type(x) not in PLAIN_TENSORS or x.dtype not in self.x_dtypes or not x.is_cpu or x.dim() < 1
+                or x.is_neg() or x.shape[-1] != self.k or (torch.is_grad_enabled() and (
                     x.requires_grad or (bias is not None and bias.requires_grad)))):
             return None  # (gradients wanted: the general path's dense fallback)
         x2d = x if x.dim() == 2 else x.reshape(-1, self.k)
