@@ -47,7 +47,12 @@ class FusedSelfAttention(nn.Module):
         if self.num_heads == 0:  # every head pruned: the attention block adds nothing
             context = hidden_states.new_zeros(batch, seq, 0)
             return (context, hidden_states.new_zeros(batch, 0, seq, seq)) if return_probabilities else context
-        projected = self.qkv(hidden_states)
+        return self.attend(self.qkv(hidden_states), attention_mask, return_probabilities)
+
+    def attend(self, projected: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               return_probabilities: bool = False):
+        """`forward` from the fused projection `projected [batch, seq, 3 * heads * head_dim]` on."""
+        batch, seq = projected.shape[:2]
         dropout = self.dropout if self.training else 0.0
         if not return_probabilities and runs_native_attention(projected, self.head_dim, attention_mask, dropout):
             return ops.call_attention_cpu(projected, self.num_heads, self.head_dim, attention_mask,

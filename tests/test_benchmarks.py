@@ -22,7 +22,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import (bench_compile, bench_cpu, bench_cpu_attention, bench_cpu_engines, bench_cpu_norm,  # noqa: E402
-                        bench_e2e, bench_ffn_alignment, bench_kernel, common, engines, graph_check, launch_overhead,
+                        bench_cpu_weights_cold, bench_e2e, bench_ffn_alignment, bench_kernel, common, engines, graph_check, launch_overhead,
                         profile_cpu_hybrid, run_all, tune_kernel, warm_triton_cache)
 from nn_blocksparse.cpu import native_isa  # noqa: E402
 from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name  # noqa: E402
@@ -351,6 +351,25 @@ def test_bench_cpu_norm_quick(tmp_path):
         reference = next(r for r in rows if (r["x_dtype"], r["residual_dtype"], r["method"]) ==
                          (row["x_dtype"], row["residual_dtype"], "torch"))
         assert number(row["speedup_vs_torch"]) == pytest.approx(number(reference["time_ms"]) / time_ms, rel=1e-4)
+    assert_png(path.with_suffix(".png"))
+
+
+def test_bench_cpu_weights_cold_quick(tmp_path):
+    assert bench_cpu_weights_cold.main(["--quick", "--threads", THREADS, "--out", str(tmp_path)]) == 0
+    path = tmp_path / f"cpu_weights_cold_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    rows = read(path, bench_cpu_weights_cold.COLUMNS)
+    assert {"loadavg_before", "loadavg_after"} <= set(common.read_csv(path)[0])
+    assert {(row["operation"], row["chain"]) for row in rows} == {
+        (operation, chain) for operation in bench_cpu_weights_cold.OPERATIONS for chain in bench_cpu_weights_cold.CHAINS}
+    times = {(row["operation"], row["chain"]): number(row["time_us"]) for row in rows}
+    for row in rows:
+        assert (row["model"], row["batch"], row["seq"], row["dtype"], row["layers"]) == ("minilm", "1", "128", "fp32", "6")
+        assert number(row["time_us"]) > 0
+        if row["chain"] == "model_order":
+            assert number(row["model_order_over_one_layer"]) == pytest.approx(
+                times[row["operation"], "model_order"] / times[row["operation"], "one_layer"], rel=1e-4)
+        linear = row["operation"] in ("qkv", "attention_output", "ffn_in", "ffn_out")
+        assert (number(row["weight_mb"]) > 0) if linear else math.isnan(number(row["weight_mb"]))
     assert_png(path.with_suffix(".png"))
 
 

@@ -1,0 +1,175 @@
+"""What a hybrid layer's operations cost with their weights fresh from memory, against the same ones cached.
+
+    python -m benchmarks.bench_cpu_weights_cold [--out DIR] [--quick] [--threads 2] [--models bert-base,minilm]
+        [--sizes 1x128,8x128] [--dtypes fp32,bf16] [--repeats N]
+
+A forward reads every layer's weights once: where they outgrow the last-level cache share a machine
+gives the process, each layer's come from memory, and a kernel that does not hide that fetch behind
+its arithmetic runs slower than it does in a loop over one layer. This runs each patched model's
+encoder layers as `ThinBertLayer` does (fused QKV, native attention, output projection, add + norm,
+FFN-in, FFN-out, add + norm, each consuming what came before), timing each operation with
+`time.perf_counter`, in two chains of the same length:
+
+- `model_order`: the model's own layers in order, as a forward runs them (each layer's weights last
+  touched one forward ago);
+- `one_layer`: the first layer's modules again and again (its weights stay in the caches they fit).
+
+One CSV row per (model, size, dtype, operation, chain): the median microseconds per call over
+`--repeats` passes, and `model_order_over_one_layer` on the `model_order` rows. Operations:
+`qkv`, `attention`, `attention_output`, `add_norm_1`, `ffn_in`, `ffn_out`, `add_norm_2`; the
+linears' weights in MB beside them (`weight_mb`, stored values). Writes `cpu_weights_cold_<cpu>[_quick].csv`
+and `.png`. `--quick`: MiniLM, 1x128, fp32, 2 repeats (its times mean nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
+
+from . import bench_e2e, common
+
+CPU = torch.device("cpu")
+COLUMNS = ["model", "batch", "seq", "dtype", "operation", "chain", "time_us", "model_order_over_one_layer",
+           "weight_mb", "layers"]
+OPERATIONS = ("qkv", "attention", "attention_output", "add_norm_1", "ffn_in", "ffn_out", "add_norm_2")
+FULL_SIZES, QUICK_SIZES = ((1, 128), (8, 128)), ((1, 128),)
+CHAINS = ("model_order", "one_layer")
+
+
+def layer_steps(layer) -> list[tuple[str, object]]:
+    """`(operation, step(state) -> state)` of one thin layer's forward, in order; `state` is a dict."""
+    from nn_blocksparse.bert.thin_layer import _add_norm
+
+    fused, output = layer.attention.self.attention, layer.attention.output
+    ffn_in, ffn_out = layer.intermediate.dense, layer.output.dense
+    return [
+        ("qkv", lambda s: {**s, "qkv": fused.qkv(s["h"])}),
+        ("attention", lambda s: {**s, "context": fused.attend(s["qkv"])}),
+        ("attention_output", lambda s: {**s, "o": output.dense(s["context"])}),
+        ("add_norm_1", lambda s: {**s, "h": _add_norm(s["o"], s["h"], output.LayerNorm)}),
+        ("ffn_in", lambda s: {**s, "i": ffn_in(s["h"])}),
+        ("ffn_out", lambda s: {**s, "y": ffn_out(s["i"])}),
+        ("add_norm_2", lambda s: {**s, "h": _add_norm(s["y"], s["h"], layer.output.LayerNorm)}),
+    ]
+
+
+def weight_megabytes(layer) -> dict[str, float]:
+    """Stored weight bytes (MB) of a layer's linears, by operation."""
+    def megabytes(module) -> float:
+        tensor = getattr(module, "values", None)
+        tensor = module.weight if tensor is None else tensor
+        return tensor.numel() * tensor.element_size() / 1e6
+
+    return {"qkv": megabytes(layer.attention.self.attention.qkv),
+            "attention_output": megabytes(layer.attention.output.dense),
+            "ffn_in": megabytes(layer.intermediate.dense), "ffn_out": megabytes(layer.output.dense)}
+
+
+def time_chain(layers, hidden: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median microseconds per call of each operation over `repeats` passes through `layers` (one untimed first)."""
+    steps = [layer_steps(layer) for layer in layers]
+    times = {operation: [] for operation in OPERATIONS}
+    with torch.inference_mode():
+        for repeat in range(repeats + 1):
+            state = {"h": hidden}
+            for layer in steps:
+                for operation, step in layer:
+                    start = time.perf_counter()
+                    state = step(state)
+                    if repeat:
+                        times[operation].append(time.perf_counter() - start)
+    return {operation: statistics.median(values) * 1e6 for operation, values in times.items()}
+
+
+def run_case(model_name: str, model, batch: int, seq: int, dtype: torch.dtype, repeats: int) -> list[dict]:
+    from nn_blocksparse.bert.patching import bert_layers
+
+    typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    variants, failures = bench_e2e.build_variants(typed, specs={"hybrid": {"mode": "hybrid", "prepack_dense": True}},
+                                                  block_size=32)
+    if "hybrid" not in variants:
+        raise RuntimeError(f"could not patch {model_name} in {DTYPE_NAMES[dtype]}: {failures}")
+    layers = bert_layers(variants["hybrid"])
+    hidden = torch.randn(batch, seq, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    chains = {"model_order": layers, "one_layer": [layers[0]] * len(layers)}
+    # Alternate the chains, so that a drift of the machine's speed reaches both.
+    results = {chain: [] for chain in CHAINS}
+    for _ in range(2):
+        for chain in CHAINS:
+            results[chain].append(time_chain(chains[chain], hidden, repeats))
+    medians = {chain: {operation: statistics.median(run[operation] for run in runs) for operation in OPERATIONS}
+               for chain, runs in results.items()}
+    megabytes = weight_megabytes(layers[0])
+    rows = []
+    for operation in OPERATIONS:
+        for chain in CHAINS:
+            ratio = medians["model_order"][operation] / medians["one_layer"][operation] if chain == "model_order" \
+                else float("nan")
+            rows.append({"model": model_name, "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype],
+                         "operation": operation, "chain": chain, "time_us": medians[chain][operation],
+                         "model_order_over_one_layer": ratio, "weight_mb": megabytes.get(operation, float("nan")),
+                         "layers": len(layers)})
+    return rows
+
+
+def parse_args(argv=None):
+    parser = common.base_parser("hybrid's layer operations with weights from memory against cached",
+                                default_threads=2)
+    parser.add_argument("--models", default="bert-base,minilm", help="subset of bert-base,minilm")
+    parser.add_argument("--sizes", help="batch x seq list (default 1x128,8x128)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="subset of fp32,bf16")
+    parser.add_argument("--repeats", type=int, help="passes per chain (default 10, --quick 2)")
+    args = parser.parse_args(argv)
+    args.warmup = None  # one untimed pass per chain, always
+    common.resolve_models_and_sizes(parser, args, bench_e2e.MODELS, FULL_SIZES, QUICK_SIZES, repeats=10, warmup=1)
+    if args.quick:
+        args.models, args.dtypes, args.repeats = ["minilm"], "fp32", 2
+    args.dtypes = [dtype_from_name(name) for name in common.parse_list(args.dtypes)]
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be at least 1")
+    return args
+
+
+def plot(rows: list[dict], path, title: str):
+    cases = sorted({(row["model"], row["batch"], row["seq"], row["dtype"]) for row in rows},
+                   key=lambda case: [str(part) for part in case])
+    series = {f"{model} {batch}x{seq} {dtype}": [
+        next(row["model_order_over_one_layer"] for row in rows if (row["model"], row["batch"], row["seq"], row["dtype"])
+             == (model, batch, seq, dtype) and row["operation"] == operation and row["chain"] == "model_order")
+        for operation in OPERATIONS] for model, batch, seq, dtype in cases}
+    return common.grouped_bars(list(OPERATIONS), series, path, title, "model order / one layer (time per call)",
+                               {"no cost": 1.0}, max_width=16.0)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with common.torch_threads(args.threads):
+        environment = common.environment_record(CPU)
+        environment["loadavg_before"] = common.load_average()
+        rows = []
+        for model_name in args.models:
+            model, _ = bench_e2e.load_pruned(model_name)
+            for dtype in args.dtypes:
+                for batch, seq in args.sizes:
+                    case_rows = run_case(model_name, model, batch, seq, dtype, args.repeats)
+                    rows.extend(case_rows)
+                    print(f"{model_name} {batch}x{seq} {DTYPE_NAMES[dtype]}: " + "  ".join(
+                        f"{row['operation']} {row['model_order_over_one_layer']:.2f}x" for row in case_rows
+                        if row["chain"] == "model_order"), flush=True)
+        environment["loadavg_after"] = common.load_average()
+        path = common.write_csv(common.results_path(args.out, "cpu_weights_cold", CPU, args.quick), rows, COLUMNS,
+                                environment)
+        png = plot(rows, common.results_path(args.out, "cpu_weights_cold", CPU, args.quick, ".png"),
+                   f"hybrid layers, weights from memory vs cached, {common.cpu_model()}, "
+                   f"{torch.get_num_threads()} threads")
+        print("\nwrote", path, png, sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
