@@ -28,7 +28,8 @@ Before anything is timed, every output is checked against the fp32 reference: be
 The floor (`floor_ms`): hybrid's stored encoder linear FLOPs (2 x tokens x stored weights) plus its
 attention FLOPs (4 x batch x seq^2 x head_dim per kept head), at the dense-GEMM rate measured in this
 run (`gemm_gflops`: the faster of `F.linear` (MKL) and oneDNN's linear (packed weight) on a `GEMM_SHAPE` problem at
-this thread count, in the row's dtype or in fp32, whichever is faster; `gemm_method` says which).
+this thread count, the two timed in turns, in the row's dtype or in fp32, whichever is faster; `gemm_method` says
+which).
 `hybrid_over_floor` = hybrid_ms / floor_ms; `resize_floor_ms` is the same for the resized model
 (what ORT and OpenVINO run). `hybrid_speedup_vs_<method>` = <method>_ms / hybrid_ms, all from this run.
 
@@ -108,16 +109,23 @@ def engine_environment(args) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------- floor
 def gemm_rate(dtype: torch.dtype, m: int, repeats: int, warmup: int) -> tuple[float, str]:
-    """(GFLOP/s, method) of the faster dense GEMM here (`F.linear` or oneDNN) at `GEMM_SHAPE`, torch's threads."""
+    """(GFLOP/s, method) of the faster dense GEMM here (`F.linear` or oneDNN) at `GEMM_SHAPE`, torch's threads:
+    the two timed in turns (`common.time_side_by_side`, the median over 3 x `repeats` calls each), so that
+    one moment's drift of the machine's speed neither picks the method nor sets the floor."""
     _, n, k = GEMM_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=generator).to(dtype)
     weight = (torch.randn(n, k, generator=generator) / math.sqrt(k)).to(dtype)
-    rates = {}
+    runs = {}
     for name in ("dense", "dense_onednn"):
         method = bench_kernel.prepare_method(name, x, weight, BLOCK_SIZE)
         if method.run is not None:
-            rates[name] = 2 * m * n * k / common.time_ms(method.run, CPU, warmup, repeats) / 1e6
+            runs[name] = method.run
+    times, errors = common.time_side_by_side(runs, CPU, warmup=warmup, repeats=3 * repeats)
+    rates = {name: 2 * m * n * k / time / 1e6 for name, time in times.items()
+             if name not in errors and math.isfinite(time)}
+    if not rates:
+        raise RuntimeError(f"no dense GEMM ran here to set the floor: {errors}")
     best = max(rates, key=rates.get)
     return rates[best], f"{best} {DTYPE_NAMES[dtype]}"
 
