@@ -47,9 +47,15 @@ def layer_steps(layer) -> list[tuple[str, object]]:
 
     fused, output = layer.attention.self.attention, layer.attention.output
     ffn_in, ffn_out = layer.intermediate.dense, layer.output.dense
+    if fused.num_heads == 0:  # every head pruned: no projection, and the attention adds nothing
+        qkv_step = lambda s: s  # noqa: E731
+        attention_step = lambda s: {**s, "context": fused(s["h"])}  # noqa: E731
+    else:
+        qkv_step = lambda s: {**s, "qkv": fused.qkv(s["h"])}  # noqa: E731
+        attention_step = lambda s: {**s, "context": fused.attend(s["qkv"])}  # noqa: E731
     return [
-        ("qkv", lambda s: {**s, "qkv": fused.qkv(s["h"])}),
-        ("attention", lambda s: {**s, "context": fused.attend(s["qkv"])}),
+        ("qkv", qkv_step),
+        ("attention", attention_step),
         ("attention_output", lambda s: {**s, "o": output.dense(s["context"])}),
         ("add_norm_1", lambda s: {**s, "h": _add_norm(s["o"], s["h"], output.LayerNorm)}),
         ("ffn_in", lambda s: {**s, "i": ffn_in(s["h"])}),
