@@ -305,3 +305,13 @@ def test_negated_views_are_read_as_their_values():
         y = block_sparse_linear_cpu(negated, torch._neg_view(matrix.values), matrix.row_offsets, matrix.col_indices,
                                     None)
         assert_close_to_reference(y, dense_reference(-x, -weight, None, None), torch.float32)
+        # Index tensors too: their memory would be negative offsets and columns, read out of bounds.
+        row_offsets, col_indices = torch._neg_view(-matrix.row_offsets), torch._neg_view(-matrix.col_indices)
+        assert row_offsets.is_neg() and torch.equal(row_offsets, matrix.row_offsets)
+        y = block_sparse_linear_cpu(x, matrix.values, row_offsets, col_indices, None)
+        assert_close_to_reference(y, dense_reference(x, weight, None, None), torch.float32)
+        twisted = BlockSparseMatrix(matrix.values, row_offsets, col_indices, matrix.row_order, matrix.shape,
+                                    matrix.block_size)
+        from nn_blocksparse import block_sparse_linear
+        assert_close_to_reference(block_sparse_linear(x, twisted), dense_reference(x, weight, None, None),
+                                  torch.float32)

@@ -90,6 +90,7 @@ def block_sparse_linear_cpu(x2d: torch.Tensor, values: torch.Tensor, row_offsets
     """
     _check(x2d, values, row_offsets, col_indices, bias, activation)
     x2d, values, bias = stored(x2d), stored(values), stored(bias)
+    row_offsets, col_indices = stored(row_offsets), stored(col_indices)
     library = native_library()
     if library is None or (x2d.dtype, values.dtype) not in _NATIVE_DTYPES or (
             bias is not None and bias.dtype not in _DTYPE_CODES):
@@ -156,7 +157,8 @@ class NativeLinearCall:
         # the general path).
         x_dtypes = tuple(x for x, w in _NATIVE_DTYPES if w == getattr(values, "dtype", None)
                          and (bias is None or getattr(bias, "dtype", None) in (x, w)))
-        negated = values.is_neg() or (bias is not None and bias.is_neg())
+        negated = (values.is_neg() or row_offsets.is_neg() or col_indices.is_neg()
+                   or (bias is not None and bias.is_neg()))
         if library is None or not x_dtypes or in_features == 0 or negated:
             return None  # (no input features: the general path returns the bias; negated views: it resolves them)
         _check(torch.empty(0, in_features, dtype=x_dtypes[0]), values, row_offsets, col_indices, bias, activation)
@@ -176,8 +178,8 @@ class NativeLinearCall:
     def key(values, row_offsets, col_indices, bias, activation) -> tuple:
         """What a call was prepared for: equal keys, the same prepared call."""
         return (values.shape, values.dtype, values.is_contiguous(), values.is_cpu, values.is_neg(),
-                row_offsets.shape, row_offsets.is_contiguous(), row_offsets.is_cpu,
-                col_indices.shape, col_indices.is_contiguous(), col_indices.is_cpu,
+                row_offsets.shape, row_offsets.is_contiguous(), row_offsets.is_cpu, row_offsets.is_neg(),
+                col_indices.shape, col_indices.is_contiguous(), col_indices.is_cpu, col_indices.is_neg(),
                 None if bias is None else (bias.shape, bias.dtype, bias.is_contiguous(), bias.is_cpu, bias.is_neg()),
                 activation)
 
