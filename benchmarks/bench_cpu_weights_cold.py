@@ -8,16 +8,20 @@ gives the process, each layer's come from memory, and a kernel that does not hid
 its arithmetic runs slower than it does in a loop over one layer. This runs each patched model's
 encoder layers as `ThinBertLayer` does (fused QKV, native attention, output projection, add + norm,
 FFN-in, FFN-out, add + norm, each consuming what came before), timing each operation with
-`time.perf_counter`, in two chains of the same length:
+`time.perf_counter`, two ways:
 
 - `model_order`: the model's own layers in order, as a forward runs them (each layer's weights last
   touched one forward ago);
-- `one_layer`: the first layer's modules again and again (its weights stay in the caches they fit).
+- `one_layer`: each layer on its own, its modules four times in a row, timing the last three (its
+  weights then in the caches they fit).
 
-One CSV row per (model, size, dtype, operation, chain): the median microseconds per call over
-`--repeats` passes, and `model_order_over_one_layer` on the `model_order` rows. Operations:
-`qkv`, `attention`, `attention_output`, `add_norm_1`, `ffn_in`, `ffn_out`, `add_norm_2`; the
-linears' weights in MB beside them (`weight_mb`, stored values). Writes `cpu_weights_cold_<cpu>[_quick].csv`
+Each layer is compared with itself (pruned layers differ in size), and an operation's figure is the
+mean over the layers of each layer's median.
+One CSV row per (model, size, dtype, operation, chain): microseconds per call (the mean over the
+layers of each layer's median over `--repeats` passes), and `model_order_over_one_layer` on the
+`model_order` rows. Operations: `qkv`, `attention`, `attention_output`, `add_norm_1`, `ffn_in`,
+`ffn_out`, `add_norm_2`; the linears' stored weights in MB beside them (`weight_mb`, the mean over
+the layers). Writes `cpu_weights_cold_<cpu>[_quick].csv`
 and `.png`. `--quick`: MiniLM, 1x128, fp32, 2 repeats (its times mean nothing).
 """
 
@@ -76,20 +80,32 @@ def weight_megabytes(layer) -> dict[str, float]:
             "ffn_in": megabytes(layer.intermediate.dense), "ffn_out": megabytes(layer.output.dense)}
 
 
-def time_chain(layers, hidden: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median microseconds per call of each operation over `repeats` passes through `layers` (one untimed first)."""
+def time_chain(layers, hidden: torch.Tensor, repeats: int, skip: int = 0) -> list[dict[str, float]]:
+    """Per position in `layers`, each operation's median seconds over `repeats` passes through them (one
+    untimed first); positions before `skip` are run but not kept."""
     steps = [layer_steps(layer) for layer in layers]
-    times = {operation: [] for operation in OPERATIONS}
+    times = [{operation: [] for operation in OPERATIONS} for _ in layers]
     with torch.inference_mode():
         for repeat in range(repeats + 1):
             state = {"h": hidden}
-            for layer in steps:
+            for position, layer in enumerate(steps):
                 for operation, step in layer:
                     start = time.perf_counter()
                     state = step(state)
                     if repeat:
-                        times[operation].append(time.perf_counter() - start)
-    return {operation: statistics.median(values) * 1e6 for operation, values in times.items()}
+                        times[position][operation].append(time.perf_counter() - start)
+    return [{operation: statistics.median(values) for operation, values in position.items()}
+            for position in times[skip:]]
+
+
+def layer_times(layers, hidden: torch.Tensor, repeats: int) -> dict[str, list[dict[str, float]]]:
+    """`{chain: [per layer, {operation: median seconds}]}` for both chains."""
+    model_order = time_chain(layers, hidden, repeats)
+    one_layer = []
+    for layer in layers:
+        runs = time_chain([layer] * 4, hidden, repeats, skip=1)  # the first call brings its weights in
+        one_layer.append({operation: statistics.median(run[operation] for run in runs) for operation in OPERATIONS})
+    return {"model_order": model_order, "one_layer": one_layer}
 
 
 def run_case(model_name: str, model, batch: int, seq: int, dtype: torch.dtype, repeats: int) -> list[dict]:
@@ -102,22 +118,22 @@ def run_case(model_name: str, model, batch: int, seq: int, dtype: torch.dtype, r
         raise RuntimeError(f"could not patch {model_name} in {DTYPE_NAMES[dtype]}: {failures}")
     layers = bert_layers(variants["hybrid"])
     hidden = torch.randn(batch, seq, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    chains = {"model_order": layers, "one_layer": [layers[0]] * len(layers)}
-    # Alternate the chains, so that a drift of the machine's speed reaches both.
-    results = {chain: [] for chain in CHAINS}
-    for _ in range(2):
-        for chain in CHAINS:
-            results[chain].append(time_chain(chains[chain], hidden, repeats))
-    medians = {chain: {operation: statistics.median(run[operation] for run in runs) for operation in OPERATIONS}
-               for chain, runs in results.items()}
-    megabytes = weight_megabytes(layers[0])
+    # Twice, alternating, so that a drift of the machine's speed reaches both chains; each layer's
+    # figure is its median over both.
+    runs = [layer_times(layers, hidden, repeats) for _ in range(2)]
+    per_layer = {chain: [{operation: statistics.median(run[chain][index][operation] for run in runs)
+                          for operation in OPERATIONS} for index in range(len(layers))] for chain in CHAINS}
+    mean_us = {chain: {operation: sum(layer[operation] for layer in per_layer[chain]) / len(layers) * 1e6
+                       for operation in OPERATIONS} for chain in CHAINS}
+    sizes = [weight_megabytes(layer) for layer in layers]
+    megabytes = {operation: sum(size[operation] for size in sizes) / len(sizes) for operation in sizes[0]}
     rows = []
     for operation in OPERATIONS:
         for chain in CHAINS:
-            ratio = medians["model_order"][operation] / medians["one_layer"][operation] if chain == "model_order" \
+            ratio = mean_us["model_order"][operation] / mean_us["one_layer"][operation] if chain == "model_order" \
                 else float("nan")
             rows.append({"model": model_name, "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype],
-                         "operation": operation, "chain": chain, "time_us": medians[chain][operation],
+                         "operation": operation, "chain": chain, "time_us": mean_us[chain][operation],
                          "model_order_over_one_layer": ratio, "weight_mb": megabytes.get(operation, float("nan")),
                          "layers": len(layers)})
     return rows
@@ -135,7 +151,10 @@ def parse_args(argv=None):
     common.resolve_models_and_sizes(parser, args, bench_e2e.MODELS, FULL_SIZES, QUICK_SIZES, repeats=10, warmup=1)
     if args.quick:
         args.models, args.dtypes, args.repeats = ["minilm"], "fp32", 2
-    args.dtypes = [dtype_from_name(name) for name in common.parse_list(args.dtypes)]
+    names = common.parse_list(args.dtypes)
+    if not names or any(name not in ("fp32", "bf16") for name in names):
+        parser.error(f"--dtypes must be a subset of fp32,bf16, got {args.dtypes!r}")
+    args.dtypes = [dtype_from_name(name) for name in names]
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be at least 1")
     return args
