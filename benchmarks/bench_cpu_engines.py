@@ -121,7 +121,11 @@ def gemm_rate(dtype: torch.dtype, m: int, repeats: int, warmup: int) -> tuple[fl
         method = bench_kernel.prepare_method(name, x, weight, BLOCK_SIZE)
         if method.run is not None:
             runs[name] = method.run
+    if not runs:
+        raise RuntimeError("no dense GEMM runs here to set the floor")
     times, errors = common.time_side_by_side(runs, CPU, warmup=warmup, repeats=3 * repeats)
+    for name, error in errors.items():
+        print(f"bench_cpu_engines: the floor's {name} GEMM failed: {error}", file=sys.stderr, flush=True)
     rates = {name: 2 * m * n * k / time / 1e6 for name, time in times.items()
              if name not in errors and math.isfinite(time)}
     if not rates:

@@ -50,7 +50,7 @@ def layer_steps(layer) -> list[tuple[str, object]]:
     from nn_blocksparse.bert.thin_layer import _add_norm
 
     fused, output = layer.attention.self.attention, layer.attention.output
-    ffn_in, ffn_out = layer.intermediate.dense, layer.output.dense
+    ffn_in, ffn_out, activation = layer.intermediate.dense, layer.output.dense, layer.intermediate.intermediate_act_fn
     if fused.num_heads == 0:  # every head pruned: no projection, and the attention adds nothing
         qkv_step = lambda s: s  # noqa: E731
         attention_step = lambda s: {**s, "context": fused(s["h"])}  # noqa: E731
@@ -62,7 +62,7 @@ def layer_steps(layer) -> list[tuple[str, object]]:
         ("attention", attention_step),
         ("attention_output", lambda s: {**s, "o": output.dense(s["context"])}),
         ("add_norm_1", lambda s: {**s, "h": _add_norm(s["o"], s["h"], output.LayerNorm)}),
-        ("ffn_in", lambda s: {**s, "i": ffn_in(s["h"])}),
+        ("ffn_in", lambda s: {**s, "i": activation(ffn_in(s["h"]))}),  # the identity where GELU is fused
         ("ffn_out", lambda s: {**s, "y": ffn_out(s["i"])}),
         ("add_norm_2", lambda s: {**s, "h": _add_norm(s["y"], s["h"], layer.output.LayerNorm)}),
     ]

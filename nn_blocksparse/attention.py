@@ -43,15 +43,15 @@ class FusedSelfAttention(nn.Module):
         `(context, probabilities)`, the softmax `[batch, heads, seq, seq]` computed explicitly (SDPA
         does not return it: slower, for inspection).
         """
-        batch, seq = hidden_states.shape[:2]
-        if self.num_heads == 0:  # every head pruned: the attention block adds nothing
-            context = hidden_states.new_zeros(batch, seq, 0)
-            return (context, hidden_states.new_zeros(batch, 0, seq, seq)) if return_probabilities else context
+        if self.num_heads == 0:  # every head pruned: no projection to compute
+            return self._no_heads(hidden_states, return_probabilities)
         return self.attend(self.qkv(hidden_states), attention_mask, return_probabilities)
 
     def attend(self, projected: torch.Tensor, attention_mask: torch.Tensor | None = None,
                return_probabilities: bool = False):
         """`forward` from the fused projection `projected [batch, seq, 3 * heads * head_dim]` on."""
+        if self.num_heads == 0:
+            return self._no_heads(projected, return_probabilities)
         batch, seq = projected.shape[:2]
         dropout = self.dropout if self.training else 0.0
         if not return_probabilities and runs_native_attention(projected, self.head_dim, attention_mask, dropout):
@@ -66,6 +66,13 @@ class FusedSelfAttention(nn.Module):
             return context.transpose(1, 2).reshape(batch, seq, self.inner_size), probabilities
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         return context.transpose(1, 2).reshape(batch, seq, self.inner_size)
+
+    @staticmethod
+    def _no_heads(like: torch.Tensor, return_probabilities: bool):
+        """Every head pruned: the attention block adds nothing (an empty context)."""
+        batch, seq = like.shape[:2]
+        context = like.new_zeros(batch, seq, 0)
+        return (context, like.new_zeros(batch, 0, seq, seq)) if return_probabilities else context
 
     def _bf16_weights(self) -> bool:
         """Whether the projection keeps bf16 weights (for fp32 activations): its products round their

@@ -248,3 +248,12 @@ def test_a_negated_view_of_qkv_is_read_as_its_values():
     assert negated.is_neg() and negated.is_contiguous()
     out = self_attention_cpu(negated, 2, 32)
     assert (out.double() - reference(-qkv, 2, 32, None)).abs().max().item() < 5e-5
+
+
+def test_attend_with_every_head_pruned_gives_an_empty_context():
+    fused = FusedSelfAttention(torch.nn.Linear(16, 0), 0, 8).eval()
+    with torch.inference_mode():
+        for call in (lambda: fused(torch.randn(2, 3, 16)), lambda: fused.attend(torch.randn(2, 3, 0))):
+            assert call().shape == (2, 3, 0)
+        context, probabilities = fused.attend(torch.randn(2, 3, 0), return_probabilities=True)
+        assert context.shape == (2, 3, 0) and probabilities.shape == (2, 0, 3, 3)
