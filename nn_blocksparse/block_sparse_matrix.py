@@ -205,6 +205,15 @@ def block_row_indices(row_offsets: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=row_offsets.device), counts)
 
 
+def stored(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """`tensor` with its values in memory: a view whose negative or conjugate bit is set (its memory
+    holds -x or conj(x)) materialized, anything else as it is. What every kernel entry point hands a
+    kernel, which reads memory (validation reads values: an index view with the negative bit passes it)."""
+    if tensor is None or not (tensor.is_neg() or tensor.is_conj()):
+        return tensor
+    return tensor.resolve_neg().resolve_conj()
+
+
 def bsr_to_dense(values: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
                  shape: tuple[int, int]) -> torch.Tensor:
     """The dense `[N, K]` matrix of raw BSR tensors (blocks `[nnz, bs, bs]`, zeros elsewhere)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .dtypes import SUPPORTED_DTYPES
-from .block_sparse_matrix import MAX_KERNEL_ELEMENTS, BlockSparseMatrix, bsr_to_dense
+from .block_sparse_matrix import MAX_KERNEL_ELEMENTS, BlockSparseMatrix, bsr_to_dense, stored
 from .kernels import ACTIVATIONS, select_config
 from .kernels.block_sparse_linear import interpreter_enabled
 from .kernels.configs import KernelConfig, row_groups_considered
@@ -243,5 +243,8 @@ def block_sparse_linear_tensors(
             "split the batch"
         )
     table, row_groups = launch(x2d.shape[0])
+    if not torch.compiler.is_compiling():  # a trace materializes views itself (and cannot ask is_neg)
+        x2d, values, row_offsets, col_indices, row_order, bias = (
+            stored(tensor) for tensor in (x2d, values, row_offsets, col_indices, row_order, bias))
     y2d = ops.linear_triton(x2d, values, row_offsets, col_indices, row_order, row_groups, bias, activation, table)
     return y2d.reshape(*x.shape[:-1], n)

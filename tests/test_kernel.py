@@ -239,3 +239,17 @@ def test_dense_walk_computes_what_the_index_tables_do(kernel_device, config):
     with pytest.raises(ValueError, match="dense_walk"):
         launch_kernel(x, sparse.values, sparse.row_offsets, sparse.col_indices, sparse.row_order, 160, None, None,
                       KernelConfig(block_m=16), dense_walk=True)
+
+
+def test_negated_views_are_read_as_their_values(kernel_device):
+    # Views with torch's negative bit hold -x in memory; the compiled kernel reads memory, so they are
+    # materialized first (indices included: their memory would be negative offsets and columns).
+    # Triton's interpreter already reads them by value: on CPU this is the case's twin, on a GPU its check.
+    x, weight, bias = make_case(kernel_device, 64, 128, 32, 0.6, 9, torch.float32, seed=11)
+    matrix = BlockSparseMatrix.from_dense(weight, 32)
+    twisted = BlockSparseMatrix(torch._neg_view(-matrix.values), torch._neg_view(-matrix.row_offsets),
+                                torch._neg_view(-matrix.col_indices), matrix.row_order, matrix.shape,
+                                matrix.block_size)
+    assert twisted.col_indices.is_neg()
+    y = block_sparse_linear(torch._neg_view(-x), twisted, torch._neg_view(-bias), backend="triton")
+    assert_close_to_reference(y, dense_reference(x, weight, bias), torch.float32)

@@ -27,7 +27,8 @@ import math
 import torch
 
 from .build import native_library
-from .launcher import _DTYPE_CODES, stored
+from ..block_sparse_matrix import stored
+from .launcher import _DTYPE_CODES
 from .launcher import PLAIN_TENSORS as _PLAIN
 
 _MESSAGES = {1: "unsupported head size", 2: "no bf16 attention in this build (or no AMX tile state granted)",

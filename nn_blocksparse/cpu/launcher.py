@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..block_sparse_matrix import stored
 from .build import native_library
 from .reference import block_sparse_linear_reference
 
@@ -31,14 +32,6 @@ _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
              4: "unsupported activation"}
-
-
-def stored(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """`tensor` with its values in memory: a view whose negative or conjugate bit is set (its memory
-    holds -x or conj(x)) materialized, anything else as it is. What every native entry point reads."""
-    if tensor is None or not (tensor.is_neg() or tensor.is_conj()):
-        return tensor
-    return tensor.resolve_neg().resolve_conj()
 
 
 def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:

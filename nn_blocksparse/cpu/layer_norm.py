@@ -27,7 +27,8 @@ import math
 import torch
 
 from .build import native_library
-from .launcher import _DTYPE_CODES, stored
+from ..block_sparse_matrix import stored
+from .launcher import _DTYPE_CODES
 from .launcher import PLAIN_TENSORS as _PLAIN
 
 _MESSAGES = {1: "the normalized width must be a multiple of 4 (8 in bf16)", 2: "unsupported dtypes",
