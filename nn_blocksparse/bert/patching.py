@@ -24,7 +24,8 @@ gains) first reorders each layer's FFN neurons and attention heads / head dimens
 (`nn_blocksparse.permutation`), so that R consecutive block-rows share block-columns.
 
 Layers whose attention is fused become `ThinBertLayer`s (`thin_layer.py`): in inference they call
-their modules directly instead of through transformers' module tree, bit-identically.
+their modules directly instead of through transformers' module tree, each residual add and layer
+norm as one native pass on CPU (transformers' values to the norm's rounding).
 
 `weight_dtype=torch.bfloat16` (CPU, fp32 models; block-sparse and hybrid): every linear keeps bf16
 weights and biases and takes the fp32 activations (rounded to bf16, fp32 accumulation; the
