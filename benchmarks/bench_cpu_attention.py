@@ -81,27 +81,14 @@ def float64_attention(qkv: torch.Tensor, heads: int, head_dim: int, mask: torch.
 def method_runs(qkv, heads: int, head_dim: int, mask) -> tuple[dict, dict[str, str]]:
     """(`{method: fn}`, `{method: note}`): SDPA, the native kernel in use, and one per runnable ISA
     that takes qkv's dtype."""
-    from nn_blocksparse.cpu.build import NativeBuildError, library_for, native_isa
+    from nn_blocksparse.cpu.build import native_isa
 
-    runs = {"sdpa": lambda: sdpa_attention(qkv, heads, head_dim, mask)}
-    notes = {}
-    isa = native_isa()
-    if isa is None:
-        notes["native"] = "no native kernel here (nn_blocksparse.cpu.native_status() says why)"
-    elif qkv.dtype == torch.bfloat16 and isa not in BF16_ISAS:
-        notes["native"] = f"isa={isa}: no bf16 attention in this build (SDPA runs it)"
-    else:
-        runs["native"] = lambda: self_attention_cpu(qkv, heads, head_dim, mask)
-        notes["native"] = f"isa={isa}"
-    for name in method_isas(qkv.dtype):
-        try:
-            library = library_for(name)
-        except NativeBuildError as error:
-            notes[f"native_{name}"] = common.error_note(error, "unsupported")
-            continue
-        runs[f"native_{name}"] = lambda library=library: self_attention_cpu(qkv, heads, head_dim, mask, library=library)
-        notes[f"native_{name}"] = f"isa={name}"
-    return runs, notes
+    refused = ("no bf16 attention in this build (SDPA runs it)"
+               if qkv.dtype == torch.bfloat16 and native_isa() not in BF16_ISAS else None)
+    runs, notes = common.native_method_runs(
+        lambda library: lambda: self_attention_cpu(qkv, heads, head_dim, mask, library=library),
+        method_isas(qkv.dtype), refused)
+    return {"sdpa": lambda: sdpa_attention(qkv, heads, head_dim, mask), **runs}, notes
 
 
 def method_isas(dtype: torch.dtype = torch.float32) -> tuple[str, ...]:

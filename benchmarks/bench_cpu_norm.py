@@ -62,28 +62,13 @@ def float64_norm(x, residual, weight, bias) -> torch.Tensor:
 
 def method_runs(x, residual, weight, bias) -> tuple[dict, dict[str, str]]:
     """(`{method: fn}`, `{method: note}`): torch, the native kernel in use, and one per runnable ISA."""
-    from nn_blocksparse.cpu.build import NativeBuildError, library_for, native_isa
     from nn_blocksparse.cpu.isa import runnable_isas
 
     shape = (x.shape[-1],)
-    runs = {"torch": lambda: F.layer_norm(x + residual, shape, weight, bias, EPS)}
-    notes = {}
-    isa = native_isa()
-    if isa is None:
-        notes["native"] = "no native kernel here (nn_blocksparse.cpu.native_status() says why)"
-    else:
-        runs["native"] = lambda: add_layer_norm_cpu(x, residual, shape, weight, bias, EPS)
-        notes["native"] = f"isa={isa}"
-    for name in runnable_isas():
-        try:
-            library = library_for(name)
-        except NativeBuildError as error:
-            notes[f"native_{name}"] = common.error_note(error, "unsupported")
-            continue
-        runs[f"native_{name}"] = lambda library=library: add_layer_norm_cpu(x, residual, shape, weight, bias, EPS,
-                                                                            library=library)
-        notes[f"native_{name}"] = f"isa={name}"
-    return runs, notes
+    runs, notes = common.native_method_runs(
+        lambda library: lambda: add_layer_norm_cpu(x, residual, shape, weight, bias, EPS, library=library),
+        runnable_isas())
+    return {"torch": lambda: F.layer_norm(x + residual, shape, weight, bias, EPS), **runs}, notes
 
 
 def method_names() -> tuple[str, ...]:

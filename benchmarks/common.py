@@ -140,6 +140,34 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
                      cuda_warmup_ms=cuda_warmup_ms, cuda_rep_ms=cuda_rep_ms)
 
 
+def native_method_runs(make_run: Callable, isas: Sequence[str],
+                       refused: str | None = None) -> tuple[dict, dict[str, str]]:
+    """(`{method: fn}`, `{method: note}`) of a native kernel's methods in a CPU table: `native`, the kernel
+    this process picked (`make_run(None)`), and `native_<isa>` for each of `isas` (`make_run(library)`, the
+    library built for it; a build that fails gets its error as the note). `refused`: why `native` does not
+    run though a kernel is here (None: it runs)."""
+    from nn_blocksparse.cpu.build import NativeBuildError, library_for, native_isa
+
+    runs, notes = {}, {}
+    isa = native_isa()
+    if isa is None:
+        notes["native"] = "no native kernel here (nn_blocksparse.cpu.native_status() says why)"
+    elif refused is not None:
+        notes["native"] = f"isa={isa}: {refused}"
+    else:
+        runs["native"] = make_run(None)
+        notes["native"] = f"isa={isa}"
+    for name in isas:
+        try:
+            library = library_for(name)
+        except NativeBuildError as error:
+            notes[f"native_{name}"] = error_note(error, "unsupported")
+            continue
+        runs[f"native_{name}"] = make_run(library)
+        notes[f"native_{name}"] = f"isa={name}"
+    return runs, notes
+
+
 def checked_then_timed(runs: Mapping[str, Callable[[], object]], reference: torch.Tensor, limit: float, case: str,
                        device: torch.device, warmup: int, repeats: int):
     """(`{name: max |diff|}`, `{name: time_ms}`, `{name: why it has no time}`): each of `runs` checked
