@@ -151,8 +151,7 @@ def plot(rows: list[dict], path, title: str, dtype: torch.dtype = torch.float32)
 def main(argv=None) -> int:
     args = parse_args(argv)
     with common.torch_threads(args.threads):
-        environment = common.environment_record(CPU)
-        environment["loadavg_before"] = common.load_average()
+        environment = common.cpu_run_record()
         rows = []
         for model in args.models:
             for batch, seq in args.sizes:
@@ -162,13 +161,11 @@ def main(argv=None) -> int:
                     print(f"{model} {batch}x{seq} mask={mask}: " + "  ".join(
                         f"{row['method']} {row['time_ms']:.3f}ms ({row['speedup_vs_sdpa']:.2f}x)" for row in case_rows),
                         flush=True)
-        environment["loadavg_after"] = common.load_average()
         stem = "cpu_attention" if args.dtype == torch.float32 else f"cpu_attention_{DTYPE_NAMES[args.dtype]}"
-        path = common.write_csv(common.results_path(args.out, stem, CPU, args.quick), rows, COLUMNS, environment)
-        png = plot(rows, common.results_path(args.out, stem, CPU, args.quick, ".png"),
-                   f"self-attention ({DTYPE_NAMES[args.dtype]}), {args.heads} heads, {common.cpu_model()}, "
-                   f"{torch.get_num_threads()} threads", args.dtype)
-        print("\nwrote", path, png, sep="\n  ")
+        common.write_cpu_table(args, stem, rows, COLUMNS, environment,
+                               lambda rows, path, title: plot(rows, path, title, args.dtype),
+                               f"self-attention ({DTYPE_NAMES[args.dtype]}), {args.heads} heads, "
+                               f"{common.cpu_model()}, {torch.get_num_threads()} threads")
     return 0
 
 

@@ -123,8 +123,7 @@ def plot(rows: list[dict], path, title: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     with common.torch_threads(args.threads):
-        environment = common.environment_record(CPU)
-        environment["loadavg_before"] = common.load_average()
+        environment = common.cpu_run_record()
         rows = []
         for model in args.models:
             for batch, seq in args.sizes:
@@ -134,11 +133,8 @@ def main(argv=None) -> int:
                     print(f"{model} {batch}x{seq} {DTYPE_NAMES[x_dtype]}+{DTYPE_NAMES[residual_dtype]}: " + "  ".join(
                         f"{row['method']} {row['time_ms'] * 1e3:.1f}us ({row['speedup_vs_torch']:.2f}x)"
                         for row in case_rows), flush=True)
-        environment["loadavg_after"] = common.load_average()
-        path = common.write_csv(common.results_path(args.out, "cpu_norm", CPU, args.quick), rows, COLUMNS, environment)
-        png = plot(rows, common.results_path(args.out, "cpu_norm", CPU, args.quick, ".png"),
-                   f"residual add + layer norm, {common.cpu_model()}, {torch.get_num_threads()} threads")
-        print("\nwrote", path, png, sep="\n  ")
+        common.write_cpu_table(args, "cpu_norm", rows, COLUMNS, environment, plot,
+                               f"residual add + layer norm, {common.cpu_model()}, {torch.get_num_threads()} threads")
     return 0
 
 

@@ -37,7 +37,6 @@ from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
 
 from . import bench_e2e, common
 
-CPU = torch.device("cpu")
 COLUMNS = ["model", "batch", "seq", "dtype", "operation", "chain", "time_us", "model_order_over_one_layer",
            "weight_mb", "layers"]
 OPERATIONS = ("qkv", "attention", "attention_output", "add_norm_1", "ffn_in", "ffn_out", "add_norm_2")
@@ -174,8 +173,7 @@ def plot(rows: list[dict], path, title: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     with common.torch_threads(args.threads):
-        environment = common.environment_record(CPU)
-        environment["loadavg_before"] = common.load_average()
+        environment = common.cpu_run_record()
         rows = []
         for model_name in args.models:
             model, _ = bench_e2e.load_pruned(model_name)
@@ -186,13 +184,9 @@ def main(argv=None) -> int:
                     print(f"{model_name} {batch}x{seq} {DTYPE_NAMES[dtype]}: " + "  ".join(
                         f"{row['operation']} {row['model_order_over_one_layer']:.2f}x" for row in case_rows
                         if row["chain"] == "model_order"), flush=True)
-        environment["loadavg_after"] = common.load_average()
-        path = common.write_csv(common.results_path(args.out, "cpu_weights_cold", CPU, args.quick), rows, COLUMNS,
-                                environment)
-        png = plot(rows, common.results_path(args.out, "cpu_weights_cold", CPU, args.quick, ".png"),
-                   f"hybrid layers, weights from memory vs cached, {common.cpu_model()}, "
-                   f"{torch.get_num_threads()} threads")
-        print("\nwrote", path, png, sep="\n  ")
+        common.write_cpu_table(args, "cpu_weights_cold", rows, COLUMNS, environment, plot,
+                               f"hybrid layers, weights from memory vs cached, {common.cpu_model()}, "
+                               f"{torch.get_num_threads()} threads")
     return 0
 
 

@@ -140,6 +140,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
                      cuda_warmup_ms=cuda_warmup_ms, cuda_rep_ms=cuda_rep_ms)
 
 
+def cpu_run_record() -> dict[str, str]:
+    """A CPU table's environment record (`environment_record`, at torch's current thread count) with the
+    load average before the run."""
+    return {**environment_record(torch.device("cpu")), "loadavg_before": load_average()}
+
+
+def write_cpu_table(args: argparse.Namespace, stem: str, rows: list[dict], columns: Sequence[str],
+                    environment: dict[str, str], plot: Callable, title: str) -> None:
+    """Close a CPU table's run: the load average after into `environment`, `rows` to
+    `<stem>_<cpu>[_quick].csv` under `args.out`, `plot(rows, png path, title)` beside it, and where they went."""
+    environment["loadavg_after"] = load_average()
+    cpu = torch.device("cpu")
+    path = write_csv(results_path(args.out, stem, cpu, args.quick), rows, columns, environment)
+    png = plot(rows, results_path(args.out, stem, cpu, args.quick, ".png"), title)
+    print("\nwrote", path, png, sep="\n  ")
+
+
 def native_method_runs(make_run: Callable, isas: Sequence[str],
                        refused: str | None = None) -> tuple[dict, dict[str, str]]:
     """(`{method: fn}`, `{method: note}`) of a native kernel's methods in a CPU table: `native`, the kernel
