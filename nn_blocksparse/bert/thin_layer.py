@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as module_globals
 from transformers.models.bert.modeling_bert import BertLayer
 
 from ..dense_linear import DenseLinear
@@ -51,8 +52,6 @@ def _called_plainly(module: nn.Module) -> bool:
     """Whether calling `module` would run nothing but its class's forward: no forward or backward hooks
     (its own or global ones) and no forward of its own (a wrapper set on the instance, as offloading
     libraries set)."""
-    from torch.nn.modules import module as module_globals
-
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in module.__dict__
                 or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
