@@ -46,9 +46,10 @@ CHAINS = ("model_order", "one_layer")
 
 def layer_steps(layer) -> list[tuple[str, object]]:
     """`(operation, step(state) -> state)` of one thin layer's forward, in order; `state` is a dict."""
-    from nn_blocksparse.bert.thin_layer import _add_norm
+    from nn_blocksparse.bert.thin_layer import _add_norm, add_norms
 
     fused, output = layer.attention.self.attention, layer.attention.output
+    first_norm, second_norm = add_norms(layer)
     ffn_in, ffn_out, activation = layer.intermediate.dense, layer.output.dense, layer.intermediate.intermediate_act_fn
     if fused.num_heads == 0:  # every head pruned: no projection, and the attention adds nothing
         qkv_step = lambda s: s  # noqa: E731
@@ -60,10 +61,12 @@ def layer_steps(layer) -> list[tuple[str, object]]:
         ("qkv", qkv_step),
         ("attention", attention_step),
         ("attention_output", lambda s: {**s, "o": output.dense(s["context"])}),
-        ("add_norm_1", lambda s: {**s, "h": _add_norm(s["o"], s["h"], output.LayerNorm)}),
+        ("add_norm_1", lambda s: {**s, "h": _add_norm(s["o"], s["h"], output.LayerNorm, output.dense,
+                                                             first_norm)}),
         ("ffn_in", lambda s: {**s, "i": activation(ffn_in(s["h"]))}),  # the identity where GELU is fused
         ("ffn_out", lambda s: {**s, "y": ffn_out(s["i"])}),
-        ("add_norm_2", lambda s: {**s, "h": _add_norm(s["y"], s["h"], layer.output.LayerNorm)}),
+        ("add_norm_2", lambda s: {**s, "h": _add_norm(s["y"], s["h"], layer.output.LayerNorm, ffn_out,
+                                                             second_norm)}),
     ]
 
 

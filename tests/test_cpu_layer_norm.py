@@ -156,3 +156,133 @@ def test_negated_views_are_read_as_their_values():
     out = add_layer_norm_cpu(*views[:2], (64,), *views[2:], 1e-5)
     expected = reference(-x, -residual, -weight, -bias, 1e-5)
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def _close(out, expected, dtype):
+    limit = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+    return bool(((out.double() - expected).abs() <= limit * (1 + expected.abs())).all())
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reuse_x_writes_the_result_over_x(isa, dtype):
+    x, residual, weight, bias = inputs((5, 16, 96), dtype, dtype, True, seed=9)
+    expected = reference(x, residual, weight, bias, 1e-5)
+    apart = add_layer_norm_cpu(x, residual, (96,), weight, bias, 1e-5, library=library_for(isa))
+    version = x._version
+    out = add_layer_norm_cpu(x, residual, (96,), weight, bias, 1e-5, library=library_for(isa), reuse_x=True)
+    assert out.data_ptr() == x.data_ptr() and out._version > version  # autograd sees the write
+    assert torch.equal(out, apart) and _close(out, expected, dtype)
+    # residual that is x itself: each row is read whole before it is written.
+    y = (3 * torch.randn(7, 64, generator=torch.Generator().manual_seed(10)) + 1).to(dtype)
+    expected = reference(y, y, None, None, 1e-5)
+    out = add_layer_norm_cpu(y, y, (64,), None, None, 1e-5, library=library_for(isa), reuse_x=True)
+    assert out.data_ptr() == y.data_ptr() and _close(out, expected, dtype)
+
+
+@needs_native
+def test_reuse_x_leaves_x_alone_where_writing_over_it_would_change_another_input():
+    base = torch.randn(9 * 64, generator=torch.Generator().manual_seed(11))
+    cases = {
+        "residual overlapping x, shifted a row": (base[64:], base[:-64]),
+        "residual overlapping x, shifted an element": (base[1:8 * 64 + 1], base[:8 * 64]),
+    }
+    for name, (x, residual) in cases.items():
+        x, residual = x.view(-1, 64), residual.view(-1, 64)
+        expected = reference(x, residual, None, None, 1e-5)
+        before = base.clone()
+        out = add_layer_norm_cpu(x, residual, (64,), None, None, 1e-5, reuse_x=True)
+        assert out.data_ptr() != x.data_ptr() and torch.equal(base, before), name
+        assert _close(out, expected, torch.float32), name
+    # weight inside x's memory: every row reads it.
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(12)) + 1
+    residual = torch.randn(4, 32, generator=torch.Generator().manual_seed(13))
+    weight = x[1]
+    expected = reference(x, residual, weight, None, 1e-5)
+    out = add_layer_norm_cpu(x, residual, (32,), weight, None, 1e-5, reuse_x=True)
+    assert out.data_ptr() != x.data_ptr() and _close(out, expected, torch.float32)
+    # bf16 x onto an fp32 residual: the fp32 result does not fit x.
+    x, residual, weight, bias = inputs((3, 64), torch.bfloat16, torch.float32, True, seed=14,
+                                       residual_dtype=torch.float32)
+    kept = x.clone()
+    out = add_layer_norm_cpu(x, residual, (64,), weight, bias, 1e-5, reuse_x=True)
+    assert out.dtype == torch.float32 and torch.equal(x, kept)
+    assert _close(out, reference(x, residual, weight, bias, 1e-5), torch.float32)
+
+
+@needs_native
+def test_reuse_x_is_refused_where_the_op_runs():
+    # Under a dispatch mode the op runs, and the op mutates nothing: x keeps its values.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, residual, weight, bias = inputs((4, 64), torch.float32, torch.float32, True, seed=15)
+    kept = x.clone()
+    with torch.inference_mode(), Passthrough():
+        out = add_layer_norm(x, residual, (64,), weight, bias, 1e-5, reuse_x=True)
+    assert torch.equal(x, kept) and _close(out, reference(x, residual, weight, bias, 1e-5), torch.float32)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype, residual_dtype, param_dtype", [
+    (torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.float32)])
+def test_add_layer_norm_kept_for_its_parameters_matches_the_general_path(dtype, residual_dtype, param_dtype):
+    from nn_blocksparse.cpu.layer_norm import NativeAddNormCall
+    from nn_blocksparse.norm import AddLayerNorm
+
+    kept = AddLayerNorm()
+    for seed in (16, 17):  # a second call on the prepared call
+        x, residual, weight, bias = inputs((2, 33, 128), dtype, param_dtype, True, seed=seed,
+                                           residual_dtype=residual_dtype)
+        expected = add_layer_norm_cpu(x, residual, (128,), weight, bias, 1e-6)
+        with torch.inference_mode():
+            out = kept(x, residual, (128,), weight, bias, 1e-6)
+            assert torch.equal(out, expected) and isinstance(kept._call, NativeAddNormCall)
+            reused = kept(x, residual, (128,), weight, bias, 1e-6, reuse_x=True)
+        assert torch.equal(reused, expected) and (reused.data_ptr() == x.data_ptr()) == (dtype == reused.dtype)
+
+
+@needs_native
+def test_add_layer_norm_kept_for_its_parameters_sends_what_it_cannot_serve_to_the_general_path():
+    import copy
+    import pickle
+
+    from nn_blocksparse.norm import AddLayerNorm
+
+    kept = AddLayerNorm()
+    x, residual, weight, bias = inputs((3, 8, 64), torch.float32, torch.float32, True, seed=18)
+    for args in [
+        (x.transpose(0, 1), residual.transpose(0, 1)),  # not contiguous
+        (torch._neg_view(x), residual),  # a negated view
+        (x[..., :32], residual[..., :32]),  # another width than the parameters'
+        (x, residual.double()),  # an fp64 residual onto fp32 parameters
+        (x.bfloat16(), residual.bfloat16()),  # bf16 sums with fp32 parameters: served
+    ]:
+        if args[0].shape[-1] == 64 and args[1].dtype != torch.float64:
+            with torch.inference_mode():
+                out = kept(*args, (64,), weight, bias, 1e-5)
+            expected = F.layer_norm(args[0] + args[1], (64,), weight, bias, 1e-5)
+            limit = 1e-5 if out.dtype == torch.float32 else 2.0 ** -7
+            assert ((out.double() - expected.double()).abs() <= limit * (1 + expected.double().abs())).all()
+        else:
+            with pytest.raises(RuntimeError):  # torch's norm refuses these too
+                kept(*args, (64,), weight, bias, 1e-5)
+    # Parameters of another kind: prepared again (fp64 ones: none, torch computes them).
+    with torch.inference_mode():
+        out = kept(x.double(), residual.double(), (64,), weight.double(), bias.double(), 1e-5)
+    assert kept._call is None and out.dtype == torch.float64
+    with torch.inference_mode():
+        kept(x, residual, (64,), weight, bias, 1e-5)
+    assert kept._call is not None
+    # Gradients wanted: torch's ops, which record them.
+    leaf = x.clone().requires_grad_()
+    kept(leaf, residual, (64,), weight, bias, 1e-5).sum().backward()
+    assert leaf.grad is not None
+    # Copies and pickles hold no loaded library: they prepare again.
+    for copied in (copy.deepcopy(kept), pickle.loads(pickle.dumps(kept))):
+        assert copied._call is None and copied._key is None

@@ -49,7 +49,7 @@ def with_transformers_layers(model):
 
 @pytest.mark.parametrize("mode", ["hybrid", "blocksparse"])
 def test_thin_layers_match_transformers_forward(pruned_minilm, single_intra_op_thread, mode, monkeypatch):
-    from nn_blocksparse import ops
+    from nn_blocksparse.cpu import layer_norm
 
     model, _ = pruned_minilm
     patched = patch_bert(copy.deepcopy(model), mode=mode)
@@ -58,8 +58,8 @@ def test_thin_layers_match_transformers_forward(pruned_minilm, single_intra_op_t
     inputs = padded_inputs(model.config.vocab_size)
     plain = with_transformers_layers(patched)
     native_norms = []
-    call = ops.call_add_layer_norm_cpu
-    monkeypatch.setattr(ops, "call_add_layer_norm_cpu", lambda *args: native_norms.append(args) or call(*args))
+    run = layer_norm._run
+    monkeypatch.setattr(layer_norm, "_run", lambda *args: native_norms.append(args) or run(*args))
     with torch.inference_mode():
         thin_out = patched(**inputs, output_hidden_states=True)
         plain_out = plain(**inputs, output_hidden_states=True)
@@ -89,6 +89,40 @@ def test_thin_layers_with_hooked_norms_are_bit_identical_to_transformers_forward
     assert len(calls) == 12  # the hooks fired: the norms ran as modules
     assert torch.equal(thin_out.last_hidden_state, plain_out.last_hidden_state)
     assert all(torch.equal(a, b) for a, b in zip(thin_out.hidden_states, plain_out.hidden_states))
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "blocksparse"])
+def test_norms_write_over_a_linears_output_only_where_nothing_else_holds_it(pruned_minilm, single_intra_op_thread,
+                                                                            mode, monkeypatch):
+    from nn_blocksparse.cpu import layer_norm, native_isa
+
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode=mode)
+    inputs = padded_inputs(model.config.vocab_size)
+    plain = with_transformers_layers(patched)
+    over_x = []
+    run = layer_norm._run
+    monkeypatch.setattr(layer_norm, "_run", lambda library, x, *rest: over_x.append(rest[-1] is x)
+                        or run(library, x, *rest))
+    with torch.inference_mode():
+        expected = plain(**inputs).last_hidden_state
+        assert torch.allclose(patched(**inputs).last_hidden_state, expected, atol=2e-5)
+    assert over_x == ([True] * 12 if native_isa() is not None else [])  # unhooked linears: their outputs reused
+    # A hook on a linear sees its output, and may keep it: the norm then writes elsewhere.
+    recorded = []
+    first = bert_layers(patched)[0]
+    for linear in (first.attention.output.dense, first.output.dense):
+        linear.register_forward_hook(lambda module, args, output: recorded.append((output, output.clone())))
+    over_x.clear()
+    with torch.inference_mode():
+        assert torch.allclose(patched(**inputs).last_hidden_state, expected, atol=2e-5)
+    assert len(recorded) == 2 and all(torch.equal(kept, copied) for kept, copied in recorded)
+    if native_isa() is not None:
+        assert over_x == [False, False] + [True] * 10
+    # Copies leave the layers' prepared norms behind and prepare their own.
+    copied = copy.deepcopy(patched)
+    with torch.inference_mode():
+        assert torch.allclose(copied(**inputs).last_hidden_state, expected, atol=2e-5)
 
 
 def test_bf16_weight_ffns_pass_bf16_between_them_bit_identically(pruned_minilm, single_intra_op_thread):

@@ -14,7 +14,10 @@ layer calls the same modules, in the same order on the same tensors, directly:
 Each residual add and the layer norm after it run as one `norm.add_layer_norm` (on CPU, one native
 pass over the stream: the statistics' additions in another order than torch's, so the output is
 close to transformers' forward, not bit for bit); a layer norm with hooks (forward or backward) or a
-forward of its own, or not a plain `nn.LayerNorm`, is called as a module instead. Everything else
+forward of its own, or not a plain `nn.LayerNorm`, is called as a module instead. Where the linear
+before it is one whose output nothing else can hold (a `BlockSparseLinear`, `DenseLinear` or
+`nn.Linear` called plainly, see `_called_plainly`), the norm writes over that output
+(`reuse_x=True`), rather than into a new buffer that comes cold from memory. Everything else
 gives transformers' values bit for bit. (With bf16 weights on fp32 activations and GELU fused into
 FFN-in, FFN-in's bf16 output goes to FFN-out as it is, without the fp32 copy FFN-out would round
 straight back: the same values.)
@@ -37,7 +40,11 @@ from torch.nn.modules import module as module_globals
 from transformers.models.bert.modeling_bert import BertLayer
 
 from ..dense_linear import DenseLinear
-from ..norm import add_layer_norm
+from ..linear import BlockSparseLinear
+from ..norm import AddLayerNorm, add_layer_norm
+
+# Linears whose forward returns a tensor of its own that nothing else refers to (when called plainly).
+_FRESH_OUTPUT_LINEARS = (BlockSparseLinear, DenseLinear, nn.Linear)
 
 
 def _bf16_between(ffn_in: nn.Module, ffn_out: nn.Module, activation: nn.Module) -> bool:
@@ -58,11 +65,24 @@ def _called_plainly(module: nn.Module) -> bool:
                 or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks)
 
 
-def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """`norm(x + residual)`: one `add_layer_norm` where `norm` is a plain `nn.LayerNorm` called plainly."""
+def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, x_from: nn.Module | None = None,
+              apply=add_layer_norm) -> torch.Tensor:
+    """`norm(x + residual)`: one `apply` (`add_layer_norm`, or an `AddLayerNorm` kept for `norm`) where
+    `norm` is a plain `nn.LayerNorm` called plainly, written over `x` where `x_from`, the linear that
+    returned `x`, leaves it to no one else."""
     if type(norm) is nn.LayerNorm and _called_plainly(norm):
-        return add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        reuse_x = type(x_from) in _FRESH_OUTPUT_LINEARS and _called_plainly(x_from)
+        return apply(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps, reuse_x)
     return norm(x + residual)
+
+
+def add_norms(layer: nn.Module) -> tuple[AddLayerNorm, AddLayerNorm]:
+    """A thin layer's two `AddLayerNorm`s (after attention, after the FFN), made on first use: a layer
+    becomes thin by a change of class, without an `__init__`."""
+    norms = layer.__dict__.get("_add_norms")
+    if norms is None:
+        norms = layer.__dict__["_add_norms"] = (AddLayerNorm(), AddLayerNorm())
+    return norms
 
 
 class ThinBertLayer(BertLayer):
@@ -73,15 +93,16 @@ class ThinBertLayer(BertLayer):
                 or kwargs.get("output_attentions")  # the adapter computes the probabilities, hooks record them
                 or any(kwargs.get(name) is not None for name in ("encoder_attention_mask", "cache", "past_key_values"))):
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
-        attention_output = self.attention.output
+        attention_output, (first_norm, second_norm) = self.attention.output, add_norms(self)
         context = self.attention.self.attention(hidden_states, attention_mask)
-        hidden_states = _add_norm(attention_output.dense(context), hidden_states, attention_output.LayerNorm)
+        hidden_states = _add_norm(attention_output.dense(context), hidden_states, attention_output.LayerNorm,
+                                  attention_output.dense, first_norm)
         ffn_in, ffn_out = self.intermediate.dense, self.output.dense
         if _bf16_between(ffn_in, ffn_out, self.intermediate.intermediate_act_fn):
             intermediate = ffn_in(hidden_states, bf16_output=True)
         else:
             intermediate = self.intermediate.intermediate_act_fn(ffn_in(hidden_states))
-        return _add_norm(ffn_out(intermediate), hidden_states, self.output.LayerNorm)
+        return _add_norm(ffn_out(intermediate), hidden_states, self.output.LayerNorm, ffn_out, second_norm)
 
 
 def use_thin_layers(layers: list[nn.Module]) -> None:
@@ -98,3 +119,4 @@ def use_transformers_layers(layers: list[nn.Module]) -> None:
     for layer in layers:
         if type(layer) is ThinBertLayer:
             layer.__class__ = BertLayer
+            layer.__dict__.pop("_add_norms", None)

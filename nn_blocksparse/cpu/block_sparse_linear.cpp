@@ -1376,7 +1376,8 @@ inline float variance_of(const float* __restrict sums, int64_t width, float mean
 template <int L, bool X_BF16, bool RESIDUAL_BF16, bool PARAMS_BF16>
 void add_layer_norm_row_fp32(const NormRows& p, int64_t row, float* __restrict sums) {
   const int64_t width = p.width, whole = width / (4 * L) * (4 * L), at = row * width;
-  float* __restrict out = static_cast<float*>(p.out) + at;
+  // out may be this row of x or of residual: the row is read whole into `sums` before any store.
+  float* out = static_cast<float*>(p.out) + at;
   auto sum = [&](auto lanes, int64_t j) {
     constexpr int V = decltype(lanes)::value;
     const vf<V> v = load_widened<V>(p.x, at + j, X_BF16) + load_widened<V>(p.residual, at + j, RESIDUAL_BF16);
@@ -1412,9 +1413,10 @@ void add_layer_norm_row_fp32(const NormRows& p, int64_t row, float* __restrict s
 template <int L>
 void add_layer_norm_row_bf16(const NormRows& p, int64_t row, float* __restrict sums, const float* __restrict params) {
   const int64_t half = p.width / 2, whole = half / (2 * L) * (2 * L);
-  const uint32_t* __restrict x = static_cast<const uint32_t*>(p.x) + row * half;
-  const uint32_t* __restrict residual = static_cast<const uint32_t*>(p.residual) + row * half;
-  uint32_t* __restrict out = static_cast<uint32_t*>(p.out) + row * half;
+  // out may be this row of x or of residual (no restrict): the row is read whole before any store.
+  const uint32_t* x = static_cast<const uint32_t*>(p.x) + row * half;
+  const uint32_t* residual = static_cast<const uint32_t*>(p.residual) + row * half;
+  uint32_t* out = static_cast<uint32_t*>(p.out) + row * half;
   auto rounded = [](auto v) {
     constexpr int V = sizeof v / sizeof(float);
     return as_f<V>(round_to_bf16_fast<V>(v) << 16);
@@ -1673,7 +1675,8 @@ extern "C" NNBS_EXPORT void nnbs_gelu(const float* in, float* out, int64_t n) {
 // out [rows, width] = layer_norm(x + residual) * weight + bias (see above), [rows, width] contiguous
 // each. out_dtype fp32 or bf16; x and residual of out_dtype, or, for fp32 out, either of them bf16;
 // weight and bias: width values of param_dtype (fp32 or bf16), or null; width a multiple of 4 (8 in
-// bf16).
+// bf16). out may be x or residual (of out_dtype) itself: each row is read whole before
+// it is written; no other overlap.
 extern "C" NNBS_EXPORT int nnbs_add_layer_norm(int64_t rows, int64_t width, const void* x, int32_t x_dtype,
                                    const void* residual, int32_t residual_dtype, const void* weight,
                                    const void* bias, int32_t param_dtype, float eps, void* out, int32_t out_dtype,

@@ -212,6 +212,20 @@ int layer_norm_case(int64_t rows, int64_t width, int kind, bool params) {
   }
   if (bf16 ? out16 != again16 : memcmp(out.data(), again.data(), count * sizeof(float)) != 0)
     fail("layer norm thread counts");
+  // In place: the output written over x (where x has the output's dtype) and over residual, bit for bit
+  // the values written elsewhere.
+  for (int over_x = kind == 2 ? 0 : 1; over_x >= 0; --over_x) {
+    std::vector<float> inout = over_x ? x : residual;
+    std::vector<uint16_t> inout16 = over_x ? x16 : residual16;
+    void* target = bf16 ? static_cast<void*>(inout16.data()) : static_cast<void*>(inout.data());
+    const void* xs = over_x ? target : kind > 0 ? static_cast<const void*>(x16.data()) : x.data();
+    const void* rs = !over_x ? target : bf16 ? static_cast<const void*>(residual16.data()) : residual.data();
+    if (nnbs_add_layer_norm(rows, width, xs, kind > 0 ? NNBS_BF16 : NNBS_F32, rs, out_dtype, w, b, out_dtype, eps,
+                            target, out_dtype, 3) != NNBS_OK)
+      fail("layer norm in place refused");
+    if (bf16 ? inout16 != out16 : memcmp(inout.data(), out.data(), count * sizeof(float)) != 0)
+      fail(over_x ? "layer norm over x" : "layer norm over residual");
+  }
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<double> sums(width);
     double mean = 0.0, variance = 0.0;
