@@ -189,7 +189,10 @@ def _index_versions(tensors) -> tuple:
     """(version counter, address) of tensors (None for an inference tensor's counter, which it does not
     keep): an in-place write bumps the first, new storage put under the same tensor (`.data = ...`,
     which bumps no counter) changes the second."""
-    return tuple((None if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
+    versions = []
+    for t in tensors:  # (a loop: a generator costs more on every forward's check)
+        versions.append((None if t.is_inference() else t._version, t.data_ptr()))
+    return tuple(versions)
 
 
 def heaviest_rows_first(row_offsets: torch.Tensor) -> torch.Tensor:

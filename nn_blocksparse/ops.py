@@ -166,14 +166,21 @@ def _add_layer_norm_cpu_fake(x, residual, normalized_shape, weight, bias, eps):
 # against `ours_<isa>`). So plain eager calls run the implementation directly. Traces, fake or
 # functorch-wrapped tensors and active dispatch or function modes get the op, so that whatever
 # intercepts ops still sees it; under the profiler the direct call is a range named after the op.
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def plain_eager(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call on these tensors may run an op's implementation directly (`direct`)."""
+    """Whether a call on these tensors may run an op's implementation directly (`direct`).
+
+    A loop rather than a generator: this runs before every native call, after kernels that left the
+    interpreter's caches cold."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()):
         return False
-    return all(tensor is None or (type(tensor) in PLAIN_TENSORS
-                                  and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
-               for tensor in tensors)
+    for tensor in tensors:
+        if tensor is not None and (type(tensor) not in PLAIN_TENSORS or _is_wrapped(tensor)):
+            return False
+    return True
 
 
 def direct(name: str, function, *args):
