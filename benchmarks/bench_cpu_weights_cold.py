@@ -13,13 +13,17 @@ FFN-in, FFN-out, add + norm, each consuming what came before), timing each opera
 - `model_order`: the model's own layers in order, as a forward runs them (each layer's weights last
   touched one forward ago);
 - `one_layer`: each layer on its own, its modules four times in a row, timing the last three (its
-  weights then in the caches they fit).
+  weights then in the caches they fit);
+- `model_order_warmed`: the model's order again, each operation first run, untimed, on a one-token
+  copy of its input (a chain of its own beside the timed one): its code, Python objects and weights
+  then as a call leaves them, its input and output data not. Against `model_order`, what an
+  operation pays for running after other kernels beyond its weights' trip from memory.
 
 Each layer is compared with itself (pruned layers differ in size), and an operation's figure is the
 mean over the layers of each layer's median.
 One CSV row per (model, size, dtype, operation, chain): microseconds per call (the mean over the
-layers of each layer's median over `--repeats` passes), and `model_order_over_one_layer` on the
-`model_order` rows. Operations: `qkv`, `attention`, `attention_output`, `add_norm_1`, `ffn_in`,
+layers of each layer's median over `--repeats` passes), and `model_order_over_one_layer` and
+`model_order_over_warmed` on the `model_order` rows. Operations: `qkv`, `attention`, `attention_output`, `add_norm_1`, `ffn_in`,
 `ffn_out`, `add_norm_2`; the linears' stored weights in MB beside them (`weight_mb`, the mean over
 the layers). Writes `cpu_weights_cold_<cpu>[_quick].csv`
 and `.png`. `--quick`: MiniLM, 1x128, fp32, 2 repeats (its times mean nothing).
@@ -38,10 +42,10 @@ from nn_blocksparse.dtypes import DTYPE_NAMES, dtype_from_name
 from . import bench_e2e, common
 
 COLUMNS = ["model", "batch", "seq", "dtype", "operation", "chain", "time_us", "model_order_over_one_layer",
-           "weight_mb", "layers"]
+           "model_order_over_warmed", "weight_mb", "layers"]
 OPERATIONS = ("qkv", "attention", "attention_output", "add_norm_1", "ffn_in", "ffn_out", "add_norm_2")
 FULL_SIZES, QUICK_SIZES = ((1, 128), (8, 128)), ((1, 128),)
-CHAINS = ("model_order", "one_layer")
+CHAINS = ("model_order", "one_layer", "model_order_warmed")
 
 
 def layer_steps(layer) -> list[tuple[str, object]]:
@@ -82,16 +86,20 @@ def weight_megabytes(layer) -> dict[str, float]:
             "ffn_in": megabytes(layer.intermediate.dense), "ffn_out": megabytes(layer.output.dense)}
 
 
-def time_chain(layers, hidden: torch.Tensor, repeats: int, skip: int = 0) -> list[dict[str, float]]:
+def time_chain(layers, hidden: torch.Tensor, repeats: int, skip: int = 0,
+               warmed: bool = False) -> list[dict[str, float]]:
     """Per position in `layers`, each operation's median seconds over `repeats` passes through them (one
-    untimed first); positions before `skip` are run but not kept."""
+    untimed first); positions before `skip` are run but not kept. `warmed`: each operation first runs,
+    untimed, on the one-token chain beside."""
     steps = [layer_steps(layer) for layer in layers]
     times = [{operation: [] for operation in OPERATIONS} for _ in layers]
     with torch.inference_mode():
         for repeat in range(repeats + 1):
-            state = {"h": hidden}
+            state, token = {"h": hidden}, {"h": hidden[:1, :1].clone()}
             for position, layer in enumerate(steps):
                 for operation, step in layer:
+                    if warmed:
+                        token = step(token)
                     start = time.perf_counter()
                     state = step(state)
                     if repeat:
@@ -101,13 +109,14 @@ def time_chain(layers, hidden: torch.Tensor, repeats: int, skip: int = 0) -> lis
 
 
 def layer_times(layers, hidden: torch.Tensor, repeats: int) -> dict[str, list[dict[str, float]]]:
-    """`{chain: [per layer, {operation: median seconds}]}` for both chains."""
+    """`{chain: [per layer, {operation: median seconds}]}` for every chain."""
     model_order = time_chain(layers, hidden, repeats)
     one_layer = []
     for layer in layers:
         runs = time_chain([layer] * 4, hidden, repeats, skip=1)  # the first call brings its weights in
         one_layer.append({operation: statistics.median(run[operation] for run in runs) for operation in OPERATIONS})
-    return {"model_order": model_order, "one_layer": one_layer}
+    return {"model_order": model_order, "one_layer": one_layer,
+            "model_order_warmed": time_chain(layers, hidden, repeats, warmed=True)}
 
 
 def run_case(model_name: str, model, batch: int, seq: int, dtype: torch.dtype, repeats: int) -> list[dict]:
@@ -120,7 +129,7 @@ def run_case(model_name: str, model, batch: int, seq: int, dtype: torch.dtype, r
         raise RuntimeError(f"could not patch {model_name} in {DTYPE_NAMES[dtype]}: {failures}")
     layers = bert_layers(variants["hybrid"])
     hidden = torch.randn(batch, seq, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    # Twice, alternating, so that a drift of the machine's speed reaches both chains; each layer's
+    # Twice, alternating, so that a drift of the machine's speed reaches every chain; each layer's
     # figure is its median over both.
     runs = [layer_times(layers, hidden, repeats) for _ in range(2)]
     per_layer = {chain: [{operation: statistics.median(run[chain][index][operation] for run in runs)
@@ -132,12 +141,13 @@ def run_case(model_name: str, model, batch: int, seq: int, dtype: torch.dtype, r
     rows = []
     for operation in OPERATIONS:
         for chain in CHAINS:
-            ratio = mean_us["model_order"][operation] / mean_us["one_layer"][operation] if chain == "model_order" \
-                else float("nan")
+            over = {other: mean_us["model_order"][operation] / mean_us[other][operation] if chain == "model_order"
+                    else float("nan") for other in ("one_layer", "model_order_warmed")}
             rows.append({"model": model_name, "batch": batch, "seq": seq, "dtype": DTYPE_NAMES[dtype],
                          "operation": operation, "chain": chain, "time_us": mean_us[chain][operation],
-                         "model_order_over_one_layer": ratio, "weight_mb": megabytes.get(operation, float("nan")),
-                         "layers": len(layers)})
+                         "model_order_over_one_layer": over["one_layer"],
+                         "model_order_over_warmed": over["model_order_warmed"],
+                         "weight_mb": megabytes.get(operation, float("nan")), "layers": len(layers)})
     return rows
 
 
@@ -185,7 +195,8 @@ def main(argv=None) -> int:
                     case_rows = run_case(model_name, model, batch, seq, dtype, args.repeats)
                     rows.extend(case_rows)
                     print(f"{model_name} {batch}x{seq} {DTYPE_NAMES[dtype]}: " + "  ".join(
-                        f"{row['operation']} {row['model_order_over_one_layer']:.2f}x" for row in case_rows
+                        f"{row['operation']} {row['model_order_over_one_layer']:.2f}x "
+                        f"({row['model_order_over_warmed']:.2f}x warmed)" for row in case_rows
                         if row["chain"] == "model_order"), flush=True)
         common.write_cpu_table(args, "cpu_weights_cold", rows, COLUMNS, environment, plot,
                                f"hybrid layers, weights from memory vs cached, {common.cpu_model()}, "
