@@ -50,10 +50,10 @@ CHAINS = ("model_order", "one_layer", "model_order_warmed")
 
 def layer_steps(layer) -> list[tuple[str, object]]:
     """`(operation, step(state) -> state)` of one thin layer's forward, in order; `state` is a dict."""
-    from nn_blocksparse.bert.thin_layer import _add_norm, add_norms
+    from nn_blocksparse.bert.thin_layer import _add_norm, prepared_calls
 
     fused, output = layer.attention.self.attention, layer.attention.output
-    first_norm, second_norm = add_norms(layer)
+    _, first_norm, second_norm = prepared_calls(layer)
     ffn_in, ffn_out, activation = layer.intermediate.dense, layer.output.dense, layer.intermediate.intermediate_act_fn
     if fused.num_heads == 0:  # every head pruned: no projection, and the attention adds nothing
         qkv_step = lambda s: s  # noqa: E731

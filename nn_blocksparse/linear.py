@@ -144,9 +144,11 @@ class BlockSparseLinear(nn.Module):
         if device.type in ("cuda", "cpu") and runs_triton(self.backend, device):
             self._launch = launch_table(self._matrix, self.values.dtype, device)
 
-    def _native_forward(self, input: torch.Tensor) -> torch.Tensor | None:
-        """The CPU forward straight into the native kernel (`NativeLinearCall`), or None where it does not
-        apply: what `block_sparse_linear_tensors` would compute, without its per-call checks of the weight."""
+    def native_call(self) -> tuple | None:
+        """`(NativeLinearCall, values, row_offsets, col_indices, bias)`: the CPU forward's direct call into
+        the native kernel and the tensors to give it, or None where it does not apply. Call after
+        `matrix` (the forward's revalidation), in eager mode; the tensors are the plain ones
+        `plain_eager` accepts only where it says so."""
         if "parametrizations" in self._modules:
             return None  # parametrized tensors are computed on access: the general path reads them
         values, row_offsets, col_indices, _ = self._block_tensors()
@@ -159,9 +161,15 @@ class BlockSparseLinear(nn.Module):
                 call = NativeLinearCall.prepare(values, row_offsets, col_indices, bias, self.activation,
                                                 self.in_features)
             native = self._native = (key, call)
-        if native[1] is None or not plain_eager(input, values, row_offsets, col_indices, bias):
+        return None if native[1] is None else (native[1], values, row_offsets, col_indices, bias)
+
+    def _native_forward(self, input: torch.Tensor) -> torch.Tensor | None:
+        """The CPU forward straight into the native kernel (`NativeLinearCall`), or None where it does not
+        apply: what `block_sparse_linear_tensors` would compute, without its per-call checks of the weight."""
+        prepared = self.native_call()
+        if prepared is None or not plain_eager(input, *prepared[1:]):
             return None
-        return direct("linear_cpu", native[1], input, values, row_offsets, col_indices, bias)
+        return direct("linear_cpu", prepared[0], input, *prepared[1:])
 
     def _launch_for(self, rows: int) -> Launch:
         if self._launch is None:

@@ -53,14 +53,20 @@ class AddLayerNorm:
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
                  reuse_x: bool = False) -> torch.Tensor:
         if x.is_cpu and ops.plain_eager(x, residual, weight, bias):
-            key = NativeAddNormCall.key(normalized_shape, weight, bias, eps)
-            if key != self._key:
-                self._key, self._call = key, NativeAddNormCall.prepare(normalized_shape, weight, bias, eps)
-            if self._call is not None:
-                y = ops.direct("add_layer_norm_cpu", self._call, x, residual, weight, bias, reuse_x)
+            call = self.prepared(normalized_shape, weight, bias, eps)
+            if call is not None:
+                y = ops.direct("add_layer_norm_cpu", call, x, residual, weight, bias, reuse_x)
                 if y is not None:
                     return y
         return add_layer_norm(x, residual, normalized_shape, weight, bias, eps, reuse_x)
+
+    def prepared(self, normalized_shape, weight, bias, eps) -> NativeAddNormCall | None:
+        """The `NativeAddNormCall` for these parameters (prepared again where their key changed), or None
+        where the native kernel does not take them. For callers that check their inputs themselves."""
+        key = NativeAddNormCall.key(normalized_shape, weight, bias, eps)
+        if key != self._key:
+            self._key, self._call = key, NativeAddNormCall.prepare(normalized_shape, weight, bias, eps)
+        return self._call
 
     def __reduce__(self):
         return AddLayerNorm, ()

@@ -57,15 +57,25 @@ def test_thin_layers_match_transformers_forward(pruned_minilm, single_intra_op_t
     assert all(isinstance(layer, BertLayer) for layer in bert_layers(patched))
     inputs = padded_inputs(model.config.vocab_size)
     plain = with_transformers_layers(patched)
-    native_norms = []
-    run = layer_norm._run
+    from nn_blocksparse.cpu.attention_block import NativeAttentionBlockCall
+
+    native_norms, blocks = [], []
+    run, block = layer_norm._run, NativeAttentionBlockCall.__call__
     monkeypatch.setattr(layer_norm, "_run", lambda *args: native_norms.append(args) or run(*args))
+    monkeypatch.setattr(NativeAttentionBlockCall, "__call__", lambda *args: blocks.append(block(*args)) or blocks[-1])
     with torch.inference_mode():
         thin_out = patched(**inputs, output_hidden_states=True)
         plain_out = plain(**inputs, output_hidden_states=True)
     from nn_blocksparse.cpu import native_isa
 
     assert len(native_norms) == (12 if native_isa() is not None else 0)  # both norms of all 6 layers, natively
+    # The attention halves as native blocks where both projections are block-sparse (all of them in
+    # blocksparse mode), none returning None.
+    block_sparse = sum(type(layer.attention.output.dense).__name__ == "BlockSparseLinear"
+                       and type(layer.attention.self.attention.qkv).__name__ == "BlockSparseLinear"
+                       for layer in bert_layers(patched))
+    assert mode == "hybrid" or block_sparse == 6
+    assert len(blocks) == (block_sparse if native_isa() is not None else 0) and all(b is not None for b in blocks)
     # transformers records every layer's output through hooks on BertLayer: still there, still close
     # (the norms' statistics summed in another order: fp32 rounding, compounded over the layers).
     assert len(thin_out.hidden_states) == 7
@@ -234,3 +244,43 @@ def test_a_norm_with_hooks_or_its_own_forward_is_called_as_a_module(monkeypatch)
     with torch.inference_mode():
         assert torch.equal(_add_norm(x, residual, norm), expected)
     assert wrapped == [1]
+
+
+def test_key_mask_turns_transformers_padding_mask_into_an_additive_key_mask():
+    from nn_blocksparse.bert.masks import key_mask
+
+    keys = torch.ones(3, 10, dtype=torch.bool)
+    keys[1, 6:] = False
+    padding = keys[:, None, None, :].expand(3, 1, 10, 10).clone()  # transformers 5's form
+    additive = key_mask(padding)
+    assert additive.shape == (3, 1, 1, 10) and additive.dtype == torch.float32
+    assert torch.equal(additive[:, 0, 0] == 0, keys)
+    assert (additive[1, 0, 0, 6:] == torch.finfo(torch.float32).min).all()
+    scores = torch.randn(3, 2, 10, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose((scores + additive).softmax(-1), scores.masked_fill(~padding, float("-inf")).softmax(-1))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(3, 1, 10, 10)
+    empty = padding.clone()
+    empty[2] = False  # a sequence with every key masked out: SDPA's own convention, kept
+    for kept in (causal, empty, None, additive, padding.float(), padding[:, :, :5]):
+        assert key_mask(kept) is kept
+
+
+def test_padded_batches_run_the_native_attention(pruned_minilm, single_intra_op_thread, monkeypatch):
+    from nn_blocksparse.cpu import attention, attention_block, native_isa
+
+    if native_isa() is None:
+        pytest.skip("no native kernel here")
+    model, _ = pruned_minilm
+    patched = patch_bert(copy.deepcopy(model), mode="hybrid")
+    inputs = padded_inputs(model.config.vocab_size)
+    native = []
+    launch = attention.attention_launch
+    for module in (attention, attention_block):  # the modules one by one, and the native block
+        monkeypatch.setattr(module, "attention_launch", lambda *args: native.append(1) or launch(*args))
+    with torch.inference_mode():
+        patched_out = patched(**inputs).last_hidden_state
+        expected = model.eval()(**inputs).last_hidden_state
+    assert len(native) == 6  # every layer, the padded batch included
+    valid = inputs["attention_mask"].bool()
+    error = (patched_out - expected)[valid].abs().max().item()
+    assert error < 1e-3 * max(1.0, expected.abs().max().item())

@@ -56,6 +56,7 @@ from ..layouts import block_density
 from ..permutation import attention_feature_permutation, ffn_feature_permutation
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
+from .masks import key_mask
 from .thin_layer import use_thin_layers
 
 MODES = ("resize", "blocksparse", "hybrid")
@@ -78,6 +79,7 @@ class BertSelfAttentionAdapter(BertSelfAttention):
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
         if encoder_hidden_states is not None or cache is not None or kwargs.get("past_key_values") is not None:
             raise ValueError("patched BERT attention is encoder self-attention only (no cross-attention or cache)")
+        attention_mask = key_mask(attention_mask)
         if kwargs.get("output_attentions"):
             return self.attention(hidden_states, attention_mask, return_probabilities=True)
         return self.attention(hidden_states, attention_mask), None

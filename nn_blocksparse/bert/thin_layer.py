@@ -16,9 +16,11 @@ pass over the stream: the statistics' additions in another order than torch's, s
 close to transformers' forward, not bit for bit); a layer norm with hooks (forward or backward) or a
 forward of its own, or not a plain `nn.LayerNorm`, is called as a module instead. Where the linear
 before it is one whose output nothing else can hold (a `BlockSparseLinear`, `DenseLinear` or
-`nn.Linear` called plainly, see `_called_plainly`), the norm writes over that output
-(`reuse_x=True`), rather than into a new buffer that comes cold from memory. Everything else
-gives transformers' values bit for bit. (With bf16 weights on fp32 activations and GELU fused into
+`nn.Linear` called plainly, `module_calls.called_plainly`), the norm writes over that output
+(`reuse_x=True`), rather than into a new buffer that comes cold from memory. The attention half
+(fused attention, output projection, add + norm) runs as one `AttentionBlock` where its modules
+allow it (see there): the values of the modules called one by one, bit for bit, without their
+module calls and checks between the kernels. Everything else gives transformers' values bit for bit. (With bf16 weights on fp32 activations and GELU fused into
 FFN-in, FFN-in's bf16 output goes to FFN-out as it is, without the fp32 copy FFN-out would round
 straight back: the same values.)
 
@@ -36,12 +38,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as module_globals
 from transformers.models.bert.modeling_bert import BertLayer
 
+from ..attention_block import AttentionBlock
 from ..dense_linear import DenseLinear
 from ..linear import BlockSparseLinear
+from ..module_calls import called_plainly as _called_plainly
 from ..norm import AddLayerNorm, add_layer_norm
+from .masks import key_mask
 
 # Linears whose forward returns a tensor of its own that nothing else refers to (when called plainly).
 _FRESH_OUTPUT_LINEARS = (BlockSparseLinear, DenseLinear, nn.Linear)
@@ -55,16 +59,6 @@ def _bf16_between(ffn_in: nn.Module, ffn_out: nn.Module, activation: nn.Module) 
             and ffn_in.weight.dtype == torch.bfloat16 and ffn_out.weight.dtype == torch.bfloat16)
 
 
-def _called_plainly(module: nn.Module) -> bool:
-    """Whether calling `module` would run nothing but its class's forward: no forward or backward hooks
-    (its own or global ones) and no forward of its own (a wrapper set on the instance, as offloading
-    libraries set)."""
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__
-                or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
-                or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks)
-
-
 def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, x_from: nn.Module | None = None,
               apply=add_layer_norm) -> torch.Tensor:
     """`norm(x + residual)`: one `apply` (`add_layer_norm`, or an `AddLayerNorm` kept for `norm`) where
@@ -76,13 +70,13 @@ def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, x_from: 
     return norm(x + residual)
 
 
-def add_norms(layer: nn.Module) -> tuple[AddLayerNorm, AddLayerNorm]:
-    """A thin layer's two `AddLayerNorm`s (after attention, after the FFN), made on first use: a layer
-    becomes thin by a change of class, without an `__init__`."""
-    norms = layer.__dict__.get("_add_norms")
-    if norms is None:
-        norms = layer.__dict__["_add_norms"] = (AddLayerNorm(), AddLayerNorm())
-    return norms
+def prepared_calls(layer: nn.Module) -> tuple[AttentionBlock, AddLayerNorm, AddLayerNorm]:
+    """A thin layer's attention block and its two `AddLayerNorm`s (after attention, after the FFN), made
+    on first use: a layer becomes thin by a change of class, without an `__init__`."""
+    calls = layer.__dict__.get("_prepared_calls")
+    if calls is None:
+        calls = layer.__dict__["_prepared_calls"] = (AttentionBlock(), AddLayerNorm(), AddLayerNorm())
+    return calls
 
 
 class ThinBertLayer(BertLayer):
@@ -93,10 +87,15 @@ class ThinBertLayer(BertLayer):
                 or kwargs.get("output_attentions")  # the adapter computes the probabilities, hooks record them
                 or any(kwargs.get(name) is not None for name in ("encoder_attention_mask", "cache", "past_key_values"))):
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
-        attention_output, (first_norm, second_norm) = self.attention.output, add_norms(self)
-        context = self.attention.self.attention(hidden_states, attention_mask)
-        hidden_states = _add_norm(attention_output.dense(context), hidden_states, attention_output.LayerNorm,
-                                  attention_output.dense, first_norm)
+        attention, attention_output = self.attention.self.attention, self.attention.output
+        attention_mask = key_mask(attention_mask)  # as the skipped adapter converts it
+        block, first_norm, second_norm = prepared_calls(self)
+        attended = block(attention, attention_output.dense, attention_output.LayerNorm, first_norm, hidden_states,
+                         attention_mask)
+        if attended is None:
+            attended = _add_norm(attention_output.dense(attention(hidden_states, attention_mask)), hidden_states,
+                                 attention_output.LayerNorm, attention_output.dense, first_norm)
+        hidden_states = attended
         ffn_in, ffn_out = self.intermediate.dense, self.output.dense
         if _bf16_between(ffn_in, ffn_out, self.intermediate.intermediate_act_fn):
             intermediate = ffn_in(hidden_states, bf16_output=True)
@@ -119,4 +118,4 @@ def use_transformers_layers(layers: list[nn.Module]) -> None:
     for layer in layers:
         if type(layer) is ThinBertLayer:
             layer.__class__ = BertLayer
-            layer.__dict__.pop("_add_norms", None)
+            layer.__dict__.pop("_prepared_calls", None)

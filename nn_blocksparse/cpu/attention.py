@@ -98,7 +98,16 @@ def self_attention_cpu(qkv: torch.Tensor, num_heads: int, head_dim: int,
     batch, seq, width = qkv.shape
     if width != 3 * num_heads * head_dim:
         raise ValueError(f"qkv has {width} features, 3 x {num_heads} heads x {head_dim} expected")
-    qkv = stored(qkv)
+    return attention_launch(library, stored(qkv), num_heads, head_dim, attention_mask, bf16_products)
+
+
+def attention_launch(library, qkv: torch.Tensor, num_heads: int, head_dim: int, attention_mask,
+                     bf16_products: bool) -> torch.Tensor:
+    """`self_attention_cpu` on inputs it takes, checked by the caller: `self_attention_cpu` checks them;
+    a caller that made `qkv` itself knows it is a contiguous `[B, S, 3 * num_heads * head_dim]` plain
+    CPU tensor of a dtype `library` runs (no negated view), and must check `attention_mask` (None, or
+    one `_is_key_mask` accepts, not a negated view) and `head_dim` (as `_refusal`)."""
+    batch, seq, _ = qkv.shape
     mask = (None if attention_mask is None
             else stored(attention_mask).reshape(-1, seq).expand(batch, seq).to(torch.float32).contiguous())
     out = torch.empty(batch, seq, num_heads * head_dim, dtype=qkv.dtype)

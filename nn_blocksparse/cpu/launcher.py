@@ -185,8 +185,15 @@ class NativeLinearCall:
         m = x2d.shape[0]
         if m == 0 or (x2d.stride(1) != 1 and self.k > 1 and m > 1):
             return None
-        y = torch.empty(m, self.n, dtype=x.dtype)
+        y = self.launch(x2d, values, row_offsets, col_indices, bias)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.n)
+
+    def launch(self, x2d, values, row_offsets, col_indices, bias) -> torch.Tensor:
+        """y `[M, n]` of `x2d`, a plain `[M >= 1, k]` CPU tensor with unit stride along k, of a dtype in
+        `x_dtypes`, not a negated view: what `__call__` checks, and a caller that made `x2d` itself
+        knows."""
+        y = torch.empty(x2d.shape[0], self.n, dtype=x2d.dtype)
         w_code, bias_code, activation_code = self.codes
         _run(self.library, self.block_size, self.block_rows, x2d, values, w_code, row_offsets, col_indices, bias,
              bias_code, activation_code, y)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.n)
+        return y

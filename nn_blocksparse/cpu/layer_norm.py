@@ -218,5 +218,10 @@ class NativeAddNormCall:
                 or (torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad
                                                     for tensor in (x, residual, weight, bias)))):
             return None
+        return self.launch(x, residual, weight, bias, out_dtype, reuse_x)
+
+    def launch(self, x, residual, weight, bias, out_dtype: torch.dtype, reuse_x: bool) -> torch.Tensor:
+        """The kernel on inputs `__call__` would serve, with `out_dtype = pairs[(x.dtype, residual.dtype)]`:
+        what `__call__` checks, and a caller that made `x` and `residual` itself knows."""
         out = _result(x, residual, weight, bias, out_dtype, reuse_x)
         return _run(self.library, x, residual, weight, bias, self.param_dtype, self.eps, out)
