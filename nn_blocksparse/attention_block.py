@@ -32,10 +32,10 @@ _profiling = torch._C._autograd._profiler_enabled
 class AttentionBlock:
     """One block's prepared native call (see the module docstring)."""
 
-    __slots__ = ("_parts", "_call")
+    __slots__ = ("_prepared",)
 
     def __init__(self) -> None:
-        self._parts, self._call = None, None
+        self._prepared = (None, None)  # (parts, call): one attribute, so a thread never sees a mismatched pair
 
     def __call__(self, attention: nn.Module, output: nn.Module, norm: nn.Module, add_norm: AddLayerNorm,
                  x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -58,13 +58,13 @@ class AttentionBlock:
                 or not ops.plain_eager(x, mask, *projection[1:], *projected[1:], weight, bias)):
             return None
         parts = (projection[0], projected[0], norm_call, attention.num_heads, attention.head_dim, x.dtype)
-        if parts != self._parts:
+        prepared = self._prepared
+        if parts != prepared[0]:
             # The attention's products on bf16 tiles where the projection keeps bf16 weights, as its forward decides.
             bf16_products = x.dtype == torch.float32 and attention._bf16_weights()
-            self._parts, self._call = parts, NativeAttentionBlockCall.prepare(*parts, bf16_products)
-        if self._call is None:
-            return None
-        return self._call(x, mask, projection[1:], projected[1:], weight, bias)
+            prepared = self._prepared = (parts, NativeAttentionBlockCall.prepare(*parts, bf16_products))
+        call = prepared[1]
+        return None if call is None else call(x, mask, projection[1:], projected[1:], weight, bias)
 
     def __reduce__(self):
         return AttentionBlock, ()

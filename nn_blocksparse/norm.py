@@ -44,10 +44,10 @@ class AddLayerNorm:
     `add_layer_norm`. Copies and pickles are empty (they prepare again on first use).
     """
 
-    __slots__ = ("_key", "_call")
+    __slots__ = ("_prepared",)
 
     def __init__(self) -> None:
-        self._key, self._call = None, None
+        self._prepared = (None, None)  # (key, call): one attribute, so a thread never sees a mismatched pair
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, normalized_shape: Sequence[int],
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5,
@@ -64,9 +64,10 @@ class AddLayerNorm:
         """The `NativeAddNormCall` for these parameters (prepared again where their key changed), or None
         where the native kernel does not take them. For callers that check their inputs themselves."""
         key = NativeAddNormCall.key(normalized_shape, weight, bias, eps)
-        if key != self._key:
-            self._key, self._call = key, NativeAddNormCall.prepare(normalized_shape, weight, bias, eps)
-        return self._call
+        prepared = self._prepared
+        if key != prepared[0]:
+            prepared = self._prepared = (key, NativeAddNormCall.prepare(normalized_shape, weight, bias, eps))
+        return prepared[1]
 
     def __reduce__(self):
         return AddLayerNorm, ()

@@ -73,7 +73,7 @@ def test_block_is_the_modules_one_by_one_bit_for_bit(masked):
         with torch.inference_mode():
             out = block(attention, output, norm, add_norm, x, mask)
             expected = one_by_one(attention, output, norm, x, mask)
-        assert out is not None and isinstance(block._call, NativeAttentionBlockCall)
+        assert out is not None and isinstance(block._prepared[1], NativeAttentionBlockCall)
         assert torch.equal(out, expected)
         error = (out.double() - float64_reference(attention, output, norm, x, mask)).abs().max().item()
         assert error < 1e-4
@@ -146,6 +146,6 @@ def test_block_follows_changes_to_its_modules():
 
 def test_copies_and_pickles_of_a_block_are_empty():
     block = AttentionBlock()
-    block._parts, block._call = ("prepared",), object()
+    block._prepared = (("prepared",), object())
     for copied in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
-        assert copied._parts is None and copied._call is None
+        assert copied._prepared == (None, None)

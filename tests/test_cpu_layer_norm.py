@@ -242,7 +242,7 @@ def test_add_layer_norm_kept_for_its_parameters_matches_the_general_path(dtype, 
         expected = add_layer_norm_cpu(x, residual, (128,), weight, bias, 1e-6)
         with torch.inference_mode():
             out = kept(x, residual, (128,), weight, bias, 1e-6)
-            assert torch.equal(out, expected) and isinstance(kept._call, NativeAddNormCall)
+            assert torch.equal(out, expected) and isinstance(kept._prepared[1], NativeAddNormCall)
             reused = kept(x, residual, (128,), weight, bias, 1e-6, reuse_x=True)
         assert torch.equal(reused, expected) and (reused.data_ptr() == x.data_ptr()) == (dtype == reused.dtype)
 
@@ -275,14 +275,14 @@ def test_add_layer_norm_kept_for_its_parameters_sends_what_it_cannot_serve_to_th
     # Parameters of another kind: prepared again (fp64 ones: none, torch computes them).
     with torch.inference_mode():
         out = kept(x.double(), residual.double(), (64,), weight.double(), bias.double(), 1e-5)
-    assert kept._call is None and out.dtype == torch.float64
+    assert kept._prepared[1] is None and out.dtype == torch.float64
     with torch.inference_mode():
         kept(x, residual, (64,), weight, bias, 1e-5)
-    assert kept._call is not None
+    assert kept._prepared[1] is not None
     # Gradients wanted: torch's ops, which record them.
     leaf = x.clone().requires_grad_()
     kept(leaf, residual, (64,), weight, bias, 1e-5).sum().backward()
     assert leaf.grad is not None
     # Copies and pickles hold no loaded library: they prepare again.
     for copied in (copy.deepcopy(kept), pickle.loads(pickle.dumps(kept))):
-        assert copied._call is None and copied._key is None
+        assert copied._prepared == (None, None)

@@ -261,7 +261,7 @@ def test_key_mask_turns_transformers_padding_mask_into_an_additive_key_mask():
     causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(3, 1, 10, 10)
     empty = padding.clone()
     empty[2] = False  # a sequence with every key masked out: SDPA's own convention, kept
-    for kept in (causal, empty, None, additive, padding.float(), padding[:, :, :5]):
+    for kept in (causal, empty, None, additive, padding.float(), padding[:, :, :5], padding.to("meta")):
         assert key_mask(kept) is kept
 
 

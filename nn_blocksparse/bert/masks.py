@@ -8,7 +8,8 @@ the mask is that row, made additive (0 where attended, fp32's minimum elsewhere,
 made it): the same softmax, to the rounding of the scores. Anything else (a causal or per-query
 mask, a sequence with every key masked out, whose SDPA output is its own convention) stays as it is,
 and so does every mask in a trace: the checks read the mask's values, and traced, the attention runs
-SDPA anyway.
+SDPA anyway. Only CPU masks: the native attention is the CPU's, and elsewhere the checks would
+wait on the device.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 
 
 def key_mask(mask):
-    if not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
-            and mask.shape[2] == mask.shape[3] and mask.shape[2] > 0) or torch.compiler.is_compiling():
+    if not (type(mask) is torch.Tensor and mask.is_cpu and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3] and mask.shape[2] > 0) \
+            or torch.compiler.is_compiling():
         return mask
     keys = mask[:, :, :1, :]
     if not (bool(keys.any(-1).all()) and bool((mask == keys).all())):

@@ -20,9 +20,10 @@ before it is one whose output nothing else can hold (a `BlockSparseLinear`, `Den
 (`reuse_x=True`), rather than into a new buffer that comes cold from memory. The attention half
 (fused attention, output projection, add + norm) runs as one `AttentionBlock` where its modules
 allow it (see there): the values of the modules called one by one, bit for bit, without their
-module calls and checks between the kernels. Everything else gives transformers' values bit for bit. (With bf16 weights on fp32 activations and GELU fused into
-FFN-in, FFN-in's bf16 output goes to FFN-out as it is, without the fp32 copy FFN-out would round
-straight back: the same values.)
+module calls and checks between the kernels. Everything else gives transformers' values bit for
+bit. (With bf16 weights on fp32 activations and GELU fused into FFN-in, FFN-in's bf16 output goes to
+FFN-out as it is, without the fp32 copy FFN-out would round straight back: the same values.) The
+attention mask goes through `masks.key_mask`, as the adapter the layer skips sends it.
 
 Only where nothing else is asked of the layer: in eval mode (dropout is the identity), without
 cross-attention, cache, feed-forward chunking or `output_attentions`. Anything else runs
