@@ -115,6 +115,9 @@ def test_block_leaves_to_the_modules_what_it_cannot_replay():
     training = parts()
     training[0].train().dropout = 0.1
     cases["dropout in training"] = (training, x, mask)
+    compiled = parts()
+    compiled[1].compile()  # its compiled call runs instead of its forward
+    cases["a compiled output projection"] = (compiled, x, mask)
     for name, ((attention, output, norm), x_case, mask_case) in cases.items():
         with torch.inference_mode():
             assert AttentionBlock()(attention, output, norm, AddLayerNorm(), x_case, mask_case) is None, name
@@ -131,10 +134,18 @@ def test_block_follows_changes_to_its_modules():
     x, mask = inputs()
     with torch.inference_mode():
         block(attention, output, norm, add_norm, x, mask)
-        # In place: new values seen; a new bias of another size is refused by the module as by the block.
+        # In place: new values seen.
         output.values.mul_(2)
         norm.weight.mul_(0.5)
         assert torch.equal(block(attention, output, norm, add_norm, x, mask), one_by_one(attention, output, norm, x, mask))
+        # A bias of another size: refused by the block as by the module.
+        kept_bias = output.bias
+        output.bias = torch.nn.Parameter(torch.zeros(HIDDEN + 32), requires_grad=False)
+        for run in (lambda: block(attention, output, norm, add_norm, x, mask),
+                    lambda: one_by_one(attention, output, norm, x, mask)):
+            with pytest.raises(ValueError):
+                run()
+        output.bias = kept_bias
         # Fewer heads: prepared again.
         smaller = FusedSelfAttention(attention.qkv, 1, 2 * HEAD_DIM).eval()
         assert torch.equal(block(smaller, output, norm, add_norm, x, mask), one_by_one(smaller, output, norm, x, mask))

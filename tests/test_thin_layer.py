@@ -263,6 +263,10 @@ def test_key_mask_turns_transformers_padding_mask_into_an_additive_key_mask():
     empty[2] = False  # a sequence with every key masked out: SDPA's own convention, kept
     for kept in (causal, empty, None, additive, padding.float(), padding[:, :, :5], padding.to("meta")):
         assert key_mask(kept) is kept
+    # In traces and transforms the mask stays as it is: its values are not read.
+    assert torch.equal(torch.vmap(key_mask)(padding[:, None]), padding[:, None])
+    traced = torch.jit.trace(lambda mask: key_mask(mask).float(), (padding,))
+    assert torch.equal(traced(causal), causal.float())
 
 
 def test_padded_batches_run_the_native_attention(pruned_minilm, single_intra_op_thread, monkeypatch):

@@ -132,7 +132,8 @@ def writable_over_x(x: torch.Tensor, residual: torch.Tensor, weight, bias, out_d
 def _result(x, residual, weight, bias, out_dtype: torch.dtype, reuse_x: bool) -> torch.Tensor:
     """The tensor the kernel writes into: `x` itself where asked and `writable_over_x` allows, else a new one."""
     if reuse_x and writable_over_x(x, residual, weight, bias, out_dtype):
-        increment_version(x)  # written through its address, unseen by autograd otherwise
+        if not x.is_inference():  # (an inference tensor keeps no version counter)
+            increment_version(x)  # written through its address, unseen by autograd otherwise
         return x
     return torch.empty(x.shape, dtype=out_dtype)
 
