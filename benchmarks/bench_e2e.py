@@ -85,14 +85,23 @@ def build_variants(model: torch.nn.Module, modes=PATCH_MODES, block_size: int = 
 
 
 def random_inputs(batch: int, seq: int, vocab_size: int, device: torch.device, seed: int = 0,
-                  with_mask: bool = True) -> dict:
+                  with_mask: bool = True, padded: bool = False) -> dict:
     """Random token ids and an all-ones attention mask (`with_mask=False`: no mask, the same outputs;
-    for CUDA-graph capture, since transformers inspects a given mask on the host)."""
+    for CUDA-graph capture, since transformers inspects a given mask on the host). `padded`: every
+    sequence but the first ends at a random length from seq / 2 to seq, the mask 0 past it (a padded
+    batch, as a server batches requests of different lengths)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1000, vocab_size, (batch, seq), generator=generator)
     inputs = {"input_ids": input_ids.to(device)}
     if with_mask:
-        inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=device)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if padded:
+            lengths = torch.randint((seq + 1) // 2, seq + 1, (batch,), generator=generator)
+            for row in range(1, batch):
+                mask[row, lengths[row]:] = 0
+        inputs["attention_mask"] = mask.to(device)
+    elif padded:
+        raise ValueError("a padded batch needs its attention mask")
     return inputs
 
 

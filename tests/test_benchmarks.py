@@ -234,6 +234,34 @@ def test_bench_cpu_engines_quick(tmp_path):
     assert_png(path.with_suffix(".png"))
 
 
+def test_bench_cpu_engines_padded_quick(tmp_path):
+    """A padded batch: every engine installed runs it and agrees with the unpatched model."""
+    assert bench_cpu_engines.main(["--quick", "--padded", "--sizes", "3x32", "--threads", THREADS,
+                                   "--out", str(tmp_path)]) == 0
+    path = tmp_path / f"cpu_engines_padded_{common.device_tag(torch.device('cpu'))}_quick.csv"
+    (row,) = read(path, bench_cpu_engines.COLUMNS)
+    assert (row["model"], row["batch"], row["seq"]) == ("minilm", "3", "32")
+    for method in bench_cpu_engines.TORCH_METHODS:
+        assert number(row[f"{method}_ms"]) > 0 and number(row[f"{method}_max_abs_diff"]) <= MAX_MODEL_DIFF, row
+    for engine in engines.ENGINES:
+        if engines.engine_unavailable(engine) is None:
+            assert number(row[f"{engine}_max_abs_diff"]) <= MAX_MODEL_DIFF, row
+    assert bench_cpu_engines.parse_args(["--padded"]).sizes == [(8, 128)]
+
+
+def test_random_inputs_pad_every_sequence_but_the_first():
+    inputs = bench_e2e.random_inputs(6, 40, 5000, torch.device("cpu"), padded=True)
+    mask = inputs["attention_mask"]
+    lengths = mask.sum(1)
+    assert lengths[0] == 40 and (lengths >= 20).all() and (lengths[1:] < 40).any()
+    assert all(torch.equal(mask[row, :length], torch.ones(int(length), dtype=torch.long))
+               for row, length in enumerate(lengths))  # ones, then zeros
+    assert torch.equal(bench_e2e.random_inputs(6, 40, 5000, torch.device("cpu"))["attention_mask"],
+                       torch.ones(6, 40, dtype=torch.long))
+    with pytest.raises(ValueError):
+        bench_e2e.random_inputs(2, 8, 5000, torch.device("cpu"), with_mask=False, padded=True)
+
+
 def test_engines_missing_are_skipped_with_the_reason(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # "import onnxruntime" now fails, as if not installed
     reason = engines.engine_unavailable("onnxruntime")
