@@ -209,7 +209,7 @@ def call_attention_cpu(qkv, num_heads: int, head_dim: int, attention_mask, bf16_
 def call_add_layer_norm_cpu(x, residual, normalized_shape, weight, bias, eps: float,
                             reuse_x: bool = False) -> torch.Tensor:
     """`add_layer_norm_cpu`, called directly in plain eager mode (above). `reuse_x` (the result may be
-    written over x) only there: the op, which what intercepts ops sees, mutates nothing."""
+    written over x) only there: the op, which whatever intercepts ops sees, mutates nothing."""
     if plain_eager(x, residual, weight, bias):
         return direct("add_layer_norm_cpu", _add_layer_norm_cpu, x, residual, normalized_shape, weight, bias, eps,
                       None, reuse_x)  # (None: this process's library)

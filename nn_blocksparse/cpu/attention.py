@@ -106,7 +106,7 @@ def attention_launch(library, qkv: torch.Tensor, num_heads: int, head_dim: int, 
     """`self_attention_cpu` on inputs it takes, checked by the caller: `self_attention_cpu` checks them;
     a caller that made `qkv` itself knows it is a contiguous `[B, S, 3 * num_heads * head_dim]` plain
     CPU tensor of a dtype `library` runs (no negated view), and must check `attention_mask` (None, or
-    one `_is_key_mask` accepts, not a negated view) and `head_dim` (as `_refusal`)."""
+    one `_is_key_mask` accepts; a negated view is resolved here) and `head_dim` (as `_refusal`)."""
     batch, seq, _ = qkv.shape
     mask = (None if attention_mask is None
             else stored(attention_mask).reshape(-1, seq).expand(batch, seq).to(torch.float32).contiguous())
