@@ -24,7 +24,7 @@ from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix
 from nn_blocksparse.cpu import block_sparse_linear_cpu, native_isa
 from nn_blocksparse.cpu.build import library_for
 from nn_blocksparse.cpu.isa import runnable_isas
-from nn_blocksparse.cpu.launcher import native_block_sparse_linear
+from nn_blocksparse.cpu.launcher import TRANSPOSED_BLOCKS, native_block_sparse_linear, transpose_blocks
 from nn_blocksparse.cpu.reference import block_sparse_linear_reference
 
 PATHS = (*runnable_isas(), "reference")
@@ -315,3 +315,29 @@ def test_negated_views_are_read_as_their_values():
         from nn_blocksparse import block_sparse_linear
         assert_close_to_reference(block_sparse_linear(x, twisted), dense_reference(x, weight, None, None),
                                   torch.float32)
+
+
+@pytest.mark.parametrize("path", PATHS[:-1])
+def test_blocks_given_transposed_give_the_stored_layouts_bits(path):
+    # values_layout 1 (what BlockSparseLinear(prepack=True) keeps): the same FMA chains in the same
+    # order, so the same bits, at every block size, tail, and M past several of its row chunks.
+    library = library_for(path)
+    for block_size in (16, 32, 64):
+        weight = random_block_sparse_weight(3 * 64, 4 * 64, block_size, 0.5, seed=block_size, empty_block_rows=(1,))
+        matrix = BlockSparseMatrix.from_dense(weight, block_size)
+        transposed = transpose_blocks(matrix.values)
+        assert torch.equal(transposed[0], matrix.values[0].t())
+        bias = torch.randn(weight.shape[0])
+        for index, rows in enumerate((1, 7, 13, 97, 301)):
+            x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(index))
+            activation = "gelu" if index % 2 else None
+            arguments = (matrix.row_offsets, matrix.col_indices, bias, activation)
+            stored = native_block_sparse_linear(library, x, matrix.values, *arguments)
+            given = native_block_sparse_linear(library, x, transposed, *arguments, layout=TRANSPOSED_BLOCKS)
+            assert torch.equal(stored, given), (path, block_size, rows)
+            assert_close_to_reference(given, expected_output(x, matrix, bias, activation), torch.float32)
+    # fp32 only: the bf16 kernels read their blocks as stored.
+    bf16 = matrix.to(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="unsupported values layout"):
+        native_block_sparse_linear(library, x.bfloat16(), bf16.values, bf16.row_offsets, bf16.col_indices, None,
+                                   None, layout=TRANSPOSED_BLOCKS)

@@ -13,7 +13,10 @@
 // Micro-kernels. fp32 is an outer product: per step of k, a few vectors of one row of a transposed
 // block (W[n.., k], unit stride in n) times broadcast x[i, k] into an MR x NV tile of y's own
 // outputs, the tile's whole block-row walked in registers. A task transposes its block-row's blocks
-// into per-thread scratch first, so W is read as it is stored and nothing is kept between calls.
+// into per-thread scratch first, so W is read as it is stored and nothing is kept between calls;
+// a caller that keeps each block transposed itself (`values_layout` 1, fp32 only) saves that shuffle
+// pass over every stored block on every call, and lets the rows of x be split into chunks that stay
+// in cache across block-rows, since no chunk then transposes anything.
 // bf16 keeps vectors along k, the reduction axis, so that both operands are read where they lie:
 // (k, k+1) pairs as one 32-bit lane, the layout AVX512_BF16's vdpbf16ps and ARM's BFDOT multiply
 // (without them the pair is split into two fp32 values). An MR x 4 tile (MR rows of x, 4 output
@@ -69,7 +72,7 @@
 #ifndef NNBS_BUILD_KEY
 #define NNBS_BUILD_KEY "unkeyed"
 #endif
-#define NNBS_ABI_VERSION 5
+#define NNBS_ABI_VERSION 6
 // Built with -fvisibility=hidden (build.py), so only the entry points below leave the library: a
 // process loads one build per ISA (tests, benchmarks), and exported inline or template code, or a
 // function-local thread_local (a process-wide unique symbol), would be shared between them.
@@ -677,32 +680,42 @@ inline void outer_tail(int rows, const float* x, int64_t ldx, const float* wt, c
   }
 }
 
+// Rows of x per chunk when the blocks come transposed: their K-wide rows stay in L2 while the
+// chunk's tasks walk the block-rows (tasks are dealt chunk by chunk).
+constexpr int64_t TRANSPOSED_CHUNK_ROWS = 8 * OUTER_ROWS;
+
 // Called by every thread of a parallel region. `max_blocks`: the most stored blocks of any
-// block-row (the size of a task's transposed copy); `failed` is set if scratch memory ran out.
+// block-row (the size of a task's transposed copy); `pretransposed`: `p.values` holds each block
+// transposed ([k][n], `values_layout` 1), read in place; `failed` is set if scratch memory ran out.
 template <int BS>
-void run_fp32(const Problem<float>& p, int64_t max_blocks, int threads, bool* failed) {
+void run_fp32(const Problem<float>& p, int64_t max_blocks, bool pretransposed, int threads, bool* failed) {
   constexpr int L = NNBS_VECTOR_LANES < BS ? NNBS_VECTOR_LANES : BS;
   constexpr int NV = outer_vectors<BS>();
   constexpr int MR = OUTER_ROWS;
-  // Row chunks only where the block-rows alone are too few to share out (4 tasks per thread): every
-  // chunk of a block-row transposes its blocks again.
+  // Row chunks where the block-rows alone are too few to share out (4 tasks per thread), where each
+  // chunk of a block-row transposes its blocks again; with the blocks given transposed, also to keep x
+  // in cache.
   const int64_t wanted_chunks = (4 * static_cast<int64_t>(threads) + p.block_rows - 1) / p.block_rows;
+  const int64_t cached_chunks = pretransposed ? (p.m + TRANSPOSED_CHUNK_ROWS - 1) / TRANSPOSED_CHUNK_ROWS : 1;
   const int64_t max_chunks = (p.m + MR - 1) / MR;
-  const int64_t chunks = wanted_chunks < max_chunks ? wanted_chunks : max_chunks;
+  const int64_t wanted = wanted_chunks > cached_chunks ? wanted_chunks : cached_chunks;
+  const int64_t chunks = wanted < max_chunks ? wanted : max_chunks;
   const int64_t chunk_rows = ((p.m + chunks - 1) / chunks + MR - 1) / MR * MR;
   const int64_t tasks = p.block_rows * ((p.m + chunk_rows - 1) / chunk_rows);
   const size_t scratch_bytes = static_cast<size_t>(max_blocks > 0 ? max_blocks : 1) * BS * BS * sizeof(float);
-  float* transposed = static_cast<float*>(team_scratch(scratch_bytes, failed));
+  float* scratch_copy = pretransposed ? nullptr : static_cast<float*>(team_scratch(scratch_bytes, failed));
 #pragma omp for schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
-    if (!transposed) continue;
+    if (!pretransposed && !scratch_copy) continue;
     const int64_t r = task % p.block_rows;
     const int64_t first = task / p.block_rows * chunk_rows;
     const int64_t end = first + chunk_rows < p.m ? first + chunk_rows : p.m;
     const int64_t start = p.row_offsets[r];
     const int64_t blocks = p.row_offsets[r + 1] - start;
-    for (int64_t b = 0; b < blocks; ++b)
-      transpose_block<BS>(p.values + (start + b) * BS * BS, transposed + b * BS * BS);
+    const float* transposed = pretransposed ? p.values + start * BS * BS : scratch_copy;
+    if (!pretransposed)
+      for (int64_t b = 0; b < blocks; ++b)
+        transpose_block<BS>(p.values + (start + b) * BS * BS, scratch_copy + b * BS * BS);
     for (int64_t n0 = 0; n0 < BS; n0 += NV * L) {
       for (int64_t i = first; i < end; i += MR) {
         const int rows = end - i < MR ? static_cast<int>(end - i) : MR;
@@ -1502,24 +1515,30 @@ inline void add_layer_norm_rows(const NormRows& p, int64_t rows, bool* failed) {
 // Dtype codes shared with the launcher (launcher.py: _DTYPE_CODES).
 enum { NNBS_NONE = 0, NNBS_F32 = 1, NNBS_BF16 = 2 };
 // Return codes.
-enum { NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4 };
+enum {
+  NNBS_OK = 0, NNBS_BAD_BLOCK_SIZE = 1, NNBS_BAD_DTYPES = 2, NNBS_NO_MEMORY = 3, NNBS_BAD_ACTIVATION = 4,
+  NNBS_BAD_LAYOUT = 5
+};
 
 // y [m, ldy] = act(x [m, ldx] @ W^T + bias) for W [block_rows * bs, k] in BSR; activation 0 (none)
 // or 1 (gelu). Dtypes (x, W -> y): fp32, fp32 -> fp32; bf16, bf16 -> bf16; fp32, bf16 -> fp32 (x
-// rounded to bf16 first, fp32 accumulation). Bias fp32 or bf16 (or null).
+// rounded to bf16 first, fp32 accumulation). Bias fp32 or bf16 (or null). `values_layout` 0: each
+// block as stored ([n][k]); 1: each block transposed ([k][n]), fp32 only.
 extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t m, int64_t block_rows, int64_t k,
                                         const void* x, int64_t ldx, int32_t x_dtype, const void* values,
-                                        int32_t w_dtype, const int32_t* row_offsets, const int32_t* col_indices,
-                                        const void* bias, int32_t bias_dtype, int32_t activation, void* y,
-                                        int64_t ldy, int32_t y_dtype, int32_t threads) {
+                                        int32_t w_dtype, int32_t values_layout, const int32_t* row_offsets,
+                                        const int32_t* col_indices, const void* bias, int32_t bias_dtype,
+                                        int32_t activation, void* y, int64_t ldy, int32_t y_dtype, int32_t threads) {
   using namespace nnbs;
   if (block_size != 16 && block_size != 32 && block_size != 64) return NNBS_BAD_BLOCK_SIZE;
   if (activation != 0 && activation != 1) return NNBS_BAD_ACTIVATION;
+  if (values_layout != 0 && values_layout != 1) return NNBS_BAD_LAYOUT;
   const bool fp32 = x_dtype == NNBS_F32 && w_dtype == NNBS_F32 && y_dtype == NNBS_F32;
   const bool bf16 = x_dtype == NNBS_BF16 && w_dtype == NNBS_BF16 && y_dtype == NNBS_BF16;
   const bool mixed = x_dtype == NNBS_F32 && w_dtype == NNBS_BF16 && y_dtype == NNBS_F32;
   const bool bias_ok = bias == nullptr || bias_dtype == NNBS_F32 || bias_dtype == NNBS_BF16;
   if (!(fp32 || bf16 || mixed) || !bias_ok) return NNBS_BAD_DTYPES;
+  if (values_layout == 1 && !fp32) return NNBS_BAD_LAYOUT;
   if (m <= 0 || block_rows <= 0) return NNBS_OK;
   const Epilogue e{bias, bias_dtype == NNBS_BF16, activation == 1, y, ldy, y_dtype == NNBS_BF16};
   const int t = threads > 0 ? threads : 1;
@@ -1534,9 +1553,10 @@ extern "C" NNBS_EXPORT int nnbs_block_sparse_linear(int64_t block_size, int64_t 
     bool failed = false;
 #pragma omp parallel num_threads(t)
     {
-      if (block_size == 16) run_fp32<16>(p, max_blocks, t, &failed);
-      else if (block_size == 32) run_fp32<32>(p, max_blocks, t, &failed);
-      else run_fp32<64>(p, max_blocks, t, &failed);
+      const bool pretransposed = values_layout == 1;
+      if (block_size == 16) run_fp32<16>(p, max_blocks, pretransposed, t, &failed);
+      else if (block_size == 32) run_fp32<32>(p, max_blocks, pretransposed, t, &failed);
+      else run_fp32<64>(p, max_blocks, pretransposed, t, &failed);
     }
     return failed ? NNBS_NO_MEMORY : NNBS_OK;
   }

@@ -36,7 +36,7 @@ from .isa import ARCHITECTURE, FORCED, ISAS, choose_isa, machine, runnable_isas
 
 SOURCE = Path(__file__).with_name("block_sparse_linear.cpp")
 HARNESS_SOURCE = Path(__file__).with_name("kernel_harness.cpp")
-ABI_VERSION = 5  # the .cpp's NNBS_ABI_VERSION
+ABI_VERSION = 6  # the .cpp's NNBS_ABI_VERSION
 # -fopenmp: the parallel loop runs on torch's own libgomp (see the .cpp header). -ffp-contract=off:
 # every fused multiply-add is an explicit one, the same on every compiler. -fvisibility=hidden: each
 # ISA's build keeps its code and scratch buffers to itself when several are loaded (the .cpp exports
@@ -188,8 +188,8 @@ def build_harness(isa: str, output: Path, compiler: str | None = None) -> Path:
 
 
 _POINTER, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-_LINEAR_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I64, _I32, _POINTER, _I32, _POINTER, _POINTER, _POINTER, _I32,
-                     _I32, _POINTER, _I64, _I32, _I32]
+_LINEAR_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I64, _I32, _POINTER, _I32, _I32, _POINTER, _POINTER, _POINTER,
+                     _I32, _I32, _POINTER, _I64, _I32, _I32]
 _ATTENTION_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _POINTER, ctypes.c_float, _POINTER, _I32]
 _ATTENTION_BF16_ARGUMENTS = [_I64, _I64, _I64, _I64, _POINTER, _I32, _POINTER, ctypes.c_float, _POINTER, _I32]
 _ADD_LAYER_NORM_ARGUMENTS = [_I64, _I64, _POINTER, _I32, _POINTER, _I32, _POINTER, _POINTER, _I32, ctypes.c_float,

@@ -44,7 +44,7 @@ void fail(const char* what) {
   printf("FAIL %s\n", what);
 }
 
-// kind 0: fp32; 1: bf16 x and W; 2: fp32 x, bf16 W.
+// kind 0: fp32; 1: bf16 x and W; 2: fp32 x, bf16 W; 3: fp32, the blocks given transposed (values_layout 1).
 bool run_case(int kind, int bs, int64_t m, int64_t block_rows, int64_t block_cols, double density, bool bias_on,
               bool gelu, int threads, bool empty_row) {
   const int64_t n = block_rows * bs, k = block_cols * bs;
@@ -61,14 +61,14 @@ bool run_case(int kind, int bs, int64_t m, int64_t block_rows, int64_t block_col
   for (auto& v : x32) v = static_cast<float>(uniform() * 1.7);
   for (auto& v : bias32) v = static_cast<float>(uniform());
   std::vector<uint16_t> w16(w32.size()), x16(x32.size());
-  const bool weights_bf16 = kind != 0;
+  const bool weights_bf16 = kind == 1 || kind == 2;
   for (size_t j = 0; j < w32.size(); ++j) {
     w16[j] = to_bf16(w32[j]);
     if (weights_bf16) w32[j] = from_bf16(w16[j]);
   }
   for (size_t j = 0; j < x32.size(); ++j) {
     x16[j] = to_bf16(x32[j]);
-    if (kind != 0) x32[j] = from_bf16(x16[j]);  // the values the kernel multiplies
+    if (weights_bf16) x32[j] = from_bf16(x16[j]);  // the values the kernel multiplies
   }
   // Reference in double from the (rounded) operands.
   std::vector<double> expected(m * n, 0.0);
@@ -90,11 +90,16 @@ bool run_case(int kind, int bs, int64_t m, int64_t block_rows, int64_t block_col
   std::vector<float> y32(m * n, -7.0f);
   std::vector<uint16_t> y16(m * n, 0);
   const void* x = kind == 1 ? static_cast<const void*>(x16.data()) : static_cast<const void*>(x32.data());
-  const void* w = weights_bf16 ? static_cast<const void*>(w16.data()) : static_cast<const void*>(w32.data());
+  std::vector<float> w32t(w32.size());  // each block [k][n]
+  for (int64_t b = 0; b < nnz; ++b)
+    for (int nn = 0; nn < bs; ++nn)
+      for (int kk = 0; kk < bs; ++kk) w32t[(b * bs + kk) * bs + nn] = w32[(b * bs + nn) * bs + kk];
+  const void* w = weights_bf16 ? static_cast<const void*>(w16.data())
+                  : static_cast<const void*>(kind == 3 ? w32t.data() : w32.data());
   const int code = nnbs_block_sparse_linear(
       bs, m, block_rows, k, x, k, kind == 1 ? NNBS_BF16 : NNBS_F32, w, weights_bf16 ? NNBS_BF16 : NNBS_F32,
-      row_offsets.data(), cols.data(), bias_on ? bias32.data() : nullptr, bias_on ? NNBS_F32 : NNBS_NONE, gelu ? 1 : 0,
-      y_bf16 ? static_cast<void*>(y16.data()) : static_cast<void*>(y32.data()), n, y_bf16 ? NNBS_BF16 : NNBS_F32,
+      kind == 3 ? 1 : 0, row_offsets.data(), cols.data(), bias_on ? bias32.data() : nullptr,
+      bias_on ? NNBS_F32 : NNBS_NONE, gelu ? 1 : 0, y_bf16 ? static_cast<void*>(y16.data()) : static_cast<void*>(y32.data()), n, y_bf16 ? NNBS_BF16 : NNBS_F32,
       threads);
   char what[200];
   snprintf(what, sizeof what, "kind=%d bs=%d m=%lld n=%lld k=%lld density=%.2f bias=%d gelu=%d threads=%d", kind, bs,
@@ -259,10 +264,11 @@ int main() {
   printf("isa %s, bf16 dot %d\n", nnbs_isa(), nnbs_has_bf16_dot());
   check_gelu();
   ++cases;
-  for (int kind = 0; kind < 3; ++kind)
+  for (int kind = 0; kind < 4; ++kind)
     for (int bs : {16, 32, 64}) {
-      // Every tail height (M = 1 .. 13) and a chunk boundary (M = 53), empty rows, dense, empty.
-      for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 13, 53}) {
+      // Every tail height (M = 1 .. 13), chunk boundaries (M = 53; 197 with the blocks given
+      // transposed), empty rows, dense, empty.
+      for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 13, 53, 197}) {
         cases += run_case(kind, bs, m, 3, 4, 0.6, m % 2 == 1, m % 3 == 0, 2, true);
       }
       cases += run_case(kind, bs, 9, 2, 3, 1.0, true, true, 1, false);
@@ -270,10 +276,10 @@ int main() {
       // Long block-rows (K = 6144): walked in several segments.
       cases += run_case(kind, bs, 7, 2, 6144 / bs, 0.8, true, kind == 1, 2, false);
     }
-  // Bit-identical for any thread count.
-  for (int kind = 0; kind < 3; ++kind) {
+  // Bit-identical for any thread count, and (fp32) with the blocks given transposed, over several chunks.
+  for (int kind = 0; kind < 4; ++kind) {
     const int bs = 32;
-    const int64_t m = 37, block_rows = 4, block_cols = 5, n = block_rows * bs, k = block_cols * bs;
+    const int64_t m = kind == 3 ? 301 : 37, block_rows = 4, block_cols = 5, n = block_rows * bs, k = block_cols * bs;
     std::vector<int32_t> row_offsets = {0, 3, 3, 8, 10}, cols = {0, 2, 4, 0, 1, 2, 3, 4, 1, 3};
     std::vector<float> w32(cols.size() * bs * bs), x32(m * k);
     for (auto& v : w32) v = static_cast<float>(uniform());
@@ -281,24 +287,37 @@ int main() {
     std::vector<uint16_t> w16(w32.size()), x16(x32.size());
     for (size_t j = 0; j < w32.size(); ++j) w16[j] = to_bf16(w32[j]);
     for (size_t j = 0; j < x32.size(); ++j) x16[j] = to_bf16(x32[j]);
+    std::vector<float> w32t(w32.size());
+    for (size_t b = 0; b < cols.size(); ++b)
+      for (int nn = 0; nn < bs; ++nn)
+        for (int kk = 0; kk < bs; ++kk) w32t[(b * bs + kk) * bs + nn] = w32[(b * bs + nn) * bs + kk];
     std::vector<float> first(m * n), again(m * n);
     for (int threads : {1, 2, 3}) {
       std::vector<float>& y = threads == 1 ? first : again;
+      // kind 3: the first call reads the blocks as stored, the others transposed.
+      const bool transposed = kind == 3 && threads > 1;
+      const bool fp32 = kind == 0 || kind == 3;
+      const void* w = fp32 ? static_cast<const void*>(transposed ? w32t.data() : w32.data()) : w16.data();
       nnbs_block_sparse_linear(bs, m, block_rows, k, kind == 1 ? static_cast<const void*>(x16.data()) : x32.data(), k,
-                               kind == 1 ? NNBS_BF16 : NNBS_F32,
-                               kind == 0 ? static_cast<const void*>(w32.data()) : w16.data(),
-                               kind == 0 ? NNBS_F32 : NNBS_BF16, row_offsets.data(), cols.data(), nullptr, NNBS_NONE,
-                               1, y.data(), n, kind == 1 ? NNBS_BF16 : NNBS_F32, threads);
+                               kind == 1 ? NNBS_BF16 : NNBS_F32, w, fp32 ? NNBS_F32 : NNBS_BF16, transposed ? 1 : 0,
+                               row_offsets.data(), cols.data(), nullptr, NNBS_NONE, 1, y.data(), n,
+                               kind == 1 ? NNBS_BF16 : NNBS_F32, threads);
       if (threads > 1 && memcmp(first.data(), again.data(), (kind == 1 ? 2 : 4) * m * n) != 0) fail("thread counts");
       ++cases;
     }
   }
-  if (nnbs_block_sparse_linear(48, 1, 1, 48, nullptr, 48, NNBS_F32, nullptr, NNBS_F32, nullptr, nullptr, nullptr,
+  if (nnbs_block_sparse_linear(48, 1, 1, 48, nullptr, 48, NNBS_F32, nullptr, NNBS_F32, 0, nullptr, nullptr, nullptr,
                                NNBS_NONE, 0, nullptr, 48, NNBS_F32, 1) != NNBS_BAD_BLOCK_SIZE)
     fail("block size 48 accepted");
-  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_BF16, nullptr, NNBS_F32, nullptr, nullptr, nullptr,
+  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_BF16, nullptr, NNBS_F32, 0, nullptr, nullptr, nullptr,
                                NNBS_NONE, 0, nullptr, 32, NNBS_F32, 1) != NNBS_BAD_DTYPES)
     fail("bf16 x with fp32 W accepted");
+  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_BF16, nullptr, NNBS_BF16, 1, nullptr, nullptr, nullptr,
+                               NNBS_NONE, 0, nullptr, 32, NNBS_BF16, 1) != NNBS_BAD_LAYOUT)
+    fail("bf16 W given transposed accepted");
+  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_F32, nullptr, NNBS_F32, 2, nullptr, nullptr, nullptr,
+                               NNBS_NONE, 0, nullptr, 32, NNBS_F32, 1) != NNBS_BAD_LAYOUT)
+    fail("values layout 2 accepted");
   // Attention: tails of every vector width (S = 1, 13, 37), D with a partial vector (36), masks.
   for (int64_t s_len : {1, 13, 37, 128})
     for (int64_t d : {4, 32, 36, 64}) cases += attention_case(2, s_len, 3, d, s_len > 1);

@@ -2,7 +2,9 @@
 
 It takes W exactly as `BlockSparseMatrix` stores it and keeps nothing between calls (no plan, no
 packed copy of the weights, no cache keyed by shapes), so an in-place change of `values` is seen by
-the next call, and another module can register it as a `torch.library` op. After the first call
+the next call, and another module can register it as a `torch.library` op. (A layer that keeps a
+copy of its blocks in the kernel's other layout, `transpose_blocks`, does so itself and opt-in:
+`NativeLinearCall`, `BlockSparseLinear(prepack=True)`.) After the first call
 has chosen and built the native kernel it takes no lock and allocates only the output; it branches
 on dtypes and shapes, never on tensor values.
 
@@ -31,7 +33,16 @@ _NATIVE_DTYPES = tuple(MODE_DTYPES.values())
 # ops torch dispatches.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _MESSAGES = {1: "unsupported block size", 2: "unsupported dtypes", 3: "out of memory for the kernel's scratch",
-             4: "unsupported activation"}
+             4: "unsupported activation", 5: "unsupported values layout"}
+# The kernel's `values_layout`: each block as `BlockSparseMatrix` stores it ([n][k]), or transposed
+# ([k][n], `transpose_blocks`: fp32 only), which the fp32 kernel otherwise makes on every call.
+STORED_BLOCKS, TRANSPOSED_BLOCKS = 0, 1
+
+
+def transpose_blocks(values: torch.Tensor) -> torch.Tensor:
+    """Each `[bs, bs]` block of `values [nnz, bs, bs]` transposed, contiguous: the `TRANSPOSED_BLOCKS`
+    layout, a copy a caller may keep for a weight that does not change (`NativeLinearCall`)."""
+    return values.detach().transpose(1, 2).contiguous()
 
 
 def _check(x2d, values, row_offsets, col_indices, bias, activation) -> None:
@@ -92,9 +103,10 @@ def block_sparse_linear_cpu(x2d: torch.Tensor, values: torch.Tensor, row_offsets
 
 
 def native_block_sparse_linear(library, x2d: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor,
-                               col_indices: torch.Tensor, bias: torch.Tensor | None,
-                               activation: str | None) -> torch.Tensor:
-    """`block_sparse_linear_cpu` on a given `NativeLibrary` (`build.library_for(isa)`), inputs checked."""
+                               col_indices: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                               layout: int = STORED_BLOCKS) -> torch.Tensor:
+    """`block_sparse_linear_cpu` on a given `NativeLibrary` (`build.library_for(isa)`), inputs checked;
+    `layout=TRANSPOSED_BLOCKS`: `values` is `transpose_blocks` of the weight's (fp32)."""
     m, k = x2d.shape
     block_size = values.shape[2]
     n = (row_offsets.numel() - 1) * block_size
@@ -106,18 +118,19 @@ def native_block_sparse_linear(library, x2d: torch.Tensor, values: torch.Tensor,
     y = torch.empty(m, n, dtype=x2d.dtype)
     if m == 0 or n == 0:
         return y
-    _run(library, block_size, row_offsets.numel() - 1, x2d, values, _DTYPE_CODES[values.dtype], row_offsets,
+    _run(library, block_size, row_offsets.numel() - 1, x2d, values, _DTYPE_CODES[values.dtype], layout, row_offsets,
          col_indices, bias, 0 if bias is None else _DTYPE_CODES[bias.dtype], 1 if activation == "gelu" else 0, y)
     return y
 
 
-def _run(library, block_size: int, block_rows: int, x2d, values, w_code: int, row_offsets, col_indices, bias,
-         bias_code: int, activation_code: int, y) -> None:
-    """One `nnbs_block_sparse_linear` call into y (x2d's dtype, [M, N] contiguous), everything checked."""
+def _run(library, block_size: int, block_rows: int, x2d, values, w_code: int, layout: int, row_offsets, col_indices,
+         bias, bias_code: int, activation_code: int, y) -> None:
+    """One `nnbs_block_sparse_linear` call into y (x2d's dtype, [M, N] contiguous), everything checked;
+    `layout`: `STORED_BLOCKS`, or `TRANSPOSED_BLOCKS` where `values` is `transpose_blocks` of the weight's."""
     m, k = x2d.shape
     x_code = _DTYPE_CODES[x2d.dtype]
     code = library.linear(
-        block_size, m, block_rows, k, x2d.data_ptr(), x2d.stride(0), x_code, values.data_ptr(), w_code,
+        block_size, m, block_rows, k, x2d.data_ptr(), x2d.stride(0), x_code, values.data_ptr(), w_code, layout,
         row_offsets.data_ptr(), col_indices.data_ptr(), None if bias is None else bias.data_ptr(), bias_code,
         activation_code, y.data_ptr(), y.shape[1], x_code, torch.get_num_threads())
     if code:
@@ -139,12 +152,18 @@ class NativeLinearCall:
     the caller takes the general path. The tensors' addresses are read on every call. For a module's forward,
     where the general path's tens of microseconds of Python per call show (the interpreter's caches
     are cold after a kernel that filled L2).
+
+    `transposed=True` (fp32 `values` only, else None is returned) prepares a call whose `values` are
+    `transpose_blocks` of the weight's, which the caller keeps and makes again when the weight changes:
+    the kernel then skips transposing every block on every call. The results are bit-identical.
     """
 
     __slots__ = ("library", "block_size", "block_rows", "k", "n", "x_dtypes", "codes")
 
     @classmethod
-    def prepare(cls, values, row_offsets, col_indices, bias, activation, in_features: int):
+    def prepare(cls, values, row_offsets, col_indices, bias, activation, in_features: int, transposed: bool = False):
+        if transposed and getattr(values, "dtype", None) != torch.float32:
+            return None
         library = native_library()
         # The x dtypes this weight pairs with, and its bias with (of x's dtype or the weight's, as on
         # the general path).
@@ -163,8 +182,8 @@ class NativeLinearCall:
         call.block_rows = row_offsets.shape[0] - 1
         call.n = call.block_rows * call.block_size
         call.x_dtypes = x_dtypes
-        call.codes = (_DTYPE_CODES[values.dtype], 0 if bias is None else _DTYPE_CODES[bias.dtype],
-                      1 if activation == "gelu" else 0)
+        call.codes = (_DTYPE_CODES[values.dtype], TRANSPOSED_BLOCKS if transposed else STORED_BLOCKS,
+                      0 if bias is None else _DTYPE_CODES[bias.dtype], 1 if activation == "gelu" else 0)
         return call
 
     @staticmethod
@@ -193,7 +212,7 @@ class NativeLinearCall:
         `x_dtypes`, not a negated view: what `__call__` checks, and a caller that made `x2d` itself
         knows."""
         y = torch.empty(x2d.shape[0], self.n, dtype=x2d.dtype)
-        w_code, bias_code, activation_code = self.codes
-        _run(self.library, self.block_size, self.block_rows, x2d, values, w_code, row_offsets, col_indices, bias,
-             bias_code, activation_code, y)
+        w_code, layout, bias_code, activation_code = self.codes
+        _run(self.library, self.block_size, self.block_rows, x2d, values, w_code, layout, row_offsets, col_indices,
+             bias, bias_code, activation_code, y)
         return y
