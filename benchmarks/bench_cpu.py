@@ -10,7 +10,8 @@ restored on exit).
    block density 1.0/0.75/0.5/0.36/0.1 (random seeded layouts), 32x32 blocks: `dense` (`F.linear`, MKL),
    `dense_onednn` (the same GEMM through oneDNN, which runs AVX-512 where MKL does not),
    `torch_bsr` (`F.linear` on `W.to_sparse_bsr`), `ours` (`BlockSparseLinear`'s CPU path: the
-   native kernel of the ISA this process picked, `note`), `ours_<isa>` (the native kernel compiled
+   native kernel of the ISA this process picked, `note`), `ours_prepacked` (the same with
+   `prepack=True`: fp32 blocks kept transposed, the kernel's layout), `ours_<isa>` (the native kernel compiled
    for each ISA this CPU runs, e.g. `ours_avx2` beside `ours_avx512` on an AVX-512 machine) and
    `reference` (the CPU path's pure-torch reference, what CPUs without a native variant run).
    Same rows and columns as `bench_kernel` (`KERNEL_COLUMNS`); speedups are against `dense`. The
@@ -36,8 +37,8 @@ from . import bench_e2e, bench_kernel, common
 CPU = torch.device("cpu")
 def kernel_methods() -> tuple[str, ...]:
     """The kernel part's methods on this machine (one `ours_<isa>` per ISA the CPU runs)."""
-    onednn, reference = bench_kernel.CPU_METHODS
-    return ("dense", onednn, "torch_bsr", "ours", *bench_kernel.ours_isa_methods(), reference)
+    onednn, prepacked, reference = bench_kernel.CPU_METHODS
+    return ("dense", onednn, "torch_bsr", "ours", prepacked, *bench_kernel.ours_isa_methods(), reference)
 E2E_MODES = ("resize", "hybrid")
 
 FULL_SHAPES = ((768, 768), (3072, 768), (768, 3072), (2304, 768))

@@ -12,15 +12,16 @@ pruned model, for every dtype, so bf16 variants are compared at their real accur
 
 - `dense`: the pruned model unpatched (torch, every zero multiplied), in the row's dtype;
 - `resize`: `patch_bert(mode="resize")` (torch), in the row's dtype;
-- `hybrid`: `patch_bert(mode="hybrid", prepack_dense=True)`, ours, in the row's dtype: its dense
-  matrices keep oneDNN's packed weights, as both engines pack the weights of the model they compile;
+- `hybrid`: `patch_bert(mode="hybrid", prepack=True)`, ours, in the row's dtype: its dense
+  matrices keep oneDNN's packed weights and its fp32 block-sparse ones their blocks transposed (the
+  layout each kernel reads), as both engines pack the weights of the model they compile;
 - `onnxruntime`: the resized fp32 model exported to ONNX (`engines.export_onnx`), CPUExecutionProvider,
   `--threads` intra-op threads, sequential; fp32 rows only (bf16 rows: NaN and a note);
 - `openvino`: the resized model through `openvino.convert_model`, CPU, `INFERENCE_NUM_THREADS`
   `--threads`, `PERFORMANCE_HINT` LATENCY, `INFERENCE_PRECISION_HINT` f32 or bf16 by row;
   `openvino_precision` is what OpenVINO says it ran in (f32 where the CPU has no bf16 instructions);
 - `hybrid_bf16w` (bf16 rows): ours with bf16 weights and fp32 activations, norms, softmax and residual
-  (`patch_bert(..., weight_dtype=torch.bfloat16, prepack_dense=True)` on the fp32 model).
+  (`patch_bert(..., weight_dtype=torch.bfloat16, prepack=True)` on the fp32 model).
 
 Before anything is timed, every output is checked against the fp32 reference: beyond
 `TOLERANCE[dtype] * max(1, max |reference|)` the run stops with an error naming the method.
@@ -169,13 +170,13 @@ def torch_variants(model, dtype: torch.dtype) -> tuple[dict, dict[str, str]]:
     """
     typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     variants, failures = bench_e2e.build_variants(
-        typed, specs={"resize": {"mode": "resize"}, "hybrid": {"mode": "hybrid", "prepack_dense": True}},
+        typed, specs={"resize": {"mode": "resize"}, "hybrid": {"mode": "hybrid", "prepack": True}},
         block_size=BLOCK_SIZE)
     if failures:  # without resize and hybrid there is nothing to compare
         raise RuntimeError(f"could not patch the model in {DTYPE_NAMES[dtype]}: {failures}")
     if dtype == torch.bfloat16:
         extra, extra_failures = bench_e2e.build_variants(
-            model, specs={"hybrid_bf16w": {"mode": "hybrid", "weight_dtype": torch.bfloat16, "prepack_dense": True}},
+            model, specs={"hybrid_bf16w": {"mode": "hybrid", "weight_dtype": torch.bfloat16, "prepack": True}},
             block_size=BLOCK_SIZE)
         variants["hybrid_bf16w"] = extra.get("hybrid_bf16w")
         failures.update(extra_failures)

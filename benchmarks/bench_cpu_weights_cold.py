@@ -123,7 +123,7 @@ def run_case(model_name: str, model, batch: int, seq: int, dtype: torch.dtype, r
     from nn_blocksparse.bert.patching import bert_layers
 
     typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    variants, failures = bench_e2e.build_variants(typed, specs={"hybrid": {"mode": "hybrid", "prepack_dense": True}},
+    variants, failures = bench_e2e.build_variants(typed, specs={"hybrid": {"mode": "hybrid", "prepack": True}},
                                                   block_size=32)
     if "hybrid" not in variants:
         raise RuntimeError(f"could not patch {model_name} in {DTYPE_NAMES[dtype]}: {failures}")

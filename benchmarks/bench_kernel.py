@@ -26,8 +26,9 @@ permutation's or a row group's gain shows):
 Methods that cannot run a case get time NaN and the reason in `note`.
 
 CPU only (`bench_cpu` runs them): `dense_onednn`, the dense GEMM through oneDNN instead of MKL (the
-faster dense baseline on AMD CPUs), `ours_<isa>` (the native kernel compiled for one ISA, for every
-ISA this CPU runs: `cpu_methods()`), and `reference`, the CPU path's pure-torch reference.
+faster dense baseline on AMD CPUs), `ours_prepacked` (`ours` with `prepack=True`: fp32 blocks kept
+transposed, as the kernel reads them), `ours_<isa>` (the native kernel compiled for one ISA, for
+every ISA this CPU runs: `cpu_methods()`), and `reference`, the CPU path's pure-torch reference.
 
 Every method's output is checked once against dense (`max_abs_diff`; 2:4 against its own weight).
 `stored_tflops_over_cublas` is TFLOP/s on the blocks a method stores (the whole matrix for dense,
@@ -71,7 +72,7 @@ ALTERNATIVE_METHODS = ("semi_structured", "cusparse_bsr", "cusparse_blocked_ell"
 METHODS = CLASSIC_METHODS + ALTERNATIVE_METHODS
 LAYOUTS = ("random", "head_structured", "nn_pruning_like")
 HEAD_FEATURES = 64  # BERT-base's head size: the structured layouts' heads span 64 // block_size block-rows
-CPU_METHODS = ("dense_onednn", "reference")  # CPU-only baselines, see their prepare_* functions; and ours_<isa>
+CPU_METHODS = ("dense_onednn", "ours_prepacked", "reference")  # CPU only, see their prepare_* functions; and ours_<isa>
 
 
 def ours_isa_methods() -> tuple[str, ...]:
@@ -83,8 +84,8 @@ def ours_isa_methods() -> tuple[str, ...]:
 
 def cpu_methods() -> tuple[str, ...]:
     """The CPU-only methods of this machine: `CPU_METHODS` with the `ours_<isa>` ones between them."""
-    onednn, reference = CPU_METHODS
-    return (onednn, *ours_isa_methods(), reference)
+    onednn, prepacked, reference = CPU_METHODS
+    return (onednn, prepacked, *ours_isa_methods(), reference)
 
 BERT_BASE_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072))  # N x K; 2304 = fused QKV
 FULL_M = (128, 512, 2048, 8192)
@@ -189,9 +190,11 @@ def prepare_cusparse(x: torch.Tensor, weight: torch.Tensor, block_size: int, for
     return Method(run=product.run, note=f"{product.padded_blocks} blocks multiplied")
 
 
-def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Method:
+def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int, prepack: bool = False) -> Method:
     """Triton kernel on CUDA (`note`: its launch config); on CPU `BlockSparseLinear`'s CPU path (`note`:
-    the native ISA it runs, or why the reference runs)."""
+    the native ISA it runs, or why the reference runs), `prepack`: with `prepack=True` (CPU only)."""
+    if prepack and x.device.type != "cpu":
+        return Method(run=None, note="CPU only")
     from nn_blocksparse import BlockSparseLinear, BlockSparseMatrix, block_sparse_linear
 
     if x.device.type == "cuda":
@@ -204,7 +207,7 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> Meth
         return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)
     from nn_blocksparse.cpu import native_isa, native_status
 
-    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="cpu")
+    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="cpu", prepack=prepack)
     note = f"isa={native_isa()}" if native_isa() else f"reference: {native_status()}"
     return Method(run=lambda: module(x), note=note)
 
@@ -268,6 +271,8 @@ def prepare_method(name: str, x: torch.Tensor, weight: torch.Tensor, block_size:
         return prepare_dense_onednn(x, weight)
     if name == "reference":
         return prepare_reference(x, weight, block_size)
+    if name == "ours_prepacked":
+        return prepare_ours(x, weight, block_size, prepack=True)
     if name.startswith("ours_"):
         return prepare_ours_isa(x, weight, block_size, name.removeprefix("ours_"))
     if name == "torch_bsr":

@@ -4,7 +4,7 @@
         [--sizes 1x128] [--methods hybrid,hybrid_plain_layers,resize] [--dtype fp32|bf16] [--repeats N]
 
 Each model is pruned like nn_pruning's hybrid SQuAD model and patched (`--methods`: resize,
-blocksparse, hybrid (with `prepack_dense=True`, as `bench_cpu_engines` runs it), and
+blocksparse, hybrid (with `prepack=True`, as `bench_cpu_engines` runs it), and
 `hybrid_plain_layers`, that hybrid with transformers' own `BertLayer.forward` instead of
 `ThinBertLayer`'s, to see what the thin layers save; default hybrid and that).
 The forward is profiled `--repeats` times (after warm-up) under `torch.profiler` on the CPU, with
@@ -172,7 +172,7 @@ def run(args) -> list[dict]:
         modes = [mode for mode in bench_e2e.PATCH_MODES if mode in args.methods or
                  (mode == "hybrid" and PLAIN_LAYERS in args.methods)]
         # hybrid as bench_cpu_engines runs it: dense weights prepacked, as a server would
-        specs = {mode: {"mode": mode, **({"prepack_dense": True} if mode == "hybrid" else {})} for mode in modes}
+        specs = {mode: {"mode": mode, **({"prepack": True} if mode == "hybrid" else {})} for mode in modes}
         variants, failures = bench_e2e.build_variants(model, specs=specs)
         if failures:
             raise RuntimeError(f"could not patch {model_name}: {failures}")

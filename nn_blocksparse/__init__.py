@@ -1,7 +1,8 @@
 """nn_blocksparse: Triton block-sparse kernels for pruned transformers.
 
 Core (no transformers needed): `BlockSparseMatrix`, `block_sparse_linear`, `BlockSparseLinear`, and
-`DenseLinear` / `set_prepack` (the dense layers hybrid keeps, oneDNN on CPU).
+`DenseLinear` (the dense layers hybrid keeps, oneDNN on CPU), `set_prepack` (keep the CPU kernels'
+weight layouts, for serving).
 BERT layer (imports transformers on first use): `patch_bert`, `load_pruned_bert`,
 `save_patched_bert`, `load_patched_bert`, `prune_like_nn_pruning`.
 Question answering on any BERT QA model, patched or not: `nn_blocksparse.qa.QuestionAnswerer`.
@@ -10,8 +11,9 @@ The `nn-blocksparse` command (patch, qa, inspect, demo, bench): `nn_blocksparse.
 
 from .block_sparse_matrix import BlockSparseMatrix
 from .functional import block_sparse_linear
-from .dense_linear import DenseLinear, set_prepack
+from .dense_linear import DenseLinear
 from .linear import BlockSparseLinear
+from .prepack import set_prepack
 
 __version__ = "0.1.0"
 

@@ -9,9 +9,9 @@ bf16 weights (`patch_bert(..., weight_dtype=torch.bfloat16)`) take fp32 inputs: 
 returned in fp32 (`cpu.dense.dense_linear_cpu`).
 
 By default the weight is read where it lies on every call: nothing derived from it is kept. With
-`prepack=True` (for serving, what `patch_bert(..., prepack_dense=True)` asks for) the CPU forward
-keeps oneDNN's packed copy of the weight (`cpu.dense.PackedWeight`): the weight's memory twice,
-and no reorder of it on every call. It is packed again when the weight is replaced, moved, loaded
+`prepack=True` (for serving, what `patch_bert(..., prepack=True)` and `set_prepack(model)` ask for)
+the CPU forward keeps oneDNN's packed copy of the weight (`cpu.dense.PackedWeight`): the weight's
+memory twice, and no reorder of it on every call. It is packed again when the weight is replaced, moved, loaded
 or written in place through itself; after a write that bypasses the tensor's version counter
 (`weight.data`, a NumPy view) call `repack()`.
 """
@@ -65,16 +65,3 @@ class DenseLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}, prepack={self.prepack}"
-
-
-def set_prepack(model: nn.Module, enabled: bool = True) -> int:
-    """Set `prepack` on every `DenseLinear` in `model` (e.g. a loaded patched model, for serving);
-    returns how many there are. Disabling drops their packed weights."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    layers = [module for module in model.modules() if isinstance(module, DenseLinear)]
-    for layer in layers:
-        layer.prepack = enabled
-        if not enabled:
-            layer.repack()
-    return len(layers)

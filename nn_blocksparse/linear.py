@@ -4,7 +4,11 @@ Same forward signature and attributes as `nn.Linear` (`in_features`, `out_featur
 and `weight`, which reads back the dense matrix). On CUDA the Triton kernel runs; on
 CPU the native kernel of `nn_blocksparse.cpu`, which reads the stored blocks themselves (no
 second copy: in-place changes of `values` are seen by the next call); on CPU, bf16 `values` also
-take fp32 input (and give fp32 output). Both are `torch.library` ops (`ops.py`), and what the
+take fp32 input (and give fp32 output). With `prepack=True` (for serving; `set_prepack`) an fp32
+layer's CPU forward keeps each block transposed (`cpu.launcher.transpose_blocks`), which the kernel
+otherwise makes on every call: the blocks' memory twice, the same results bit for bit, made again
+when `values` changes as far as the tensor can tell (`cpu.derived_copy`; after a write that bypasses
+its version counter, call `repack()`). Both are `torch.library` ops (`ops.py`), and what the
 forward needs beyond the stored tensors (the Triton launch table and row groups) is derived at
 construction, load and `.to()`, so the forward reads no tensor data on the host: it compiles
 (`torch.compile(fullgraph=True)`, dynamic shapes) and exports. Inference only: there is no backward
@@ -28,7 +32,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .block_sparse_matrix import BlockSparseMatrix, check_block_sparse_matrix
-from .cpu.launcher import NativeLinearCall
+from .cpu.derived_copy import DerivedCopy
+from .cpu.launcher import NativeLinearCall, transpose_blocks
 from .functional import Launch, backend_name, block_sparse_linear_tensors, launch_table, resolve_backend, runs_triton
 from .kernels import ACTIVATIONS
 from .ops import direct, plain_eager
@@ -44,14 +49,20 @@ class BlockSparseLinear(nn.Module):
     """`y = act(x @ W^T + b)` with W `[out_features, in_features]` kept as nonzero blocks.
 
     `activation` (None or "gelu") is fused into the kernel epilogue; `backend` is "auto",
-    "triton" or "cpu" ("torch" is its deprecated old name; see `nn_blocksparse.functional`).
+    "triton" or "cpu" ("torch" is its deprecated old name; see `nn_blocksparse.functional`);
+    `prepack`: keep the transposed blocks the fp32 CPU kernel reads (module docstring).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 32,
-                 activation: str | None = None, backend: str = "auto", device=None, dtype=None) -> None:
+                 activation: str | None = None, backend: str = "auto", device=None, dtype=None,
+                 prepack: bool = False) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not isinstance(prepack, bool):
+            raise TypeError(f"prepack must be a bool, got {prepack!r}")
+        self.prepack = prepack
+        self._transposed = DerivedCopy(transpose_blocks)
         backend = backend_name(backend)
         for name, features in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(features, bool) or not isinstance(features, numbers.Integral):
@@ -70,10 +81,11 @@ class BlockSparseLinear(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, block_size: int = 32,
-                   activation: str | None = None, backend: str = "auto") -> "BlockSparseLinear":
+                   activation: str | None = None, backend: str = "auto", prepack: bool = False) -> "BlockSparseLinear":
         matrix = BlockSparseMatrix.from_dense(weight, block_size)
         module = cls(weight.shape[1], weight.shape[0], bias=bias is not None, block_size=block_size,
-                     activation=activation, backend=backend, device=weight.device, dtype=weight.dtype)
+                     activation=activation, backend=backend, device=weight.device, dtype=weight.dtype,
+                     prepack=prepack)
         module._set_matrix(matrix)
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().clone().to(weight.dtype), requires_grad=False)
@@ -81,10 +93,10 @@ class BlockSparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 32, activation: str | None = None,
-                    backend: str = "auto") -> "BlockSparseLinear":
+                    backend: str = "auto", prepack: bool = False) -> "BlockSparseLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        return cls.from_dense(linear.weight.detach(), linear.bias, block_size, activation, backend)
+        return cls.from_dense(linear.weight.detach(), linear.bias, block_size, activation, backend, prepack)
 
     def _set_matrix(self, matrix: BlockSparseMatrix) -> None:
         self.values = nn.Parameter(matrix.values, requires_grad=False)
@@ -132,7 +144,13 @@ class BlockSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block_size={self.block_size}, density={self.density:.3f}, activation={self.activation}")
+                f"block_size={self.block_size}, density={self.density:.3f}, activation={self.activation}, "
+                f"prepack={self.prepack}")
+
+    def repack(self) -> None:
+        """Forget the kept transposed blocks (`prepack=True`): the next CPU forward transposes `values` as
+        they lie. For a write to `values` that bypasses its version counter (`.data`, a NumPy view)."""
+        self._transposed.clear()
 
     # ------------------------------------------------------------------ forward
     def _prepare(self) -> None:
@@ -140,7 +158,8 @@ class BlockSparseLinear(nn.Module):
         the Triton backend, the launch table and row groups (`functional.launch_table`)."""
         device = self.values.device
         self._launch = None
-        self._native = None  # ((backend, key), NativeLinearCall or None): the CPU forward's direct call
+        self._native = None  # ((backend, transposed, key), NativeLinearCall or None): the CPU forward's direct call
+        self._transposed.clear()  # (derived from the tensors this replaces)
         if device.type in ("cuda", "cpu") and runs_triton(self.backend, device):
             self._launch = launch_table(self._matrix, self.values.dtype, device)
 
@@ -153,15 +172,22 @@ class BlockSparseLinear(nn.Module):
             return None  # parametrized tensors are computed on access: the general path reads them
         values, row_offsets, col_indices, _ = self._block_tensors()
         bias = self.bias  # a Parameter, a buffer or None, as the general path reads it
-        key = (self.backend, NativeLinearCall.key(values, row_offsets, col_indices, bias, self.activation))
+        kernel_values = None
+        if self.prepack and values.dtype == torch.float32 and values.is_cpu and values.is_contiguous():
+            kernel_values = self._transposed.of(values)  # None for an inference tensor
+        transposed = kernel_values is not None
+        key = (self.backend, transposed,
+               NativeLinearCall.key(values, row_offsets, col_indices, bias, self.activation))
         native = self._native
         if native is None or native[0] != key:
             call = None
             if values.device.type == "cpu" and resolve_backend(self.backend, values.device) == "cpu":
                 call = NativeLinearCall.prepare(values, row_offsets, col_indices, bias, self.activation,
-                                                self.in_features)
+                                                self.in_features, transposed)
             native = self._native = (key, call)
-        return None if native[1] is None else (native[1], values, row_offsets, col_indices, bias)
+        if native[1] is None:
+            return None
+        return native[1], kernel_values if transposed else values, row_offsets, col_indices, bias
 
     def _native_forward(self, input: torch.Tensor) -> torch.Tensor | None:
         """The CPU forward straight into the native kernel (`NativeLinearCall`), or None where it does not

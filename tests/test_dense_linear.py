@@ -11,7 +11,8 @@ import torch.nn as nn
 from helpers import assert_close_to_reference, dense_reference
 from nn_blocksparse.cpu import dense
 from nn_blocksparse.cpu.dense import dense_linear_cpu, onednn_available
-from nn_blocksparse.dense_linear import DenseLinear, set_prepack
+from nn_blocksparse import set_prepack
+from nn_blocksparse.dense_linear import DenseLinear
 
 X86_LINUX = platform.machine() in ("x86_64", "AMD64") and platform.system() == "Linux"
 
@@ -149,16 +150,23 @@ def test_prepacked_layers_copy_and_pickle_without_their_packed_weight():
             assert_close_to_reference(copied(x), dense_reference(x, copied.weight, copied.bias, None), torch.float32)
 
 
-def test_set_prepack_switches_every_dense_linear_of_a_model():
-    model = nn.Sequential(DenseLinear(8, 8), nn.ReLU(), nn.Sequential(DenseLinear(8, 4, activation="gelu")), nn.Linear(4, 2))
-    assert set_prepack(model) == 2
-    assert all(m.prepack for m in model.modules() if isinstance(m, DenseLinear))
-    x = torch.randn(2, 8)
+def test_set_prepack_switches_every_dense_and_block_sparse_linear_of_a_model():
+    from nn_blocksparse import BlockSparseLinear
+
+    sparse = BlockSparseLinear.from_dense(torch.randn(16, 32), block_size=16)
+    model = nn.Sequential(DenseLinear(32, 32), nn.ReLU(), nn.Sequential(DenseLinear(32, 32, activation="gelu")),
+                          sparse, nn.Linear(16, 2))
+    assert set_prepack(model) == 3
+    assert all(m.prepack for m in model.modules() if isinstance(m, (DenseLinear, BlockSparseLinear)))
+    x = torch.randn(2, 32)
     with torch.inference_mode():
-        model(x)
-    assert set_prepack(model, False) == 2
-    assert not any(m.prepack for m in model.modules() if isinstance(m, DenseLinear))
-    assert all(m._packed._weight is None for m in model.modules() if isinstance(m, DenseLinear))
+        y = model(x)
+    assert set_prepack(model, False) == 3
+    assert not any(m.prepack for m in model.modules() if isinstance(m, (DenseLinear, BlockSparseLinear)))
+    assert all(m._packed._copy._entry is None for m in model.modules() if isinstance(m, DenseLinear))
+    assert sparse._transposed._entry is None
+    with torch.inference_mode():
+        assert torch.equal(model(x), y)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         set_prepack(model, 1)
     with pytest.raises(TypeError, match="prepack must be a bool"):
@@ -173,7 +181,7 @@ def test_weights_made_in_inference_mode_are_never_packed():
         layer = DenseLinear(16, 8, prepack=True)
         x = torch.randn(2, 16)
         layer(x)
-        assert layer._packed._weight is None
+        assert layer._packed._copy._entry is None
         layer.weight.mul_(3)
         assert_close_to_reference(layer(x), dense_reference(x, layer.weight, layer.bias, None), torch.float32)
     packed = PackedWeight()

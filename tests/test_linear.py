@@ -134,6 +134,70 @@ def test_cpu_forward_calls_the_kernel_directly_and_follows_every_change(monkeypa
         sparse(x)
 
 
+def test_prepacked_layer_gives_the_plain_layers_bits_and_follows_every_change_made_through_values():
+    # prepack=True keeps each block transposed for the fp32 CPU kernel: the same bits as reading the
+    # stored blocks, made again whenever values change as far as the tensor can tell.
+    import copy
+
+    from nn_blocksparse.cpu import native_isa
+
+    linear = make_linear(n=96, k=128, density=0.5, seed=3)
+    plain = BlockSparseLinear.from_linear(linear, activation="gelu")
+    packed = BlockSparseLinear.from_linear(linear, activation="gelu", prepack=True)
+    assert packed.prepack and not plain.prepack and "prepack=True" in repr(packed)
+    x = torch.randn(3, 40, 128)
+
+    def expected(layer):
+        return torch.nn.functional.gelu(dense_reference(x, layer.weight, layer.bias))
+
+    def kept(layer):
+        return layer._transposed._entry is not None
+
+    with torch.inference_mode():
+        assert torch.equal(packed(x), plain(x))
+        assert_close_to_reference(packed(x), expected(packed), torch.float32)
+        assert kept(packed) == (native_isa() is not None) and not kept(plain)
+        with torch.no_grad():
+            packed.values.mul_(-1)  # in place: the version counter moves
+        assert_close_to_reference(packed(x), expected(packed), torch.float32)
+        packed.values[2].zero_()  # through a view: the same counter
+        assert_close_to_reference(packed(x), expected(packed), torch.float32)
+    packed.load_state_dict(BlockSparseLinear.from_linear(make_linear(n=96, k=128, density=0.3, seed=4)).state_dict())
+    with torch.inference_mode():
+        assert_close_to_reference(packed(x), expected(packed), torch.float32)
+    twin = copy.deepcopy(packed)  # its own values, and no copy of the original's transposed blocks
+    assert not kept(twin)
+    with torch.no_grad():
+        twin.values.add_(1)
+    with torch.inference_mode():
+        assert_close_to_reference(twin(x), expected(twin), torch.float32)
+        assert_close_to_reference(packed(x), expected(packed), torch.float32)
+    # A write past the version counter is seen after repack(): why prepacking is opt-in.
+    packed.values.data.copy_(torch.randn(packed.values.shape))
+    packed.repack()
+    assert not kept(packed)
+    with torch.inference_mode():
+        assert_close_to_reference(packed(x), expected(packed), torch.float32)
+        # bf16 blocks are read as stored (the bf16 kernels take them so): nothing is kept for them.
+        packed.to(torch.bfloat16)
+        rounded = torch.nn.functional.gelu(dense_reference(x.bfloat16(), packed.weight, packed.bias))
+        assert_close_to_reference(packed(x), rounded, torch.bfloat16)
+        assert not kept(packed)
+    with pytest.raises(TypeError, match="prepack must be a bool"):
+        BlockSparseLinear(32, 32, prepack=1)
+
+
+def test_a_layer_made_in_inference_mode_keeps_no_transposed_blocks():
+    # Its values have no version counter, so an in-place write could not be seen: they are read as stored.
+    with torch.inference_mode():
+        sparse = BlockSparseLinear.from_linear(make_linear(), prepack=True)
+        x = torch.randn(4, 128)
+        sparse(x)
+        assert sparse._transposed._entry is None
+        sparse.values.mul_(3)
+        assert_close_to_reference(sparse(x), dense_reference(x, sparse.weight, sparse.bias), torch.float32)
+
+
 def test_bf16_weights_take_fp32_input_on_cpu():
     # Mixed precision: bf16 values and bias, fp32 x and y; x is rounded to bf16 inside the kernel.
     linear = make_linear()

@@ -240,25 +240,38 @@ def test_hybrid_keeps_its_dense_matrices_in_dense_linears_with_gelu_fused(pruned
     assert all(type(layer.output.dense) is torch.nn.Linear for layer in resized.encoder.layer)
 
 
-def test_hybrid_prepack_dense_keeps_packed_weights_and_the_outputs(pruned_minilm, padded_batch):
-    """`prepack_dense=True`: every DenseLinear keeps oneDNN's packed weight; the output is still the
-    unpatched model's, also after a weight is changed in place."""
+def test_hybrid_prepack_keeps_every_linears_kernel_layout_and_the_outputs(pruned_minilm, padded_batch):
+    """`prepack=True`: every DenseLinear keeps oneDNN's packed weight and every fp32 BlockSparseLinear its
+    blocks transposed; the output is the unprepacked model's bit for bit and still the unpatched
+    model's, also after weights are changed in place."""
+    from nn_blocksparse import BlockSparseLinear
     from nn_blocksparse.dense_linear import DenseLinear
 
     model, _ = pruned_minilm
     reference = reference_output(model, padded_batch)
-    hybrid = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.0, prepack_dense=True)
+    hybrid = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.6, prepack=True)
+    plain = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.6)
     dense_layers = [m for m in hybrid.modules() if isinstance(m, DenseLinear)]
-    assert dense_layers and all(m.prepack for m in dense_layers)
-    assert max_diff_on_real_tokens(reference_output(hybrid, padded_batch), reference, padded_batch) < MAX_ABS_DIFF
+    sparse_layers = [m for m in hybrid.modules() if isinstance(m, BlockSparseLinear)]
+    assert dense_layers and sparse_layers and all(m.prepack for m in dense_layers + sparse_layers)
+    assert not any(m.prepack for m in plain.modules() if isinstance(m, (DenseLinear, BlockSparseLinear)))
+    output = reference_output(hybrid, padded_batch)
+    assert torch.equal(output, reference_output(plain, padded_batch))
+    assert max_diff_on_real_tokens(output, reference, padded_batch) < MAX_ABS_DIFF
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.encoder.layer[0].output.dense.weight.mul_(0.5)
-        hybrid.encoder.layer[0].output.dense.weight.mul_(0.5)  # the same change, in place, after packing
+        changed.encoder.layer[0].attention.output.dense.weight.mul_(-2)
+        hybrid.encoder.layer[0].output.dense.weight.mul_(0.5)  # the same changes, in place, after packing
+        patched_output = hybrid.encoder.layer[0].attention.output.dense
+        (patched_output.values if isinstance(patched_output, BlockSparseLinear) else patched_output.weight).mul_(-2)
     assert max_diff_on_real_tokens(reference_output(hybrid, padded_batch), reference_output(changed, padded_batch),
                                    padded_batch) < MAX_ABS_DIFF
-    plain = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.0)
-    assert not any(m.prepack for m in plain.modules() if isinstance(m, DenseLinear))
+    with pytest.warns(DeprecationWarning, match="prepack_dense is deprecated"):
+        old_name = patch_bert(copy.deepcopy(model), mode="hybrid", dense_threshold=0.6, prepack_dense=True)
+    assert all(m.prepack for m in old_name.modules() if isinstance(m, (DenseLinear, BlockSparseLinear)))
+    with pytest.raises(TypeError, match="prepack must be a bool"):
+        patch_bert(copy.deepcopy(model), mode="hybrid", prepack="yes")
     with pytest.raises(TypeError, match="prepack_dense must be a bool"):
         patch_bert(copy.deepcopy(model), mode="hybrid", prepack_dense="yes")
 

@@ -16,8 +16,12 @@ The thin layer between transformers' BERT modules and the library's generic piec
   conservative default; never block-sparse without the native kernel).
   The choices, with the times measured, are kept in `model.nn_blocksparse_choices`. The matrices
   hybrid keeps dense become `DenseLinear`s (`nn.Linear`s whose CPU forward runs oneDNN, the FFN-in
-  with GELU fused); `prepack_dense=True` has them keep oneDNN's packed copy of their weights
-  (`dense_linear.set_prepack`: faster on CPU, twice their weights' memory; for serving).
+  with GELU fused).
+
+`prepack=True` (for serving on CPU; `prepack.set_prepack`) has every linear keep the weight layout
+its CPU kernel reads: the `DenseLinear`s oneDNN's packed weight, the fp32 `BlockSparseLinear`s their
+blocks transposed. Faster, and twice those weights' memory. `prepack_dense` is its deprecated old
+name (from when only the dense layers kept a copy).
 
 `permute_for_row_groups=R` (block-sparse and hybrid; off by default until a GPU has measured what it
 gains) first reorders each layer's FFN neurons and attention heads / head dimensions, exactly
@@ -49,11 +53,12 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from ..attention import FusedSelfAttention
 from ..block_sparse_matrix import SUPPORTED_BLOCK_SIZES
 from ..dtypes import weight_and_bias_in
-from ..dense_linear import DenseLinear, set_prepack
-from ..functional import BACKENDS
+from ..dense_linear import DenseLinear
+from ..functional import BACKENDS, _warn_caller
 from ..linear import BlockSparseLinear
 from ..layouts import block_density
 from ..permutation import attention_feature_permutation, ffn_feature_permutation
+from ..prepack import set_prepack
 from ..resize import linear_from, prunable_heads, prunable_neurons, remove_heads, remove_neurons
 from ..selection import DEFAULT_ROWS, measure_block_sparse
 from .masks import key_mask
@@ -336,8 +341,9 @@ def record_patch(model: nn.Module, mode: str, choices: list[dict]) -> None:
 def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, backend: str = "auto",
                dense_threshold: float | str = "auto", measure_rows: int = DEFAULT_ROWS,
                ffn_multiple_of: int | None = None, permute_for_row_groups: int | None = None,
-               weight_dtype: torch.dtype | None = None, prepack_dense: bool = False) -> nn.Module:
-    """Patch in place and return `model`. See the module docstring for the modes and `prepack_dense`.
+               weight_dtype: torch.dtype | None = None, prepack: bool = False,
+               prepack_dense: bool | None = None) -> nn.Module:
+    """Patch in place and return `model`. See the module docstring for the modes and `prepack`.
 
     Patch the model on the device and in the dtype it will run in: `"measure"` times there, with
     `measure_rows` tokens per call. `ffn_multiple_of`: resize and hybrid round each FFN's hidden
@@ -353,8 +359,14 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
     """
     ffn_multiple_of = _check_patch_arguments(mode, block_size, backend, dense_threshold, ffn_multiple_of,
                                              permute_for_row_groups)
-    if not isinstance(prepack_dense, bool):
-        raise TypeError(f"prepack_dense must be a bool, got {prepack_dense!r}")
+    if prepack_dense is not None:
+        if not isinstance(prepack_dense, bool):
+            raise TypeError(f"prepack_dense must be a bool, got {prepack_dense!r}")
+        _warn_caller("prepack_dense is deprecated: it is now named prepack (and also covers the block-sparse "
+                     "layers)", DeprecationWarning)
+        prepack = prepack or prepack_dense
+    if not isinstance(prepack, bool):
+        raise TypeError(f"prepack must be a bool, got {prepack!r}")
     layers = bert_layers(model)
     _refuse_patched(model)
     parameter = next(model.parameters(), None)
@@ -366,7 +378,7 @@ def patch_bert(model: nn.Module, mode: str = "hybrid", block_size: int = 32, bac
                              weight_dtype) for index, layer in enumerate(layers)]
     for layer, plan in zip(layers, plans):
         apply_layer_plan(layer, plan)
-    set_prepack(model, prepack_dense)
+    set_prepack(model, prepack)
     record_patch(model, mode, sparse_for.choices)
     return model
 

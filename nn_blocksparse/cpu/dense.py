@@ -11,11 +11,9 @@ with: the dense baseline a CPU user can have.
 
 `PackedWeight` holds oneDNN's blocked copy of one weight (`torch.ops.mkldnn._reorder_linear_weight`),
 which `dense_linear_cpu(..., packed=...)` reads instead of the plain weight: oneDNN otherwise
-reorders the plain weight on every call. It is made on first use and made again when the weight is
-another tensor, has other storage or shape, or was written in place through itself or a view (its
-version counter). A write that bypasses the version counter (through `.data`, a NumPy view, or
-raw memory) is not seen until `PackedWeight.clear()`: hence opt-in (`DenseLinear(prepack=True)`).
-Weights made under `torch.inference_mode` have no version counter and are never packed.
+reorders the plain weight on every call. It is made on first use and made again when the weight
+changes, as far as the tensor can tell (`derived_copy.DerivedCopy`, which says what it cannot see):
+hence opt-in (`DenseLinear(prepack=True)`).
 
 oneDNN runs where torch has the op, the inputs are plain CPU tensors of one dtype (fp32 or bf16),
 the weight is contiguous and non-empty, the sizes fit (else `F.linear` says what is wrong) and no
@@ -32,6 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .derived_copy import DerivedCopy
 from .launcher import PLAIN_TENSORS
 from .planner import GELU_DTYPES, fuse_dense_gelu
 
@@ -93,6 +92,10 @@ def _onednn_runs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return onednn_available(x.dtype)
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
 class PackedWeight:
     """oneDNN's packed copy of one weight, kept between calls (see the module docstring).
 
@@ -100,26 +103,22 @@ class PackedWeight:
     tensors have no storage to copy); it is packed again on the next call.
     """
 
-    __slots__ = ("_weight", "_key", "_packed")
+    __slots__ = ("_copy",)
 
     def __init__(self) -> None:
-        self.clear()
+        self._copy = DerivedCopy(_pack)
 
     def clear(self) -> None:
         """Forget the packed copy: the next call packs the weight as it lies."""
-        self._weight, self._key, self._packed = None, None, None
+        self._copy.clear()
 
     def for_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The packed copy of `weight` (a contiguous 2-D CPU tensor oneDNN takes), packing it if this one
-        is not of this tensor, storage, shape and version."""
-        if weight.is_inference() or not _packing_works(weight.dtype):
-            return weight  # an inference tensor has no version counter: an in-place write could not be seen
-        key = (weight.data_ptr(), weight.shape, weight.dtype, weight._version)
-        if self._weight is not weight or self._key != key:
-            # The weight itself is kept, not its id: a new tensor at a freed one's address is another weight.
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            self._weight, self._key, self._packed = weight, key, packed
-        return self._packed
+        is not of this tensor, storage, shape and version; `weight` itself where nothing is kept."""
+        if not _packing_works(weight.dtype):
+            return weight
+        packed = self._copy.of(weight)
+        return weight if packed is None else packed
 
     def __reduce__(self):
         return PackedWeight, ()  # copies and pickles are empty
