@@ -207,8 +207,14 @@ def prepare_ours(x: torch.Tensor, weight: torch.Tensor, block_size: int, prepack
         return Method(run=lambda: block_sparse_linear(x, matrix, backend="triton"), note=note)
     from nn_blocksparse.cpu import native_isa, native_status
 
-    module = BlockSparseLinear.from_dense(weight, None, block_size, backend="cpu", prepack=prepack)
+    # Built outside inference mode (where the cases run): an inference tensor's copy is never kept.
+    with torch.inference_mode(False):
+        module = BlockSparseLinear.from_dense(weight, None, block_size, backend="cpu", prepack=prepack)
     note = f"isa={native_isa()}" if native_isa() else f"reference: {native_status()}"
+    if prepack:
+        module(x)
+        note += ("; blocks kept transposed" if module.prepacked_bytes
+                 else "; no transposed blocks kept (not fp32 or no native kernel)")
     return Method(run=lambda: module(x), note=note)
 
 

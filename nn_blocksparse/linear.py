@@ -147,6 +147,13 @@ class BlockSparseLinear(nn.Module):
                 f"block_size={self.block_size}, density={self.density:.3f}, activation={self.activation}, "
                 f"prepack={self.prepack}")
 
+    @property
+    def prepacked_bytes(self) -> int:
+        """Bytes of the transposed blocks kept now (`prepack=True`; 0 before the first CPU forward, for
+        bf16 blocks and for values made under `torch.inference_mode`, which are read as stored)."""
+        entry = self._transposed._entry
+        return 0 if entry is None else entry[2].numel() * entry[2].element_size()
+
     def repack(self) -> None:
         """Forget the kept transposed blocks (`prepack=True`): the next CPU forward transposes `values` as
         they lie. For a write to `values` that bypasses its version counter (`.data`, a NumPy view)."""

@@ -151,12 +151,13 @@ def test_prepacked_layer_gives_the_plain_layers_bits_and_follows_every_change_ma
         return torch.nn.functional.gelu(dense_reference(x, layer.weight, layer.bias))
 
     def kept(layer):
-        return layer._transposed._entry is not None
+        return layer.prepacked_bytes > 0
 
     with torch.inference_mode():
         assert torch.equal(packed(x), plain(x))
         assert_close_to_reference(packed(x), expected(packed), torch.float32)
         assert kept(packed) == (native_isa() is not None) and not kept(plain)
+        assert packed.prepacked_bytes in (0, packed.values.numel() * packed.values.element_size())
         with torch.no_grad():
             packed.values.mul_(-1)  # in place: the version counter moves
         assert_close_to_reference(packed(x), expected(packed), torch.float32)
@@ -193,7 +194,7 @@ def test_a_layer_made_in_inference_mode_keeps_no_transposed_blocks():
         sparse = BlockSparseLinear.from_linear(make_linear(), prepack=True)
         x = torch.randn(4, 128)
         sparse(x)
-        assert sparse._transposed._entry is None
+        assert sparse.prepacked_bytes == 0
         sparse.values.mul_(3)
         assert_close_to_reference(sparse(x), dense_reference(x, sparse.weight, sparse.bias), torch.float32)
 
