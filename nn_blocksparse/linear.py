@@ -151,8 +151,8 @@ class BlockSparseLinear(nn.Module):
     def prepacked_bytes(self) -> int:
         """Bytes of the transposed blocks kept now (`prepack=True`; 0 before the first CPU forward, for
         bf16 blocks and for values made under `torch.inference_mode`, which are read as stored)."""
-        entry = self._transposed._entry
-        return 0 if entry is None else entry[2].numel() * entry[2].element_size()
+        kept = self._transposed.kept()
+        return 0 if kept is None else kept.numel() * kept.element_size()
 
     def repack(self) -> None:
         """Forget the kept transposed blocks (`prepack=True`): the next CPU forward transposes `values` as
@@ -165,7 +165,8 @@ class BlockSparseLinear(nn.Module):
         the Triton backend, the launch table and row groups (`functional.launch_table`)."""
         device = self.values.device
         self._launch = None
-        self._native = None  # ((backend, transposed, key), NativeLinearCall or None): the CPU forward's direct call
+        # ((backend, transposed, key), NativeLinearCall or None): the CPU forward's direct call.
+        self._native = None
         self._transposed.clear()  # (derived from the tensors this replaces)
         if device.type in ("cuda", "cpu") and runs_triton(self.backend, device):
             self._launch = launch_table(self._matrix, self.values.dtype, device)

@@ -33,6 +33,11 @@ class DerivedCopy:
         """Forget the copy: the next `of` derives it from the weight as it lies."""
         self._entry = None  # (weight, key, copy)
 
+    def kept(self) -> torch.Tensor | None:
+        """The copy kept now, if any, without checking it against a weight."""
+        entry = self._entry
+        return None if entry is None else entry[2]
+
     def of(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The copy derived from `weight` (made now if the kept one is of another weight or an older
         version of it), or None for an inference tensor, whose in-place writes could not be seen."""

@@ -44,6 +44,15 @@ void fail(const char* what) {
   printf("FAIL %s\n", what);
 }
 
+// Each bs x bs block of `w` ([n][k]) transposed ([k][n]): values_layout 1.
+std::vector<float> transposed_blocks(const std::vector<float>& w, int bs) {
+  std::vector<float> out(w.size());
+  for (size_t b = 0; b < w.size() / (bs * bs); ++b)
+    for (int nn = 0; nn < bs; ++nn)
+      for (int kk = 0; kk < bs; ++kk) out[(b * bs + kk) * bs + nn] = w[(b * bs + nn) * bs + kk];
+  return out;
+}
+
 // kind 0: fp32; 1: bf16 x and W; 2: fp32 x, bf16 W; 3: fp32, the blocks given transposed (values_layout 1).
 bool run_case(int kind, int bs, int64_t m, int64_t block_rows, int64_t block_cols, double density, bool bias_on,
               bool gelu, int threads, bool empty_row) {
@@ -90,16 +99,14 @@ bool run_case(int kind, int bs, int64_t m, int64_t block_rows, int64_t block_col
   std::vector<float> y32(m * n, -7.0f);
   std::vector<uint16_t> y16(m * n, 0);
   const void* x = kind == 1 ? static_cast<const void*>(x16.data()) : static_cast<const void*>(x32.data());
-  std::vector<float> w32t(w32.size());  // each block [k][n]
-  for (int64_t b = 0; b < nnz; ++b)
-    for (int nn = 0; nn < bs; ++nn)
-      for (int kk = 0; kk < bs; ++kk) w32t[(b * bs + kk) * bs + nn] = w32[(b * bs + nn) * bs + kk];
+  const std::vector<float> w32t = kind == 3 ? transposed_blocks(w32, bs) : std::vector<float>();
   const void* w = weights_bf16 ? static_cast<const void*>(w16.data())
                   : static_cast<const void*>(kind == 3 ? w32t.data() : w32.data());
   const int code = nnbs_block_sparse_linear(
       bs, m, block_rows, k, x, k, kind == 1 ? NNBS_BF16 : NNBS_F32, w, weights_bf16 ? NNBS_BF16 : NNBS_F32,
       kind == 3 ? 1 : 0, row_offsets.data(), cols.data(), bias_on ? bias32.data() : nullptr,
-      bias_on ? NNBS_F32 : NNBS_NONE, gelu ? 1 : 0, y_bf16 ? static_cast<void*>(y16.data()) : static_cast<void*>(y32.data()), n, y_bf16 ? NNBS_BF16 : NNBS_F32,
+      bias_on ? NNBS_F32 : NNBS_NONE, gelu ? 1 : 0,
+      y_bf16 ? static_cast<void*>(y16.data()) : static_cast<void*>(y32.data()), n, y_bf16 ? NNBS_BF16 : NNBS_F32,
       threads);
   char what[200];
   snprintf(what, sizeof what, "kind=%d bs=%d m=%lld n=%lld k=%lld density=%.2f bias=%d gelu=%d threads=%d", kind, bs,
@@ -287,10 +294,7 @@ int main() {
     std::vector<uint16_t> w16(w32.size()), x16(x32.size());
     for (size_t j = 0; j < w32.size(); ++j) w16[j] = to_bf16(w32[j]);
     for (size_t j = 0; j < x32.size(); ++j) x16[j] = to_bf16(x32[j]);
-    std::vector<float> w32t(w32.size());
-    for (size_t b = 0; b < cols.size(); ++b)
-      for (int nn = 0; nn < bs; ++nn)
-        for (int kk = 0; kk < bs; ++kk) w32t[(b * bs + kk) * bs + nn] = w32[(b * bs + nn) * bs + kk];
+    const std::vector<float> w32t = transposed_blocks(w32, bs);
     std::vector<float> first(m * n), again(m * n);
     for (int threads : {1, 2, 3}) {
       std::vector<float>& y = threads == 1 ? first : again;
@@ -306,18 +310,15 @@ int main() {
       ++cases;
     }
   }
-  if (nnbs_block_sparse_linear(48, 1, 1, 48, nullptr, 48, NNBS_F32, nullptr, NNBS_F32, 0, nullptr, nullptr, nullptr,
-                               NNBS_NONE, 0, nullptr, 48, NNBS_F32, 1) != NNBS_BAD_BLOCK_SIZE)
-    fail("block size 48 accepted");
-  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_BF16, nullptr, NNBS_F32, 0, nullptr, nullptr, nullptr,
-                               NNBS_NONE, 0, nullptr, 32, NNBS_F32, 1) != NNBS_BAD_DTYPES)
-    fail("bf16 x with fp32 W accepted");
-  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_BF16, nullptr, NNBS_BF16, 1, nullptr, nullptr, nullptr,
-                               NNBS_NONE, 0, nullptr, 32, NNBS_BF16, 1) != NNBS_BAD_LAYOUT)
-    fail("bf16 W given transposed accepted");
-  if (nnbs_block_sparse_linear(32, 1, 1, 32, nullptr, 32, NNBS_F32, nullptr, NNBS_F32, 2, nullptr, nullptr, nullptr,
-                               NNBS_NONE, 0, nullptr, 32, NNBS_F32, 1) != NNBS_BAD_LAYOUT)
-    fail("values layout 2 accepted");
+  // Arguments refused before anything is read (every pointer null): the code returned.
+  auto refusal = [](int64_t bs, int32_t x_dtype, int32_t w_dtype, int32_t layout, int32_t y_dtype) {
+    return nnbs_block_sparse_linear(bs, 1, 1, bs, nullptr, bs, x_dtype, nullptr, w_dtype, layout, nullptr, nullptr,
+                                    nullptr, NNBS_NONE, 0, nullptr, bs, y_dtype, 1);
+  };
+  if (refusal(48, NNBS_F32, NNBS_F32, 0, NNBS_F32) != NNBS_BAD_BLOCK_SIZE) fail("block size 48 accepted");
+  if (refusal(32, NNBS_BF16, NNBS_F32, 0, NNBS_F32) != NNBS_BAD_DTYPES) fail("bf16 x with fp32 W accepted");
+  if (refusal(32, NNBS_BF16, NNBS_BF16, 1, NNBS_BF16) != NNBS_BAD_LAYOUT) fail("bf16 W given transposed accepted");
+  if (refusal(32, NNBS_F32, NNBS_F32, 2, NNBS_F32) != NNBS_BAD_LAYOUT) fail("values layout 2 accepted");
   // Attention: tails of every vector width (S = 1, 13, 37), D with a partial vector (36), masks.
   for (int64_t s_len : {1, 13, 37, 128})
     for (int64_t d : {4, 32, 36, 64}) cases += attention_case(2, s_len, 3, d, s_len > 1);
