@@ -1198,11 +1198,20 @@ constexpr int ATTENTION_ROWS = 6;  // query rows per step: they share each load 
 // accumulators, which must stay in registers: 16 of AVX-512's and NEON's 32, 8 of AVX2's 16.
 constexpr int ATTENTION_VECTORS = NNBS_VECTOR_LANES == 8 ? 2 : 4;
 
-// out_rows[r][d0 .. d0 + V * L) = sum_j scores[r][j] * values[j * row_stride ..] * inverse_sum[r], r < qr.
-template <int L, int V>
+// Query rows and vectors of D per pass of p V: R x V accumulators beside the R broadcast
+// probabilities of a key (GCC loads them once per key, for all V vectors) and one V vector. AVX2's
+// 16 registers take 3 x 4 (6 x 2 would need 19, and spill accumulators in the loop); the 32 of
+// AVX-512 and NEON take 6 x 4.
+constexpr int VALUE_ROWS = NNBS_VECTOR_LANES == 8 ? 3 : ATTENTION_ROWS;
+constexpr int VALUE_VECTORS = 4;
+static_assert(ATTENTION_ROWS % VALUE_ROWS == 0, "a step's rows are whole passes of p V");
+
+// out_rows[r][d0 .. d0 + V * L) = sum_j scores[r][j] * values[j * row_stride ..] * inverse_sum[r] for
+// the R rows r < qr.
+template <int L, int V, int R>
 inline void weighted_values(const float* scores, int64_t padded, int64_t s_len, const float* values, int64_t row_stride,
                             const float* inverse_sum, int qr, float* const* out_rows, int64_t d0) {
-  vf<L> acc[ATTENTION_ROWS][V] = {};
+  vf<L> acc[R][V] = {};
   const float* row = values;
   for (int64_t j = 0; j < s_len; ++j, row += row_stride) {
     // One V vector at a time, used by every query row before the next is loaded: with all V
@@ -1211,14 +1220,39 @@ inline void weighted_values(const float* scores, int64_t padded, int64_t s_len, 
     for (int v = 0; v < V; ++v) {
       const vf<L> value = load_f<L>(row + v * L);
 #pragma GCC unroll 8
-      for (int r = 0; r < ATTENTION_ROWS; ++r) acc[r][v] = fmadd<L>(splat<L>(scores[r * padded + j]), value, acc[r][v]);
+      for (int r = 0; r < R; ++r) acc[r][v] = fmadd<L>(splat<L>(scores[r * padded + j]), value, acc[r][v]);
     }
   }
-  for (int r = 0; r < qr; ++r)
+  for (int r = 0; r < qr && r < R; ++r)
     for (int v = 0; v < V; ++v) {
       const vf<L> value = acc[r][v] * inverse_sum[r];
       memcpy(out_rows[r] + d0 + v * L, &value, sizeof value);
     }
+}
+
+// out = p V / sum for a step's qr rows, VALUE_ROWS at a time: D VALUE_VECTORS vectors of L at a time (a
+// count the compiler knows, so the accumulators stay in registers), then fewer, then what is left of D
+// by 4 floats. Score rows past qr are finite (see attention_task) and their outputs not stored.
+template <int L>
+inline void step_values(const float* scores, int64_t padded, int64_t s_len, const float* values, int64_t row_stride,
+                        int64_t d, const float* inverse_sum, int qr, float* const* out_rows) {
+  constexpr int R = VALUE_ROWS;
+  for (int r0 = 0; r0 < qr; r0 += R) {
+    const float* rows = scores + r0 * padded;
+    const float* inverse = inverse_sum + r0;
+    float* const* out = out_rows + r0;
+    const int count = qr - r0;
+    int64_t d0 = 0;
+    for (; d0 + VALUE_VECTORS * L <= d; d0 += VALUE_VECTORS * L)
+      weighted_values<L, VALUE_VECTORS, R>(rows, padded, s_len, values + d0, row_stride, inverse, count, out, d0);
+    switch ((d - d0) / L) {
+      case 3: weighted_values<L, 3, R>(rows, padded, s_len, values + d0, row_stride, inverse, count, out, d0); d0 += 3 * L; break;
+      case 2: weighted_values<L, 2, R>(rows, padded, s_len, values + d0, row_stride, inverse, count, out, d0); d0 += 2 * L; break;
+      case 1: weighted_values<L, 1, R>(rows, padded, s_len, values + d0, row_stride, inverse, count, out, d0); d0 += L; break;
+      default: break;
+    }
+    for (; d0 < d; d0 += 4) weighted_values<4, 1, R>(rows, padded, s_len, values + d0, row_stride, inverse, count, out, d0);
+  }
 }
 
 template <int L>
@@ -1297,20 +1331,9 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
       const float sum = (four[0] + four[1]) + (four[2] + four[3]);
       inverse_sum[r] = sum == 0.0f ? 0.0f : 1.0f / sum;  // a row with every key masked out: zeros, as SDPA
     }
-    // out = p V / sum: V rows along d, AV vectors of L at a time (a count the compiler knows, so the
-    // accumulators stay in registers), then fewer, then what is left of D by 4 floats.
     float* out_rows[ATTENTION_ROWS];
     for (int r = 0; r < ATTENTION_ROWS; ++r) out_rows[r] = out + (b * s_len + i0 + r) * width + h * d;
-    const float* values = base + 2 * width + h * d;
-    int64_t d0 = 0;
-    for (; d0 + AV * L <= d; d0 += AV * L) weighted_values<L, AV>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
-    switch ((d - d0) / L) {
-      case 3: weighted_values<L, 3>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += 3 * L; break;
-      case 2: weighted_values<L, 2>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += 2 * L; break;
-      case 1: weighted_values<L, 1>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0); d0 += L; break;
-      default: break;
-    }
-    for (; d0 < d; d0 += 4) weighted_values<4, 1>(scores, padded, s_len, values + d0, row_stride, inverse_sum, qr, out_rows, d0);
+    step_values<L>(scores, padded, s_len, base + 2 * width + h * d, row_stride, d, inverse_sum, qr, out_rows);
   }
 }
 
