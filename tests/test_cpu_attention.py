@@ -30,7 +30,7 @@ def reference(qkv, heads, head_dim, mask):
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch, seq, heads, head_dim", [(1, 128, 7, 64), (8, 37, 4, 32), (2, 13, 3, 36),
-                                                          (1, 1, 1, 4), (3, 100, 2, 64)])
+                                                          (1, 1, 1, 4), (3, 100, 2, 64), (2, 11, 3, 24)])
 def test_native_attention_matches_float64(isa, batch, seq, heads, head_dim):
     generator = torch.Generator().manual_seed(seq)
     qkv = 2 * torch.randn(batch, seq, 3 * heads * head_dim, generator=generator)

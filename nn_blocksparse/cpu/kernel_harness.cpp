@@ -319,9 +319,11 @@ int main() {
   if (refusal(32, NNBS_BF16, NNBS_F32, 0, NNBS_F32) != NNBS_BAD_DTYPES) fail("bf16 x with fp32 W accepted");
   if (refusal(32, NNBS_BF16, NNBS_BF16, 1, NNBS_BF16) != NNBS_BAD_LAYOUT) fail("bf16 W given transposed accepted");
   if (refusal(32, NNBS_F32, NNBS_F32, 2, NNBS_F32) != NNBS_BAD_LAYOUT) fail("values layout 2 accepted");
-  // Attention: tails of every vector width (S = 1, 13, 37), D with a partial vector (36), masks.
-  for (int64_t s_len : {1, 13, 37, 128})
-    for (int64_t d : {4, 32, 36, 64}) cases += attention_case(2, s_len, 3, d, s_len > 1);
+  // Attention: tails of every vector width (S = 1, 13, 37), steps ending at each row of the last pass
+  // of P V (S = 4, 5, 11), D of every number of whole vectors after the widest passes (8 to 64) and
+  // with a partial vector (4, 36, 44), masks.
+  for (int64_t s_len : {1, 4, 5, 11, 13, 37, 128})
+    for (int64_t d : {4, 8, 16, 24, 32, 36, 44, 64}) cases += attention_case(2, s_len, 3, d, s_len > 1);
   if (nnbs_attention(1, 4, 1, 6, nullptr, nullptr, 1.0f, nullptr, 1) != NNBS_BAD_BLOCK_SIZE) fail("head size 6 accepted");
   // Add + layer norm: widths with and without a vector tail, one row and many, with and without
   // parameters.
