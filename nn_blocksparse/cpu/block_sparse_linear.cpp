@@ -1255,6 +1255,35 @@ inline void step_values(const float* scores, int64_t padded, int64_t s_len, cons
   }
 }
 
+// scores[r][0 .. V * L) = q_r . k_j * scale + key_bias[j] over V vectors of keys (kt, key_bias and
+// scores at the first of them), for a step's rows, and each row's running maximum. V is a count the
+// compiler knows, so that the accumulators stay in registers through the loop and its epilogue.
+template <int L, int V>
+inline void score_pass(const float* const* query, const float* kt, int64_t padded, int64_t d, const float* key_bias,
+                       float scale, float* scores, vf<L>* maxima) {
+  vf<L> acc[ATTENTION_ROWS][V] = {};
+  for (int64_t dd = 0; dd < d; ++dd) {
+    const float* row = kt + dd * padded;
+    vf<L> kv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) kv[v] = load_f<L>(row + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < ATTENTION_ROWS; ++r) {
+      const vf<L> qv = splat<L>(query[r][dd]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = fmadd<L>(qv, kv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ATTENTION_ROWS; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const vf<L> value = fmadd<L>(acc[r][v], splat<L>(scale), load_f<L>(key_bias + v * L));
+      memcpy(scores + r * padded + v * L, &value, sizeof value);
+      maxima[r] = value > maxima[r] ? value : maxima[r];
+    }
+}
+
 template <int L>
 void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, const float* mask, float scale,
                     float* out, int64_t b, int64_t h, int64_t first, int64_t rows, float* kt, float* scores) {
@@ -1284,30 +1313,19 @@ void attention_task(const float* qkv, int64_t s_len, int64_t heads, int64_t d, c
     const int qr = first + rows - i0 < ATTENTION_ROWS ? static_cast<int>(first + rows - i0) : ATTENTION_ROWS;
     const float* query[ATTENTION_ROWS];
     for (int r = 0; r < ATTENTION_ROWS; ++r) query[r] = base + (i0 + (r < qr ? r : 0)) * row_stride + h * d;
-    // Scores, ATTENTION_VECTORS vectors of keys at a time, and each row's running maximum.
+    // Scores, ATTENTION_VECTORS vectors of keys at a time, then the vectors left, and each row's
+    // running maximum.
     constexpr int AV = ATTENTION_VECTORS;
     vf<L> maxima[ATTENTION_ROWS];
     for (int r = 0; r < ATTENTION_ROWS; ++r) maxima[r] = splat<L>(-INFINITY);
-    for (int64_t j0 = 0; j0 < padded; j0 += AV * L) {
-      const int vectors = padded - j0 >= AV * L ? AV : static_cast<int>((padded - j0) / L);
-      vf<L> acc[ATTENTION_ROWS][AV] = {};
-      for (int64_t dd = 0; dd < d; ++dd) {
-        const float* row = kt + dd * padded + j0;
-        vf<L> kv[AV];
-        for (int v = 0; v < AV; ++v) kv[v] = v < vectors ? load_f<L>(row + v * L) : vf<L>{};
-#pragma GCC unroll 8
-        for (int r = 0; r < ATTENTION_ROWS; ++r) {
-          const vf<L> qv = splat<L>(query[r][dd]);
-#pragma GCC unroll 4
-          for (int v = 0; v < AV; ++v) acc[r][v] = fmadd<L>(qv, kv[v], acc[r][v]);
-        }
-      }
-      for (int r = 0; r < ATTENTION_ROWS; ++r)
-        for (int v = 0; v < vectors; ++v) {
-          const vf<L> value = fmadd<L>(acc[r][v], splat<L>(scale), load_f<L>(key_bias + j0 + v * L));
-          memcpy(scores + r * padded + j0 + v * L, &value, sizeof value);
-          maxima[r] = value > maxima[r] ? value : maxima[r];
-        }
+    int64_t j0 = 0;
+    for (; j0 + AV * L <= padded; j0 += AV * L)
+      score_pass<L, AV>(query, kt + j0, padded, d, key_bias + j0, scale, scores + j0, maxima);
+    switch ((padded - j0) / L) {
+      case 3: score_pass<L, 3>(query, kt + j0, padded, d, key_bias + j0, scale, scores + j0, maxima); break;
+      case 2: score_pass<L, 2>(query, kt + j0, padded, d, key_bias + j0, scale, scores + j0, maxima); break;
+      case 1: score_pass<L, 1>(query, kt + j0, padded, d, key_bias + j0, scale, scores + j0, maxima); break;
+      default: break;
     }
     // Softmax numerators and their sums, every row of the step at once: one row's reductions
     // alone are chains of dependent steps. (Rows past qr repeat the first row's query: finite,
