@@ -1193,7 +1193,7 @@ inline float lane_max(vf<L> v) {
   }
 }
 
-constexpr int ATTENTION_ROWS = 6;  // query rows per step: they share each load of kt and of V
+constexpr int ATTENTION_ROWS = 6;  // query rows per step: they share each load of kt (of V: VALUE_ROWS)
 // Vectors of keys per query row in a pass of the scores: ATTENTION_ROWS x this many accumulators,
 // which must stay in registers: 24 of AVX-512's and NEON's 32, 12 of AVX2's 16.
 constexpr int ATTENTION_VECTORS = NNBS_VECTOR_LANES == 8 ? 2 : 4;
